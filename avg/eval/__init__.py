@@ -1,0 +1,1 @@
+"""Metrics, run files, baselines, benchmarks and reports."""

@@ -1,0 +1,58 @@
+"""Run files: the one format for every ranked result (retriever, reranker, CLIP baseline).
+
+jsonl, one line per query: ``{"qid", "query", "gold", "ranked": [image ids], "scores": [...]}``.
+``gold`` is the image id the query was written for (a list is accepted for multi-positive sets).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence, Union
+
+from avg.utils.io import InputError, atomic_open
+
+Gold = Union[str, Sequence[str]]
+
+
+@dataclass
+class RunRecord:
+    qid: Union[int, str]
+    query: str
+    gold: Gold
+    ranked: list = field(default_factory=list)
+    scores: list = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"qid": self.qid, "query": self.query, "gold": self.gold, "ranked": list(self.ranked), "scores": [float(s) for s in self.scores]}
+
+
+def write_run(records: Iterable[Union[RunRecord, dict]], path: Union[str, os.PathLike]) -> int:
+    n = 0
+    with atomic_open(path) as f:
+        for rec in records:
+            obj = rec.to_json() if isinstance(rec, RunRecord) else rec
+            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def read_run(path: Union[str, os.PathLike]) -> list[RunRecord]:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: run file not found")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+                rec = RunRecord(qid=obj["qid"], query=obj.get("query", ""), gold=obj["gold"], ranked=list(obj["ranked"]), scores=list(obj.get("scores", [])))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise InputError(f"{path}: line {lineno}: not a run record ({e})") from None
+            if rec.scores and len(rec.scores) != len(rec.ranked):
+                raise InputError(f"{path}: line {lineno}: {len(rec.ranked)} ranked ids but {len(rec.scores)} scores")
+            out.append(rec)
+    return out

@@ -1,0 +1,1 @@
+"""nn.Module definitions and model configs shared across stages."""

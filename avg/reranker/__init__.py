@@ -1,0 +1,1 @@
+"""Reranker: LLaMA-family LM with an MLP scoring head over the retriever top-k."""

@@ -1,0 +1,1 @@
+"""Generative retriever: voken vocabulary, datasets, constrained search, T5/LLaMA training."""

@@ -1,0 +1,1 @@
+"""Image tokenizer stage: CLIP features, RQ-VAE with semantic alignment, voken codes."""

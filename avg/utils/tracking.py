@@ -1,0 +1,159 @@
+"""One logging helper for every stage: console, a plain log file, a metrics jsonl and wandb.
+
+wandb is initialised on the main process only, honours ``WANDB_MODE`` (``offline`` when unset,
+``disabled`` respected) and never prompts: without credentials it stays offline.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from avg.utils.io import write_json
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (torchrun/accelerate set RANK) or in a single-process run."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def get_logger(name: str = "avg") -> logging.Logger:
+    logger = logging.getLogger(name)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
+def _wandb_mode() -> str:
+    mode = os.environ.get("WANDB_MODE", "").strip().lower()
+    if mode in {"disabled", "offline", "online", "dryrun"}:
+        return "offline" if mode == "dryrun" else mode
+    return "offline"
+
+
+class RunLogger:
+    """Write metrics to console, ``<out_dir>/<log_name>``, ``<out_dir>/metrics.jsonl`` and wandb.
+
+    Only the main process writes; on other ranks every method is a no-op, so ranks never race
+    on files.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        *,
+        project: str = "avg",
+        run_name: str | None = None,
+        config: Mapping[str, Any] | None = None,
+        log_name: str = "train.log",
+        metrics_name: str = "metrics.jsonl",
+        use_wandb: bool = True,
+        resume: bool = False,
+    ) -> None:
+        self.enabled = is_main_process()
+        self.out_dir = Path(out_dir)
+        self.logger = get_logger(f"avg.{run_name or project}")
+        self.wandb_run = None
+        self._t0 = time.time()
+        if not self.enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._file_handler = logging.FileHandler(self.out_dir / log_name, mode="a" if resume else "w", encoding="utf-8")
+        self._file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s: %(message)s", "%Y-%m-%d %H:%M:%S"))
+        self.logger.addHandler(self._file_handler)
+        self.metrics_path = self.out_dir / metrics_name
+        if not resume and self.metrics_path.exists():
+            self.metrics_path.unlink()
+        if config is not None:
+            write_json(dict(config), self.out_dir / "config.json")
+        if use_wandb and _wandb_mode() != "disabled":
+            self._init_wandb(project, run_name, config)
+
+    def _init_wandb(self, project: str, run_name: str | None, config: Mapping[str, Any] | None) -> None:
+        try:
+            import wandb
+        except ImportError:  # pragma: no cover - wandb is a dependency, but stay usable without it
+            self.logger.warning("wandb not installed; metrics go to %s only", self.metrics_path)
+            return
+        mode = _wandb_mode()
+        if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _has_netrc_key()):
+            self.logger.warning("WANDB_MODE=online but no wandb credentials found; logging offline instead")
+            mode = "offline"
+        try:
+            self.wandb_run = wandb.init(
+                project=os.environ.get("WANDB_PROJECT", project),
+                name=run_name,
+                config=dict(config or {}),
+                dir=str(self.out_dir),
+                mode=mode,
+                reinit="finish_previous",
+                settings=wandb.Settings(silent=True, console="off"),
+            )
+        except Exception as e:  # wandb must never stop a training run
+            self.logger.warning("wandb init failed (%s); continuing without wandb", e)
+            self.wandb_run = None
+
+    def info(self, msg: str, *args: Any) -> None:
+        if self.enabled:
+            self.logger.info(msg, *args)
+
+    def warning(self, msg: str, *args: Any) -> None:
+        if self.enabled:
+            self.logger.warning(msg, *args)
+
+    def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Log a dict of scalars (keys grouped like ``train/loss``, ``eval/val/R@1``)."""
+        if not self.enabled:
+            return
+        record = {"step": step, "time": round(time.time() - self._t0, 3), **_plain(metrics)}
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        shown = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+        self.logger.info("%s%s", f"step {step}: " if step is not None else "", shown)
+        if self.wandb_run is not None:
+            self.wandb_run.log(dict(metrics), step=step)
+
+    def summary(self, metrics: Mapping[str, Any]) -> None:
+        if self.enabled and self.wandb_run is not None:
+            for k, v in metrics.items():
+                self.wandb_run.summary[k] = v
+
+    def finish(self) -> None:
+        if not self.enabled:
+            return
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+        self.logger.removeHandler(self._file_handler)
+        self._file_handler.close()
+
+
+def _has_netrc_key() -> bool:
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+def _plain(metrics: Mapping[str, Any]) -> dict:
+    out = {}
+    for k, v in metrics.items():
+        if hasattr(v, "item") and getattr(v, "ndim", 0) == 0:
+            v = v.item()
+        out[k] = v
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

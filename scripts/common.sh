@@ -1,0 +1,21 @@
+# Sourced by every stage script: repo root, dataset config, virtualenv, headless defaults.
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+DATASET=${DATASET:-demo}
+CONFIG_FILE="configs/${DATASET}.sh"
+if [ ! -f "$CONFIG_FILE" ]; then
+  echo "error: no config file $CONFIG_FILE for DATASET=$DATASET (available: $(ls configs | sed 's/\.sh$//' | tr '\n' ' '))" >&2
+  exit 2
+fi
+# shellcheck source=/dev/null
+source "$CONFIG_FILE"
+if [ -z "${VIRTUAL_ENV:-}" ] && [ -x .venv/bin/python ]; then
+  # shellcheck source=/dev/null
+  source .venv/bin/activate
+fi
+export WANDB_MODE=${WANDB_MODE:-offline}
+export WANDB_SILENT=${WANDB_SILENT:-true}
+export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
+STAGE_ROOT="${OUT_DIR}/${DATASET}"
+# LAUNCH runs python modules; set LAUNCH="torchrun --nproc_per_node 4" or "accelerate launch" for multi-GPU.
+LAUNCH=${LAUNCH:-python}
