@@ -1,0 +1,188 @@
+"""Encode every image of ``emb/`` with a trained RQ-VAE and write the ``codes/`` artifact.
+
+    python -m avg.rqvae.generate_codes --rqvae-dir out/rqvae --emb-dir out/emb --out-dir out/codes
+
+Two images with the same voken code could not be told apart by a generative retriever, so by
+default codes are made unique: if any raw codes collide, one disambiguation position is appended
+to *every* code (see ``TIE_RULE``). ``--allow-collisions`` keeps the raw M-voken codes; stats.json
+reports the collision rate either way.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from avg.models.rqvae import RQVAE
+from avg.rqvae.codes import CODEBOOK, CODES, STATS, write_codes_json
+from avg.rqvae.data import iter_feature_batches
+from avg.rqvae.features import INDEX, load_emb
+from avg.utils.io import InputError, save_npy, write_json
+from avg.utils.tracking import get_logger
+
+TIE_RULE = (
+    "images sharing the same raw voken code are ordered by the L2 distance of their encoder latent "
+    "to its quantized vector (ascending, float32), ties broken by image_id (ascending string order); "
+    "the extra position is the image's index in that order (0 for images alone on their code)"
+)
+
+
+@torch.no_grad()
+def encode_features(model: RQVAE, features: np.ndarray, batch_size: int = 4096, device: str = "cpu", progress: bool = True):
+    """Voken codes int64 [n, M] and quantization errors float32 [n] of every row of a (memory
+    mapped) feature array; one float32 batch in memory at a time."""
+    model = model.to(device).eval()
+    n = features.shape[0]
+    codes = np.empty((n, model.config.num_levels), dtype=np.int64)
+    errors = np.empty(n, dtype=np.float32)
+    bar = tqdm(total=n, desc="encode images", unit="img", disable=not progress, mininterval=2.0)
+    for start, block in iter_feature_batches(features, batch_size):
+        c, e = model.encode_with_error(block.to(device))
+        codes[start : start + len(block)] = c.cpu().numpy()
+        errors[start : start + len(block)] = e.float().cpu().numpy()
+        bar.update(len(block))
+    bar.close()
+    return codes, errors
+
+
+def collision_stats(codes: np.ndarray, codebook_size: int) -> dict:
+    """Collision rate (1 - unique codes / images), images in colliding groups, largest group, and
+    per-level codebook usage (fraction of N used) and perplexity (exp of the code entropy)."""
+    n = int(codes.shape[0])
+    if n == 0:
+        return {"num_images": 0, "collision_rate": 0.0, "num_colliding_images": 0, "largest_group": 0, "levels": []}
+    _, counts = np.unique(codes, axis=0, return_counts=True)
+    levels = []
+    for d in range(codes.shape[1]):
+        hist = np.bincount(codes[:, d], minlength=codebook_size).astype(np.float64)
+        p = hist[hist > 0] / n
+        levels.append({"usage": float((hist > 0).sum() / codebook_size), "perplexity": float(np.exp(-(p * np.log(p)).sum()))})
+    return {
+        "num_images": n,
+        "collision_rate": float(1.0 - len(counts) / n),
+        "num_colliding_images": int(counts[counts > 1].sum()),
+        "largest_group": int(counts.max()),
+        "levels": levels,
+    }
+
+
+def disambiguate(codes: np.ndarray, errors: np.ndarray, image_ids: Sequence[str]) -> tuple[np.ndarray, int]:
+    """Append the within-collision-group index (``TIE_RULE``) to every code when any collide.
+    Returns (codes [n, M] or [n, M + 1], disambiguation size K = largest group, 1 if none)."""
+    n = codes.shape[0]
+    if n == 0:
+        return codes, 1
+    _, inverse, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    largest = int(counts.max())
+    if largest == 1:
+        return codes, 1
+    id_rank = np.empty(n, dtype=np.int64)
+    id_rank[np.argsort(np.asarray(image_ids, dtype=str), kind="stable")] = np.arange(n)
+    order = np.lexsort((id_rank, errors, inverse))  # group, then error, then image_id
+    group_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    index = np.empty(n, dtype=np.int64)
+    index[order] = np.arange(n) - group_start[inverse[order]]
+    return np.concatenate([codes, index[:, None]], axis=1), largest
+
+
+def generate_codes(
+    model: RQVAE,
+    emb_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    batch_size: int = 4096,
+    allow_collisions: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """Encode every image of ``emb_dir`` and write codes.json, codebook.npy and stats.json into
+    ``out_dir`` (each atomically; codes.json last). Returns the stats dict."""
+    emb_dir, out_dir = Path(emb_dir), Path(out_dir)
+    emb = load_emb(emb_dir)
+    cfg = model.config
+    if emb.dim != cfg.input_dim:
+        raise InputError(f"{emb_dir / INDEX}: features have dim {emb.dim} but the RQ-VAE expects {cfg.input_dim} (was it trained on another encoder?)")
+    image_ids = [str(im["image_id"]) for im in emb.images]
+    splits = [str(im["split"]) for im in emb.images]
+    seen: set = set()
+    for i, image_id in enumerate(image_ids):
+        if image_id in seen:
+            raise InputError(f"{emb_dir / INDEX}: images[{i}]: duplicate image_id {image_id!r}")
+        seen.add(image_id)
+    del seen
+
+    raw, errors = encode_features(model, emb.image_features, batch_size, device, progress)
+    stats = {"num_images": int(raw.shape[0])}
+    overall = collision_stats(raw, cfg.codebook_size)
+    stats.update(
+        raw_collision_rate=overall["collision_rate"],
+        num_colliding_images=overall["num_colliding_images"],
+        largest_group=overall["largest_group"],
+        levels=overall["levels"],
+    )
+    split_arr = np.asarray(splits)
+    stats["splits"] = {s: collision_stats(raw[split_arr == s], cfg.codebook_size) for s in sorted(set(splits))}
+    if allow_collisions:
+        final, k = raw, 1
+        stats["final_collision_rate"] = overall["collision_rate"]
+    else:
+        final, k = disambiguate(raw, errors, image_ids)
+        stats["final_collision_rate"] = collision_stats(final, max(cfg.codebook_size, k))["collision_rate"]
+    disamb = final.shape[1] > cfg.num_levels
+    stats.update(code_len=int(final.shape[1]), disambiguation=disamb, disambiguation_size=int(k) if disamb else 0, allow_collisions=allow_collisions)
+
+    header = {
+        "num_levels": cfg.num_levels,
+        "codebook_size": cfg.codebook_size,
+        "shared_codebook": cfg.shared_codebook,
+        "code_len": int(final.shape[1]),
+        "disambiguation": disamb,
+        "disambiguation_size": int(k) if disamb else 0,
+        "tie_rule": TIE_RULE if disamb else "none (no disambiguation position)",
+        "encoder": emb.index["encoder"],
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_npy(model.codebooks.detach().float().cpu().numpy(), out_dir / CODEBOOK)
+    write_json(stats, out_dir / STATS)
+    write_codes_json(out_dir / CODES, header, zip(image_ids, final.tolist(), splits))
+    return stats
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m avg.rqvae.generate_codes", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rqvae-dir", required=True, help="trained tokenizer (model.safetensors + config.json from avg.rqvae.train)")
+    p.add_argument("--emb-dir", required=True, help="emb/ artifact from prepare_emb (image features of every split)")
+    p.add_argument("--out-dir", required=True, help="where codes.json, codebook.npy and stats.json are written")
+    p.add_argument("--batch-size", type=int, default=4096, help="images encoded per batch (memory stays one batch)")
+    p.add_argument("--allow-collisions", action="store_true", help="keep raw M-voken codes even when images share one (no disambiguation position)")
+    p.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda, cuda:1, ...")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = build_parser().parse_args(argv)
+    log = get_logger("avg.generate_codes")
+    if args.batch_size < 1:
+        raise InputError("--batch-size must be >= 1")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model = RQVAE.from_pretrained(args.rqvae_dir)
+    stats = generate_codes(model, args.emb_dir, args.out_dir, batch_size=args.batch_size, allow_collisions=args.allow_collisions, device=device)
+    log.info(
+        "%d images -> code_len %d; raw collision rate %.4f (%d images in colliding groups, largest group %d); final collision rate %.4f; wrote %s",
+        stats["num_images"], stats["code_len"], stats["raw_collision_rate"], stats["num_colliding_images"], stats["largest_group"], stats["final_collision_rate"], args.out_dir,
+    )
+    return stats
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
