@@ -76,3 +76,15 @@ def test_atomic_dir_replaces_whole_directory_only_on_success(tmp_path):
     with atomic_dir(target) as d:
         (d / "c.txt").write_text("3")
     assert sorted(os.listdir(target)) == ["c.txt"]
+
+
+def test_atomic_outputs_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        write_json({}, tmp_path / "a.json")
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "x").write_text("1")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
