@@ -1,0 +1,99 @@
+"""Retriever evaluation: constrained beam search over a split's gallery -> run records -> Recall@K.
+
+Shared by the T5 and LLaMA retrievers and the reranker's data preparation. Queries are batched
+by token length (less padding), sharded across processes when torch.distributed is running and
+gathered back in query order; memory is bounded by ``batch_size`` queries x ``num_beams`` beams.
+Every returned image list is over images, not codes (see avg.retriever.gallery), and the one
+metrics function, avg.eval.metrics.retrieval_metrics, scores it.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from avg.eval.metrics import retrieval_metrics
+from avg.retriever.gallery import Gallery
+from avg.retriever.search import constrained_beam_search
+
+
+def logits_vocab_size(model) -> int:
+    """Width of the model's output logits (may exceed len(tokenizer), as with T5's padded matrix)."""
+    out = model.get_output_embeddings()
+    return int(out.weight.shape[0]) if out is not None else int(model.config.vocab_size)
+
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def evaluate_split(model, tokenizer, vocab, queries: Sequence[dict], gallery: Gallery, num_beams: int,
+                   batch_size: int, device, *, index=None, max_length: int = 64,
+                   format_query: Optional[Callable[[str], str]] = None, desc: str = "eval",
+                   show_progress: bool = True, restrict_to_vokens: bool = False,
+                   score_eos: bool = True) -> tuple[list[dict], dict]:
+    """Rank `gallery` images for each query ({"query", "image_id"[, "qid"]}).
+
+    Returns (run records {qid, query, gold, ranked, scores} in query order, metrics from
+    retrieval_metrics with gallery_size=len(gallery)). `index` is a prebuilt CodeIndex for the
+    gallery (built here when None). `format_query` maps a caption to the model's input text (a
+    prompt template for decoder-only models; their prompts are left-padded here).
+    `restrict_to_vokens` takes the search's fast path (output head over the vokens only, scores
+    renormalised over them; see avg.retriever.search); the default scores with the
+    full-vocabulary distribution. `score_eos` adds log p(EOS | code)
+    to each code's score, matching models trained on code + EOS labels (as train_t5 does).
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    if index is None:
+        index = gallery.build_index(vocab, logits_vocab_size(model), device=device)
+    rank, world = _dist()
+    texts = [format_query(q["query"]) if format_query else q["query"] for q in queries]
+    mine = list(range(rank, len(queries), world))
+    lengths = {i: len(ids) for i, ids in zip(mine, tokenizer([texts[i] for i in mine], truncation=True,
+                                                             max_length=max_length)["input_ids"])}
+    order = sorted(mine, key=lambda i: lengths[i])
+    is_enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
+    start_id = model.config.decoder_start_token_id if is_enc_dec else None
+    voken_ids = vocab.voken_ids.to(device) if restrict_to_vokens else None
+    eos_id = tokenizer.eos_token_id if score_eos else None
+    results: dict[int, tuple[list, list]] = {}
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "right" if is_enc_dec else "left"  # decoder-only prompts end where codes start
+    try:
+        for batch in tqdm(batches, desc=desc, disable=not show_progress or rank != 0, leave=False):
+            enc = tokenizer([texts[i] for i in batch], truncation=True, max_length=max_length, padding=True,
+                            return_tensors="pt").to(device)
+            out = constrained_beam_search(model, enc["input_ids"], enc["attention_mask"], index, num_beams,
+                                          decoder_start_token_id=start_id, eos_token_id=eos_id, voken_ids=voken_ids)
+            codes = vocab.token_ids_to_codes(out.sequences.cpu())
+            scores = out.scores.float().cpu()
+            valid = out.num_valid.cpu()
+            for r, i in enumerate(batch):
+                k = int(valid[r])
+                results[i] = gallery.rank(codes[r, :k].numpy(), scores[r, :k].numpy())
+    finally:
+        tokenizer.padding_side = padding_side
+    if world > 1:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, results)
+        results = {i: v for part in gathered for i, v in part.items()}
+    if was_training:
+        model.train()
+    records = []
+    for i, q in enumerate(queries):
+        ranked, scores = results[i]
+        records.append({"qid": q.get("qid", i), "query": q["query"], "gold": q["image_id"],
+                        "ranked": ranked, "scores": scores})
+    metrics = retrieval_metrics(records, gallery_size=len(gallery))
+    return records, metrics
+
+
+__all__ = ["evaluate_split", "logits_vocab_size"]

@@ -1,0 +1,380 @@
+"""Train the seq2seq generative retriever (T5 or any HF seq2seq checkpoint).
+
+Stage 1 (eq. 7): next-voken prediction from the caption; the vokens are new tokens whose
+embeddings start from the RQ-VAE codebook (avg.retriever.vocab).
+Stage 2 (eqs. 8-10, ``--stage 2 --init-from <stage-1 out>/best``): L_gen + lambda * L_dis, where
+L_dis is a listwise cross-entropy over the model's own constrained beam candidates.
+
+    python -m avg.retriever.train_t5 --data-dir outputs/demo/retriever_data \\
+        --codes-dir outputs/demo/codes --model data/demo/t5-demo --out-dir outputs/demo/retriever_t5
+    python -m avg.retriever.train_t5 --stage 2 --init-from outputs/demo/retriever_t5/best \\
+        --data-dir outputs/demo/retriever_data --out-dir outputs/demo/retriever_t5_stage2
+
+Outputs under --out-dir: ``best/`` (save_pretrained model + tokenizer + voken_vocab.json +
+best.json, chosen by val R@1), ``checkpoints/last`` (accelerate state, for --resume),
+``eval/run_<split>_epoch<e>.jsonl``, ``eval/metrics_test.json`` + ``eval/run_test.jsonl`` (the best
+model on test), ``train.log``, ``metrics.jsonl``. Works under ``torchrun``/``accelerate launch``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, get_linear_schedule_with_warmup
+
+from avg.retriever.data import Collator, EpochBatchSampler, QueryDataset, load_queries, read_codes
+from avg.retriever.evaluate import evaluate_split, logits_vocab_size
+from avg.retriever.gallery import Gallery
+from avg.retriever.losses import RetrievalObjective, build_candidates
+from avg.retriever.search import constrained_beam_search
+from avg.retriever.vocab import VOCAB_FILE, VokenVocab
+from avg.eval.runfiles import write_run
+from avg.utils.io import InputError, read_json, write_json
+from avg.utils.seed import set_seed
+from avg.utils.tracking import RunLogger
+
+STATE_FILE = "train_state.json"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data and model")
+    g.add_argument("--data-dir", required=True, help="retriever_data/ folder from avg.retriever.prepare_dataset")
+    g.add_argument("--codes-dir", default=None, help="codes/ folder (stage 1: voken metadata and codebook.npy)")
+    g.add_argument("--model", default="t5-base", help="stage 1: HF hub name or local path of a seq2seq checkpoint")
+    g.add_argument("--init-from", default=None, help="a saved retriever to start from (stage 2: the stage-1 out-dir's best/)")
+    g.add_argument("--out-dir", required=True, help="output folder")
+    g.add_argument("--stage", type=int, choices=(1, 2), default=1, help="1: generative (eq. 7); 2: + discriminative (eq. 10)")
+    g.add_argument("--no-voken-embedding", action="store_true", help="ablation: random voken embeddings instead of the codebook")
+    g.add_argument("--max-source-length", type=int, default=64, help="max caption tokens")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=10, help="training epochs (0: evaluate only)")
+    g.add_argument("--batch-size", type=int, default=64, help="queries per device per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (paper: 1e-3)")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases/norms)")
+    g.add_argument("--warmup-ratio", type=float, default=0.05, help="fraction of steps of linear warmup")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    g.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="autocast precision on GPU")
+    g.add_argument("--seed", type=int, default=42, help="seed for init, data order, dropout, stage-2 replacement")
+    g.add_argument("--cpu", action="store_true", help="force CPU even when a GPU is present")
+    g = p.add_argument_group("stage 2 (eqs. 8-10)")
+    g.add_argument("--dis-beams", type=int, default=10, help="b: beam candidates per query for L_dis")
+    g.add_argument("--dis-weight", type=float, default=1.0, help="lambda: weight of L_dis (paper: 1)")
+    g.add_argument("--dis-temperature", type=float, default=1.0, help="T: L_dis = CE(s / T, positive)")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (0: only after the last)")
+    g.add_argument("--eval-train-queries", type=int, default=200, help="fixed random train queries also evaluated (0: none)")
+    g.add_argument("--num-beams", type=int, default=20, help="beam size of the constrained search (R@K needs >= K)")
+    g.add_argument("--eval-batch-size", type=int, default=32, help="queries per search batch (bounds memory)")
+    g.add_argument("--fast-search", action="store_true", help="score the search over voken logits only (faster; renormalised, see avg.retriever.search)")
+    g.add_argument("--collision-seed", type=int, default=0, help="seed of the order among images sharing a code")
+    g.add_argument("--skip-test", action="store_true", help="do not evaluate the best model on test")
+    g = p.add_argument_group("checkpoints and logging")
+    g.add_argument("--resume", action="store_true", help="continue from out-dir/checkpoints/last if present")
+    g.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N optimizer steps (0: per epoch only)")
+    g.add_argument("--stop-after-steps", type=int, default=0, help="checkpoint and exit after N optimizer steps (preemptible jobs; 0: off)")
+    g.add_argument("--log-every", type=int, default=50, help="log training loss every N optimizer steps")
+    g.add_argument("--wandb-project", default="avg", help="wandb project (offline unless WANDB_MODE=online)")
+    g.add_argument("--run-name", default=None, help="run name for logs and wandb")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------- setup helpers
+def load_model_and_vocab(args, log):
+    """Stage 1: base checkpoint + new vokens; stage 2: a saved retriever with its vokens."""
+    if args.stage == 2 or (args.init_from and args.stage == 1):
+        if not args.init_from:
+            raise InputError("--stage 2 needs --init-from <stage-1 out-dir>/best")
+        src = args.init_from
+        tokenizer = AutoTokenizer.from_pretrained(src)
+        model = AutoModelForSeq2SeqLM.from_pretrained(src)
+        vocab = VokenVocab.load(src, tokenizer)
+        log.info("loaded retriever %s (%d vokens)", src, len(vocab.tokens()))
+        return tokenizer, model, vocab
+    if not args.codes_dir:
+        raise InputError("stage 1 needs --codes-dir (voken metadata and codebook.npy)")
+    codes = read_codes(args.codes_dir, with_codebook=not args.no_voken_embedding)
+    vocab = VokenVocab.from_meta(codes.meta, source=os.path.join(args.codes_dir, "codes.json"))
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForSeq2SeqLM.from_pretrained(args.model)
+    if not getattr(model.config, "is_encoder_decoder", False):
+        raise InputError(f"--model {args.model}: not an encoder-decoder model (use the LLaMA retriever)")
+    init = "random" if args.no_voken_embedding else "codebook"
+    if init == "codebook" and codes.codebook is None:
+        raise InputError(f"{args.codes_dir}: codebook.npy not found (or pass --no-voken-embedding)")
+    vocab.add_to(tokenizer, model, codes.codebook, init=init, seed=args.seed)
+    log.info("added %d voken tokens to %s (init=%s)", len(vocab.tokens()), args.model, init)
+    return tokenizer, model, vocab
+
+
+def load_split(data_dir: Path, split: str, code_len: int, seed: int):
+    qpath, gpath = data_dir / f"{split}.jsonl", data_dir / f"gallery_{split}.json"
+    if not qpath.is_file() or not gpath.is_file():
+        return [], None
+    queries = load_queries(qpath, code_len=code_len)
+    gallery = Gallery.load(gpath, seed=seed)
+    if len(gallery) and gallery.code_len != code_len:
+        raise InputError(f"{gpath}: codes of length {gallery.code_len}, the vocabulary expects {code_len}")
+    return queries, gallery
+
+
+def save_retriever(model, tokenizer, vocab, out: Path, info: dict) -> None:
+    """save_pretrained of model + tokenizer + voken metadata, swapped into place atomically."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    write_json(vocab.to_dict(), tmp / VOCAB_FILE)
+    write_json(info, tmp / "best.json")
+    old = out.with_name(f".{out.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(accelerator, ckpt_dir: Path, state: dict) -> None:
+    """accelerate save_state (model, optimizer, scheduler, RNG) + our counters, swapped in atomically."""
+    tmp = ckpt_dir.with_name(f".{ckpt_dir.name}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json(state, tmp / STATE_FILE)
+        old = ckpt_dir.with_name(f".{ckpt_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if ckpt_dir.exists():
+            os.replace(ckpt_dir, old)
+        os.replace(tmp, ckpt_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _step_generator(seed: int, epoch: int, micro: int) -> torch.Generator:
+    """A generator that depends only on (seed, epoch, micro-batch): resumable stage-2 sampling."""
+    state = int(np.random.SeedSequence([seed, epoch, micro]).generate_state(1)[0])
+    return torch.Generator().manual_seed(state)
+
+
+# ---------------------------------------------------------------------------- main
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu)
+    set_seed(args.seed)
+    out_dir = Path(args.out_dir)
+    ckpt_dir = out_dir / "checkpoints" / "last"
+    resuming = args.resume and (ckpt_dir / STATE_FILE).is_file()
+    logger = RunLogger(out_dir, project=args.wandb_project, run_name=args.run_name or f"t5-stage{args.stage}",
+                       config=vars(args), resume=resuming)
+    if args.resume and not resuming:
+        logger.info("--resume: no checkpoint at %s, starting fresh", ckpt_dir)
+    if not resuming and accelerator.is_main_process:
+        for stale in (out_dir / "best", out_dir / "checkpoints", out_dir / "eval"):
+            if stale.exists():  # a fresh run must never report an older run's model or metrics
+                logger.info("fresh run: removing %s from an earlier run", stale)
+                shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+
+    tokenizer, model, vocab = load_model_and_vocab(args, logger)
+    data_dir = Path(args.data_dir)
+    train_q, train_gallery = load_split(data_dir, "train", vocab.code_len, args.collision_seed)
+    val_q, val_gallery = load_split(data_dir, "val", vocab.code_len, args.collision_seed)
+    test_q, test_gallery = load_split(data_dir, "test", vocab.code_len, args.collision_seed)
+    meta_path = data_dir / "meta.json"
+    if meta_path.is_file() and read_json(meta_path).get("transductive"):
+        logger.warning("!!! TRANSDUCTIVE training data (%s): pseudo queries on val/test gallery images !!!", meta_path)
+    if args.epochs > 0 and not train_q:
+        raise InputError(f"{data_dir / 'train.jsonl'}: no training queries")
+
+    device = accelerator.device
+    train_ds = QueryDataset(train_q, tokenizer, vocab, max_length=args.max_source_length) if train_q else None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    collate = Collator(train_ds, pad_id) if train_ds else None
+    sampler = EpochBatchSampler(len(train_q), args.batch_size, seed=args.seed,
+                                rank=accelerator.process_index, world_size=accelerator.num_processes)
+    micro_per_epoch = sampler.batches_per_epoch() if train_q else 0
+    steps_per_epoch = math.ceil(micro_per_epoch / args.grad_accum) if micro_per_epoch else 0
+    total_steps = max(1, steps_per_epoch * args.epochs)
+
+    decay, no_decay = [], []
+    for name, prm in model.named_parameters():
+        (no_decay if prm.ndim < 2 or "norm" in name.lower() else decay).append(prm)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
+    objective = RetrievalObjective(model, dis_weight=args.dis_weight, temperature=args.dis_temperature)
+    objective, optimizer = accelerator.prepare(objective, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    unwrapped = lambda: accelerator.unwrap_model(objective).model  # noqa: E731
+
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_r1": None, "best_epoch": None}
+    if resuming:
+        accelerator.load_state(str(ckpt_dir))
+        state.update(read_json(ckpt_dir / STATE_FILE))
+        logger.info("resumed from %s at epoch %d step %d", ckpt_dir, state["epoch"] + 1, state["global_step"])
+
+    vsize = logits_vocab_size(unwrapped())
+    indexes: dict = {}
+
+    def index_of(name: str, gallery: Gallery):
+        if name not in indexes:
+            indexes[name] = gallery.build_index(vocab, vsize, device=device)
+        return indexes[name]
+
+    eval_train_q = []
+    if args.eval_train_queries > 0 and train_q:
+        n = min(args.eval_train_queries, len(train_q))
+        pick = np.sort(np.random.default_rng([args.seed, 7]).choice(len(train_q), n, replace=False))
+        eval_train_q = [dict(train_q[i], qid=int(i)) for i in pick]
+
+    eval_dir = out_dir / "eval"
+    best_dir = out_dir / "best"
+
+    def run_eval(epoch: int) -> None:
+        model_ = unwrapped()
+        metrics_all = {}
+        for split, queries, gallery in (("val", val_q, val_gallery), ("train", eval_train_q, train_gallery)):
+            if not queries or gallery is None:
+                continue
+            with accelerator.autocast():
+                records, metrics = evaluate_split(model_, tokenizer, vocab, queries, gallery, args.num_beams,
+                                                  args.eval_batch_size, device, index=index_of(split, gallery),
+                                                  max_length=args.max_source_length, desc=f"eval {split}",
+                                                  restrict_to_vokens=args.fast_search)
+            if accelerator.is_main_process:
+                write_run(records, eval_dir / f"run_{split}_epoch{epoch}.jsonl")
+            metrics_all.update({f"eval/{split}/{k}": v for k, v in metrics.items()})
+        metrics_all["epoch"] = epoch
+        logger.log(metrics_all, step=state["global_step"])
+        key = "eval/val/R@1" if "eval/val/R@1" in metrics_all else "eval/train/R@1"
+        score = metrics_all.get(key, float("-inf"))
+        if state["best_r1"] is None or score > state["best_r1"]:
+            state["best_r1"], state["best_epoch"] = score, epoch
+            if accelerator.is_main_process:
+                save_retriever(model_, tokenizer, vocab, best_dir,
+                               {"epoch": epoch, "selected_by": key, "metrics": metrics_all, "stage": args.stage})
+            logger.summary({"best/epoch": epoch, **{f"best/{k}": v for k, v in metrics_all.items() if k.startswith("eval/")}})
+            logger.info("new best %s=%.2f at epoch %d -> %s", key, score, epoch, best_dir)
+        accelerator.wait_for_everyone()
+
+    train_index = index_of("train", train_gallery) if args.stage == 2 and train_q else None
+    logger.info("train %d queries (%d micro-batches/epoch/process, %d steps total), val %d, test %d, stage %d",
+                len(train_q), micro_per_epoch, total_steps, len(val_q), len(test_q), args.stage)
+    t_start, steps_this_run = time.time(), 0
+    t_log, steps_at_log = time.time(), 0
+    running = {"loss": 0.0, "gen": 0.0, "dis": 0.0, "n": 0}
+    stopped = False
+    for epoch in range(state["epoch"], args.epochs):
+        model_ = unwrapped()
+        objective.train()
+        skip = state["step_in_epoch"] * args.grad_accum
+        sampler.set_epoch(epoch, skip_batches=skip)
+        batches = tqdm(list(sampler), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+                       disable=not accelerator.is_local_main_process)
+        for j, idx in enumerate(batches):
+            micro = skip + j
+            group_start = (micro // args.grad_accum) * args.grad_accum
+            group_size = min(args.grad_accum, micro_per_epoch - group_start)
+            last_in_group = micro == group_start + group_size - 1
+            batch = {k: v.to(device) for k, v in collate(idx).items()}
+            extra = {}
+            if args.stage == 2:
+                # eq. 8: the model's own top-b codes over the train gallery (voken-only fast path:
+                # it only picks candidates; their scores s_j are recomputed with gradient below)
+                with torch.no_grad(), accelerator.autocast():
+                    model_.eval()
+                    out = constrained_beam_search(model_, batch["input_ids"], batch["attention_mask"], train_index,
+                                                  args.dis_beams, decoder_start_token_id=model_.config.decoder_start_token_id,
+                                                  eos_token_id=tokenizer.eos_token_id, voken_ids=vocab.voken_ids.to(device))
+                    model_.train()
+                cands, cmask, pidx = build_candidates(out.sequences, out.num_valid, batch["labels"][:, :-1],
+                                                      generator=_step_generator(args.seed, epoch, micro))
+                extra = {"candidates": cands, "positive_index": pidx, "candidate_mask": cmask}
+            ctx = accelerator.no_sync(objective) if not last_in_group else contextlib.nullcontext()
+            with ctx:
+                loss, parts = objective(batch["input_ids"], batch["attention_mask"], batch["labels"], **extra)
+                accelerator.backward(loss / group_size)
+            running["loss"] += float(loss.detach())
+            running["gen"] += float(parts["gen"])
+            running["dis"] += float(parts.get("dis", 0.0))
+            running["n"] += 1
+            if not last_in_group:
+                continue
+            if args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(objective.parameters(), args.max_grad_norm)
+            optimizer.step()
+            if not accelerator.optimizer_step_was_skipped:
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["global_step"] += 1
+            state["step_in_epoch"] += 1
+            steps_this_run += 1
+            if state["global_step"] % args.log_every == 0:
+                n = max(running["n"], 1)
+                rate = (steps_this_run - steps_at_log) / max(time.time() - t_log, 1e-9)
+                logs = {"train/loss": running["loss"] / n, "train/gen_loss": running["gen"] / n,
+                        "train/lr": scheduler.get_last_lr()[0], "train/steps_per_s": rate, "epoch": epoch + 1}
+                if args.stage == 2:
+                    logs["train/dis_loss"] = running["dis"] / n
+                logger.log(logs, step=state["global_step"])
+                running = {"loss": 0.0, "gen": 0.0, "dis": 0.0, "n": 0}
+                t_log, steps_at_log = time.time(), steps_this_run
+            if args.save_every_steps and state["global_step"] % args.save_every_steps == 0:
+                save_checkpoint(accelerator, ckpt_dir, state)
+            if args.stop_after_steps and steps_this_run >= args.stop_after_steps:
+                save_checkpoint(accelerator, ckpt_dir, state)
+                stopped = True
+                break
+        if stopped:
+            break
+        done = epoch + 1
+        state["epoch"], state["step_in_epoch"] = done, 0
+        if (args.eval_every and done % args.eval_every == 0) or done == args.epochs:
+            run_eval(done)
+        save_checkpoint(accelerator, ckpt_dir, state)
+
+    elapsed = time.time() - t_start
+    result = {"global_step": state["global_step"], "steps_this_run": steps_this_run, "train_seconds": elapsed,
+              "steps_per_s": steps_this_run / elapsed if elapsed > 0 else 0.0}
+    if stopped:
+        logger.info("stopped after %d steps (--stop-after-steps); resume with --resume", steps_this_run)
+        logger.finish()
+        return result
+    if not best_dir.is_dir():
+        if accelerator.is_main_process:
+            save_retriever(unwrapped(), tokenizer, vocab, best_dir, {"epoch": state["epoch"], "selected_by": "last", "stage": args.stage})
+        accelerator.wait_for_everyone()
+    if test_q and not args.skip_test:
+        best = AutoModelForSeq2SeqLM.from_pretrained(best_dir).to(device)
+        with accelerator.autocast():
+            records, metrics = evaluate_split(best, tokenizer, vocab, test_q, test_gallery, args.num_beams,
+                                              args.eval_batch_size, device, max_length=args.max_source_length,
+                                              desc="eval test", restrict_to_vokens=args.fast_search)
+        info = read_json(best_dir / "best.json")
+        metrics = {**metrics, "best_epoch": info.get("epoch"), "num_beams": args.num_beams, "stage": args.stage,
+                   "fast_search": args.fast_search}
+        if accelerator.is_main_process:
+            write_run(records, eval_dir / "run_test.jsonl")
+            write_json(metrics, eval_dir / "metrics_test.json")
+        logger.log({f"eval/test/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=state["global_step"])
+        logger.summary({f"test/{k}": v for k, v in metrics.items()})
+        result["test"] = metrics
+    logger.finish()
+    return result
+
+
+if __name__ == "__main__":
+    main()

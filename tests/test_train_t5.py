@@ -1,0 +1,149 @@
+"""Stage 1 / stage 2 training end to end on a tiny T5 and a tiny synthetic dataset (CPU)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from avg.eval.runfiles import read_run
+from avg.retriever import prepare_dataset, train_t5
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("make_demo_t5", ROOT / "tools" / "make_demo_t5.py")
+make_demo_t5 = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(make_demo_t5)
+
+COLORS = ("red", "blue", "green", "white", "black")
+SHAPES = ("cube", "ball", "cone", "ring", "star", "disk", "tube")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """25 train / 5 val / 5 test images, 2 captions each, random unique codes (M=2, N=6, +disambiguation)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WANDB_MODE", "disabled")
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    root = tmp_path_factory.mktemp("t5run")
+    rng = np.random.default_rng(0)
+    images, codes = [], {}
+    pairs = [(c, s) for c in COLORS for s in SHAPES]
+    flat = rng.permutation(6 * 6)
+    for i in range(35):
+        split = "train" if i < 25 else ("val" if i < 30 else "test")
+        c, s = pairs[i]
+        name = f"img{i}.jpg"
+        images.append({"filename": name, "split": split,
+                       "sentences": [{"raw": f"a {c} {s} on a table"}, {"raw": f"the {s} is {c}"}]})
+        codes[name] = {"code": [int(flat[i]) // 6, int(flat[i]) % 6, 0], "split": split}
+    (root / "dataset.json").write_text(json.dumps({"images": images}))
+    cdir = root / "codes"
+    cdir.mkdir()
+    (cdir / "codes.json").write_text(json.dumps({
+        "num_levels": 2, "codebook_size": 6, "shared_codebook": False, "code_len": 3, "disambiguation": True,
+        "disambiguation_size": 2, "tie_rule": "none", "encoder": {}, "images": codes}))
+    np.save(cdir / "codebook.npy", rng.normal(size=(2, 6, 8)).astype(np.float32))
+    prepare_dataset.main(["--annotations", str(root / "dataset.json"), "--codes-dir", str(cdir),
+                          "--out-dir", str(root / "data")])
+    texts = [s["raw"] for im in images if im["split"] == "train" for s in im["sentences"]]
+    make_demo_t5.make_demo_t5(texts, root / "t5", vocab_size=40, d_model=32, num_layers=1, num_heads=2, d_ff=64)
+    yield root
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def stage1(assets):
+    """One uninterrupted 2-epoch stage-1 run, shared by the tests below."""
+    out = assets / "run_a"
+    return out, train_t5.main(common(assets, out))
+
+
+def common(root, out, *extra):
+    return ["--data-dir", str(root / "data"), "--codes-dir", str(root / "codes"), "--model", str(root / "t5"),
+            "--out-dir", str(out), "--epochs", "2", "--batch-size", "8", "--lr", "3e-3", "--num-beams", "5",
+            "--eval-batch-size", "8", "--eval-train-queries", "10", "--seed", "0", "--log-every", "2", *extra]
+
+
+def test_stage1_writes_best_metrics_and_runs(stage1):
+    out_a, res = stage1
+    assert res["global_step"] == 2 * 7  # 50 queries / batch 8 -> 7 steps per epoch
+    for f in ("best/config.json", "best/voken_vocab.json", "best/best.json", "best/tokenizer_config.json",
+              "eval/metrics_test.json", "eval/run_test.jsonl", "eval/run_val_epoch1.jsonl",
+              "eval/run_val_epoch2.jsonl", "eval/run_train_epoch2.jsonl", "checkpoints/last/train_state.json",
+              "metrics.jsonl", "train.log"):
+        assert (out_a / f).is_file(), f
+    test_metrics = json.loads((out_a / "eval/metrics_test.json").read_text())
+    assert test_metrics["num_queries"] == 10 and test_metrics["gallery_size"] == 5
+    run = read_run(out_a / "eval/run_test.jsonl")
+    assert len(run) == 10 and all(len(r.ranked) == len(set(r.ranked)) <= 5 for r in run)
+    assert all(set(r.ranked) <= {f"img{i}.jpg" for i in range(30, 35)} for r in run)  # test gallery only
+    logged = [json.loads(line) for line in (out_a / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval/val/R@1" in r for r in logged) and any("train/loss" in r for r in logged)
+    losses = [r["train/loss"] for r in logged if "train/loss" in r]
+    assert losses[-1] < losses[0]  # it learns something
+    best = json.loads((out_a / "best/best.json").read_text())
+    assert best["selected_by"] == "eval/val/R@1" and best["epoch"] in (1, 2)
+
+
+def test_resume_mid_epoch_gives_identical_weights(assets, stage1):
+    out_a, _ = stage1
+    test_metrics = json.loads((out_a / "eval/metrics_test.json").read_text())
+    # interrupted mid-epoch (step 5 of 7), then resumed: identical final weights and metrics
+    out_b = assets / "run_b"
+    part = train_t5.main(common(assets, out_b, "--stop-after-steps", "5"))
+    assert part["global_step"] == 5 and not (out_b / "eval/metrics_test.json").exists()
+    rest = train_t5.main(common(assets, out_b, "--resume"))
+    assert rest["steps_this_run"] == 9
+    wa = load_file(out_a / "checkpoints/last/model.safetensors")
+    wb = load_file(out_b / "checkpoints/last/model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.loads((out_b / "eval/metrics_test.json").read_text()) == test_metrics
+
+
+def test_stage2_from_stage1_best(assets, stage1):
+    out1, _ = stage1
+    out2 = assets / "run_s2"
+    args = ["--stage", "2", "--init-from", str(out1 / "best"), "--data-dir", str(assets / "data"),
+            "--out-dir", str(out2), "--epochs", "1", "--batch-size", "8", "--dis-beams", "4",
+            "--dis-weight", "0.5", "--num-beams", "5", "--eval-train-queries", "0", "--log-every", "1", "--seed", "0"]
+    res = train_t5.main(args)
+    assert res["global_step"] == 7
+    logged = [json.loads(line) for line in (out2 / "metrics.jsonl").read_text().splitlines()]
+    dis = [r["train/dis_loss"] for r in logged if "train/dis_loss" in r]
+    assert len(dis) == 7 and all(np.isfinite(dis)) and all(d >= 0 for d in dis)
+    assert (out2 / "best/voken_vocab.json").is_file() and (out2 / "eval/metrics_test.json").is_file()
+
+
+def test_evaluate_split_ranks_images_not_codes(assets, stage1):
+    """Two test images given the same code: both are listed, each at its own rank, never a double hit."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from avg.eval.metrics import retrieval_metrics
+    from avg.retriever.data import load_queries
+    from avg.retriever.evaluate import evaluate_split
+    from avg.retriever.gallery import Gallery
+    from avg.retriever.vocab import VokenVocab
+
+    out_a, _ = stage1
+    tok = AutoTokenizer.from_pretrained(out_a / "best")
+    model = AutoModelForSeq2SeqLM.from_pretrained(out_a / "best")
+    vocab = VokenVocab.load(out_a / "best", tok)
+    mapping = json.loads((assets / "data" / "gallery_test.json").read_text())
+    mapping["img31.jpg"] = mapping["img30.jpg"]  # a collision
+    gallery = Gallery.from_mapping(mapping, seed=3)
+    queries = load_queries(assets / "data" / "test.jsonl")
+    records, metrics = evaluate_split(model, tok, vocab, queries, gallery, num_beams=5, batch_size=3, device="cpu",
+                                      show_progress=False)
+    assert metrics == retrieval_metrics(records, gallery_size=5)
+    pair = gallery.images_for(mapping["img30.jpg"])
+    for r in records:
+        assert len(r["ranked"]) == len(set(r["ranked"])) == 5  # 4 codes -> 5 images
+        i, j = r["ranked"].index(pair[0]), r["ranked"].index(pair[1])
+        assert j == i + 1 and r["scores"][i] == r["scores"][j]  # adjacent, seeded order, shared score
+    hits_at_1 = sum(r["ranked"][0] == r["gold"] for r in records)
+    assert metrics["R@1"] == pytest.approx(100 * hits_at_1 / len(records))
+    assert [r["qid"] for r in records] == list(range(len(queries)))
