@@ -43,7 +43,7 @@ def caption_transfer(
     k = min(neighbors + (1 if split == "train" else 0), len(source_rows))
     feats = lambda rows: torch.from_numpy(np.ascontiguousarray(emb.image_features[rows], dtype=np.float32))  # noqa: E731
     top_idx, _ = exact_search(feats(target_rows), feats(source_rows), k=k, batch_size=batch_size, device=device)
-    top_idx = top_idx.cpu().numpy()
+    top_idx = np.asarray(top_idx)
     transductive = split in TRANSDUCTIVE_SPLITS
     records = []
     for t, row in enumerate(target_rows):
