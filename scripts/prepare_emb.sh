@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Stage: encode every image and caption with a frozen CLIP -> ${OUT_DIR}/${DATASET}/emb/
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+PRETRAINED_ARGS=()
+[ -n "${CLIP_PRETRAINED:-}" ] && PRETRAINED_ARGS=(--pretrained "$CLIP_PRETRAINED")
+python -m avg.rqvae.prepare_emb \
+  --annotations "$ANNOTATIONS" --image-root "$IMAGE_ROOT" --out-dir "$STAGE_ROOT/emb" \
+  --backend "$CLIP_BACKEND" --clip-model "$CLIP_MODEL" "${PRETRAINED_ARGS[@]}" \
+  --batch-size "$EMB_BATCH_SIZE" --seed "$SEED" "$@"

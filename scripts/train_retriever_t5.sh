@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Stage 1: generative training of the T5 retriever (eq. 7), val R@K per epoch, test R@K of the best
+# checkpoint -> ${OUT_DIR}/${DATASET}/retriever_t5/  (multi-GPU: LAUNCH="accelerate launch")
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+$LAUNCH -m avg.retriever.train_t5 --stage 1 \
+  --data-dir "$STAGE_ROOT/retriever_data" --codes-dir "$STAGE_ROOT/codes" --model "$RETRIEVER_MODEL" \
+  --out-dir "$STAGE_ROOT/retriever_t5" --epochs "$T5_EPOCHS" --batch-size "$T5_BATCH_SIZE" --lr "$T5_LR" \
+  --num-beams "$BEAM" --seed "$SEED" --run-name "${DATASET}-t5-stage1" ${T5_ARGS:-} "$@"

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Stage 2: discriminative fine-tuning from the stage-1 best checkpoint, L = L_gen + lambda * L_dis
+# (eqs. 8-10) -> ${OUT_DIR}/${DATASET}/retriever_t5_stage2/
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+$LAUNCH -m avg.retriever.train_t5 --stage 2 \
+  --data-dir "$STAGE_ROOT/retriever_data" --init-from "$STAGE_ROOT/retriever_t5/best" \
+  --out-dir "$STAGE_ROOT/retriever_t5_stage2" --epochs "$STAGE2_EPOCHS" --batch-size "$T5_BATCH_SIZE" \
+  --lr "$STAGE2_LR" --dis-beams "$DIS_BEAMS" --dis-weight "$DIS_WEIGHT" --dis-temperature "$DIS_TEMPERATURE" \
+  --num-beams "$BEAM" --seed "$SEED" --run-name "${DATASET}-t5-stage2" ${T5_ARGS:-} "$@"

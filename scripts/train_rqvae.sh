@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Stage: train the RQ-VAE image tokenizer with semantic alignment -> ${OUT_DIR}/${DATASET}/rqvae/
+# Multi-GPU: LAUNCH="accelerate launch" (or "torchrun --nproc_per_node 4") bash scripts/train_rqvae.sh
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+$LAUNCH -m avg.rqvae.train \
+  --emb-dir "$STAGE_ROOT/emb" --out-dir "$STAGE_ROOT/rqvae" \
+  --num-levels "$CODE_LEN" --codebook-size "$CODEBOOK_SIZE" \
+  --epochs "$RQ_EPOCHS" --batch-size "$RQ_BATCH_SIZE" --lr "$RQ_LR" --seed "$SEED" ${RQ_ARGS:-} "$@"
