@@ -6,5 +6,5 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 $LAUNCH -m avg.retriever.train_t5 --stage 2 \
   --data-dir "$STAGE_ROOT/retriever_data" --init-from "$STAGE_ROOT/retriever_t5/best" \
   --out-dir "$STAGE_ROOT/retriever_t5_stage2" --epochs "$STAGE2_EPOCHS" --batch-size "$T5_BATCH_SIZE" \
-  --lr "$STAGE2_LR" --dis-beams "$DIS_BEAMS" --dis-weight "$DIS_WEIGHT" --dis-temperature "$DIS_TEMPERATURE" \
+  --lr "$STAGE2_LR" --max-train-queries "${STAGE2_MAX_TRAIN_QUERIES:-0}" --dis-beams "$DIS_BEAMS" --dis-weight "$DIS_WEIGHT" --dis-temperature "$DIS_TEMPERATURE" \
   --num-beams "$BEAM" --seed "$SEED" --run-name "${DATASET}-t5-stage2" ${T5_ARGS:-} "$@"

@@ -118,6 +118,17 @@ def test_stage2_from_stage1_best(assets, stage1):
     assert (out2 / "best/voken_vocab.json").is_file() and (out2 / "eval/metrics_test.json").is_file()
 
 
+def test_stage2_on_a_seeded_subset_of_training_queries(assets, stage1):
+    out1, _ = stage1
+    args = ["--stage", "2", "--init-from", str(out1 / "best"), "--data-dir", str(assets / "data"),
+            "--epochs", "1", "--batch-size", "8", "--dis-beams", "4", "--num-beams", "5",
+            "--eval-train-queries", "0", "--seed", "0", "--max-train-queries", "16", "--skip-test"]
+    res = train_t5.main(args + ["--out-dir", str(assets / "run_s2_subset")])
+    assert res["global_step"] == 2  # 16 of 50 queries / batch 8
+    log = (assets / "run_s2_subset" / "train.log").read_text()
+    assert "seeded subset of 16 of 50 training queries" in log
+
+
 def test_evaluate_split_ranks_images_not_codes(assets, stage1):
     """Two test images given the same code: both are listed, each at its own rank, never a double hit."""
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer

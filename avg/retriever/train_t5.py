@@ -59,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=10, help="training epochs (0: evaluate only)")
     g.add_argument("--batch-size", type=int, default=64, help="queries per device per micro-batch")
+    g.add_argument("--max-train-queries", type=int, default=0, help="train on a seeded random subset of this many queries (0: all)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (paper: 1e-3)")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases/norms)")
@@ -198,6 +199,11 @@ def main(argv=None) -> dict:
         logger.warning("!!! TRANSDUCTIVE training data (%s): pseudo queries on val/test gallery images !!!", meta_path)
     if args.epochs > 0 and not train_q:
         raise InputError(f"{data_dir / 'train.jsonl'}: no training queries")
+    if args.max_train_queries and args.max_train_queries < len(train_q):
+        # a seeded subset for reduced schedules (e.g. the CPU demo's stage 2); order kept
+        keep = np.sort(np.random.default_rng([args.seed, 11]).choice(len(train_q), args.max_train_queries, replace=False))
+        logger.info("training on a seeded subset of %d of %d training queries", len(keep), len(train_q))
+        train_q = [train_q[i] for i in keep]
 
     device = accelerator.device
     train_ds = QueryDataset(train_q, tokenizer, vocab, max_length=args.max_source_length) if train_q else None
