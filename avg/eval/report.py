@@ -71,7 +71,7 @@ def code_stats_lines(root: Path) -> list[str]:
     if not stats_path.is_file():
         return []
     s = json.loads(stats_path.read_text(encoding="utf-8"))
-    keys = ["num_images", "code_len", "raw_collision_rate", "final_collision_rate", "largest_collision_group"]
+    keys = ["num_images", "code_len", "raw_collision_rate", "final_collision_rate", "largest_group"]
     shown = ", ".join(f"{k}={s[k]:.4g}" if isinstance(s.get(k), float) else f"{k}={s.get(k)}" for k in keys if k in s)
     return [f"codes: {shown}"]
 

@@ -370,7 +370,8 @@ def main(argv=None) -> dict:
                                               args.eval_batch_size, device, max_length=args.max_source_length,
                                               desc="eval test", restrict_to_vokens=args.fast_search)
         info = read_json(best_dir / "best.json")
-        metrics = {**metrics, "best_epoch": info.get("epoch"), "num_beams": args.num_beams, "stage": args.stage,
+        metrics = {"system": f"avg_t5_stage{args.stage}", "split": "test", **metrics,
+                   "best_epoch": info.get("epoch"), "num_beams": args.num_beams, "stage": args.stage,
                    "fast_search": args.fast_search}
         if accelerator.is_main_process:
             write_run(records, eval_dir / "run_test.jsonl")
