@@ -34,7 +34,7 @@ import torch
 
 from avg.retriever.data import QueryDataset
 from avg.retriever.vocab import VOCAB_FILE, VokenVocab
-from avg.utils.io import InputError, read_json, write_json
+from avg.utils.io import InputError, read_json, replace_dir, write_json
 
 DEFAULT_PROMPT_TEMPLATE = "Caption: {query}\nImage:"
 DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj"
@@ -263,13 +263,7 @@ def save_retriever(model, tokenizer, vocab: VokenVocab, out: str | os.PathLike, 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-    return out
+    return replace_dir(tmp, out)
 
 
 def read_retriever_meta(path: str | os.PathLike) -> dict:

@@ -38,7 +38,7 @@ from avg.retriever.losses import RetrievalObjective, build_candidates
 from avg.retriever.search import constrained_beam_search
 from avg.retriever.vocab import VOCAB_FILE, VokenVocab
 from avg.eval.runfiles import write_run
-from avg.utils.io import InputError, read_json, write_json
+from avg.utils.io import InputError, read_json, replace_dir, write_json
 from avg.utils.seed import set_seed
 from avg.utils.tracking import RunLogger
 
@@ -137,12 +137,7 @@ def save_retriever(model, tokenizer, vocab, out: Path, info: dict) -> None:
     tokenizer.save_pretrained(tmp)
     write_json(vocab.to_dict(), tmp / VOCAB_FILE)
     write_json(info, tmp / "best.json")
-    old = out.with_name(f".{out.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    replace_dir(tmp, out)
 
 
 def save_checkpoint(accelerator, ckpt_dir: Path, state: dict) -> None:
@@ -155,12 +150,7 @@ def save_checkpoint(accelerator, ckpt_dir: Path, state: dict) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         write_json(state, tmp / STATE_FILE)
-        old = ckpt_dir.with_name(f".{ckpt_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if ckpt_dir.exists():
-            os.replace(ckpt_dir, old)
-        os.replace(tmp, ckpt_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, ckpt_dir)
     accelerator.wait_for_everyone()
 
 

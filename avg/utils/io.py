@@ -82,6 +82,21 @@ def save_npy(array: np.ndarray, path: str | os.PathLike) -> None:
             np.save(f, array)
 
 
+def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Move the finished directory `src` onto `dst`, replacing an older `dst` only at the end.
+
+    The old directory is first renamed aside, so at every moment `dst` is either the complete old
+    or the complete new directory (two renames; a crash in between leaves `.<name>.old`)."""
+    src, dst = Path(src), Path(dst)
+    old = dst.with_name(f".{dst.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    shutil.rmtree(old, ignore_errors=True)
+    return dst
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Build a directory under a temporary name; swap it into place when the block succeeds."""
@@ -91,14 +106,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
