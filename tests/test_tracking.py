@@ -13,6 +13,8 @@ def test_run_logger_writes_log_and_jsonl_without_wandb(tmp_path, monkeypatch):
     assert "train/loss=1.5" in (tmp_path / "train.log").read_text()
     assert json.loads((tmp_path / "config.json").read_text()) == {"lr": 0.1}
     assert not (tmp_path / "wandb").exists()
+    env = json.loads((tmp_path / "environment.json").read_text())
+    assert env["versions"]["torch"] and env["python"] and isinstance(env["argv"], list)
 
 
 def test_offline_wandb_never_prompts_and_writes_a_local_run(tmp_path, monkeypatch):

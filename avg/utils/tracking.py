@@ -74,6 +74,7 @@ class RunLogger:
             self.metrics_path.unlink()
         if config is not None:
             write_json(dict(config), self.out_dir / "config.json")
+        write_json(environment_info(), self.out_dir / "environment.json")
         if use_wandb and _wandb_mode() != "disabled":
             self._init_wandb(project, run_name, config)
 
@@ -134,6 +135,30 @@ class RunLogger:
             self.wandb_run = None
         self.logger.removeHandler(self._file_handler)
         self._file_handler.close()
+
+
+def environment_info() -> dict:
+    """Versions, command line and git commit, saved next to every stage's outputs."""
+    import platform
+    import subprocess
+    from importlib import metadata
+
+    versions = {}
+    for dist in ("avg", "torch", "transformers", "peft", "accelerate", "open_clip_torch", "numpy", "tokenizers", "wandb"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    commit = None
+    try:
+        repo = Path(__file__).resolve().parents[2]
+        res = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if res.returncode == 0:
+            commit = res.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"python": platform.python_version(), "platform": platform.platform(), "versions": versions,
+            "git_commit": commit, "argv": list(sys.argv), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
 def _has_netrc_key() -> bool:
