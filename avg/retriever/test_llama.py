@@ -25,7 +25,7 @@ from avg.eval.metrics import format_metrics
 from avg.eval.runfiles import write_run
 from avg.retriever import llama as L
 from avg.retriever.evaluate import evaluate_split
-from avg.retriever.train_t5 import load_split
+from avg.retriever.training import load_split
 from avg.retriever.train_llama import SYSTEM, subset
 from avg.retriever.vocab import VokenVocab
 from avg.utils.io import InputError, write_json

@@ -37,7 +37,8 @@ from avg.retriever import llama as L
 from avg.retriever.data import EpochBatchSampler, read_codes
 from avg.retriever.evaluate import evaluate_split
 from avg.retriever.gallery import Gallery
-from avg.retriever.train_t5 import STATE_FILE, load_split, save_checkpoint
+from avg.retriever.training import (STATE_FILE, accumulation_group, checkpoint_after_step, load_split,
+                                    optimizer_step, save_checkpoint, select_best)
 from avg.retriever.vocab import VokenVocab
 from avg.utils.io import InputError, read_json, write_json
 from avg.utils.seed import set_seed
@@ -273,10 +274,8 @@ def main(argv=None) -> dict:
             metrics_all.update({f"eval/{split}/{k}": v for k, v in metrics.items()})
         metrics_all["epoch"] = epoch
         logger.log(metrics_all, step=state["global_step"])
-        key = "eval/val/R@1" if "eval/val/R@1" in metrics_all else "eval/train/R@1"
-        score = metrics_all.get(key, float("-inf"))
-        if state["best_r1"] is None or score > state["best_r1"]:
-            state["best_r1"], state["best_epoch"] = score, epoch
+        key, score, improved = select_best(state, metrics_all, epoch)
+        if improved:
             if accelerator.is_main_process:
                 L.save_retriever(unwrapped(), tokenizer, vocab, best_dir,
                                  info={"epoch": epoch, "selected_by": key, "metrics": metrics_all}, **save_kwargs)
@@ -297,9 +296,7 @@ def main(argv=None) -> dict:
         steps_at_log = steps_this_run
         for j, idx in enumerate(list(sampler)):
             micro = skip + j
-            group_start = (micro // args.grad_accum) * args.grad_accum
-            group_size = min(args.grad_accum, micro_per_epoch - group_start)
-            last_in_group = micro == group_start + group_size - 1
+            group_size, last_in_group = accumulation_group(micro, args.grad_accum, micro_per_epoch)
             batch = {k: v.to(device) for k, v in collate(idx).items() if k != "index"}
             ctx = accelerator.no_sync(model) if not last_in_group else contextlib.nullcontext()
             with ctx:
@@ -310,14 +307,7 @@ def main(argv=None) -> dict:
             running["n"] += 1
             if not last_in_group:
                 continue
-            if args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            if not accelerator.optimizer_step_was_skipped:
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["global_step"] += 1
-            state["step_in_epoch"] += 1
+            optimizer_step(accelerator, model.parameters(), optimizer, scheduler, args.max_grad_norm, state)
             steps_this_run += 1
             if state["global_step"] % args.log_every == 0:
                 elapsed = max(time.time() - t_log, 1e-9)
@@ -328,10 +318,8 @@ def main(argv=None) -> dict:
                 logger.log(logs, step=state["global_step"])
                 running = {"loss": 0.0, "n": 0}
                 t_log, steps_at_log = time.time(), steps_this_run
-            if args.save_every_steps and state["global_step"] % args.save_every_steps == 0:
-                save_checkpoint(accelerator, ckpt_dir, state)
-            if args.stop_after_steps and steps_this_run >= args.stop_after_steps:
-                save_checkpoint(accelerator, ckpt_dir, state)
+            if checkpoint_after_step(accelerator, ckpt_dir, state, steps_this_run, args.save_every_steps,
+                                     args.stop_after_steps):
                 stopped = True
                 break
         train_seconds += time.time() - t_epoch

@@ -31,18 +31,19 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, get_linear_schedule_with_warmup
 
-from avg.retriever.data import Collator, EpochBatchSampler, QueryDataset, load_queries, read_codes
+from avg.retriever.data import Collator, EpochBatchSampler, QueryDataset, read_codes
 from avg.retriever.evaluate import evaluate_split, logits_vocab_size
 from avg.retriever.gallery import Gallery
 from avg.retriever.losses import RetrievalObjective, build_candidates
 from avg.retriever.search import constrained_beam_search
+from avg.retriever.training import (STATE_FILE, accumulation_group, checkpoint_after_step, load_split,
+                                    optimizer_step, save_checkpoint, select_best)
 from avg.retriever.vocab import VOCAB_FILE, VokenVocab
 from avg.eval.runfiles import write_run
 from avg.utils.io import InputError, read_json, replace_dir, write_json
 from avg.utils.seed import set_seed
 from avg.utils.tracking import RunLogger
 
-STATE_FILE = "train_state.json"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -118,17 +119,6 @@ def load_model_and_vocab(args, log):
     return tokenizer, model, vocab
 
 
-def load_split(data_dir: Path, split: str, code_len: int, seed: int):
-    qpath, gpath = data_dir / f"{split}.jsonl", data_dir / f"gallery_{split}.json"
-    if not qpath.is_file() or not gpath.is_file():
-        return [], None
-    queries = load_queries(qpath, code_len=code_len)
-    gallery = Gallery.load(gpath, seed=seed)
-    if len(gallery) and gallery.code_len != code_len:
-        raise InputError(f"{gpath}: codes of length {gallery.code_len}, the vocabulary expects {code_len}")
-    return queries, gallery
-
-
 def save_retriever(model, tokenizer, vocab, out: Path, info: dict) -> None:
     """save_pretrained of model + tokenizer + voken metadata, swapped into place atomically."""
     tmp = out.with_name(f".{out.name}.tmp")
@@ -138,20 +128,6 @@ def save_retriever(model, tokenizer, vocab, out: Path, info: dict) -> None:
     write_json(vocab.to_dict(), tmp / VOCAB_FILE)
     write_json(info, tmp / "best.json")
     replace_dir(tmp, out)
-
-
-def save_checkpoint(accelerator, ckpt_dir: Path, state: dict) -> None:
-    """accelerate save_state (model, optimizer, scheduler, RNG) + our counters, swapped in atomically."""
-    tmp = ckpt_dir.with_name(f".{ckpt_dir.name}.tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json(state, tmp / STATE_FILE)
-        replace_dir(tmp, ckpt_dir)
-    accelerator.wait_for_everyone()
 
 
 def _step_generator(seed: int, epoch: int, micro: int) -> torch.Generator:
@@ -255,10 +231,8 @@ def main(argv=None) -> dict:
             metrics_all.update({f"eval/{split}/{k}": v for k, v in metrics.items()})
         metrics_all["epoch"] = epoch
         logger.log(metrics_all, step=state["global_step"])
-        key = "eval/val/R@1" if "eval/val/R@1" in metrics_all else "eval/train/R@1"
-        score = metrics_all.get(key, float("-inf"))
-        if state["best_r1"] is None or score > state["best_r1"]:
-            state["best_r1"], state["best_epoch"] = score, epoch
+        key, score, improved = select_best(state, metrics_all, epoch)
+        if improved:
             if accelerator.is_main_process:
                 save_retriever(model_, tokenizer, vocab, best_dir,
                                {"epoch": epoch, "selected_by": key, "metrics": metrics_all, "stage": args.stage})
@@ -282,9 +256,7 @@ def main(argv=None) -> dict:
                        disable=not accelerator.is_local_main_process)
         for j, idx in enumerate(batches):
             micro = skip + j
-            group_start = (micro // args.grad_accum) * args.grad_accum
-            group_size = min(args.grad_accum, micro_per_epoch - group_start)
-            last_in_group = micro == group_start + group_size - 1
+            group_size, last_in_group = accumulation_group(micro, args.grad_accum, micro_per_epoch)
             batch = {k: v.to(device) for k, v in collate(idx).items()}
             extra = {}
             if args.stage == 2:
@@ -309,14 +281,7 @@ def main(argv=None) -> dict:
             running["n"] += 1
             if not last_in_group:
                 continue
-            if args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(objective.parameters(), args.max_grad_norm)
-            optimizer.step()
-            if not accelerator.optimizer_step_was_skipped:
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["global_step"] += 1
-            state["step_in_epoch"] += 1
+            optimizer_step(accelerator, objective.parameters(), optimizer, scheduler, args.max_grad_norm, state)
             steps_this_run += 1
             if state["global_step"] % args.log_every == 0:
                 n = max(running["n"], 1)
@@ -328,10 +293,8 @@ def main(argv=None) -> dict:
                 logger.log(logs, step=state["global_step"])
                 running = {"loss": 0.0, "gen": 0.0, "dis": 0.0, "n": 0}
                 t_log, steps_at_log = time.time(), steps_this_run
-            if args.save_every_steps and state["global_step"] % args.save_every_steps == 0:
-                save_checkpoint(accelerator, ckpt_dir, state)
-            if args.stop_after_steps and steps_this_run >= args.stop_after_steps:
-                save_checkpoint(accelerator, ckpt_dir, state)
+            if checkpoint_after_step(accelerator, ckpt_dir, state, steps_this_run, args.save_every_steps,
+                                     args.stop_after_steps):
                 stopped = True
                 break
         if stopped:

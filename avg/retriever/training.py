@@ -1,0 +1,81 @@
+"""Pieces of the retriever training loop shared by the T5 and LLaMA trainers.
+
+Checkpoints (accelerate state + our counters, swapped in atomically), split loading, gradient
+accumulation bookkeeping, the optimizer step, best-checkpoint selection and the mid-epoch
+checkpoint / stop rules live here once, so both trainers resume and select models the same way.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from avg.retriever.data import load_queries
+from avg.retriever.gallery import Gallery
+from avg.utils.io import InputError, replace_dir, write_json
+
+STATE_FILE = "train_state.json"
+
+
+def load_split(data_dir: Path, split: str, code_len: int, seed: int):
+    qpath, gpath = data_dir / f"{split}.jsonl", data_dir / f"gallery_{split}.json"
+    if not qpath.is_file() or not gpath.is_file():
+        return [], None
+    queries = load_queries(qpath, code_len=code_len)
+    gallery = Gallery.load(gpath, seed=seed)
+    if len(gallery) and gallery.code_len != code_len:
+        raise InputError(f"{gpath}: codes of length {gallery.code_len}, the vocabulary expects {code_len}")
+    return queries, gallery
+
+
+def save_checkpoint(accelerator, ckpt_dir: Path, state: dict) -> None:
+    """accelerate save_state (model, optimizer, scheduler, RNG) + our counters, swapped in atomically."""
+    tmp = ckpt_dir.with_name(f".{ckpt_dir.name}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        write_json(state, tmp / STATE_FILE)
+        replace_dir(tmp, ckpt_dir)
+    accelerator.wait_for_everyone()
+
+
+def accumulation_group(micro: int, grad_accum: int, micro_per_epoch: int) -> tuple[int, bool]:
+    """(size of the accumulation group holding micro-batch `micro`, whether it is the group's last)."""
+    start = (micro // grad_accum) * grad_accum
+    size = min(grad_accum, micro_per_epoch - start)
+    return size, micro == start + size - 1
+
+
+def optimizer_step(accelerator, params, optimizer, scheduler, max_grad_norm: float, state: dict) -> None:
+    """Clip, step, advance the schedule (unless the step was skipped), clear grads, count the step."""
+    if max_grad_norm > 0:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    if not accelerator.optimizer_step_was_skipped:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    state["global_step"] += 1
+    state["step_in_epoch"] += 1
+
+
+def select_best(state: dict, metrics: dict, epoch: int) -> tuple[str, float, bool]:
+    """Model selection by val R@1 (train R@1 when there is no val split): (key, score, improved)."""
+    key = "eval/val/R@1" if "eval/val/R@1" in metrics else "eval/train/R@1"
+    score = metrics.get(key, float("-inf"))
+    improved = state["best_r1"] is None or score > state["best_r1"]
+    if improved:
+        state["best_r1"], state["best_epoch"] = score, epoch
+    return key, score, improved
+
+
+def checkpoint_after_step(accelerator, ckpt_dir: Path, state: dict, steps_this_run: int,
+                          save_every_steps: int, stop_after_steps: int) -> bool:
+    """--save-every-steps / --stop-after-steps; True when the run must stop (checkpoint written)."""
+    if stop_after_steps and steps_this_run >= stop_after_steps:
+        save_checkpoint(accelerator, ckpt_dir, state)
+        return True
+    if save_every_steps and state["global_step"] % save_every_steps == 0:
+        save_checkpoint(accelerator, ckpt_dir, state)
+    return False
