@@ -37,7 +37,7 @@ from avg.retriever import llama as L
 from avg.retriever.data import EpochBatchSampler, read_codes
 from avg.retriever.evaluate import evaluate_split
 from avg.retriever.gallery import Gallery
-from avg.retriever.training import (STATE_FILE, accumulation_group, checkpoint_after_step, load_split,
+from avg.retriever.training import (STATE_FILE, accumulation_group, add_eval_and_checkpoint_args, checkpoint_after_step, load_split,
                                     optimizer_step, save_checkpoint, select_best)
 from avg.retriever.vocab import VokenVocab
 from avg.utils.io import InputError, read_json, write_json
@@ -84,23 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     g.add_argument("--seed", type=int, default=42, help="seed for init, data order and dropout")
     g.add_argument("--cpu", action="store_true", help="force CPU even when a GPU is present")
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (0: only after the last)")
-    g.add_argument("--eval-train-queries", type=int, default=0, help="fixed random train queries also evaluated (0: none)")
-    g.add_argument("--num-beams", type=int, default=20, help="beam size of the constrained search (R@K needs >= K)")
-    g.add_argument("--eval-batch-size", type=int, default=16, help="queries per search batch (bounds memory)")
-    g.add_argument("--fast-search", action="store_true",
-                   help="test: score over voken logits only (renormalised, see avg.retriever.search); the "
-                        "in-training evaluation of a LoRA model always uses the full vocabulary")
-    g.add_argument("--collision-seed", type=int, default=0, help="seed of the order among images sharing a code")
-    g.add_argument("--skip-test", action="store_true", help="do not evaluate the best model on test")
-    g = p.add_argument_group("checkpoints and logging")
-    g.add_argument("--resume", action="store_true", help="continue from out-dir/checkpoints/last if present")
-    g.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N optimizer steps (0: per epoch only)")
-    g.add_argument("--stop-after-steps", type=int, default=0, help="checkpoint and exit after N optimizer steps (0: off)")
-    g.add_argument("--log-every", type=int, default=10, help="log training loss every N optimizer steps")
-    g.add_argument("--wandb-project", default="avg", help="wandb project (offline unless WANDB_MODE=online)")
-    g.add_argument("--run-name", default=None, help="run name for logs and wandb")
+    add_eval_and_checkpoint_args(p, eval_batch_size=16, eval_train_queries=0, log_every=10,
+                                 fast_search_help="test: score over voken logits only (renormalised, see avg.retriever.search); "
+                                                  "the in-training evaluation of a LoRA model always uses the full vocabulary")
     return p.parse_args(argv)
 
 

@@ -36,7 +36,7 @@ from avg.retriever.evaluate import evaluate_split, logits_vocab_size
 from avg.retriever.gallery import Gallery
 from avg.retriever.losses import RetrievalObjective, build_candidates
 from avg.retriever.search import constrained_beam_search
-from avg.retriever.training import (STATE_FILE, accumulation_group, checkpoint_after_step, load_split,
+from avg.retriever.training import (STATE_FILE, accumulation_group, add_eval_and_checkpoint_args, checkpoint_after_step, load_split,
                                     optimizer_step, save_checkpoint, select_best)
 from avg.retriever.vocab import VOCAB_FILE, VokenVocab
 from avg.eval.runfiles import write_run
@@ -73,21 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--dis-beams", type=int, default=10, help="b: beam candidates per query for L_dis")
     g.add_argument("--dis-weight", type=float, default=1.0, help="lambda: weight of L_dis (paper: 1)")
     g.add_argument("--dis-temperature", type=float, default=1.0, help="T: L_dis = CE(s / T, positive)")
-    g = p.add_argument_group("evaluation")
-    g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (0: only after the last)")
-    g.add_argument("--eval-train-queries", type=int, default=200, help="fixed random train queries also evaluated (0: none)")
-    g.add_argument("--num-beams", type=int, default=20, help="beam size of the constrained search (R@K needs >= K)")
-    g.add_argument("--eval-batch-size", type=int, default=32, help="queries per search batch (bounds memory)")
-    g.add_argument("--fast-search", action="store_true", help="score the search over voken logits only (faster; renormalised, see avg.retriever.search)")
-    g.add_argument("--collision-seed", type=int, default=0, help="seed of the order among images sharing a code")
-    g.add_argument("--skip-test", action="store_true", help="do not evaluate the best model on test")
-    g = p.add_argument_group("checkpoints and logging")
-    g.add_argument("--resume", action="store_true", help="continue from out-dir/checkpoints/last if present")
-    g.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N optimizer steps (0: per epoch only)")
-    g.add_argument("--stop-after-steps", type=int, default=0, help="checkpoint and exit after N optimizer steps (preemptible jobs; 0: off)")
-    g.add_argument("--log-every", type=int, default=50, help="log training loss every N optimizer steps")
-    g.add_argument("--wandb-project", default="avg", help="wandb project (offline unless WANDB_MODE=online)")
-    g.add_argument("--run-name", default=None, help="run name for logs and wandb")
+    add_eval_and_checkpoint_args(p, eval_batch_size=32, eval_train_queries=200, log_every=50,
+                                 fast_search_help="score the search over voken logits only (faster; renormalised, see avg.retriever.search)")
     return p.parse_args(argv)
 
 

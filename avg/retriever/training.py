@@ -41,6 +41,26 @@ def save_checkpoint(accelerator, ckpt_dir: Path, state: dict) -> None:
     accelerator.wait_for_everyone()
 
 
+def add_eval_and_checkpoint_args(p, *, eval_batch_size: int, eval_train_queries: int, log_every: int,
+                                 fast_search_help: str) -> None:
+    """The evaluation and checkpoint/logging flag groups every retriever trainer takes."""
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (0: only after the last)")
+    g.add_argument("--eval-train-queries", type=int, default=eval_train_queries, help="fixed random train queries also evaluated (0: none)")
+    g.add_argument("--num-beams", type=int, default=20, help="beam size of the constrained search (R@K needs >= K)")
+    g.add_argument("--eval-batch-size", type=int, default=eval_batch_size, help="queries per search batch (bounds memory)")
+    g.add_argument("--fast-search", action="store_true", help=fast_search_help)
+    g.add_argument("--collision-seed", type=int, default=0, help="seed of the order among images sharing a code")
+    g.add_argument("--skip-test", action="store_true", help="do not evaluate the best model on test")
+    g = p.add_argument_group("checkpoints and logging")
+    g.add_argument("--resume", action="store_true", help="continue from out-dir/checkpoints/last if present")
+    g.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N optimizer steps (0: per epoch only)")
+    g.add_argument("--stop-after-steps", type=int, default=0, help="checkpoint and exit after N optimizer steps (preemptible jobs; 0: off)")
+    g.add_argument("--log-every", type=int, default=log_every, help="log training loss every N optimizer steps")
+    g.add_argument("--wandb-project", default="avg", help="wandb project (offline unless WANDB_MODE=online)")
+    g.add_argument("--run-name", default=None, help="run name for logs and wandb")
+
+
 def accumulation_group(micro: int, grad_accum: int, micro_per_epoch: int) -> tuple[int, bool]:
     """(size of the accumulation group holding micro-batch `micro`, whether it is the group's last)."""
     start = (micro // grad_accum) * grad_accum
