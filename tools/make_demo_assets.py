@@ -20,6 +20,7 @@ from train_demo_clip import add_train_args, config_from_args  # noqa: E402
 
 from avg.utils.io import InputError, read_json  # noqa: E402
 from avg.utils.tracking import get_logger  # noqa: E402
+from avg.utils.cli import run_main
 
 log = get_logger("avg.demo_assets")
 
@@ -80,7 +81,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except InputError as e:
-        raise SystemExit(f"error: {e}")
+    run_main(main)

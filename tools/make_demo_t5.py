@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
+from avg.utils.cli import run_main
+
 SPECIAL = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5
 
 
@@ -112,4 +114,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -7,7 +7,6 @@ carries ``transductive: true`` and downstream stages log it loudly.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import numpy as np
 import torch

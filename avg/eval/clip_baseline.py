@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from avg.eval.metrics import format_metrics, retrieval_metrics
 from avg.eval.runfiles import RunRecord, write_run
 from avg.utils.io import InputError, write_json
+from avg.utils.cli import run_main
 
 
 def exact_search(
@@ -137,7 +138,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except InputError as e:
-        raise SystemExit(f"error: {e}")
+    run_main(main)

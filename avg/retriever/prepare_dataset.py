@@ -22,6 +22,7 @@ from avg.data.karpathy import load_karpathy
 from avg.retriever.data import SPLITS, CodesData, read_codes
 from avg.utils.io import InputError, atomic_dir, read_jsonl, write_json, write_jsonl
 from avg.utils.tracking import get_logger
+from avg.utils.cli import run_main
 
 log = get_logger("avg.retriever.prepare_dataset")
 
@@ -149,4 +150,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -30,6 +30,7 @@ from avg.retriever.train_llama import SYSTEM, subset
 from avg.retriever.vocab import VokenVocab
 from avg.utils.io import InputError, write_json
 from avg.utils.tracking import RunLogger
+from avg.utils.cli import run_main
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -116,4 +117,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -37,12 +37,13 @@ from avg.retriever import llama as L
 from avg.retriever.data import EpochBatchSampler, read_codes
 from avg.retriever.evaluate import evaluate_split
 from avg.retriever.gallery import Gallery
-from avg.retriever.training import (STATE_FILE, accumulation_group, add_eval_and_checkpoint_args, checkpoint_after_step, load_split,
-                                    optimizer_step, save_checkpoint, select_best)
+from avg.retriever.training import (STATE_FILE, accumulation_group, add_eval_and_checkpoint_args, checkpoint_after_step,
+                                    load_split, optimizer_step, save_checkpoint, select_best)
 from avg.retriever.vocab import VokenVocab
 from avg.utils.io import InputError, read_json, write_json
 from avg.utils.seed import set_seed
 from avg.utils.tracking import RunLogger
+from avg.utils.cli import run_main
 
 SYSTEM = "avg_llama"
 
@@ -355,4 +356,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

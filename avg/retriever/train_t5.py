@@ -36,13 +36,15 @@ from avg.retriever.evaluate import evaluate_split, logits_vocab_size
 from avg.retriever.gallery import Gallery
 from avg.retriever.losses import RetrievalObjective, build_candidates
 from avg.retriever.search import constrained_beam_search
-from avg.retriever.training import (STATE_FILE, accumulation_group, add_eval_and_checkpoint_args, checkpoint_after_step, load_split,
-                                    optimizer_step, save_checkpoint, select_best)
+from avg.retriever.training import (STATE_FILE, accumulation_group, add_eval_and_checkpoint_args, check_inputs,
+                                    checkpoint_after_step, load_split, optimizer_step, save_checkpoint,
+                                    select_best)
 from avg.retriever.vocab import VOCAB_FILE, VokenVocab
 from avg.eval.runfiles import write_run
 from avg.utils.io import InputError, read_json, replace_dir, write_json
 from avg.utils.seed import set_seed
 from avg.utils.tracking import RunLogger
+from avg.utils.cli import run_main
 
 
 
@@ -126,6 +128,7 @@ def _step_generator(seed: int, epoch: int, micro: int) -> torch.Generator:
 # ---------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    check_inputs(args.data_dir, codes_dir=args.codes_dir if args.init_from is None else None, init_from=args.init_from)
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu)
     set_seed(args.seed)
     out_dir = Path(args.out_dir)
@@ -324,4 +327,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

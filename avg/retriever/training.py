@@ -61,6 +61,21 @@ def add_eval_and_checkpoint_args(p, *, eval_batch_size: int, eval_train_queries:
     g.add_argument("--run-name", default=None, help="run name for logs and wandb")
 
 
+def check_inputs(data_dir, *, codes_dir=None, init_from=None) -> None:
+    """Fail on a wrong path before anything is written into the output dir."""
+    data_dir = Path(data_dir)
+    need = []
+    if not any(data_dir.glob("gallery_*.json")):
+        need.append((data_dir / "gallery_<split>.json", "run scripts/prepare_retriever_dataset.sh first"))
+    if codes_dir is not None:
+        need.append((Path(codes_dir) / "codes.json", "run scripts/generate_codes.sh first"))
+    if init_from is not None:
+        need.append((Path(init_from) / "voken_vocab.json", "point --init-from at a saved retriever (<out-dir>/best)"))
+    missing = [f"{p}: not found ({hint})" for p, hint in need if not p.is_file()]
+    if missing:
+        raise InputError("; ".join(missing))
+
+
 def accumulation_group(micro: int, grad_accum: int, micro_per_epoch: int) -> tuple[int, bool]:
     """(size of the accumulation group holding micro-batch `micro`, whether it is the group's last)."""
     start = (micro // grad_accum) * grad_accum

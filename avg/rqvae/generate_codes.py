@@ -10,7 +10,6 @@ reports the collision rate either way.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -24,6 +23,7 @@ from avg.rqvae.data import iter_feature_batches
 from avg.rqvae.features import INDEX, load_emb
 from avg.utils.io import InputError, save_npy, write_json
 from avg.utils.tracking import get_logger
+from avg.utils.cli import run_main
 
 TIE_RULE = (
     "images sharing the same raw voken code are ordered by the L2 distance of their encoder latent "
@@ -181,8 +181,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

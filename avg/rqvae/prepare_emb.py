@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from avg.utils.io import InputError
 from avg.utils.tracking import get_logger
+from avg.utils.cli import run_main
 
 log = get_logger("avg.prepare_emb")
 
@@ -169,7 +170,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except InputError as e:
-        raise SystemExit(f"error: {e}")
+    run_main(main)

@@ -15,7 +15,6 @@ import argparse
 import math
 import random
 import shutil
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
@@ -33,6 +32,7 @@ from avg.rqvae.kmeans import DeadCodeTracker, init_codebooks
 from avg.utils.io import InputError, atomic_path, write_json
 from avg.utils.seed import set_seed
 from avg.utils.tracking import RunLogger
+from avg.utils.cli import run_main
 
 CHECKPOINT = "last.pt"
 
@@ -328,8 +328,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)
