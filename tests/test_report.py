@@ -1,5 +1,7 @@
 import json
 
+import pandas as pd
+
 from avg.eval.report import collect_metrics, main, to_markdown
 
 
@@ -25,3 +27,55 @@ def test_collects_known_metrics_and_ignores_others(tmp_path, capsys):
 
 def test_missing_dir_is_an_error(tmp_path):
     assert main([str(tmp_path / "nope")]) == 2
+
+
+def _write(path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj) if not isinstance(obj, str) else obj)
+
+
+def _fake_output_dir(root):
+    """A small output dir: CLIP baseline, a T5 retriever, a beam-size study, an efficiency csv, logs."""
+    _write(root / "codes" / "stats.json", {"raw_collision_rate": 0.25, "splits": {"test": {"collision_rate": 0.06}}})
+    _write(root / "clip_baseline" / "metrics_clip_test.json", {"system": "clip_two_tower", "split": "test", "R@1": 14.0, "R@5": 40.0, "R@10": 52.0, "mean_rank": 150.0, "num_queries": 5000, "queries_per_s": 9000.0})
+    _write(root / "retriever_t5" / "eval" / "metrics_test.json", {"system": "avg_t5_stage1", "split": "test", "R@1": 8.0, "R@5": 27.0, "R@10": 38.0, "mean_rank": 470.0, "num_queries": 5000, "num_beams": 20, "queries_per_s": 40.0})
+    # a grid study with its own codes (the nearest stats.json wins) and no split-level rate
+    _write(root / "grid" / "beam" / "codes" / "stats.json", {"raw_collision_rate": 0.5})
+    for b, r1 in ((5, 6.0), (10, 7.0), (20, 8.0)):
+        _write(root / "grid" / "beam" / f"b{b}" / "metrics.json", {"system": "avg_t5", "split": "val", "R@1": r1, "R@5": r1 + 10, "R@10": r1 + 20, "num_beams": b, "study": "beam", "variant": f"b{b}"})
+    lines = [json.dumps({"step": s, "train/loss": 5.0 / s}) for s in (1, 2, 3)] + [json.dumps({"step": 3, "eval/val/R@1": 7.5})]
+    _write(root / "retriever_t5" / "metrics.jsonl", "\n".join(lines) + "\n")
+    rows = ["gallery_size,system,mode,batch_size,queries_per_s,time_boxed"]
+    for n in (1000, 10000):
+        rows += [f"{n},avg,batch1,1,{30 - n / 1000},False", f"{n},avg,batch,32,{100 - n / 1000},False",
+                 f"{n},clip_fp32,batch1,1,{400 - n / 100},False", f"{n},clip_fp32,batch,32,{900 - n / 100},{n == 10000}"]
+    _write(root / "efficiency" / "efficiency.csv", "\n".join(rows) + "\n")
+
+
+def test_columns_collision_rate_throughput_and_plots(tmp_path, capsys):
+    _fake_output_dir(tmp_path)
+    df = collect_metrics(tmp_path).set_index("system")
+    assert pd.isna(df.loc["clip_two_tower", "collision_rate"])  # not a generative system
+    assert df.loc["avg_t5_stage1", "collision_rate"] == 0.06  # the test split's raw rate, from <root>/codes
+    grid = df.loc["avg_t5"]
+    assert list(grid["collision_rate"]) == [0.5, 0.5, 0.5]  # the grid's own codes/stats.json
+    assert sorted(grid["stage"]) == ["grid/beam/b10", "grid/beam/b20", "grid/beam/b5"]
+    assert df.loc["avg_t5_stage1", "stage"] == "retriever_t5" and df.loc["clip_two_tower", "queries_per_s"] == 9000.0
+    md = to_markdown(collect_metrics(tmp_path))
+    assert "| avg_t5_stage1 | test | 8.00 | 27.00 | 38.00 | 470.00 | 5000 | 6.0% | 40.00 | retriever_t5 |" in md
+    assert main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for name in ("recall_vs_beam.png", "throughput_vs_gallery.png", "training_curves.png"):
+        png = tmp_path / "plots" / name
+        assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG"
+        assert f"plots/{name}" in out and f"(plots/{name})" in (tmp_path / "results.md").read_text()
+    header = (tmp_path / "results.csv").read_text().splitlines()[0]
+    assert header == "system,split,R@1,R@5,R@10,mean_rank,num_queries,collision_rate,queries_per_s,stage,file"
+
+
+def test_plots_are_skipped_quietly_without_data(tmp_path):
+    # one metrics file, one beam size, no efficiency csv, no metrics.jsonl: no plot, no error
+    _write(tmp_path / "t5" / "eval" / "metrics_test.json", {"split": "test", "R@1": 1.0, "num_beams": 20})
+    assert main([str(tmp_path)]) == 0
+    assert not (tmp_path / "plots").exists()
+    assert "![" not in (tmp_path / "results.md").read_text()

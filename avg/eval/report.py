@@ -1,9 +1,22 @@
-"""Collect every metrics file under an output dir into one results table.
+"""Collect every metrics file under an output dir into one results table, plus plots.
 
-``python -m avg.eval.report outputs/demo`` prints a markdown table (system, split, R@1/5/10, mean
-rank, queries) and writes ``results.csv`` / ``results.md`` next to it. A metrics file is any
-``metrics*.json`` holding ``R@1``; its system name is its ``system`` key when present, else its
-path relative to the output dir. Code statistics from ``codes/stats.json`` are shown below.
+``python -m avg.eval.report outputs/demo`` prints a markdown table and writes ``results.csv`` /
+``results.md`` next to it. A metrics file is any ``metrics*.json`` holding ``R@1``; its system
+name is its ``system`` key when present, else its path relative to the output dir. Columns:
+
+* ``stage``: the folder holding the file, relative to the output dir, without a trailing ``eval``;
+* ``collision_rate``: for generative systems (every system whose name does not start with
+  ``clip``), the raw collision rate of the evaluated split's codes from the nearest
+  ``codes/stats.json`` (looked for next to the file's folder, then each parent up to the output
+  dir), the whole-set rate when the split has none;
+* ``queries_per_s``: the file's ``queries_per_s`` when its evaluation was timed.
+
+Plots go to ``<root>/plots/`` (matplotlib, Agg; a plot is skipped quietly when its data is
+absent): ``recall_vs_beam.png`` (metrics files with ``num_beams`` grouped by study, or system,
+and split; groups with at least two beam sizes; several files at one beam size are averaged),
+``throughput_vs_gallery.png`` (``efficiency/efficiency.csv``) and ``training_curves.png``
+(``train/loss`` and ``eval/val/R@1`` against step from every stage's ``metrics.jsonl``).
+Code statistics from ``codes/stats.json`` are printed below the table.
 """
 from __future__ import annotations
 
@@ -17,30 +30,92 @@ import pandas as pd
 
 from avg.utils.io import atomic_open
 
-COLUMNS = ["system", "split", "R@1", "R@5", "R@10", "mean_rank", "num_queries", "file"]
+COLUMNS = ["system", "split", "R@1", "R@5", "R@10", "mean_rank", "num_queries", "collision_rate",
+           "queries_per_s", "stage", "file"]
+PLOTS = ("recall_vs_beam.png", "throughput_vs_gallery.png", "training_curves.png")
+
+
+def _visible(path: Path, root: Path) -> bool:
+    """False for files under hidden dirs (temp dirs of an interrupted stage) or wandb's run dirs."""
+    return not any(part.startswith(".") or part == "wandb" for part in path.relative_to(root).parts)
+
+
+def _stage_of(rel: Path) -> str:
+    parts = list(rel.parent.parts)
+    if parts and parts[-1] == "eval":
+        parts = parts[:-1]
+    return "/".join(parts) or "."
+
+
+def _is_generative(system: str) -> bool:
+    return not str(system).lower().startswith("clip")
+
+
+def nearest_code_stats(path: Path, root: Path) -> Optional[dict]:
+    """``codes/stats.json`` next to `path`'s folder or one of its parents up to `root`."""
+    d = path.parent
+    while True:
+        stats = d / "codes" / "stats.json"
+        if stats.is_file():
+            try:
+                return json.loads(stats.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return None
+        if d == root or root not in d.parents:
+            return None
+        d = d.parent
+
+
+def collision_rate(stats: Optional[dict], split: str) -> Optional[float]:
+    if not stats:
+        return None
+    per_split = (stats.get("splits") or {}).get(split) or {}
+    value = per_split.get("collision_rate", stats.get("raw_collision_rate"))
+    return float(value) if value is not None else None
+
+
+def _read_metrics(root: Path) -> list[tuple[Path, dict]]:
+    out = []
+    for path in sorted(root.rglob("metrics*.json")):
+        if not _visible(path, root):
+            continue
+        try:
+            m = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(m, dict) and "R@1" in m:
+            out.append((path, m))
+    return out
 
 
 def collect_metrics(root: str | Path) -> pd.DataFrame:
     root = Path(root)
     rows = []
-    for path in sorted(root.rglob("metrics*.json")):
-        if any(part.startswith(".") for part in path.relative_to(root).parts):
-            continue  # temp dirs of an interrupted stage
-        try:
-            m = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        if not isinstance(m, dict) or "R@1" not in m:
-            continue
+    for path, m in _read_metrics(root):
         rel = path.relative_to(root)
+        system = m.get("system") or str(rel.parent if str(rel.parent) != "." else rel.stem)
+        split = m.get("split", "")
+        rate = collision_rate(nearest_code_stats(path, root), split) if _is_generative(system) else None
         rows.append({
-            "system": m.get("system") or str(rel.parent if str(rel.parent) != "." else rel.stem),
-            "split": m.get("split", ""),
+            "system": system, "split": split,
             "R@1": m.get("R@1"), "R@5": m.get("R@5"), "R@10": m.get("R@10"),
             "mean_rank": m.get("mean_rank"), "num_queries": m.get("num_queries"),
-            "file": str(rel),
+            "collision_rate": rate, "queries_per_s": m.get("queries_per_s"),
+            "stage": _stage_of(rel), "file": str(rel),
         })
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _cell(c: str, v) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return ""
+    if c == "num_queries":
+        return str(int(v))
+    if c == "collision_rate":
+        return f"{100 * float(v):.1f}%"
+    if isinstance(v, float):
+        return f"{v:.2f}"
+    return str(v)
 
 
 def to_markdown(df: pd.DataFrame) -> str:
@@ -51,18 +126,7 @@ def to_markdown(df: pd.DataFrame) -> str:
     sep = "|" + "|".join("---" for _ in shown.columns) + "|"
     lines = [header, sep]
     for _, r in shown.iterrows():
-        cells = []
-        for c in shown.columns:
-            v = r[c]
-            if v is None or (isinstance(v, float) and v != v):
-                cells.append("")
-            elif c == "num_queries":
-                cells.append(str(int(v)))
-            elif isinstance(v, float):
-                cells.append(f"{v:.2f}")
-            else:
-                cells.append(str(v))
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(_cell(c, r[c]) for c in shown.columns) + " |")
     return "\n".join(lines)
 
 
@@ -76,10 +140,131 @@ def code_stats_lines(root: Path) -> list[str]:
     return [f"codes: {shown}"]
 
 
+# ------------------------------------------------------------------------------------ plots
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def plot_recall_vs_beam(root: Path, path: Path) -> Optional[Path]:
+    """R@1/5/10 against beam size for every (study or system, split) with >= 2 beam sizes."""
+    pts = []
+    for _, m in _read_metrics(root):
+        beams = m.get("num_beams", (m.get("search") or {}).get("num_beams") if isinstance(m.get("search"), dict) else None)
+        if beams is None:
+            continue
+        group = f"{m.get('study') or m.get('system') or '?'} ({m.get('split', '')})"
+        pts.append({"group": group, "num_beams": int(beams), **{k: m.get(k) for k in ("R@1", "R@5", "R@10")}})
+    if not pts:
+        return None
+    df = pd.DataFrame(pts)
+    groups = [g for g, d in df.groupby("group") if d["num_beams"].nunique() >= 2]
+    if not groups:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for g in groups:
+        d = df[df["group"] == g].groupby("num_beams")[["R@1", "R@5", "R@10"]].mean().sort_index()
+        for k, style in (("R@1", "-o"), ("R@5", "--s"), ("R@10", ":^")):
+            ax.plot(d.index, d[k], style, label=f"{g} {k}")
+    ax.set_xlabel("beam size")
+    ax.set_ylabel("recall (%)")
+    ax.set_title("Recall vs beam size")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_throughput(df: pd.DataFrame, path: Path, title: str = "") -> Optional[Path]:
+    """Queries/s against gallery size (log-log), one line per system x mode; hollow = time-boxed."""
+    if df is None or df.empty or not {"gallery_size", "system", "mode", "queries_per_s"} <= set(df.columns):
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    colours = {s: f"C{i}" for i, s in enumerate(sorted(df["system"].unique()))}
+    for (system, mode), d in df.groupby(["system", "mode"], sort=True):
+        d = d.sort_values("gallery_size")
+        bs = int(d["batch_size"].iloc[0]) if "batch_size" in d else None
+        label = f"{system}, batch {bs}" if bs else f"{system} {mode}"
+        line, = ax.plot(d["gallery_size"], d["queries_per_s"], "-" if mode == "batch" else "--", marker="o",
+                        color=colours[system], label=label)
+        if "time_boxed" in d:
+            boxed = d[d["time_boxed"].astype(str).str.lower() == "true"]
+            if len(boxed):
+                ax.plot(boxed["gallery_size"], boxed["queries_per_s"], "o", mfc="white", mec=line.get_color())
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("gallery size (images)")
+    ax.set_ylabel("queries / s")
+    ax.set_title(title or "Throughput vs gallery size")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_training_curves(root: Path, path: Path) -> Optional[Path]:
+    """train/loss and eval/val/R@1 against step, one line per stage's metrics.jsonl."""
+    curves: dict[str, dict[str, list]] = {}
+    for f in sorted(root.rglob("metrics.jsonl")):
+        if not _visible(f, root):
+            continue
+        stage = _stage_of(f.relative_to(root))
+        for line in f.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(rec, dict) or rec.get("step") is None:
+                continue
+            for key in ("train/loss", "eval/val/R@1"):
+                if isinstance(rec.get(key), (int, float)):
+                    curves.setdefault(key, {}).setdefault(stage, []).append((rec["step"], rec[key]))
+    if not curves:
+        return None
+    plt = _pyplot()
+    keys = [k for k in ("train/loss", "eval/val/R@1") if k in curves]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 3.8), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for stage, pts in sorted(curves[key].items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 20 else None, ms=3, label=stage)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def make_plots(root: Path) -> list[Path]:
+    """Every plot whose data exists, under ``<root>/plots/``."""
+    out = root / "plots"
+    made = [plot_recall_vs_beam(root, out / PLOTS[0])]
+    eff = root / "efficiency" / "efficiency.csv"
+    if eff.is_file():
+        made.append(plot_throughput(pd.read_csv(eff), out / PLOTS[1]))
+    made.append(plot_training_curves(root, out / PLOTS[2]))
+    return [p for p in made if p is not None]
+
+
 def main(argv: Optional[list] = None) -> int:
-    p = argparse.ArgumentParser(description="Collect metrics files of an output dir into one table")
+    p = argparse.ArgumentParser(description="Collect metrics files of an output dir into one table, plus plots")
     p.add_argument("root", help="output dir of one dataset, e.g. outputs/demo")
-    p.add_argument("--no-save", action="store_true", help="print only; do not write results.csv/results.md")
+    p.add_argument("--no-save", action="store_true", help="print only; do not write results.csv/results.md or plots")
     args = p.parse_args(argv)
     root = Path(args.root)
     if not root.is_dir():
@@ -91,11 +276,17 @@ def main(argv: Optional[list] = None) -> int:
     print(md)
     for line in extra:
         print(line)
-    if not args.no_save and not df.empty:
+    if args.no_save:
+        return 0
+    plots = make_plots(root)
+    for path in plots:
+        print(f"plot: {path}")
+    if not df.empty:
         with atomic_open(root / "results.csv") as f:
             df.to_csv(f, index=False)
+        plot_lines = [f"![{p.stem}]({p.relative_to(root).as_posix()})" for p in plots]
         with atomic_open(root / "results.md") as f:
-            f.write(md + "\n" + "".join(f"\n{x}\n" for x in extra))
+            f.write(md + "\n" + "".join(f"\n{x}\n" for x in extra + plot_lines))
     return 0
 
 

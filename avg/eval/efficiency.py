@@ -1,0 +1,480 @@
+"""Efficiency benchmark (the paper's Figure 4): queries/s versus gallery size, generative vs two-tower.
+
+    python -m avg.eval.efficiency --retriever-dir outputs/demo/retriever_t5/best \\
+        --emb-dir outputs/demo/emb --codes-dir outputs/demo/codes --out-dir outputs/demo/efficiency
+
+Two systems answer the same seeded sample of caption queries on the same device, in one run:
+
+* ``avg``  -- the generative retriever: tokenise the query, constrained beam search (``--num-beams``)
+  over the gallery's ``CodeIndex``, generated codes -> image ids (avg.retriever.gallery).
+* ``clip_fp32`` / ``clip_fp16`` -- the CLIP two-tower: encode the query with the CLIP text tower
+  named in ``emb/index.json``, exact inner-product search over the gallery's feature matrix
+  (stored and multiplied in that precision, already on the device), ``torch.topk`` -> image ids.
+
+What is timed is the same for both: query text in -> ranked image ids out (``--num-beams`` of them
+on both sides), text encoding included, after ``--warmup`` untimed calls; CUDA is synchronised
+before each clock read. Building the search structure (code index / moving features to the device)
+is done once per gallery and reported apart (``build_s``). Each point is measured at batch size 1
+(``latency_ms`` = median per query) and at ``--batch-size`` (``queries_per_s`` = queries / summed
+call time). A point stops after ``--max-seconds`` of timed calls (at least one call); the CSV's
+``time_boxed`` column says when fewer than ``--num-queries`` were timed.
+Memory: ``structure_mb`` is the code index (CSR tensors) for ``avg`` and the feature matrix for
+CLIP; the row -> image-id lists/maps of both sides are Python objects and are not counted.
+
+Gallery scaling (sizes beyond the real images are synthetic, seeded by ``--seed``):
+
+* real images first: the query split's images (the queries' own gallery), then the other real
+  images in a seeded random order; a size <= the number of real images takes that prefix;
+* each synthetic image copies a uniformly drawn real image's feature, adds Gaussian noise
+  ``N(0, noise_std^2 / dim)`` per component (a noise vector of norm ~``--noise-std``) and is
+  re-normalised to unit length;
+* its code is drawn position by position from the real codes' per-position value frequencies
+  (independently across positions) and rejected when it equals a real or earlier code, so every
+  synthetic code is new and unique (real codes are kept as they are).
+
+Writes ``efficiency.csv`` (one row per gallery size x system x batch mode), ``efficiency.json``
+(config, device, rows) and ``efficiency.png`` (log-scale gallery axis) under ``--out-dir``;
+metrics and the plot go to RunLogger (wandb offline by default).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from avg.eval.metrics import retrieval_metrics
+from avg.utils.io import InputError, atomic_open, write_json
+from avg.utils.seed import set_seed
+
+CSV_COLUMNS = ["gallery_size", "num_real", "system", "precision", "mode", "batch_size", "depth",
+               "queries_timed", "seconds", "queries_per_s", "latency_ms", "latency_ms_p90", "time_boxed",
+               "structure_mb", "build_s", "R@1", "R@10", "device"]
+
+
+# ------------------------------------------------------------------------------------ gallery scaling
+@dataclass
+class ScaledGallery:
+    image_ids: list          # [n] str; synthetic ids are "synthetic_<j>"
+    features: np.ndarray     # [n, dim] float32, unit rows
+    codes: np.ndarray        # [n, L] int64
+    num_real: int
+
+
+def _code_keys(codes: np.ndarray, radix: np.ndarray) -> np.ndarray:
+    """Mixed-radix int64 key of each code row (equal keys <=> equal codes)."""
+    keys = np.zeros(len(codes), dtype=np.int64)
+    for d in range(codes.shape[1]):
+        keys = keys * int(radix[d]) + codes[:, d]
+    return keys
+
+
+def sample_new_codes(real_codes: np.ndarray, n: int, rng: np.random.Generator, *, max_rounds: int = 100) -> np.ndarray:
+    """`n` distinct codes not among `real_codes`, each position drawn from the real per-position frequencies."""
+    real_codes = np.asarray(real_codes, dtype=np.int64)
+    if n <= 0:
+        return np.zeros((0, real_codes.shape[1]), dtype=np.int64)
+    length = real_codes.shape[1]
+    radix = real_codes.max(axis=0) + 1
+    if float(np.prod(radix.astype(np.float64))) >= 2.0 ** 62:
+        raise ValueError("code space too large for int64 keys")
+    probs = [np.bincount(real_codes[:, d], minlength=int(radix[d])) / len(real_codes) for d in range(length)]
+    support = math.prod(int((p > 0).sum()) for p in probs)
+    taken = np.unique(_code_keys(real_codes, radix))
+    if support - len(taken) < n:
+        raise ValueError(f"only {support - len(taken)} new codes can be drawn from the real per-position "
+                         f"values, {n} requested")
+    out, have = [], 0
+    for _ in range(max_rounds):
+        need = n - have
+        m = int(need * 1.2) + 64
+        cand = np.stack([rng.choice(len(p), size=m, p=p) for p in probs], axis=1).astype(np.int64)
+        keys = _code_keys(cand, radix)
+        fresh = ~np.isin(keys, taken)
+        _, first = np.unique(keys, return_index=True)
+        once = np.zeros(m, dtype=bool)
+        once[first] = True
+        keep = np.flatnonzero(fresh & once)[:need]  # draw order kept: the result depends on the seed only
+        out.append(cand[keep])
+        have += len(keep)
+        taken = np.union1d(taken, keys[keep])
+        if have == n:
+            return np.concatenate(out)
+    raise ValueError(f"could not draw {n} unique new codes in {max_rounds} rounds")
+
+
+def scale_gallery(image_ids: Sequence[str], features: np.ndarray, codes: np.ndarray, size: int, *,
+                  first: int = 0, noise_std: float = 0.1, seed: int = 0, chunk: int = 65536) -> ScaledGallery:
+    """A gallery of `size` images from real ones (rows of `features`/`codes`; see the module docstring).
+
+    The first `first` real rows (the query split's images) come first, the rest in a seeded order."""
+    features = np.asarray(features)
+    codes = np.asarray(codes, dtype=np.int64)
+    n_real = len(image_ids)
+    if features.shape[0] != n_real or codes.shape[0] != n_real:
+        raise ValueError(f"{n_real} image ids, {features.shape[0]} feature rows, {codes.shape[0]} code rows")
+    if size < 1:
+        raise ValueError(f"gallery size must be >= 1, got {size}")
+    rng = np.random.default_rng([seed, 1])
+    order = np.concatenate([np.arange(first), first + rng.permutation(n_real - first)])
+    take = order[:min(size, n_real)]
+    feats = np.empty((size, features.shape[1]), dtype=np.float32)
+    feats[:len(take)] = features[take]
+    norms = np.linalg.norm(feats[:len(take)], axis=1, keepdims=True)
+    feats[:len(take)] /= np.maximum(norms, 1e-12)
+    ids = [str(image_ids[i]) for i in take]
+    out_codes = codes[take]
+    n_new = size - len(take)
+    if n_new > 0:
+        rng_f = np.random.default_rng([seed, 2])
+        dim = features.shape[1]
+        src = rng_f.integers(0, n_real, size=n_new)
+        for lo in range(0, n_new, chunk):
+            s = src[lo:lo + chunk]
+            x = np.asarray(features[s], dtype=np.float32)
+            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+            x = x + rng_f.standard_normal(x.shape, dtype=np.float32) * np.float32(noise_std / math.sqrt(dim))
+            feats[n_real + lo:n_real + lo + len(s)] = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        new_codes = sample_new_codes(codes, n_new, np.random.default_rng([seed, 3]))
+        out_codes = np.concatenate([out_codes, new_codes])
+        ids += [f"synthetic_{j}" for j in range(n_new)]
+    return ScaledGallery(image_ids=ids, features=feats, codes=out_codes, num_real=len(take))
+
+
+# ------------------------------------------------------------------------------------ the two systems
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class GenerativeSystem:
+    """Text -> constrained beam search over the gallery's codes -> ranked image ids."""
+
+    name = "avg"
+    precision = "model"
+
+    def __init__(self, model, tokenizer, vocab, device, *, num_beams: int = 20, max_length: int = 64,
+                 score_eos: bool = True, fast_search: bool = False) -> None:
+        from avg.retriever.evaluate import logits_vocab_size
+
+        self.model, self.tokenizer, self.vocab = model.to(device).eval(), tokenizer, vocab
+        self.device, self.num_beams, self.max_length = device, num_beams, max_length
+        self.eos = tokenizer.eos_token_id if score_eos else None
+        self.voken_ids = vocab.voken_ids.to(device) if fast_search else None
+        self.vsize = logits_vocab_size(model)
+        self.is_enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
+        self.tokenizer.padding_side = "right" if self.is_enc_dec else "left"
+        self.gallery = self.index = None
+
+    def set_gallery(self, image_ids: Sequence[str], codes: np.ndarray, features=None) -> float:
+        from avg.retriever.gallery import Gallery
+
+        t0 = time.perf_counter()
+        self.gallery = Gallery(image_ids, codes, name="benchmark gallery")
+        self.index = self.gallery.build_index(self.vocab, self.vsize, device=self.device)
+        _sync(self.device)
+        return time.perf_counter() - t0
+
+    @property
+    def structure_bytes(self) -> int:
+        return int(self.index.nbytes)
+
+    @torch.no_grad()
+    def search(self, texts: Sequence[str]) -> list:
+        from avg.retriever.search import constrained_beam_search
+
+        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+        start = self.model.config.decoder_start_token_id if self.is_enc_dec else None
+        out = constrained_beam_search(self.model, enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device),
+                                      self.index, self.num_beams, decoder_start_token_id=start,
+                                      eos_token_id=self.eos, voken_ids=self.voken_ids)
+        codes = self.vocab.token_ids_to_codes(out.sequences.cpu()).numpy()
+        scores = out.scores.float().cpu().numpy()
+        valid = out.num_valid.cpu().tolist()
+        return [self.gallery.rank(codes[r, :k], scores[r, :k])[0] for r, k in enumerate(valid)]
+
+
+class TwoTowerSystem:
+    """Text -> CLIP text tower -> exact inner-product search over the features -> ranked image ids."""
+
+    def __init__(self, encoder, device, *, k: int = 20, precision: str = "fp32") -> None:
+        self.encoder, self.device, self.k, self.precision = encoder, device, k, precision
+        self.dtype = {"fp32": torch.float32, "fp16": torch.float16}[precision]
+        self.name = f"clip_{precision}"
+        self.features = self.image_ids = None
+
+    def set_gallery(self, image_ids: Sequence[str], codes, features: np.ndarray) -> float:
+        self.features = None
+        gc.collect()
+        t0 = time.perf_counter()
+        self.image_ids = list(image_ids)
+        self.features = torch.from_numpy(np.ascontiguousarray(features)).to(self.device, self.dtype)
+        _sync(self.device)
+        return time.perf_counter() - t0
+
+    @property
+    def structure_bytes(self) -> int:
+        return int(self.features.numel() * self.features.element_size())
+
+    @torch.no_grad()
+    def search(self, texts: Sequence[str]) -> list:
+        q = self.encoder.encode_texts(list(texts)).to(self.device, self.dtype)
+        _, idx = torch.topk(q @ self.features.T, min(self.k, self.features.shape[0]), dim=1)
+        ids = self.image_ids
+        return [[ids[j] for j in row] for row in idx.cpu().tolist()]
+
+
+# ------------------------------------------------------------------------------------ timing
+def time_search(search: Callable[[list], list], texts: Sequence[str], batch_size: int, *, max_seconds: float,
+                warmup: int, device: torch.device) -> tuple[dict, list]:
+    """Time `search` over `texts` in batches; stop after `max_seconds` of timed calls (>= 1 call)."""
+    texts = list(texts)
+    for i in range(warmup):
+        search(texts[(i * batch_size) % len(texts):][:batch_size] or texts[:batch_size])
+    _sync(device)
+    times, ranked, done = [], [], 0
+    for lo in range(0, len(texts), batch_size):
+        batch = texts[lo:lo + batch_size]
+        _sync(device)
+        t0 = time.perf_counter()
+        ranked.extend(search(batch))
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+        done += len(batch)
+        if sum(times) >= max_seconds:
+            break
+    total = sum(times)
+    per_query_ms = [1000.0 * t / batch_size for t in times] if batch_size == 1 else [1000.0 * t for t in times]
+    res = {"batch_size": batch_size, "queries_timed": done, "seconds": total,
+           "queries_per_s": done / max(total, 1e-12), "latency_ms": statistics.median(per_query_ms),
+           "latency_ms_p90": float(np.percentile(per_query_ms, 90)), "time_boxed": done < len(texts)}
+    return res, ranked
+
+
+def benchmark(systems: Sequence, real: dict, queries: Sequence[dict], sizes: Sequence[int], *, batch_size: int,
+              max_seconds: float, warmup: int, noise_std: float, seed: int, device: torch.device,
+              progress: bool = True, log: Optional[Callable[[dict, int], None]] = None) -> list[dict]:
+    """Rows of the efficiency table for every gallery size x system x mode (batch 1, ``batch_size``).
+
+    `real`: {"image_ids", "features", "codes", "first"} (see scale_gallery); `queries`: [{"query", "gold"}]."""
+    texts = [q["query"] for q in queries]
+    rows = []
+    for step, size in enumerate(tqdm(list(sizes), desc="gallery sizes", disable=not progress)):
+        g = scale_gallery(real["image_ids"], real["features"], real["codes"], size, first=real.get("first", 0),
+                          noise_std=noise_std, seed=seed)
+        point = {}
+        for system in systems:
+            build_s = system.set_gallery(g.image_ids, g.codes, g.features)
+            for mode, bs in (("batch1", 1), ("batch", batch_size)):
+                res, ranked = time_search(system.search, texts, bs, max_seconds=max_seconds, warmup=warmup, device=device)
+                recs = [{"ranked": r, "gold": q["gold"]} for r, q in zip(ranked, queries)]
+                m = retrieval_metrics(recs, ks=(1, 10), gallery_size=size)
+                row = {"gallery_size": size, "num_real": g.num_real, "system": system.name,
+                       "precision": system.precision, "mode": mode, "depth": getattr(system, "num_beams", None) or system.k,
+                       **res, "structure_mb": system.structure_bytes / 2**20, "build_s": build_s,
+                       "R@1": m["R@1"], "R@10": m["R@10"], "device": str(device)}
+                rows.append(row)
+                point[f"{system.name}/{mode}/queries_per_s"] = row["queries_per_s"]
+                point[f"{system.name}/{mode}/latency_ms"] = row["latency_ms"]
+            point[f"{system.name}/structure_mb"] = rows[-1]["structure_mb"]
+        if log is not None:
+            log({"efficiency/gallery_size": size, **{f"efficiency/{k}": v for k, v in point.items()}}, step)
+        del g
+        gc.collect()
+    for system in systems:  # free the largest gallery
+        system.features = system.index = system.gallery = None
+    return rows
+
+
+# ------------------------------------------------------------------------------------ inputs and outputs
+def load_real_gallery(emb_dir, codes_dir, split: str) -> dict:
+    """Real images that have both a feature row and a code; the query split's images first."""
+    from avg.rqvae.features import load_emb
+    from avg.retriever.data import read_codes
+
+    emb = load_emb(emb_dir)
+    codes = read_codes(codes_dir, with_codebook=False)
+    rows = [r for r, im in enumerate(emb.images) if im["image_id"] in codes.images]
+    if not rows:
+        raise InputError(f"{Path(codes_dir) / 'codes.json'}: no image of {Path(emb_dir) / 'index.json'} has a code")
+    rows.sort(key=lambda r: emb.images[r]["split"] != split)  # stable: the query split first
+    ids = [emb.images[r]["image_id"] for r in rows]
+    first = sum(emb.images[r]["split"] == split for r in rows)
+    if first == 0:
+        raise InputError(f"{Path(emb_dir) / 'index.json'}: no images in split {split!r} with a code")
+    return {"image_ids": ids, "features": np.asarray(emb.image_features[np.array(rows)], dtype=np.float32),
+            "codes": np.array([codes.images[i]["code"] for i in ids], dtype=np.int64), "first": first, "emb": emb}
+
+
+def sample_queries(emb, split: str, n: int, seed: int) -> list[dict]:
+    rows = emb.caption_rows(split)
+    if len(rows) == 0:
+        raise InputError(f"emb/index.json: no captions in split {split!r}")
+    pick = np.sort(np.random.default_rng([seed, 5]).choice(len(rows), min(n, len(rows)), replace=False))
+    return [{"query": emb.captions[rows[i]]["text"], "gold": emb.images[emb.captions[rows[i]]["image_row"]]["image_id"]}
+            for i in pick]
+
+
+def write_outputs(rows: list[dict], out_dir: Path, config: dict, device_info: dict) -> dict:
+    """efficiency.csv / .json / .png, atomically; returns their paths."""
+    import csv
+
+    from avg.eval.report import plot_throughput
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_open(out_dir / "efficiency.csv") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, lineterminator="\n", extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.items()})
+    write_json({"config": config, "device": device_info, "rows": rows}, out_dir / "efficiency.json")
+    import pandas as pd
+
+    title = f"{device_info.get('name', '')}: text in -> ranked ids out"
+    plot_throughput(pd.DataFrame(rows), out_dir / "efficiency.png", title=title)
+    return {k: str(out_dir / f"efficiency.{k}") for k in ("csv", "json", "png")}
+
+
+def device_description(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"type": "cuda", "name": torch.cuda.get_device_name(device), "torch": torch.__version__}
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return {"type": "cpu", "name": f"CPU ({model}, {torch.get_num_threads()} torch threads)",
+            "cores": os.cpu_count(), "torch": torch.__version__}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m avg.eval.efficiency", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--retriever-dir", required=True, help="a saved seq2seq retriever (train_t5's out-dir/best)")
+    p.add_argument("--emb-dir", required=True, help="emb/ (image features, captions, and the CLIP encoder that made them)")
+    p.add_argument("--codes-dir", required=True, help="codes/ (codes.json: the real images' voken codes)")
+    p.add_argument("--out-dir", required=True, help="where efficiency.{csv,json,png} and the log go")
+    p.add_argument("--gallery-sizes", default="1000,10000,100000,300000,1000000",
+                   help="comma-separated gallery sizes (beyond the real images: synthetic, see above)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="split whose captions are the queries (its images come first)")
+    p.add_argument("--num-queries", type=int, default=64, help="seeded sample of query captions, the same for every point")
+    p.add_argument("--batch-size", type=int, default=32, help="queries per call in the batched mode")
+    p.add_argument("--num-beams", type=int, default=20, help="beam size of the generative search = ranked list depth of both systems")
+    p.add_argument("--precisions", default="fp32,fp16", help="CLIP feature matrix precisions to time (comma-separated: fp32, fp16)")
+    p.add_argument("--max-seconds", type=float, default=20.0, help="time box of one point (system x mode x size) in timed seconds")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls before each point")
+    p.add_argument("--noise-std", type=float, default=0.1, help="norm of the Gaussian perturbation of a synthetic image's feature")
+    p.add_argument("--fast-search", action="store_true", help="generative search over voken logits only (see avg.retriever.search)")
+    p.add_argument("--no-eos-score", action="store_true", help="do not add log p(EOS | code) to code scores")
+    p.add_argument("--clip-backend", default=None, help="override the CLIP backend recorded in emb/index.json")
+    p.add_argument("--clip-model", default=None, help="override the CLIP model recorded in emb/index.json")
+    p.add_argument("--clip-pretrained", default=None, help="override the CLIP checkpoint/tag recorded in emb/index.json")
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1 ...")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the query sample and the synthetic gallery")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    from avg.utils.stages import add_force_arg
+
+    add_force_arg(p)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from avg.models.clip import load_clip, resolve_device
+    from avg.retriever.vocab import VokenVocab
+    from avg.utils.stages import begin_stage, skip_if_done
+    from avg.utils.tracking import RunLogger
+
+    args = build_parser().parse_args(argv)
+    try:
+        sizes = [int(s) for s in args.gallery_sizes.split(",") if s.strip()]
+    except ValueError:
+        raise InputError(f"--gallery-sizes {args.gallery_sizes!r}: expected comma-separated integers") from None
+    precisions = [s.strip() for s in args.precisions.split(",") if s.strip()]
+    bad = [s for s in precisions if s not in ("fp32", "fp16")]
+    if bad or not sizes or min(sizes) < 1:
+        raise InputError(f"bad --precisions {bad} or --gallery-sizes {args.gallery_sizes!r}")
+    for d in (args.retriever_dir, args.emb_dir, args.codes_dir):
+        if not Path(d).is_dir():
+            raise InputError(f"{d}: directory not found")
+    out_dir = Path(args.out_dir)
+    run = begin_stage(out_dir, "efficiency", vars(args), inputs=[args.retriever_dir, args.emb_dir, args.codes_dir],
+                      force=args.force, ignore=("threads", "no_progress"))
+    if run.up_to_date and skip_if_done():
+        return run.previous.get("summary") or {}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    set_seed(args.seed)
+    device = resolve_device(args.device)
+    from transformers.utils import logging as hf_logging
+    hf_logging.set_verbosity_error()
+
+    real = load_real_gallery(args.emb_dir, args.codes_dir, args.split)
+    emb = real.pop("emb")
+    queries = sample_queries(emb, args.split, args.num_queries, args.seed)
+    enc = emb.index["encoder"]
+    encoder = load_clip(args.clip_backend or enc["backend"], args.clip_model or enc["model"],
+                        args.clip_pretrained if args.clip_pretrained is not None else enc.get("pretrained"),
+                        device=str(device), normalize=True)
+    tokenizer = AutoTokenizer.from_pretrained(args.retriever_dir)
+    model = AutoModelForSeq2SeqLM.from_pretrained(args.retriever_dir)
+    vocab = VokenVocab.load(args.retriever_dir, tokenizer)
+    if vocab.code_len != real["codes"].shape[1]:
+        raise InputError(f"{args.codes_dir}/codes.json: codes have length {real['codes'].shape[1]}, "
+                         f"{args.retriever_dir}/voken_vocab.json expects {vocab.code_len}")
+    systems = [GenerativeSystem(model, tokenizer, vocab, device, num_beams=args.num_beams,
+                                score_eos=not args.no_eos_score, fast_search=args.fast_search)]
+    systems += [TwoTowerSystem(encoder, device, k=args.num_beams, precision=p) for p in precisions]
+    info = device_description(device)
+    logger = RunLogger(out_dir, run_name="efficiency", config=vars(args), log_name="efficiency.log")
+    try:
+        logger.info("device %s; %d queries; real images %d (%d in %s); sizes %s", info["name"], len(queries),
+                    len(real["image_ids"]), real["first"], args.split, sizes)
+        rows = benchmark(systems, real, queries, sizes, batch_size=args.batch_size, max_seconds=args.max_seconds,
+                         warmup=args.warmup, noise_std=args.noise_std, seed=args.seed, device=device,
+                         progress=not args.no_progress, log=lambda m, s: logger.log(m, step=s))
+        model_mb = {"avg": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
+                    "clip": sum(p.numel() * p.element_size() for p in encoder.model.parameters()) / 2**20}
+        config = {**{k: v for k, v in vars(args).items()}, "gallery_sizes": sizes, "model_mb": model_mb,
+                  "num_real_images": len(real["image_ids"])}
+        paths = write_outputs(rows, out_dir, config, info)
+        for r in rows:
+            logger.info("%8d %-9s %-6s %7.1f q/s  %8.2f ms  %8.2f MB%s", r["gallery_size"], r["system"], r["mode"],
+                        r["queries_per_s"], r["latency_ms"], r["structure_mb"], "  (time-boxed)" if r["time_boxed"] else "")
+        _log_wandb_extras(logger, rows, paths["png"])
+        summary = {f"{r['system']}/{r['mode']}/{r['gallery_size']}/queries_per_s": r["queries_per_s"] for r in rows}
+        logger.summary(summary)
+    finally:
+        logger.finish()
+    run.complete(summary={"rows": len(rows), "device": info["name"]})
+    return {"rows": rows, "paths": paths}
+
+
+def _log_wandb_extras(logger, rows: list[dict], png: str) -> None:
+    """The table and the plot as wandb objects (no-op without a wandb run)."""
+    wb = getattr(logger, "wandb_run", None)
+    if wb is None:
+        return
+    import wandb
+
+    table = wandb.Table(columns=CSV_COLUMNS, data=[[r.get(c) for c in CSV_COLUMNS] for r in rows])
+    wb.log({"efficiency/table": table, "efficiency/plot": wandb.Image(png)})
+
+
+if __name__ == "__main__":
+    from avg.utils.cli import run_main
+
+    run_main(main)
