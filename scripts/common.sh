@@ -19,3 +19,13 @@ export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
 STAGE_ROOT="${OUT_DIR}/${DATASET}"
 # LAUNCH runs python modules; set LAUNCH="torchrun --nproc_per_node 4" or "accelerate launch" for multi-GPU.
 LAUNCH=${LAUNCH:-python}
+# require_path VAR...: stop (status 2) naming the variable and the config when a path it holds does not exist.
+require_path() {
+  local var
+  for var in "$@"; do
+    if [ ! -e "${!var}" ]; then
+      echo "error: $var=${!var} does not exist (set in $CONFIG_FILE or in the environment)" >&2
+      exit 2
+    fi
+  done
+}

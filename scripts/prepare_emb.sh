@@ -2,6 +2,7 @@
 # Stage: encode every image and caption with a frozen CLIP -> ${OUT_DIR}/${DATASET}/emb/
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+require_path ANNOTATIONS IMAGE_ROOT
 PRETRAINED_ARGS=()
 [ -n "${CLIP_PRETRAINED:-}" ] && PRETRAINED_ARGS=(--pretrained "$CLIP_PRETRAINED")
 python -m avg.rqvae.prepare_emb \

@@ -3,6 +3,7 @@
 # Pseudo queries: PSEUDO_QUERIES="path1.jsonl path2.jsonl" (transductive when they cover val/test images).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+require_path ANNOTATIONS
 PQ_ARGS=()
 [ -n "${PSEUDO_QUERIES:-}" ] && PQ_ARGS=(--pseudo-queries ${PSEUDO_QUERIES})
 MAXQ_ARGS=()

@@ -53,7 +53,7 @@ def test_prepare_dataset_files_and_no_test_captions_in_train(tmp_path, caplog):
     saved = json.loads((out / "meta.json").read_text())
     assert saved["transductive"] is False and saved["counts"]["val"] == {"queries": 4, "images": 2, "colliding_images": 0}
     capped = prepare_dataset.main(["--annotations", str(ann), "--codes-dir", str(cdir), "--out-dir", str(out),
-                                   "--max-train-queries", "4", "--seed", "1"])
+                                   "--max-train-queries", "4", "--seed", "1", "--force"])  # another configuration
     kept = load_queries(out / "train.jsonl")
     assert len(kept) == 4 and capped["train_queries_before_cap"] == 6
     assert {q["query"] for q in kept} < {q["query"] for q in train}

@@ -6,6 +6,9 @@ scored by ``avg.eval.metrics.retrieval_metrics``, exactly like the generative re
 two are compared under one protocol.
 
     python -m avg.eval.clip_baseline --emb-dir out/demo/emb --split test --out-dir out/demo/eval
+
+The out dir's ``stage.json`` (avg.utils.stages) records the configuration, split included: another
+configuration or split needs its own ``--out-dir`` (or ``--force``).
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ from avg.eval.metrics import format_metrics, retrieval_metrics
 from avg.eval.runfiles import RunRecord, write_run
 from avg.utils.io import InputError, write_json
 from avg.utils.cli import run_main
+from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
+from avg.utils.tracking import get_logger
 
 
 def exact_search(
@@ -103,9 +108,15 @@ def evaluate_clip_baseline(emb_dir: str | os.PathLike, split: str, out_dir: str 
     from avg.rqvae.features import load_emb
 
     emb = load_emb(emb_dir)
+    import time
+
+    t0 = time.perf_counter()
     records, gallery_size = search_split(emb, split, k=k, batch_size=batch_size, device=device, progress=progress)
+    seconds = time.perf_counter() - t0
     metrics = retrieval_metrics(records, ks=ks, gallery_size=gallery_size)
     metrics.update({"system": "clip_two_tower", "split": split, "emb_dir": str(emb_dir), "encoder": emb.index["encoder"], "run_depth": min(k, gallery_size)})
+    # timed: search over precomputed text features (no text encoding; avg.eval.efficiency times both towers)
+    metrics.update({"eval_seconds": seconds, "queries_per_s": len(records) / max(seconds, 1e-9), "queries_per_s_excludes_text_encoding": True})
     out_dir = Path(out_dir)
     write_run(records, out_dir / f"run_clip_{split}.jsonl")
     write_json(metrics, out_dir / f"metrics_clip_{split}.json")
@@ -120,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=100, help="length of each ranked list in the run file")
     p.add_argument("--batch-size", type=int, default=1024, help="queries per matmul")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
+    add_force_arg(p)
     return p
 
 
@@ -127,11 +139,18 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     from avg.utils.tracking import RunLogger
 
     args = build_parser().parse_args(argv)
+    from avg.rqvae.features import load_emb
+    load_emb(args.emb_dir)  # a wrong --emb-dir fails before anything is written
+    run = begin_stage(args.out_dir, "clip_baseline", vars(args), inputs=[args.emb_dir], force=args.force)
+    if run.up_to_date and skip_if_done():
+        get_logger("avg.clip_baseline").info("clip_baseline: outputs in %s are complete and up to date; skipping", args.out_dir)
+        return run.previous.get("summary") or {}
     logger = RunLogger(args.out_dir, run_name=f"clip_baseline_{args.split}", config=None, log_name=f"clip_baseline_{args.split}.log", metrics_name=f"clip_baseline_{args.split}.metrics.jsonl", use_wandb=False)
     try:
         metrics = evaluate_clip_baseline(args.emb_dir, args.split, args.out_dir, k=args.top_k, batch_size=args.batch_size, device=args.device)
         logger.log({f"eval/{args.split}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
         logger.info("CLIP two-tower %s: %s", args.split, format_metrics(metrics))
+        run.complete({k: metrics[k] for k in ("R@1", "R@5", "R@10", "mean_rank") if k in metrics})
     finally:
         logger.finish()
     return metrics

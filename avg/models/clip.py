@@ -67,6 +67,8 @@ class ClipEncoder:
         self.precision = resolve_precision(precision, self.device)
         self.normalize = normalize
         self._dim: Optional[int] = None
+        # captions longer than the text encoder's context, cut by its tokenizer (counted, never an error)
+        self.truncated_captions = 0
 
     # --- backend hooks -------------------------------------------------------------------
     def image_transform(self):
@@ -152,8 +154,12 @@ class OpenClipEncoder(ClipEncoder):
         return self.model.encode_image(pixels)
 
     def _text_features(self, texts: Sequence[str]) -> torch.Tensor:
-        tokens = self.tokenizer(list(texts)).to(self.device)
-        return self.model.encode_text(tokens)
+        tokens = self.tokenizer(list(texts))
+        # a full row is either an exact fit or a cut: re-count only those (+2 for start/end tokens)
+        full = (tokens[:, -1] != 0).nonzero().flatten().tolist()
+        encode = getattr(self.tokenizer, "encode", None)
+        self.truncated_captions += sum(encode is None or len(encode(texts[i])) + 2 > tokens.shape[1] for i in full)
+        return self.model.encode_text(tokens.to(self.device))
 
 
 def _tag_needs_quick_gelu(model_name: str, pretrained: Optional[str]) -> bool:
@@ -194,7 +200,10 @@ class HFClipEncoder(ClipEncoder):
         return _pooled(self.model.get_image_features(pixel_values=pixels))
 
     def _text_features(self, texts: Sequence[str]) -> torch.Tensor:
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self._max_len, return_tensors="pt").to(self.device)
+        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self._max_len, return_tensors="pt")
+        full = (enc["attention_mask"].sum(1) >= self._max_len).nonzero().flatten().tolist()
+        self.truncated_captions += sum(len(self.tokenizer(texts[i])["input_ids"]) > self._max_len for i in full)
+        enc = enc.to(self.device)
         return _pooled(self.model.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]))
 
 

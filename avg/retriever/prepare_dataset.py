@@ -8,6 +8,9 @@ Writes ``{train,val,test}.jsonl`` ({"query", "image_id", "code"}, one line per c
 go to their own split's file. Pseudo queries (``--pseudo-queries``) are extra *training* queries;
 when they target val/test gallery images the data is transductive: a loud warning is logged and
 ``meta.json`` says so.
+
+The out dir's ``stage.json`` (avg.utils.stages) refuses to overwrite data of another configuration
+without ``--force``; new codes upstream make it stale.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from avg.retriever.data import SPLITS, CodesData, read_codes
 from avg.utils.io import InputError, atomic_dir, read_jsonl, write_json, write_jsonl
 from avg.utils.tracking import get_logger
 from avg.utils.cli import run_main
+from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
 
 log = get_logger("avg.retriever.prepare_dataset")
 
@@ -120,6 +124,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pseudo-queries", nargs="*", default=[], help="pseudo-query jsonl files (extra training queries)")
     p.add_argument("--max-train-queries", type=int, default=None, help="keep a seeded random subset of this many training queries")
     p.add_argument("--seed", type=int, default=0, help="seed for --max-train-queries subsampling")
+    add_force_arg(p)
     return p.parse_args(argv)
 
 
@@ -128,6 +133,12 @@ def main(argv=None) -> dict:
     dataset = load_karpathy(args.annotations, args.image_root, check_files=False)
     codes = read_codes(args.codes_dir, with_codebook=False)
     pseudo = [(str(p), load_pseudo_queries(p)) for p in args.pseudo_queries]
+    # the out dir is swapped in whole at the end, so the manifest is written only by complete()
+    run = begin_stage(args.out_dir, "prepare_retriever_dataset", vars(args), force=args.force, ignore=("image_root",),
+                      inputs=[args.annotations, args.codes_dir, *args.pseudo_queries], mark_running=False)
+    if run.up_to_date and skip_if_done():
+        log.info("prepare_retriever_dataset: outputs in %s are complete and up to date; skipping", args.out_dir)
+        return run.previous.get("summary") or {}
     out = build_retriever_data(dataset.images, codes, pseudo, max_train_queries=args.max_train_queries,
                                seed=args.seed, source=str(args.annotations))
     meta = out["meta"]
@@ -145,6 +156,7 @@ def main(argv=None) -> dict:
             write_jsonl(out["queries"][s], tmp / f"{s}.jsonl")
             write_json(out["galleries"][s], tmp / f"gallery_{s}.json", indent=None)
         write_json(meta, tmp / "meta.json")
+    run.complete({f"{s}_queries": meta["counts"][s]["queries"] for s in SPLITS})  # after the dir swap
     log.info("wrote %s: %s", args.out_dir, {s: meta["counts"][s] for s in SPLITS})
     return meta
 

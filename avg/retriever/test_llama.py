@@ -10,7 +10,8 @@ checkpoint's generation_config is never read (and is reset to greedy on load). P
 retriever's own template, left-padded, and the constraint starts right after them.
 
 Writes ``run_<split>.jsonl`` (one ranked list per query), ``metrics_<split>.json`` (R@1/5/10,
-mean rank, "system", "split", search settings, queries/s), ``eval.log`` and ``metrics.jsonl``.
+mean rank, "system", "split", search settings, queries/s), ``eval.log``, ``metrics.jsonl`` and
+``stage.json`` (another configuration or split needs its own --out-dir, or ``--force``).
 """
 from __future__ import annotations
 
@@ -25,11 +26,12 @@ from avg.eval.metrics import format_metrics
 from avg.eval.runfiles import write_run
 from avg.retriever import llama as L
 from avg.retriever.evaluate import evaluate_split
-from avg.retriever.training import load_split
+from avg.retriever.training import check_data_matches_vocab, load_split
 from avg.retriever.train_llama import SYSTEM, subset
 from avg.retriever.vocab import VokenVocab
 from avg.utils.io import InputError, write_json
-from avg.utils.tracking import RunLogger
+from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
+from avg.utils.tracking import RunLogger, get_logger
 from avg.utils.cli import run_main
 
 
@@ -54,6 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpu", action="store_true", help="force CPU even when a GPU is present")
     p.add_argument("--wandb-project", default="avg", help="wandb project (offline unless WANDB_MODE=online)")
     p.add_argument("--run-name", default=None, help="run name for logs and wandb")
+    p.add_argument("--sample-queries", type=int, default=8, help="seeded queries shown with gold and top-5 images in samples_<split>.md and wandb (0: none)")
+    p.add_argument("--image-root", default=None, help="image folder for the thumbnails (default: the one recorded in emb/index.json beside --data-dir)")
+    p.add_argument("--annotations", default=None, help="Karpathy json mapping image ids to files under --image-root (default: retriever_data/meta.json's)")
+    add_force_arg(p)
     return p.parse_args(argv)
 
 
@@ -78,12 +84,22 @@ def main(argv=None) -> dict:
     if args.fast_search and args.no_merge:
         raise InputError("--fast-search needs a merged model (drop --no-merge)")
     # inputs are checked before anything under --out-dir is written
-    code_len = VokenVocab.load(args.retriever_dir).code_len
-    L.read_retriever_meta(args.retriever_dir)
+    saved_vocab = VokenVocab.load(args.retriever_dir)
+    L.read_retriever_meta(args.retriever_dir)  # is it a LLaMA retriever at all?
+    check_data_matches_vocab(args.data_dir, saved_vocab, Path(args.retriever_dir) / "voken_vocab.json")
+    code_len = saved_vocab.code_len
     queries, gallery = load_split(Path(args.data_dir), args.split, code_len, args.collision_seed)
     if not queries or gallery is None:
         raise InputError(f"{args.data_dir}: no {args.split}.jsonl / gallery_{args.split}.json")
     out_dir = Path(args.out_dir)
+    run = begin_stage(out_dir, "test_llama", vars(args), force=args.force, mark_running=False,
+                      inputs=[args.retriever_dir, args.data_dir, args.base_model if args.base_model and Path(args.base_model).exists() else None])
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # every rank has read the manifest before the main process rewrites it
+    if run.up_to_date and skip_if_done():
+        get_logger("avg.test_llama").info("test_llama: outputs in %s are complete and up to date; skipping", out_dir)
+        return dict(run.previous.get("summary") or {})
+    run.running()
     logger = RunLogger(out_dir, project=args.wandb_project, run_name=args.run_name or f"llama-test-{args.split}",
                        config=vars(args), log_name="eval.log")
     dtype = L.resolve_dtype(args.model_dtype, lora=True, device=device)
@@ -109,6 +125,12 @@ def main(argv=None) -> dict:
     if logger.enabled:
         write_run(records, out_dir / f"run_{args.split}.jsonl")
         write_json(metrics, out_dir / f"metrics_{args.split}.json")
+        if args.sample_queries > 0:
+            from avg.eval.wandb_samples import log_sample_table, resolve_image_paths
+
+            paths = resolve_image_paths(image_root=args.image_root, annotations=args.annotations, data_dir=args.data_dir)
+            log_sample_table(logger, records, paths, n=args.sample_queries, seed=args.seed, out_dir=out_dir, name=args.split)
+        run.complete({k: metrics[k] for k in ("R@1", "R@5", "R@10", "mean_rank") if k in metrics})
     logger.info("%s %s: %s (%.2f queries/s)", args.system, args.split, format_metrics(metrics), metrics["queries_per_s"])
     logger.log({f"eval/{args.split}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
     logger.summary({f"{args.split}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float, str))})

@@ -15,7 +15,13 @@ Outputs under --out-dir: ``best/`` (adapter or full model + tokenizer + voken_vo
 llama_retriever.json + best.json, chosen by val R@1), ``checkpoints/last`` (accelerate state with
 only the trainable weights under LoRA, for --resume), ``eval/run_<split>_epoch<e>.jsonl``,
 ``eval/metrics_test.json`` + ``eval/run_test.jsonl`` (best model reloaded from disk, on test),
-``train.log``, ``metrics.jsonl``.
+``train.log``, ``metrics.jsonl``, ``stage.json``.
+
+Interruptions: re-running the same command after a kill resumes from ``checkpoints/last``
+(``--save-every-steps`` for mid-epoch checkpoints) when ``stage.json`` says a run of this
+configuration was interrupted; ``--resume`` asks for it explicitly. A different configuration in
+--out-dir is refused unless ``--force``; a forced or repeated finished run starts fresh and deletes
+the old ``best/``, ``checkpoints/`` and ``eval/`` first.
 """
 from __future__ import annotations
 
@@ -37,12 +43,14 @@ from avg.retriever import llama as L
 from avg.retriever.data import EpochBatchSampler, read_codes
 from avg.retriever.evaluate import evaluate_split
 from avg.retriever.gallery import Gallery
-from avg.retriever.training import (STATE_FILE, accumulation_group, add_eval_and_checkpoint_args, checkpoint_after_step,
-                                    load_split, optimizer_step, save_checkpoint, select_best)
+from avg.retriever.training import (STATE_FILE, accumulation_group, add_eval_and_checkpoint_args, check_data_matches_vocab,
+                                    checkpoint_after_step, load_split, optimizer_step, resume_from, save_checkpoint,
+                                    select_best)
 from avg.retriever.vocab import VokenVocab
 from avg.utils.io import InputError, read_json, write_json
 from avg.utils.seed import set_seed
-from avg.utils.tracking import RunLogger
+from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
+from avg.utils.tracking import RunLogger, get_logger
 from avg.utils.cli import run_main
 
 SYSTEM = "avg_llama"
@@ -88,6 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_eval_and_checkpoint_args(p, eval_batch_size=16, eval_train_queries=0, log_every=10,
                                  fast_search_help="test: score over voken logits only (renormalised, see avg.retriever.search); "
                                                   "the in-training evaluation of a LoRA model always uses the full vocabulary")
+    add_force_arg(p)
     return p.parse_args(argv)
 
 
@@ -144,6 +153,7 @@ def main(argv=None) -> dict:
     # inputs are checked before anything under --out-dir is touched
     codes = read_codes(args.codes_dir, with_codebook=not args.no_voken_embedding)
     vocab = VokenVocab.from_meta(codes.meta, source=str(Path(args.codes_dir) / "codes.json"))
+    check_data_matches_vocab(args.data_dir, vocab, Path(args.codes_dir) / "codes.json")
     if not args.no_voken_embedding and codes.codebook is None:
         raise InputError(f"{args.codes_dir}: codebook.npy not found (or pass --no-voken-embedding)")
     data_dir = Path(args.data_dir)
@@ -156,7 +166,17 @@ def main(argv=None) -> dict:
     set_seed(args.seed)
     out_dir = Path(args.out_dir)
     ckpt_dir = out_dir / "checkpoints" / "last"
-    resuming = args.resume and (ckpt_dir / STATE_FILE).is_file()
+    # every rank reads the manifest before the main process rewrites it, so all take the same decision
+    run = begin_stage(out_dir, "train_llama", vars(args), force=args.force, mark_running=False,
+                      inputs=[args.data_dir, args.codes_dir, args.model if Path(args.model).exists() else None],
+                      ignore=("save_every_steps", "stop_after_steps"))
+    accelerator.wait_for_everyone()
+    if run.up_to_date and skip_if_done():
+        get_logger("avg.train_llama").info("train_llama: outputs in %s are complete and up to date; skipping", out_dir)
+        return dict(run.previous.get("summary") or {})
+    interrupted = not run.fresh and run.previous.get("status") == "running"
+    resuming = (args.resume or interrupted) and (ckpt_dir / STATE_FILE).is_file()
+    run.running()
     logger = RunLogger(out_dir, project=args.wandb_project, run_name=args.run_name or "llama-retriever",
                        config=vars(args), resume=resuming)
     if args.resume and not resuming:
@@ -216,7 +236,6 @@ def main(argv=None) -> dict:
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     # LoRA checkpoints hold only the trainable weights (DeepSpeed writes its own checkpoint format)
     partial_ckpt = lora and accelerator.distributed_type != DistributedType.DEEPSPEED
     if partial_ckpt:
@@ -227,9 +246,9 @@ def main(argv=None) -> dict:
     if resuming:
         if partial_ckpt:
             check_checkpoint(ckpt_dir, model)
-        accelerator.load_state(str(ckpt_dir), **({"strict": False} if partial_ckpt else {}))
-        state.update(read_json(ckpt_dir / STATE_FILE))
-        logger.info("resumed from %s at epoch %d step %d", ckpt_dir, state["epoch"] + 1, state["global_step"])
+        resume_from(accelerator, ckpt_dir, scheduler, state, models=[model], **({"strict": False} if partial_ckpt else {}))
+        logger.warning("resuming from %s (step %d, epoch %d)%s", ckpt_dir, state["global_step"], state["epoch"] + 1,
+                       "" if args.resume else ": this configuration was interrupted here")
 
     fmt = L.prompt_formatter(args.prompt_template)
     vsize = int(L.search_model(unwrapped()).get_input_embeddings().weight.shape[0])
@@ -351,6 +370,7 @@ def main(argv=None) -> dict:
                    step=state["global_step"])
         logger.summary({f"test/{k}": v for k, v in metrics.items()})
         result["test"] = metrics
+    run.complete({k: v for k, v in result.get("test", {}).items() if k in ("R@1", "R@5", "R@10", "mean_rank", "best_epoch")})
     logger.finish()
     return result
 

@@ -13,7 +13,14 @@ L_dis is a listwise cross-entropy over the model's own constrained beam candidat
 Outputs under --out-dir: ``best/`` (save_pretrained model + tokenizer + voken_vocab.json +
 best.json, chosen by val R@1), ``checkpoints/last`` (accelerate state, for --resume),
 ``eval/run_<split>_epoch<e>.jsonl``, ``eval/metrics_test.json`` + ``eval/run_test.jsonl`` (the best
-model on test), ``train.log``, ``metrics.jsonl``. Works under ``torchrun``/``accelerate launch``.
+model on test), ``train.log``, ``metrics.jsonl``, ``stage.json``. Works under ``torchrun``/``accelerate launch``.
+
+Interruptions: re-running the same command after a kill resumes from ``checkpoints/last``
+(``--save-every-steps`` for mid-epoch checkpoints) when ``stage.json`` says a run of this
+configuration was interrupted; on CPU with a fixed seed the result equals an uninterrupted run.
+``--resume`` asks for it explicitly. A different configuration in --out-dir is refused unless
+``--force``; a forced or repeated finished run starts fresh and deletes the old ``best/``,
+``checkpoints/`` and ``eval/`` first. Stages 1 and 2 share the stage name ``train_t5``.
 """
 from __future__ import annotations
 
@@ -36,14 +43,15 @@ from avg.retriever.evaluate import evaluate_split, logits_vocab_size
 from avg.retriever.gallery import Gallery
 from avg.retriever.losses import RetrievalObjective, build_candidates
 from avg.retriever.search import constrained_beam_search
-from avg.retriever.training import (STATE_FILE, accumulation_group, add_eval_and_checkpoint_args, check_inputs,
-                                    checkpoint_after_step, load_split, optimizer_step, save_checkpoint,
-                                    select_best)
+from avg.retriever.training import (STATE_FILE, accumulation_group, add_eval_and_checkpoint_args,
+                                    check_data_matches_vocab, check_inputs, checkpoint_after_step, load_split,
+                                    optimizer_step, resume_from, save_checkpoint, select_best)
 from avg.retriever.vocab import VOCAB_FILE, VokenVocab
 from avg.eval.runfiles import write_run
 from avg.utils.io import InputError, read_json, replace_dir, write_json
 from avg.utils.seed import set_seed
-from avg.utils.tracking import RunLogger
+from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
+from avg.utils.tracking import RunLogger, get_logger
 from avg.utils.cli import run_main
 
 
@@ -77,6 +85,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--dis-temperature", type=float, default=1.0, help="T: L_dis = CE(s / T, positive)")
     add_eval_and_checkpoint_args(p, eval_batch_size=32, eval_train_queries=200, log_every=50,
                                  fast_search_help="score the search over voken logits only (faster; renormalised, see avg.retriever.search)")
+    g = p.add_argument_group("sample queries (eval/samples_test.{md,json} and a wandb table)")
+    g.add_argument("--sample-queries", type=int, default=8, help="seeded test queries shown with gold and top-5 images (0: none)")
+    g.add_argument("--image-root", default=None, help="image folder for the thumbnails (default: the one recorded in emb/index.json beside --data-dir)")
+    g.add_argument("--annotations", default=None, help="Karpathy json mapping image ids to files under --image-root (default: retriever_data/meta.json's)")
+    add_force_arg(p)
     return p.parse_args(argv)
 
 
@@ -133,7 +146,18 @@ def main(argv=None) -> dict:
     set_seed(args.seed)
     out_dir = Path(args.out_dir)
     ckpt_dir = out_dir / "checkpoints" / "last"
-    resuming = args.resume and (ckpt_dir / STATE_FILE).is_file()
+    # every rank reads the manifest before the main process rewrites it, so all take the same decision
+    base = args.model if args.init_from is None and Path(args.model).exists() else None
+    run = begin_stage(out_dir, "train_t5", vars(args), force=args.force, mark_running=False,
+                      inputs=[args.data_dir, args.codes_dir if args.init_from is None else None, args.init_from, base],
+                      ignore=("save_every_steps", "stop_after_steps"))
+    accelerator.wait_for_everyone()
+    if run.up_to_date and skip_if_done():
+        get_logger("avg.train_t5").info("train_t5: outputs in %s are complete and up to date; skipping", out_dir)
+        return dict(run.previous.get("summary") or {})
+    interrupted = not run.fresh and run.previous.get("status") == "running"
+    resuming = (args.resume or interrupted) and (ckpt_dir / STATE_FILE).is_file()
+    run.running()
     logger = RunLogger(out_dir, project=args.wandb_project, run_name=args.run_name or f"t5-stage{args.stage}",
                        config=vars(args), resume=resuming)
     if args.resume and not resuming:
@@ -147,6 +171,8 @@ def main(argv=None) -> dict:
 
     tokenizer, model, vocab = load_model_and_vocab(args, logger)
     data_dir = Path(args.data_dir)
+    check_data_matches_vocab(data_dir, vocab, Path(args.init_from) / VOCAB_FILE if args.init_from
+                             else Path(args.codes_dir) / "codes.json")
     train_q, train_gallery = load_split(data_dir, "train", vocab.code_len, args.collision_seed)
     val_q, val_gallery = load_split(data_dir, "val", vocab.code_len, args.collision_seed)
     test_q, test_gallery = load_split(data_dir, "test", vocab.code_len, args.collision_seed)
@@ -179,14 +205,13 @@ def main(argv=None) -> dict:
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
     objective = RetrievalObjective(model, dis_weight=args.dis_weight, temperature=args.dis_temperature)
     objective, optimizer = accelerator.prepare(objective, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     unwrapped = lambda: accelerator.unwrap_model(objective).model  # noqa: E731
 
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_r1": None, "best_epoch": None}
     if resuming:
-        accelerator.load_state(str(ckpt_dir))
-        state.update(read_json(ckpt_dir / STATE_FILE))
-        logger.info("resumed from %s at epoch %d step %d", ckpt_dir, state["epoch"] + 1, state["global_step"])
+        resume_from(accelerator, ckpt_dir, scheduler, state, models=[objective])
+        logger.warning("resuming from %s (step %d, epoch %d)%s", ckpt_dir, state["global_step"], state["epoch"] + 1,
+                       "" if args.resume else ": this configuration was interrupted here")
 
     vsize = logits_vocab_size(unwrapped())
     indexes: dict = {}
@@ -308,20 +333,29 @@ def main(argv=None) -> dict:
         accelerator.wait_for_everyone()
     if test_q and not args.skip_test:
         best = AutoModelForSeq2SeqLM.from_pretrained(best_dir).to(device)
+        t_eval = time.time()
         with accelerator.autocast():
             records, metrics = evaluate_split(best, tokenizer, vocab, test_q, test_gallery, args.num_beams,
                                               args.eval_batch_size, device, max_length=args.max_source_length,
                                               desc="eval test", restrict_to_vokens=args.fast_search)
+        t_eval = time.time() - t_eval
         info = read_json(best_dir / "best.json")
         metrics = {"system": f"avg_t5_stage{args.stage}", "split": "test", **metrics,
                    "best_epoch": info.get("epoch"), "num_beams": args.num_beams, "stage": args.stage,
-                   "fast_search": args.fast_search}
+                   "fast_search": args.fast_search, "eval_seconds": t_eval,
+                   "queries_per_s": len(test_q) / max(t_eval, 1e-9)}  # tokenise + search + rank, all processes
         if accelerator.is_main_process:
             write_run(records, eval_dir / "run_test.jsonl")
             write_json(metrics, eval_dir / "metrics_test.json")
+            if args.sample_queries > 0:
+                from avg.eval.wandb_samples import log_sample_table, resolve_image_paths
+
+                paths = resolve_image_paths(image_root=args.image_root, annotations=args.annotations, data_dir=args.data_dir)
+                log_sample_table(logger, records, paths, n=args.sample_queries, seed=args.seed, out_dir=eval_dir, name="test")
         logger.log({f"eval/test/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=state["global_step"])
         logger.summary({f"test/{k}": v for k, v in metrics.items()})
         result["test"] = metrics
+    run.complete({k: v for k, v in result.get("test", {}).items() if k in ("R@1", "R@5", "R@10", "mean_rank", "best_epoch")})
     logger.finish()
     return result
 

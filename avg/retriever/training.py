@@ -11,7 +11,8 @@ from pathlib import Path
 
 from avg.retriever.data import load_queries
 from avg.retriever.gallery import Gallery
-from avg.utils.io import InputError, replace_dir, write_json
+from avg.retriever.vocab import VOCAB_FILE, VokenVocab
+from avg.utils.io import InputError, read_json, replace_dir, write_json
 
 STATE_FILE = "train_state.json"
 
@@ -27,8 +28,28 @@ def load_split(data_dir: Path, split: str, code_len: int, seed: int):
     return queries, gallery
 
 
+VOCAB_KEYS = ("num_levels", "codebook_size", "shared_codebook", "code_len", "disambiguation", "disambiguation_size")
+
+
+def check_data_matches_vocab(data_dir, vocab, vocab_source) -> None:
+    """Stop when retriever_data/ was built from other codes than the model's vokens: its targets
+    would be the wrong tokens (or fall outside the vocabulary) -- never a size-mismatch traceback."""
+    meta_path = Path(data_dir) / "meta.json"
+    if not meta_path.is_file():
+        return
+    data = read_json(meta_path).get("codes_meta") or {}
+    model = vocab.to_dict()
+    diff = [f"{k} {data[k]!r} in the data vs {model[k]!r} in the model" for k in VOCAB_KEYS
+            if k in data and data[k] != model[k]]
+    if diff:
+        raise InputError(f"{meta_path}: built from codes that disagree with the retriever's vokens ({vocab_source}): "
+                         f"{'; '.join(diff)}; rebuild retriever_data from the codes the model was made with, or "
+                         "train a retriever on these codes")
+
+
 def save_checkpoint(accelerator, ckpt_dir: Path, state: dict) -> None:
-    """accelerate save_state (model, optimizer, scheduler, RNG) + our counters, swapped in atomically."""
+    """accelerate save_state (model, optimizer, RNG) + our counters and the LR schedule (``state``,
+    kept current by optimizer_step) as JSON, swapped in atomically."""
     tmp = ckpt_dir.with_name(f".{ckpt_dir.name}.tmp")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -39,6 +60,37 @@ def save_checkpoint(accelerator, ckpt_dir: Path, state: dict) -> None:
         write_json(state, tmp / STATE_FILE)
         replace_dir(tmp, ckpt_dir)
     accelerator.wait_for_everyone()
+
+
+def resume_from(accelerator, ckpt_dir: Path, scheduler, state: dict, models=(), **load_kwargs) -> None:
+    """Restore ``save_checkpoint``'s output into the prepared objects, ``scheduler`` and ``state``.
+
+    Loads are safe: weights from safetensors, optimizer/RNG through accelerate's weights_only torch
+    loads, the schedule from JSON. (The scheduler is never ``register_for_checkpointing``-ed:
+    accelerate unpickles such custom objects with weights_only=False.) Each of ``models`` (the
+    prepared modules) is checked against the checkpoint's tensor shapes first, so a checkpoint of
+    another model size is a clear error, not a size-mismatch traceback."""
+    from safetensors import safe_open
+
+    for i, model in enumerate(models):
+        path = ckpt_dir / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+        if not path.is_file():
+            continue
+        have = {k: tuple(v.shape) for k, v in accelerator.unwrap_model(model).state_dict().items()}
+        with safe_open(str(path), framework="pt") as f:
+            bad = [f"{k} {tuple(f.get_slice(k).get_shape())} in the checkpoint vs {have[k]} in the model"
+                   for k in f.keys() if k in have and tuple(f.get_slice(k).get_shape()) != have[k]]
+        if bad:
+            raise InputError(f"{path}: checkpoint of another model configuration ({len(bad)} tensor(s) differ, e.g. "
+                             f"{'; '.join(bad[:3])}); resume with the settings it was made with, or start a fresh run")
+    accelerator.load_state(str(ckpt_dir), **load_kwargs)
+    saved = read_json(ckpt_dir / STATE_FILE)
+    if "scheduler" in saved:
+        scheduler.load_state_dict(saved["scheduler"])
+    elif saved.get("global_step", 0):
+        raise InputError(f"{ckpt_dir / STATE_FILE}: no learning-rate schedule in this checkpoint (written by an older "
+                         "version); start a fresh run (--force) instead of resuming")
+    state.update(saved)
 
 
 def add_eval_and_checkpoint_args(p, *, eval_batch_size: int, eval_train_queries: int, log_every: int,
@@ -53,7 +105,8 @@ def add_eval_and_checkpoint_args(p, *, eval_batch_size: int, eval_train_queries:
     g.add_argument("--collision-seed", type=int, default=0, help="seed of the order among images sharing a code")
     g.add_argument("--skip-test", action="store_true", help="do not evaluate the best model on test")
     g = p.add_argument_group("checkpoints and logging")
-    g.add_argument("--resume", action="store_true", help="continue from out-dir/checkpoints/last if present")
+    g.add_argument("--resume", action="store_true", help="continue from out-dir/checkpoints/last if present; not needed after a "
+                   "kill: re-running the same command resumes an interrupted run of the same configuration automatically")
     g.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N optimizer steps (0: per epoch only)")
     g.add_argument("--stop-after-steps", type=int, default=0, help="checkpoint and exit after N optimizer steps (preemptible jobs; 0: off)")
     g.add_argument("--log-every", type=int, default=log_every, help="log training loss every N optimizer steps")
@@ -74,6 +127,8 @@ def check_inputs(data_dir, *, codes_dir=None, init_from=None) -> None:
     missing = [f"{p}: not found ({hint})" for p, hint in need if not p.is_file()]
     if missing:
         raise InputError("; ".join(missing))
+    if init_from is not None:  # a saved retriever's vokens are known up front: check before writing anything
+        check_data_matches_vocab(data_dir, VokenVocab.load(init_from), Path(init_from) / VOCAB_FILE)
 
 
 def accumulation_group(micro: int, grad_accum: int, micro_per_epoch: int) -> tuple[int, bool]:
@@ -90,6 +145,7 @@ def optimizer_step(accelerator, params, optimizer, scheduler, max_grad_norm: flo
     optimizer.step()
     if not accelerator.optimizer_step_was_skipped:
         scheduler.step()
+    state["scheduler"] = scheduler.state_dict()  # checkpointed as JSON with the counters
     optimizer.zero_grad(set_to_none=True)
     state["global_step"] += 1
     state["step_in_epoch"] += 1

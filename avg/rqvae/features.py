@@ -6,7 +6,8 @@ Layout (written by ``avg.rqvae.prepare_emb``):
   emb/index.json          {"encoder": {backend, model, pretrained, dim, normalized, dtype},
                            "images": [{image_id, file, split}],
                            "captions": [{text, image_row, split}],
-                           "skipped_images": [{image_id, file, error}], ...}
+                           "skipped_images": [{image_id, file, error}],
+                           "truncated_captions": n (cut to the text encoder's context), ...}
 ``encoder.normalized`` records whether rows were L2-normalised by the writer; readers never guess.
 """
 from __future__ import annotations

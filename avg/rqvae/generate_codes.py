@@ -6,6 +6,9 @@ Two images with the same voken code could not be told apart by a generative retr
 default codes are made unique: if any raw codes collide, one disambiguation position is appended
 to *every* code (see ``TIE_RULE``). ``--allow-collisions`` keeps the raw M-voken codes; stats.json
 reports the collision rate either way.
+
+The out dir's ``stage.json`` (avg.utils.stages) refuses to overwrite codes of another configuration
+without ``--force`` and, fingerprinting ``--rqvae-dir`` and ``--emb-dir``, tells when the codes are stale.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from avg.rqvae.features import INDEX, load_emb
 from avg.utils.io import InputError, save_npy, write_json
 from avg.utils.tracking import get_logger
 from avg.utils.cli import run_main
+from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
 
 TIE_RULE = (
     "images sharing the same raw voken code are ordered by the L2 distance of their encoder latent "
@@ -162,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4096, help="images encoded per batch (memory stays one batch)")
     p.add_argument("--allow-collisions", action="store_true", help="keep raw M-voken codes even when images share one (no disambiguation position)")
     p.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda, cuda:1, ...")
+    add_force_arg(p)
     return p
 
 
@@ -172,11 +177,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise InputError("--batch-size must be >= 1")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model = RQVAE.from_pretrained(args.rqvae_dir)
+    emb = load_emb(args.emb_dir)  # bad input fails before the out dir is claimed
+    if emb.dim != model.config.input_dim:
+        raise InputError(f"{Path(args.emb_dir) / INDEX}: features have dim {emb.dim} but the RQ-VAE expects {model.config.input_dim} (was it trained on another encoder?)")
+    del emb
+    run = begin_stage(args.out_dir, "generate_codes", vars(args), inputs=[args.rqvae_dir, args.emb_dir],
+                      force=args.force, ignore=("batch_size",))
+    if run.up_to_date and skip_if_done():
+        log.info("generate_codes: outputs in %s are complete and up to date; skipping", args.out_dir)
+        return run.previous.get("summary") or {}
     stats = generate_codes(model, args.emb_dir, args.out_dir, batch_size=args.batch_size, allow_collisions=args.allow_collisions, device=device)
     log.info(
         "%d images -> code_len %d; raw collision rate %.4f (%d images in colliding groups, largest group %d); final collision rate %.4f; wrote %s",
         stats["num_images"], stats["code_len"], stats["raw_collision_rate"], stats["num_colliding_images"], stats["largest_group"], stats["final_collision_rate"], args.out_dir,
     )
+    run.complete({k: stats[k] for k in ("num_images", "code_len", "raw_collision_rate", "final_collision_rate")})
     return stats
 
 

@@ -25,15 +25,20 @@ from avg.utils.io import InputError
 # Longest side kept after loading. CLIP resizes to 224/336 px anyway, so shrinking a
 # 10000x10000 scan to this size first loses nothing and bounds the memory of what follows.
 DEFAULT_MAX_SIDE = 4096
+# Largest image accepted, in pixels (PIL's own guard warns at 89.5M and refuses 179M). Real scans
+# of 10000x10000 (1e8) are fine: one decoded RGB copy is 300 MB. Above this cap a file is far more
+# likely a decompression bomb than a photo, so it is refused by name before its pixels are decoded.
+MAX_PIXELS = 250_000_000
 
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 
 
 @contextlib.contextmanager
 def _no_pixel_limit() -> Iterator[None]:
-    """Lift PIL's decompression-bomb guard for one call: huge photos are legitimate here."""
+    """Replace PIL's decompression-bomb guard by ours (MAX_PIXELS) for one call: huge photos are
+    legitimate here, bombs are not. PIL raises above twice MAX_IMAGE_PIXELS and warns above it."""
     old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
+    Image.MAX_IMAGE_PIXELS = MAX_PIXELS // 2
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -110,6 +115,9 @@ def load_rgb(path: str | os.PathLike, max_side: Optional[int] = DEFAULT_MAX_SIDE
             if max_side is not None and max(im.size) > max_side and im.format == "JPEG":
                 im.draft("RGB" if im.mode in ("RGB", "YCbCr", "CMYK") else im.mode, (max_side, max_side))
             im.load()
+            if max_side is not None and max(im.size) > max_side and im.mode == "L":
+                # shrink before the RGB copy: a 1e8-pixel greyscale scan never becomes 300 MB of RGB
+                im.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
             rgb = to_rgb(im)
             if max_side is not None and max(rgb.size) > max_side:
                 rgb.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
@@ -117,6 +125,9 @@ def load_rgb(path: str | os.PathLike, max_side: Optional[int] = DEFAULT_MAX_SIDE
                 rgb = rgb.copy()
     except UnidentifiedImageError:
         raise InputError(f"{path}: not a readable image (unknown or corrupt format)") from None
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError:
+        raise InputError(f"{path}: image has more than MAX_PIXELS={MAX_PIXELS:,} pixels (avg.rqvae.images); refused "
+                         "as a possible decompression bomb: downscale it, or leave it out with --skip-bad-images") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise InputError(f"{path}: cannot decode image ({e})") from None
     return rgb

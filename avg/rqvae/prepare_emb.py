@@ -11,6 +11,10 @@ baseline and the pseudo-query tool all read it.
 An unreadable image stops the run with an error naming the file (nothing is written), unless
 ``--skip-bad-images``: then the image and its captions are left out and listed in
 ``index["skipped_images"]``.
+
+The out dir gets a ``stage.json`` manifest (avg.utils.stages): a finished ``emb/`` of another
+configuration is never overwritten without ``--force``; with ``AVG_SKIP_DONE=1`` an up-to-date one
+is kept as it is.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from tqdm.auto import tqdm
 from avg.utils.io import InputError
 from avg.utils.tracking import get_logger
 from avg.utils.cli import run_main
+from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
 
 log = get_logger("avg.prepare_emb")
 
@@ -65,6 +70,7 @@ class EmbResult:
     images: list
     captions: list
     skipped: list = field(default_factory=list)
+    truncated_captions: int = 0  # longer than the text encoder's context: cut by its tokenizer
 
 
 def encode_dataset(dataset, encoder, *, batch_size: int = 64, num_workers: int = 2, skip_bad_images: bool = False, text_batch_size: int = 256, progress: bool = True) -> EmbResult:
@@ -108,10 +114,15 @@ def encode_dataset(dataset, encoder, *, batch_size: int = 64, num_workers: int =
             texts.append(text)
     image_features = np.stack([feats[i] for i in kept])
     text_chunks = []
+    truncated_before = encoder.truncated_captions
     for start in tqdm(range(0, len(texts), text_batch_size), desc="captions", unit="batch", disable=not progress):
         text_chunks.append(encoder.encode_texts(texts[start:start + text_batch_size], batch_size=text_batch_size).numpy())
     text_features = np.concatenate(text_chunks)
-    return EmbResult(image_features, text_features, images, captions, skipped)
+    truncated = encoder.truncated_captions - truncated_before
+    if truncated:
+        log.warning("%d caption(s) longer than the text encoder's context were truncated by its tokenizer "
+                    "(only their first tokens are encoded; counted in index.json 'truncated_captions')", truncated)
+    return EmbResult(image_features, text_features, images, captions, skipped, truncated)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=None, help="encode only the first N images of the json (quick runs)")
     p.add_argument("--seed", type=int, default=0, help="seed (the encoder is frozen; this only pins any randomness in loading)")
     p.add_argument("--no-progress", action="store_true", help="hide tqdm bars")
+    add_force_arg(p)
     return p
 
 
@@ -152,6 +164,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         dataset.images = dataset.images[: args.max_images]
     counts = {s: sum(im.split == s for im in dataset.images) for s in ("train", "val", "test")}
     log.info("dataset %s: %d images (%s)", args.annotations, len(dataset.images), ", ".join(f"{k} {v}" for k, v in counts.items()))
+    weights = [w for w in (pretrained, args.clip_model) if w and Path(w).exists()]  # local checkpoints are inputs
+    # emb/ is swapped in whole at the end (save_emb), so a killed or failed run leaves the old dir as it
+    # was and nothing is claimed before then: the manifest is written only by complete()
+    run = begin_stage(args.out_dir, "prepare_emb", vars(args), inputs=[args.annotations, args.image_root, *weights],
+                      force=args.force, mark_running=False)
+    if run.up_to_date and skip_if_done():
+        log.info("prepare_emb: outputs in %s are complete and up to date; skipping", args.out_dir)
+        return Path(args.out_dir)
 
     encoder = load_clip(args.backend, args.clip_model, pretrained, device=args.device, precision=args.precision, normalize=not args.no_normalize)
     log.info("encoder %s %s (pretrained=%s) on %s, %s", args.backend, args.clip_model, pretrained, encoder.device, encoder.precision)
@@ -163,8 +183,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         res.images,
         res.captions,
         encoder=encoder.describe(),
-        extra={"skipped_images": res.skipped, "source": {"annotations": str(args.annotations), "image_root": str(args.image_root), "max_images": args.max_images}},
+        extra={"skipped_images": res.skipped, "truncated_captions": res.truncated_captions, "source": {"annotations": str(args.annotations), "image_root": str(args.image_root), "max_images": args.max_images}},
     )
+    run.complete({"num_images": len(res.images), "num_captions": len(res.captions),
+                  "dim": int(res.image_features.shape[1]), "skipped_images": len(res.skipped)})  # after the dir swap
     log.info("wrote %s: %d images x %d captions, dim %d%s", out, len(res.images), len(res.captions), res.image_features.shape[1], f", {len(res.skipped)} skipped" if res.skipped else "")
     return out
 

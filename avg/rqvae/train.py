@@ -6,8 +6,12 @@
 Reads the ``emb/`` memmaps batch by batch; the alignment loss (eq. 5) uses ONE caption per image
 per epoch, drawn with a seeded generator from the captions of *training* images only. Writes
 ``out_dir/{model.safetensors, config.json, train_args.json, train.log, metrics.jsonl,
-final_metrics.json, checkpoints/last.pt}``; ``--resume`` continues from ``checkpoints/last.pt``
-(on CPU with a fixed seed, bit-identical to an uninterrupted run).
+final_metrics.json, checkpoints/last.pt, stage.json}``. Resuming (on CPU with a fixed seed,
+bit-identical to an uninterrupted run) is automatic: re-running the same command after a kill
+continues from ``checkpoints/last.pt`` when ``stage.json`` says a run of this configuration was
+interrupted. ``--resume`` asks for it explicitly (it also continues a finished run). A different
+configuration is refused unless ``--force``; a forced or repeated finished run starts fresh and
+first deletes the old checkpoints and weights, so nothing stale can be picked up.
 """
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ from avg.rqvae.generate_codes import collision_stats
 from avg.rqvae.kmeans import DeadCodeTracker, init_codebooks
 from avg.utils.io import InputError, atomic_path, write_json
 from avg.utils.seed import set_seed
-from avg.utils.tracking import RunLogger
+from avg.utils.stages import add_force_arg, begin_stage, config_diff, skip_if_done
+from avg.utils.tracking import RunLogger, get_logger
 from avg.utils.cli import run_main
 
 CHECKPOINT = "last.pt"
@@ -55,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--train-splits", default="train", help="comma-separated image splits to train on; only their captions enter the alignment loss")
     io.add_argument("--eval-splits", default="val", help="comma-separated splits whose losses are logged every --eval-every epochs (missing splits are skipped)")
     io.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes gathering batches from the memmaps")
-    io.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoints/last.pt (same flags as the interrupted run)")
+    io.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoints/last.pt (same flags as the interrupted run); "
+                    "not needed after a kill: re-running the same command resumes an interrupted run automatically")
     io.add_argument("--stop-after", type=int, default=0, help="stop after this many epochs of this invocation (time-limited jobs); --resume continues; 0: run to --epochs")
     io.add_argument("--save-every", type=int, default=0, help="also keep checkpoints/epoch_XXXX.pt every N epochs (last.pt is written every epoch); 0: only last.pt")
     io.add_argument("--eval-every", type=int, default=1, help="log eval-split losses every N epochs; 0 disables")
@@ -92,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     km.add_argument("--kmeans-shared-init", choices=["levels", "latents"], default="levels", help="data for a shared codebook's k-means: 'levels' fits N/M entries to each level's residuals, 'latents' fits all N to level-1 latents (see avg/rqvae/kmeans.py)")
     km.add_argument("--kmeans-iters", type=int, default=25, help="Lloyd iterations for the k-means initialisation")
     km.add_argument("--dead-code-threshold", type=int, default=100, help="reset codes unused for this many optimizer steps to random current residuals; 0 disables")
+    add_force_arg(p)
     return p
 
 
@@ -190,6 +197,38 @@ def train(args) -> dict:
     splits = [s for s in args.train_splits.split(",") if s]
     image_rows, captions = training_rows(emb, splits, str(emb_dir / INDEX))
     config = model_config(args, emb.dim)
+
+    def load_checkpoint() -> dict:
+        try:  # weights_only: a checkpoint file can never run code
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated file, not a torch file, or pickled objects weights_only refuses
+            raise InputError(f"{ckpt_path}: not a readable train_rqvae checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+        if not isinstance(ckpt, dict) or not {"config", "model", "epoch"} <= set(ckpt):
+            raise InputError(f"{ckpt_path}: not a train_rqvae checkpoint (expected keys config, model, epoch, ...)")
+        if ckpt["config"] != config.to_dict():
+            diff = "; ".join(config_diff(ckpt["config"], config.to_dict()))  # checkpoint -> flags
+            raise InputError(f"{ckpt_path}: the checkpoint's model configuration differs from the flags given ({diff}); "
+                             "resume with the flags it was made with, or start a fresh run in a new --out-dir")
+        return ckpt
+
+    state = load_checkpoint() if args.resume else None  # an explicit --resume is checked like any input
+    # every rank reads the manifest before the main process rewrites it, so all take the same decision
+    run = begin_stage(out_dir, "train_rqvae", vars(args), inputs=[emb_dir], force=args.force,
+                      ignore=("eval_every",), mark_running=False)
+    accelerator.wait_for_everyone()
+    if run.up_to_date and skip_if_done():
+        get_logger("avg.rqvae").info("train_rqvae: outputs in %s are complete and up to date; skipping", out_dir)
+        return dict(run.previous.get("summary") or {})
+    interrupted = not run.fresh and run.previous.get("status") == "running"
+    resume = args.resume or (interrupted and ckpt_path.is_file())
+    if resume and state is None:
+        state = load_checkpoint()
+    if not resume and main_proc:  # a fresh run: nothing of an earlier run may be picked up or reported
+        shutil.rmtree(ckpt_path.parent, ignore_errors=True)
+        for name in ("model.safetensors", "final_metrics.json"):
+            (out_dir / name).unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    run.running()
     model = RQVAE(config)
     tracker = DeadCodeTracker(config.num_books, config.codebook_size, config.num_levels, args.dead_code_threshold, seed=args.seed + 1)
 
@@ -203,11 +242,7 @@ def train(args) -> dict:
     loader = DataLoader(FeatureDataset(emb.image_features, emb.text_features), batch_sampler=sampler, collate_fn=passthrough_collate, num_workers=args.num_workers)
 
     start_epoch, step = 0, 0
-    state = None
-    if args.resume:
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if state["config"] != config.to_dict():
-            raise InputError(f"{ckpt_path}: checkpoint config {state['config']} differs from the flags given ({config.to_dict()})")
+    if state is not None:
         model.load_state_dict(state["model"])
         tracker.load_state_dict(state["dead_code"])
         start_epoch, step = int(state["epoch"]), int(state["step"])
@@ -225,7 +260,10 @@ def train(args) -> dict:
         scheduler.load_state_dict(state["scheduler"])
 
     run_name = args.run_name or out_dir.name
-    logger = RunLogger(out_dir, project="avg-rqvae", run_name=run_name, config=None, resume=args.resume)
+    logger = RunLogger(out_dir, project="avg-rqvae", run_name=run_name, config=None, resume=resume)
+    if resume:
+        logger.warning("resuming from %s (epoch %d, step %d)%s", ckpt_path, start_epoch, step,
+                       "" if args.resume else ": this configuration was interrupted here")
     arg_dict = {k: v for k, v in vars(args).items()}
     if main_proc:
         write_json(arg_dict, out_dir / "train_args.json")
@@ -242,7 +280,7 @@ def train(args) -> dict:
         "training on %d images of split(s) %s (%d with captions), %d steps/epoch, %d processes; model %s",
         len(image_rows), splits, int((captions.counts > 0).sum()), steps_per_epoch, accelerator.num_processes, config.to_dict(),
     )
-    if not args.resume and args.kmeans_init:
+    if not resume and args.kmeans_init:
         logger.log(kmeans_info, step=0)
 
     if state is not None:  # last, so nothing after it draws from the restored generators
@@ -318,6 +356,7 @@ def train(args) -> dict:
         write_json(final, out_dir / "final_metrics.json")
         logger.summary(final)
         logger.info("saved %s and config.json to %s", "model.safetensors", out_dir)
+        run.complete(final)
     logger.finish()
     accelerator.wait_for_everyone()
     return final

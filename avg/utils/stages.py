@@ -146,6 +146,9 @@ class StageRun:
             manifest.update(run_id=run_id, finished_at=time.time())
         if summary is not None:
             manifest["summary"] = _plain(dict(summary))
+        if run_id is not None:  # seeds are in "config"; versions, git commit and argv next to them
+            from avg.utils.tracking import environment_info
+            manifest["environment"] = environment_info()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         write_json(manifest, self.out_dir / MANIFEST)
 
