@@ -1,0 +1,193 @@
+"""Reranker data: each query's top-k retriever candidates, and batches of (query, candidate) inputs.
+
+A candidate list (one jsonl line of ``reranker_data/{split}.jsonl``)::
+
+    {"qid", "query", "gold", "candidates": [image ids, retriever order], "scores": [retriever
+     scores; null for an inserted positive], "gold_rank": 1-based rank in the retriever's list or
+     null, "inserted": bool}
+
+Training lists always hold the positive: when the retriever missed it, it replaces the last
+(weakest) candidate and is marked ``inserted`` (its retriever score is unknown: null). Evaluation
+lists are the retriever's top-k exactly as returned, so reranked metrics are honest: a query whose
+gold is not in the list stays a miss.
+
+The LM input for a (query, candidate) pair is ``prompt(query) + image tokens + EOS``; the scoring
+head reads the hidden state of the last non-pad token (avg.reranker.model).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from avg.utils.io import InputError, read_jsonl
+
+
+# ---------------------------------------------------------------------------- candidate lists
+def candidate_list(record, k: int, *, insert_positive: bool) -> dict:
+    """One run record ({qid, query, gold, ranked, scores}) -> a candidate list of at most k images."""
+    get = (lambda key: record[key]) if isinstance(record, dict) else (lambda key: getattr(record, key))
+    gold = get("gold")
+    if isinstance(gold, (list, tuple)):
+        gold = gold[0] if len(gold) == 1 else list(gold)
+    ranked = [str(i) for i in get("ranked")]
+    scores = [float(s) for s in get("scores")] if get("scores") else [None] * len(ranked)
+    seen, cands, cscores = set(), [], []
+    for i, s in zip(ranked, scores):  # distinct images, retriever order
+        if i not in seen:
+            seen.add(i)
+            cands.append(i)
+            cscores.append(s)
+        if len(cands) == k:
+            break
+    golds = set(gold) if isinstance(gold, list) else {gold}
+    gold_rank = next((r + 1 for r, i in enumerate(cands) if i in golds), None)
+    inserted = False
+    if gold_rank is None and insert_positive and k > 0:
+        g = gold[0] if isinstance(gold, list) else gold
+        if len(cands) == k:
+            cands, cscores = cands[:-1], cscores[:-1]
+        cands.append(g)
+        cscores.append(None)
+        inserted = True
+    return {"qid": get("qid"), "query": get("query"), "gold": gold, "candidates": cands, "scores": cscores,
+            "gold_rank": gold_rank, "inserted": inserted}
+
+
+def candidate_lists(records, k: int, *, insert_positive: bool) -> list[dict]:
+    if k < 1:
+        raise InputError(f"--topk must be >= 1, got {k}")
+    return [candidate_list(r, k, insert_positive=insert_positive) for r in records]
+
+
+def list_stats(lists: Sequence[dict]) -> dict:
+    n = len(lists)
+    found = sum(x["gold_rank"] is not None for x in lists)
+    return {"queries": n, "gold_in_topk": 100.0 * found / max(n, 1), "inserted": sum(x["inserted"] for x in lists),
+            "mean_list_len": float(np.mean([len(x["candidates"]) for x in lists])) if n else 0.0}
+
+
+def load_lists(path: str | Path) -> list[dict]:
+    """Read candidate lists; errors name the file and the record."""
+    path = Path(path)
+    rows = read_jsonl(path)
+    for n, row in enumerate(rows, 1):
+        c, s = row.get("candidates"), row.get("scores")
+        if not isinstance(row.get("query"), str) or "gold" not in row or not isinstance(c, list) or not c:
+            raise InputError(f"{path}: record {n}: needs query, gold and a non-empty candidates list")
+        if not isinstance(s, list) or len(s) != len(c):
+            raise InputError(f"{path}: record {n}: {len(c)} candidates but scores of length "
+                             f"{len(s) if isinstance(s, list) else s!r}")
+    return rows
+
+
+def positive_index(lst: dict) -> int:
+    """Index of the (first) gold image in the list, -1 when absent."""
+    golds = set(lst["gold"]) if isinstance(lst["gold"], list) else {lst["gold"]}
+    return next((j for j, c in enumerate(lst["candidates"]) if c in golds), -1)
+
+
+# ---------------------------------------------------------------------------- tokenised batches
+def pack(sequences: Sequence[Sequence[int]], pad_id: int, padding_side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad token sequences to one width -> (input_ids, attention_mask)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), int(pad_id), dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for r, s in enumerate(sequences):
+        sl = slice(width - len(s), width) if padding_side == "left" else slice(0, len(s))
+        ids[r, sl] = torch.tensor(list(s), dtype=torch.long)
+        mask[r, sl] = 1
+    return ids, mask
+
+
+class ListDataset(torch.utils.data.Dataset):
+    """Candidate lists with prompts tokenised once and every image's token ids looked up once."""
+
+    def __init__(self, lists: Sequence[dict], tokenizer, image_token_ids: dict, prompt_format, *,
+                 max_length: int = 64, source: str = "reranker_data"):
+        self.lists = list(lists)
+        self.image_ids = image_token_ids  # image id -> [token ids]
+        for n, lst in enumerate(self.lists, 1):
+            for c in lst["candidates"]:
+                if c not in image_token_ids:
+                    raise InputError(f"{source}: record {n}: candidate image {c!r} has no image tokens "
+                                     "(reranker_tokens/ made from other codes?)")
+        enc = tokenizer([prompt_format(x["query"]) for x in self.lists], truncation=True, max_length=max_length)
+        self.prompts = [list(p) for p in enc["input_ids"]]
+        self.eos = int(tokenizer.eos_token_id)
+        self.pad = int(tokenizer.pad_token_id)
+        self.labels = [positive_index(x) for x in self.lists]
+
+    def __len__(self) -> int:
+        return len(self.lists)
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+class ListCollator:
+    """Batch of list indices -> every (query, candidate) sequence of those lists, flattened.
+
+    Returns input_ids/attention_mask [sum of list lengths, T], ``list_index`` [P] (which list each
+    pair belongs to), the same pairs as right-padded prompts [B, Tp] + candidate tokens [P, L] for
+    the shared-prefix path (when every image has the same number of tokens), and per list (padded to the longest list, ``valid`` marks real entries):
+    ``retriever_scores`` [B, K] (0 where unknown), ``known`` [B, K], ``labels`` [B] (positive index,
+    -1 if absent) and ``inserted`` [B]."""
+
+    def __init__(self, dataset: ListDataset, padding_side: str = "right"):
+        self.ds, self.side = dataset, padding_side
+
+    def __call__(self, idx: Sequence[int]) -> dict:
+        ds = self.ds
+        seqs, owner = [], []
+        for b, i in enumerate(idx):
+            for c in ds.lists[i]["candidates"]:
+                seqs.append(ds.prompts[i] + ds.image_ids[c] + [ds.eos])
+                owner.append(b)
+        ids, mask = pack(seqs, ds.pad, self.side)
+        prompt_ids, prompt_mask = pack([ds.prompts[i] for i in idx], ds.pad, "right")
+        cands = [ds.image_ids[c] + [ds.eos] for i in idx for c in ds.lists[i]["candidates"]]
+        same = len({len(c) for c in cands}) == 1
+        k = max(len(ds.lists[i]["candidates"]) for i in idx)
+        scores = torch.zeros((len(idx), k))
+        known = torch.zeros((len(idx), k), dtype=torch.bool)
+        valid = torch.zeros((len(idx), k), dtype=torch.bool)
+        for b, i in enumerate(idx):
+            for j, s in enumerate(ds.lists[i]["scores"]):
+                valid[b, j] = True
+                if s is not None:
+                    scores[b, j], known[b, j] = float(s), True
+        extra = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+                 "candidate_ids": torch.tensor(cands, dtype=torch.long)} if same else {}
+        return {**extra, "input_ids": ids, "attention_mask": mask, "list_index": torch.tensor(owner, dtype=torch.long),
+                "retriever_scores": scores, "known": known, "valid": valid,
+                "labels": torch.tensor([ds.labels[i] for i in idx], dtype=torch.long),
+                "inserted": torch.tensor([bool(ds.lists[i]["inserted"]) for i in idx]),
+                "index": torch.as_tensor(list(idx), dtype=torch.long)}
+
+
+def unflatten(pair_scores: torch.Tensor, batch: dict) -> torch.Tensor:
+    """Per-pair scores [P] -> [B, K] in list order (-inf where ``valid`` is False)."""
+    valid = batch["valid"].to(pair_scores.device)
+    out = torch.full(valid.shape, float("-inf"), dtype=pair_scores.dtype, device=pair_scores.device)
+    out[valid] = pair_scores  # pairs are emitted list by list, candidate by candidate = row-major valid order
+    return out
+
+
+def lists_per_batch(n_lists: int, batch_size: int) -> int:
+    return math.ceil(n_lists / batch_size) if n_lists else 0
+
+
+def seeded_subset(items: list, n: int, seed: int, salt: int) -> list:
+    """A seeded random subset of N items in their original order (all when n <= 0)."""
+    if n <= 0 or n >= len(items):
+        return list(items)
+    pick = np.sort(np.random.default_rng([seed, salt]).choice(len(items), n, replace=False))
+    return [items[i] for i in pick]
+
+
+__all__ = ["candidate_list", "candidate_lists", "list_stats", "load_lists", "positive_index", "pack", "ListDataset",
+           "ListCollator", "unflatten", "seeded_subset", "lists_per_batch"]

@@ -1,0 +1,220 @@
+"""Reranker data: the retriever's top-k candidates (with scores) for training and evaluation queries.
+
+    python -m avg.reranker.prepare_dataset --data-dir outputs/demo/retriever_data \\
+        --retriever-dir outputs/demo/retriever_t5_stage2/best --out-dir outputs/demo/reranker_data \\
+        --reuse-retriever-runs --max-train-queries 3000 --max-val-queries 1000
+
+For each split, either an existing run file of the retriever is reused (``--run-file
+SPLIT=PATH``; no search) or the retriever (a T5 or LLaMA retriever folder) runs its constrained
+beam search (avg.retriever.evaluate.evaluate_split) over the split's queries.
+
+Training queries are searched against galleries of ``--train-gallery-size`` train images (the train
+images, shuffled with the seed, cut into chunks; each query searches the chunk that holds its
+image). With the test gallery's size (1,000 on the demo and Flickr30K), training lists are as hard
+as test lists; the whole train gallery (0) makes them much harder (the retriever finds few golds
+among 10,000+ images). Training lists always hold the positive (avg.reranker.data); val/test lists
+are kept exactly as retrieved.
+
+Writes ``{split}.jsonl`` (candidate lists), ``run_{split}.jsonl`` (the retriever's run on that
+split, for the before/after table), ``meta.json`` (k, sources, gold-in-top-k per split) and
+``stage.json``.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from avg.eval.metrics import retrieval_metrics
+from avg.eval.runfiles import read_run, write_run
+from avg.reranker.data import candidate_lists, list_stats, seeded_subset
+from avg.retriever.gallery import Gallery
+from avg.retriever.training import load_split
+from avg.utils.cli import run_main
+from avg.utils.io import InputError, write_json, write_jsonl
+from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
+from avg.utils.tracking import get_logger
+
+STAGE = "prepare_reranker_dataset"
+SALTS = {"train": 11, "val": 12, "test": 13}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", required=True, help="retriever_data/ folder ({split}.jsonl, gallery_{split}.json)")
+    p.add_argument("--out-dir", required=True, help="output folder (reranker_data/)")
+    p.add_argument("--retriever-dir", default=None, help="a saved retriever (T5 or LLaMA <out-dir>/best) to search splits without --run-file")
+    p.add_argument("--run-file", action="append", default=[], metavar="SPLIT=PATH",
+                   help="reuse an existing run file of the retriever for SPLIT instead of searching (repeatable)")
+    p.add_argument("--splits", default="train,val,test", help="comma-separated splits to prepare")
+    p.add_argument("--topk", type=int, default=20, help="candidates kept per query")
+    p.add_argument("--num-beams", type=int, default=0, help="beam size of the search (0: --topk)")
+    p.add_argument("--max-train-queries", type=int, default=0, help="a seeded subset of N training queries (0: all)")
+    p.add_argument("--max-val-queries", type=int, default=0, help="a seeded subset of N val queries (0: all)")
+    p.add_argument("--max-test-queries", type=int, default=0, help="a seeded subset of N test queries (0: all)")
+    p.add_argument("--reuse-retriever-runs", action="store_true",
+                   help="for splits without --run-file, reuse the run files the retriever's trainer wrote next to "
+                        "--retriever-dir (eval/run_test.jsonl, eval/run_val_epoch<best>.jsonl) when they exist")
+    p.add_argument("--train-gallery-size", type=int, default=1000,
+                   help="search each training query among a chunk of this many train images (0: the whole train gallery)")
+    p.add_argument("--batch-size", type=int, default=64, help="queries per search batch")
+    p.add_argument("--max-length", type=int, default=0, help="max query tokens for the search (0: the retriever's)")
+    p.add_argument("--collision-seed", type=int, default=0, help="seed of the order among images sharing a code")
+    p.add_argument("--seed", type=int, default=42, help="seed of the query subsets and train gallery chunks")
+    p.add_argument("--cpu", action="store_true", help="search on the CPU even when a GPU is present")
+    add_force_arg(p)
+    return p.parse_args(argv)
+
+
+def load_any_retriever(path: str | Path, device):
+    """A saved T5 (train_t5) or decoder-only (train_llama) retriever -> (model, tokenizer, vocab,
+    format_query, max_length)."""
+    from avg.retriever import llama as L
+    from avg.retriever.vocab import VokenVocab
+
+    path = Path(path)
+    if (path / L.RETRIEVER_FILE).is_file():
+        tok, model, vocab, meta = L.load_retriever(path, device=device)
+        return L.search_model(model), tok, vocab, L.prompt_formatter(meta["prompt_template"]), int(meta.get("max_length", 96))
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path}: not a saved retriever (no config.json / {L.RETRIEVER_FILE})")
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSeq2SeqLM.from_pretrained(path).to(device).eval()
+    return model, tok, VokenVocab.load(path, tok), None, 64
+
+
+def parse_run_files(items) -> dict:
+    out = {}
+    for item in items:
+        split, sep, path = item.partition("=")
+        if not sep or split not in SALTS or not path:
+            raise InputError(f"--run-file {item!r}: expected SPLIT=PATH with SPLIT in {sorted(SALTS)}")
+        out[split] = path
+    return out
+
+
+def retriever_run_files(retriever_dir: str | Path, splits) -> dict:
+    """Run files a retriever trainer left next to its best/ folder: ``eval/run_test.jsonl`` and
+    ``eval/run_val_epoch<e>.jsonl`` of the best epoch (best.json), for the splits that have one."""
+    from avg.utils.io import read_json
+
+    best = Path(retriever_dir)
+    eval_dir = best.parent / "eval"
+    found = {}
+    if "test" in splits and (eval_dir / "run_test.jsonl").is_file():
+        found["test"] = str(eval_dir / "run_test.jsonl")
+    epoch = read_json(best / "best.json").get("epoch") if (best / "best.json").is_file() else None
+    if "val" in splits and epoch is not None and (eval_dir / f"run_val_epoch{epoch}.jsonl").is_file():
+        found["val"] = str(eval_dir / f"run_val_epoch{epoch}.jsonl")
+    return found
+
+
+def train_chunks(gallery: Gallery, size: int, seed: int) -> list[Gallery]:
+    """The train images in a seeded order, cut into galleries of `size` images (last one merged if small)."""
+    if size <= 0 or size >= len(gallery):
+        return [gallery]
+    order = np.random.default_rng([seed, 99]).permutation(len(gallery))
+    cuts = [order[i:i + size] for i in range(0, len(order), size)]
+    if len(cuts) > 1 and len(cuts[-1]) < size // 2:
+        cuts[-2] = np.concatenate([cuts[-2], cuts.pop()])
+    return [Gallery([gallery.image_ids[i] for i in c], gallery.codes[c], seed=gallery.seed, name=f"{gallery.name}[chunk]")
+            for c in cuts]
+
+
+def search_split(retriever, queries: list, galleries: list[Gallery], *, num_beams: int, batch_size: int,
+                 max_length: int, device, desc: str) -> list[dict]:
+    """Run the retriever; each query searches the gallery that holds its gold image."""
+    from avg.retriever.evaluate import evaluate_split
+
+    model, tok, vocab, fmt, ml = retriever
+    owner = {}
+    for g, gal in enumerate(galleries):
+        owner.update({i: g for i in gal.image_ids})
+    records: dict = {}
+    for g, gal in enumerate(galleries):
+        mine = [q for q in queries if owner.get(q["image_id"]) == g]
+        if not mine:
+            continue
+        recs, _ = evaluate_split(model, tok, vocab, mine, gal, num_beams, batch_size, device,
+                                 max_length=max_length or ml, format_query=fmt, desc=f"{desc} {g + 1}/{len(galleries)}")
+        records.update({r["qid"]: dict(r, gallery_size=len(gal)) for r in recs})
+    return [records[q["qid"]] for q in queries if q["qid"] in records]
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    log = get_logger("avg.reranker.prepare")
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    bad = [s for s in splits if s not in SALTS]
+    if bad:
+        raise InputError(f"--splits: unknown split(s) {bad}")
+    run_files = parse_run_files(args.run_file)
+    if args.reuse_retriever_runs and args.retriever_dir:
+        run_files = {**retriever_run_files(args.retriever_dir, [s for s in splits if s not in run_files]), **run_files}
+    need_search = [s for s in splits if s not in run_files]
+    if need_search and not args.retriever_dir:
+        raise InputError(f"splits {need_search} have no --run-file: pass --retriever-dir to search them")
+    for split, path in run_files.items():
+        if not Path(path).is_file():
+            raise InputError(f"{path}: run file for {split} not found")
+    num_beams = args.num_beams or args.topk
+    if num_beams < args.topk:
+        raise InputError(f"--num-beams {num_beams} < --topk {args.topk}: a beam returns at most num_beams images")
+    data_dir = Path(args.data_dir)
+    if not (data_dir / "meta.json").is_file() and not any(data_dir.glob("gallery_*.json")):
+        raise InputError(f"{data_dir}: not a retriever_data folder (run scripts/prepare_retriever_dataset.sh first)")
+    out_dir = Path(args.out_dir)
+    run = begin_stage(out_dir, STAGE, vars(args), inputs=[args.data_dir, args.retriever_dir, *run_files.values()],
+                      force=args.force, ignore=("batch_size",))
+    if run.up_to_date and skip_if_done():
+        log.info("%s: up to date, skipping", out_dir)
+        return run.previous.get("summary") or {}
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    retriever = load_any_retriever(args.retriever_dir, device) if need_search else None
+    code_len = retriever[2].code_len if retriever else None
+    meta = {"topk": args.topk, "num_beams": num_beams, "splits": {}}
+    outputs = {}
+    for split in splits:
+        limit = {"train": args.max_train_queries, "val": args.max_val_queries, "test": args.max_test_queries}[split]
+        if split in run_files:
+            records = [r.to_json() for r in read_run(run_files[split])]
+            records = seeded_subset(records, limit, args.seed, SALTS[split])
+            source, gallery_size = f"run file {run_files[split]}", None
+            gal_path = data_dir / f"gallery_{split}.json"
+            if gal_path.is_file():
+                gallery_size = len(Gallery.load(gal_path))
+        else:
+            queries, gallery = load_split(data_dir, split, code_len, args.collision_seed)
+            if not queries or gallery is None:
+                raise InputError(f"{data_dir}: no {split}.jsonl / gallery_{split}.json")
+            queries = seeded_subset([dict(q, qid=q.get("qid", i)) for i, q in enumerate(queries)], limit, args.seed, SALTS[split])
+            galleries = train_chunks(gallery, args.train_gallery_size, args.seed) if split == "train" else [gallery]
+            log.info("%s: searching %d queries over %d galler%s of ~%d images (beam %d)", split, len(queries),
+                     len(galleries), "y" if len(galleries) == 1 else "ies", len(galleries[0]), num_beams)
+            records = search_split(retriever, queries, galleries, num_beams=num_beams, batch_size=args.batch_size,
+                                   max_length=args.max_length, device=device, desc=f"search {split}")
+            source, gallery_size = f"retriever {args.retriever_dir}", len(galleries[0])
+        if not records:
+            raise InputError(f"{split}: no queries to prepare")
+        lists = candidate_lists(records, args.topk, insert_positive=(split == "train"))
+        stats = {**list_stats(lists), "source": source, "gallery_size": gallery_size}
+        if split != "train":
+            stats["retriever_metrics"] = retrieval_metrics(records, gallery_size=gallery_size)
+        meta["splits"][split] = stats
+        outputs[split] = (lists, [{k: r[k] for k in ("qid", "query", "gold", "ranked", "scores")} for r in records])
+        log.info("%s: %d lists, gold in top-%d for %.2f%% (%d positives inserted) [%s]", split, len(lists), args.topk,
+                 stats["gold_in_topk"], stats["inserted"], source)
+    for split, (lists, records) in outputs.items():  # written only when every split succeeded
+        write_jsonl(lists, out_dir / f"{split}.jsonl")
+        write_run(records, out_dir / f"run_{split}.jsonl")
+    write_json(meta, out_dir / "meta.json")
+    run.complete(summary={f"{s}/gold_in_topk": v["gold_in_topk"] for s, v in meta["splits"].items()})
+    return meta
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,137 @@
+"""Rerank a split's retriever top-k lists with a saved reranker; R@K before and after, one protocol.
+
+    python -m avg.reranker.test --reranker-dir outputs/demo/reranker/best \\
+        --data-dir outputs/demo/reranker_data --split test --out-dir outputs/demo/reranker/test
+    torchrun --nproc_per_node 4 -m avg.reranker.test ...   # lists sharded over processes
+
+Both rankings of the same lists are scored by avg.eval.metrics.retrieval_metrics with the
+split's gallery size (a gold image outside the top-k is a miss before and after, at rank =
+gallery size for the mean rank). Writes ``run_<split>.jsonl`` (reranked), ``metrics_<split>.json``
+(system "avg_reranker", with the before-reranking metrics under "before"),
+``metrics_<retriever>_top<k>_<split>.json`` (the retriever's order of the same lists, its own
+system name, so the results table shows both), ``eval.log``, ``metrics.jsonl`` and ``stage.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from avg.eval.metrics import format_metrics, retrieval_metrics
+from avg.eval.runfiles import write_run
+from avg.reranker import model as RM
+from avg.reranker.data import ListDataset, load_lists, seeded_subset
+from avg.retriever import llama as L
+from avg.retriever.test_llama import _device
+from avg.utils.cli import run_main
+from avg.utils.io import InputError, read_json, write_json
+from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
+from avg.utils.tracking import RunLogger
+
+SYSTEM = "avg_reranker"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--reranker-dir", required=True, help="a saved reranker (avg.reranker.train's out-dir/best)")
+    p.add_argument("--data-dir", required=True, help="reranker_data/ folder ({split}.jsonl, meta.json)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"), help="which candidate lists")
+    p.add_argument("--out-dir", required=True, help="where run and metrics files go")
+    p.add_argument("--base-model", default=None, help="base model path/name for a LoRA reranker (default: the recorded one)")
+    p.add_argument("--batch-size", type=int, default=16, help="lists per scoring batch (x top-k sequences)")
+    p.add_argument("--max-queries", type=int, default=0, help="a seeded random subset of N lists (0: all)")
+    p.add_argument("--seed", type=int, default=42, help="seed of the --max-queries subset")
+    p.add_argument("--no-shared-prefix", action="store_true", help="score every (query, candidate) sequence in full (slower; same scores)")
+    p.add_argument("--model-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="weights dtype (auto: bf16 on a bf16-capable GPU, else float32)")
+    p.add_argument("--retriever-name", default="retriever", help="system name of the retriever in the before-reranking metrics file")
+    p.add_argument("--system", default=SYSTEM, help="system name written into the metrics json")
+    p.add_argument("--cpu", action="store_true", help="force CPU even when a GPU is present")
+    p.add_argument("--wandb-project", default="avg", help="wandb project (offline unless WANDB_MODE=online)")
+    p.add_argument("--run-name", default=None, help="run name for logs and wandb")
+    add_force_arg(p)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    data_dir, out_dir = Path(args.data_dir), Path(args.out_dir)
+    lists = load_lists(data_dir / f"{args.split}.jsonl")
+    meta = read_json(data_dir / "meta.json") if (data_dir / "meta.json").is_file() else {}
+    split_meta = meta.get("splits", {}).get(args.split, {})
+    gallery_size = split_meta.get("gallery_size")
+    if args.split == "train" and split_meta.get("inserted"):
+        raise InputError(f"{data_dir / 'train.jsonl'}: training lists hold inserted positives; evaluate val or test")
+    if not (Path(args.reranker_dir) / RM.META_FILE).is_file():
+        raise InputError(f"{Path(args.reranker_dir) / RM.META_FILE}: not found (run scripts/finetune_reranker_llama.sh first)")
+    run = begin_stage(out_dir, "test_reranker", vars(args), inputs=[args.reranker_dir, args.data_dir], force=args.force,
+                      ignore=("batch_size", "no_shared_prefix"))
+    if run.up_to_date and skip_if_done():
+        return run.previous.get("summary") or {}
+    device = _device(args.cpu)
+    logger = RunLogger(out_dir, project=args.wandb_project, run_name=args.run_name or f"reranker-{args.split}",
+                       config=vars(args), log_name="eval.log")
+    dtype = L.resolve_dtype(args.model_dtype, lora=True, device=device)
+    tokenizer, reranker, tokens, rmeta = RM.load_reranker(args.reranker_dir, base_model=args.base_model, dtype=dtype,
+                                                          device=device)
+    ids = torch.tensor(tokenizer.convert_tokens_to_ids([f"<img_{i:05d}>" for i in range(tokens.mapping.num_tokens)]))
+    n_total = len(lists)
+    lists = seeded_subset(lists, args.max_queries, args.seed, 3)
+    ds = ListDataset(lists, tokenizer, RM.image_token_ids(tokens, ids), L.prompt_formatter(rmeta["prompt_template"]),
+                     max_length=int(rmeta.get("max_length", 64)), source=str(data_dir / f"{args.split}.jsonl"))
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    logger.info("%s: reranking %d of %d %s lists (top-%d) on %s, fusion %s (w=%.3f)", args.reranker_dir, len(lists),
+                n_total, args.split, max(len(x["candidates"]) for x in lists), device, rmeta["fusion"],
+                float(reranker.fusion_weight.detach()))
+    t0 = time.time()
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" and dtype == torch.bfloat16 else None
+    scores = RM.score_lists(reranker, ds, args.batch_size, device, desc=f"rerank {args.split}", autocast=autocast,
+                            indices=range(rank, len(ds), world), share_prefix=not args.no_shared_prefix,
+                            show_progress=rank == 0)
+    if world > 1:
+        parts: list = [None] * world
+        dist.all_gather_object(parts, scores)
+        scores = {i: v for part in parts for i, v in part.items()}
+    seconds = time.time() - t0
+    records = RM.reranked_records(lists, scores)
+    before_records = [{"qid": x["qid"], "query": x["query"], "gold": x["gold"], "ranked": x["candidates"],
+                       "scores": [s if s is not None else float("nan") for s in x["scores"]]} for x in lists]
+    after = retrieval_metrics(records, gallery_size=gallery_size)
+    before = retrieval_metrics(before_records, gallery_size=gallery_size)
+    k = max(len(x["candidates"]) for x in lists)
+    before_system = f"{args.retriever_name}_top{k}"
+    metrics = {**after, "system": args.system, "split": args.split, "reranker_dir": str(args.reranker_dir),
+               "base_model": args.base_model or rmeta["base_model"], "lora": bool(rmeta["lora"]), "topk": k,
+               "fusion": rmeta["fusion"], "fusion_weight": float(reranker.fusion_weight.detach()),
+               "queries_total": n_total, "before": {**before, "system": before_system},
+               "seconds": seconds, "queries_per_s": len(lists) / max(seconds, 1e-9)}
+    if logger.enabled:
+        write_run(records, out_dir / f"run_{args.split}.jsonl")
+        write_json(metrics, out_dir / f"metrics_{args.split}.json")
+        write_json({**before, "system": before_system, "split": args.split, "topk": k,
+                    "note": "the retriever's own order of the lists the reranker saw"},
+                   out_dir / f"metrics_{before_system}_{args.split}.json")
+    table = ["| ranking | R@1 | R@5 | R@10 | mean rank |", "|---|---|---|---|---|"]
+    for name, m in ((before_system, before), (args.system, after)):
+        table.append(f"| {name} | {m['R@1']:.2f} | {m['R@5']:.2f} | {m['R@10']:.2f} | {m['mean_rank']:.2f} |")
+    logger.info("%s %s (%d queries, %.1f lists/s):\n%s", args.system, args.split, len(lists), metrics["queries_per_s"],
+                "\n".join(table))
+    logger.info("before: %s | after: %s", format_metrics(before), format_metrics(after))
+    logger.log({**{f"eval/{args.split}/{k_}": v for k_, v in after.items() if isinstance(v, (int, float))},
+                **{f"eval/{args.split}_before/{k_}": v for k_, v in before.items() if isinstance(v, (int, float))}})
+    logger.summary({f"{args.split}/{k_}": v for k_, v in metrics.items() if isinstance(v, (int, float, str))})
+    if logger.wandb_run is not None:
+        import wandb
+        logger.wandb_run.log({f"{args.split}/rerank_table": wandb.Table(
+            columns=["ranking", "R@1", "R@5", "R@10", "mean_rank"],
+            data=[[n, m["R@1"], m["R@5"], m["R@10"], m["mean_rank"]] for n, m in ((before_system, before), (args.system, after))])})
+    logger.finish()
+    run.complete(summary={"R@1": after["R@1"], "R@5": after["R@5"], "R@10": after["R@10"], "before_R@1": before["R@1"]})
+    return metrics
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,308 @@
+"""Train the reranker: a causal LM (LoRA, or full fine-tuning for small models) + an MLP head scoring
+each (query, candidate image tokens) pair of the retriever's top-k lists.
+
+    python -m avg.reranker.train --data-dir outputs/demo/reranker_data --tokens-dir outputs/demo/reranker_tokens \\
+        --model data/demo/llama-demo --full-finetune --out-dir outputs/demo/reranker
+    accelerate launch -m avg.reranker.train ... --model <SEED-LLaMA path> --gradient-checkpointing
+
+Loss per batch of lists: listwise softmax cross-entropy with the positive (avg.reranker.losses)
++ ``--pointwise-weight`` x BCE. With fusion (``--fusion fixed|learned``) the listwise loss is taken
+on ``head + w * retriever score`` for lists as the retriever returned them; on lists whose positive
+was inserted (the retriever missed it; its score is unknown) it is taken on the head alone, so w
+is learned only from lists that look like evaluation lists.
+
+Outputs under --out-dir: ``best/`` (avg.reranker.model.save_reranker; chosen by reranked val R@1),
+``checkpoints/last`` (accelerate state, for --resume), ``eval/run_val_epoch<e>.jsonl``,
+``train.log``, ``metrics.jsonl``, ``stage.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator, DistributedType
+from transformers import get_linear_schedule_with_warmup
+
+from avg.eval.metrics import format_metrics, retrieval_metrics
+from avg.eval.runfiles import write_run
+from avg.reranker import model as RM
+from avg.reranker.data import ListCollator, ListDataset, load_lists, seeded_subset
+from avg.reranker.image_tokens import ImageTokens
+from avg.reranker.losses import listwise_loss, pointwise_loss
+from avg.retriever import llama as L
+from avg.retriever.data import EpochBatchSampler
+from avg.retriever.train_llama import check_checkpoint, trainable_only_hooks
+from avg.retriever.training import (STATE_FILE, accumulation_group, checkpoint_after_step, optimizer_step, resume_from,
+                                    save_checkpoint, select_best)
+from avg.utils.cli import run_main
+from avg.utils.io import InputError, read_json
+from avg.utils.seed import set_seed
+from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
+from avg.utils.tracking import RunLogger
+
+STAGE = "finetune_reranker"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data and model")
+    g.add_argument("--data-dir", required=True, help="reranker_data/ folder (train.jsonl, val.jsonl, meta.json)")
+    g.add_argument("--tokens-dir", required=True, help="reranker_tokens/ folder (image_tokens.json)")
+    g.add_argument("--model", required=True, help="causal LM: SEED-LLaMA path, a hub name or a local folder")
+    g.add_argument("--out-dir", required=True, help="output folder")
+    g.add_argument("--prompt-template", default=RM.DEFAULT_PROMPT_TEMPLATE,
+                   help="text before the image tokens; must contain {query}")
+    g.add_argument("--max-length", type=int, default=64, help="max prompt tokens (truncated from the left)")
+    g.add_argument("--max-train-lists", type=int, default=0, help="a seeded subset of N training lists (0: all)")
+    g.add_argument("--max-eval-lists", type=int, default=0, help="a seeded subset of N val lists for model selection (0: all)")
+    g = p.add_argument_group("model")
+    g.add_argument("--full-finetune", action="store_true", help="train every weight, no LoRA (small or random models)")
+    g.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
+    g.add_argument("--lora-alpha", type=int, default=16, help="LoRA scaling alpha")
+    g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input")
+    g.add_argument("--lora-target-modules", default=L.DEFAULT_LORA_TARGETS, help="comma-separated module names, or 'all-linear'")
+    g.add_argument("--head-inner", type=int, default=256, help="hidden width of the MLP scoring head")
+    g.add_argument("--head-dropout", type=float, default=0.1, help="dropout inside the MLP head")
+    g.add_argument("--fusion", choices=RM.FUSION_MODES, default="learned",
+                   help="add w * retriever score to the head score: none, a fixed w, or a learned w")
+    g.add_argument("--fusion-weight", type=float, default=1.0, help="w (the initial value when learned)")
+    g = p.add_argument_group("loss and optimisation")
+    g.add_argument("--pointwise-weight", type=float, default=0.0, help="weight of the pointwise BCE loss (0: listwise only)")
+    g.add_argument("--temperature", type=float, default=1.0, help="temperature of the listwise softmax")
+    g.add_argument("--epochs", type=int, default=1, help="training epochs")
+    g.add_argument("--batch-size", type=int, default=8, help="lists per device per micro-batch (x top-k sequences)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of the LM")
+    g.add_argument("--head-lr", type=float, default=1e-3, help="peak learning rate of the head and the fusion weight")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (not on biases/norms)")
+    g.add_argument("--warmup-ratio", type=float, default=0.05, help="fraction of steps of linear warmup")
+    g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    g.add_argument("--mixed-precision", choices=("auto", "no", "fp16", "bf16"), default="auto",
+                   help="autocast precision (auto: bf16 on a bf16-capable GPU, else no)")
+    g.add_argument("--model-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="dtype of the LM weights (auto: bf16 base under LoRA on a bf16 GPU, else float32)")
+    g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (scores "
+                   "every (query, candidate) sequence in full: the KV cache of the shared prompt is not kept)")
+    g.add_argument("--no-shared-prefix", action="store_true",
+                   help="run every (query, candidate) sequence in full instead of computing each prompt once "
+                        "(same scores, slower; needed with flash-attention-2)")
+    g.add_argument("--seed", type=int, default=42, help="seed for init, data order and dropout")
+    g.add_argument("--cpu", action="store_true", help="force CPU even when a GPU is present")
+    g = p.add_argument_group("evaluation, checkpoints and logging")
+    g.add_argument("--eval-every", type=int, default=1, help="evaluate on val every N epochs (0: after the last only)")
+    g.add_argument("--eval-batch-size", type=int, default=16, help="lists per scoring batch")
+    g.add_argument("--resume", action="store_true", help="continue from out-dir/checkpoints/last if present")
+    g.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N optimizer steps")
+    g.add_argument("--stop-after-steps", type=int, default=0, help="checkpoint and exit after N optimizer steps (0: off)")
+    g.add_argument("--log-every", type=int, default=10, help="log the training loss every N optimizer steps")
+    g.add_argument("--wandb-project", default="avg", help="wandb project (offline unless WANDB_MODE=online)")
+    g.add_argument("--run-name", default=None, help="run name for logs and wandb")
+    add_force_arg(p)
+    return p.parse_args(argv)
+
+
+def build_model(args, tokens: ImageTokens, device):
+    """LM + image tokens (+ LoRA) + head -> (tokenizer, reranker, token ids, added)."""
+    lora = not args.full_finetune
+    dtype = L.resolve_dtype(args.model_dtype, lora=lora, device=device)
+    tokenizer, lm = L.load_causal_lm(args.model, dtype=dtype)
+    ids, added = RM.ensure_image_tokens(tokenizer, lm, tokens.mapping, tokens.vectors, seed=args.seed, model_name=args.model)
+    if args.gradient_checkpointing:
+        L.enable_checkpointing(lm)
+    lm.config.use_cache = False
+    if lora:
+        lm = RM.add_lora(lm, ids, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                         target_modules=args.lora_target_modules)
+    reranker = RM.Reranker(lm, head_inner=args.head_inner, head_dropout=args.head_dropout, fusion=args.fusion,
+                           fusion_weight=args.fusion_weight)
+    return tokenizer, reranker, ids, added, dtype
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    L.check_template(args.prompt_template)
+    data_dir = Path(args.data_dir)
+    train_lists = load_lists(data_dir / "train.jsonl")
+    if not train_lists:
+        raise InputError(f"{data_dir / 'train.jsonl'}: no training lists")
+    val_path = data_dir / "val.jsonl"
+    val_lists = load_lists(val_path) if val_path.is_file() else []
+    tokens = ImageTokens.load(args.tokens_dir)
+    meta = read_json(data_dir / "meta.json") if (data_dir / "meta.json").is_file() else {}
+    val_gallery = (meta.get("splits", {}).get("val") or {}).get("gallery_size")
+    out_dir = Path(args.out_dir)
+    stage = begin_stage(out_dir, STAGE, vars(args), inputs=[args.data_dir, args.tokens_dir, args.model],
+                        force=args.force, ignore=("stop_after_steps", "save_every_steps", "no_shared_prefix"),
+                        mark_running=False)
+    if stage.up_to_date and skip_if_done():
+        return stage.previous.get("summary") or {}
+    cuda = torch.cuda.is_available() and not args.cpu
+    mp = args.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    accelerator = Accelerator(mixed_precision=mp, cpu=args.cpu)
+    accelerator.wait_for_everyone()  # every rank has read the manifest before the main process rewrites it
+    stage.running()
+    set_seed(args.seed)
+    ckpt_dir = out_dir / "checkpoints" / "last"
+    # re-running the command of an interrupted run (stage.json "running", same config) resumes by itself
+    interrupted = not stage.fresh and stage.previous.get("status") == "running"
+    resuming = (args.resume and not stage.fresh or interrupted) and (ckpt_dir / STATE_FILE).is_file()
+    logger = RunLogger(out_dir, project=args.wandb_project, run_name=args.run_name or "reranker", config=vars(args),
+                       resume=resuming)
+    if not resuming and accelerator.is_main_process:
+        for stale in (out_dir / "best", out_dir / "checkpoints", out_dir / "eval"):
+            if stale.exists():
+                logger.info("fresh run: removing %s from an earlier run", stale)
+                shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+    device = accelerator.device
+
+    tokenizer, reranker, ids, added, dtype = build_model(args, tokens, device)
+    lora = not args.full_finetune
+    n_train = sum(p.numel() for p in reranker.parameters() if p.requires_grad)
+    n_all = sum(p.numel() for p in reranker.parameters())
+    logger.info("%s + %d image tokens (%s), %s, head %d, fusion %s (w=%.2f): %d / %d trainable weights",
+                args.model, len(ids), "added" if added else "the model's own", "LoRA" if lora else "full fine-tuning",
+                args.head_inner, args.fusion, args.fusion_weight, n_train, n_all)
+    id_table = RM.image_token_ids(tokens, ids)
+    fmt = L.prompt_formatter(args.prompt_template)
+    train_lists = seeded_subset(train_lists, args.max_train_lists, args.seed, 1)
+    val_lists = seeded_subset(val_lists, args.max_eval_lists, args.seed, 2)
+    train_ds = ListDataset(train_lists, tokenizer, id_table, fmt, max_length=args.max_length, source=str(data_dir / "train.jsonl"))
+    val_ds = ListDataset(val_lists, tokenizer, id_table, fmt, max_length=args.max_length, source=str(val_path)) if val_lists else None
+    collate = ListCollator(train_ds)
+    sampler = EpochBatchSampler(len(train_ds), args.batch_size, seed=args.seed, rank=accelerator.process_index,
+                                world_size=accelerator.num_processes)
+    micro_per_epoch = sampler.batches_per_epoch()
+    steps_per_epoch = math.ceil(micro_per_epoch / args.grad_accum) if micro_per_epoch else 0
+    total_steps = max(1, steps_per_epoch * args.epochs)
+
+    head_params = [p for n, p in reranker.named_parameters() if p.requires_grad and not n.startswith("lm.")]
+    decay, no_decay = [], []
+    for n, p in reranker.named_parameters():
+        if p.requires_grad and n.startswith("lm."):
+            (no_decay if p.ndim < 2 or "norm" in n.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0},
+              {"params": head_params, "weight_decay": 0.0, "lr": args.head_lr}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
+    model, optimizer = accelerator.prepare(reranker, optimizer)  # the schedule is checkpointed as JSON (resume_from)
+    partial_ckpt = lora and accelerator.distributed_type != DistributedType.DEEPSPEED
+    if partial_ckpt:
+        trainable_only_hooks(accelerator)
+    unwrapped = lambda: accelerator.unwrap_model(model)  # noqa: E731
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_r1": None, "best_epoch": None}
+    if resuming:
+        if partial_ckpt:
+            check_checkpoint(ckpt_dir, model)
+        resume_from(accelerator, ckpt_dir, scheduler, state, models=[model], **({"strict": False} if partial_ckpt else {}))
+        logger.info("resumed from %s at epoch %d step %d", ckpt_dir, state["epoch"] + 1, state["global_step"])
+
+    eval_dir, best_dir = out_dir / "eval", out_dir / "best"
+    save_kwargs = dict(base_model=args.model, prompt_template=args.prompt_template, max_length=args.max_length,
+                       image_tokens_added=added)
+
+    def run_eval(epoch: int) -> None:
+        metrics_all = {"epoch": epoch}
+        if val_ds is not None and accelerator.is_main_process:
+            scores = RM.score_lists(unwrapped(), val_ds, args.eval_batch_size, device, desc="eval val",
+                                    autocast=accelerator.autocast, share_prefix=not args.no_shared_prefix)
+            records = RM.reranked_records(val_ds.lists, scores)
+            metrics = retrieval_metrics(records, gallery_size=val_gallery)
+            write_run(records, eval_dir / f"run_val_epoch{epoch}.jsonl")
+            metrics_all.update({f"eval/val/{k}": v for k, v in metrics.items()})
+        metrics_all["fusion_weight"] = float(unwrapped().fusion_weight.detach())
+        logger.log(metrics_all, step=state["global_step"])
+        key, score, improved = select_best(state, metrics_all, epoch) if "eval/val/R@1" in metrics_all else ("last", 0.0, True)
+        if improved and accelerator.is_main_process:
+            RM.save_reranker(unwrapped(), tokenizer, tokens, best_dir,
+                             info={"epoch": epoch, "selected_by": key, "metrics": metrics_all}, **save_kwargs)
+            logger.info("new best %s=%.2f at epoch %d -> %s", key, score, epoch, best_dir)
+        accelerator.wait_for_everyone()
+
+    if val_ds is not None and state["global_step"] == 0 and accelerator.is_main_process:
+        base = retrieval_metrics([{"ranked": x["candidates"], "gold": x["gold"]} for x in val_ds.lists], gallery_size=val_gallery)
+        logger.info("val before reranking (retriever top-k order): %s", format_metrics(base))
+        logger.log({f"eval/val_retriever/{k}": v for k, v in base.items()}, step=0)
+    logger.info("train %d lists (%d micro-batches/epoch/process, %d steps), val %d lists", len(train_ds),
+                micro_per_epoch, total_steps, len(val_lists))
+    t_start, steps_this_run, train_seconds, stopped = time.time(), 0, 0.0, False
+    running = {"loss": 0.0, "listwise": 0.0, "pointwise": 0.0, "n": 0}
+    for epoch in range(state["epoch"], args.epochs):
+        model.train()
+        skip = state["step_in_epoch"] * args.grad_accum
+        sampler.set_epoch(epoch, skip_batches=skip)
+        t_epoch = t_log = time.time()
+        steps_at_log = steps_this_run
+        for j, idx in enumerate(list(sampler)):
+            micro = skip + j
+            group_size, last_in_group = accumulation_group(micro, args.grad_accum, micro_per_epoch)
+            batch = {k: v.to(device) for k, v in collate(idx).items()}  # pairs flat + prompt/candidate form
+            ctx = accelerator.no_sync(model) if not last_in_group else contextlib.nullcontext()
+            with ctx:
+                with accelerator.autocast():
+                    head, fused = model(**RM.model_inputs(batch, device), share_prefix=not args.no_shared_prefix)
+                scores = torch.where(batch["inserted"][:, None], head, fused)  # see module docstring
+                lw = listwise_loss(scores, batch["labels"], args.temperature)
+                pw = pointwise_loss(head.masked_fill(~batch["valid"], 0.0), batch["labels"], batch["valid"]) \
+                    if args.pointwise_weight > 0 else lw.new_zeros(())
+                loss = lw + args.pointwise_weight * pw + 0.0 * fused[batch["valid"]].sum()  # every param in the graph (DDP)
+                accelerator.backward(loss / group_size)
+            running["loss"] += float(loss.detach())
+            running["listwise"] += float(lw.detach())
+            running["pointwise"] += float(pw.detach())
+            running["n"] += 1
+            if not last_in_group:
+                continue
+            optimizer_step(accelerator, model.parameters(), optimizer, scheduler, args.max_grad_norm, state)
+            steps_this_run += 1
+            if state["global_step"] % args.log_every == 0:
+                n = max(running["n"], 1)
+                logger.log({"train/loss": running["loss"] / n, "train/listwise": running["listwise"] / n,
+                            "train/pointwise": running["pointwise"] / n, "train/lr": scheduler.get_last_lr()[0],
+                            "train/fusion_weight": float(unwrapped().fusion_weight.detach()),
+                            "train/s_per_step": (time.time() - t_log) / max(steps_this_run - steps_at_log, 1),
+                            "epoch": epoch + 1}, step=state["global_step"])
+                running = {k: 0.0 for k in running} | {"n": 0}
+                t_log, steps_at_log = time.time(), steps_this_run
+            if checkpoint_after_step(accelerator, ckpt_dir, state, steps_this_run, args.save_every_steps,
+                                     args.stop_after_steps):
+                stopped = True
+                break
+        train_seconds += time.time() - t_epoch
+        if stopped:
+            break
+        done = epoch + 1
+        state["epoch"], state["step_in_epoch"] = done, 0
+        if (args.eval_every and done % args.eval_every == 0) or done == args.epochs:
+            run_eval(done)
+        save_checkpoint(accelerator, ckpt_dir, state)
+
+    result = {"global_step": state["global_step"], "steps_this_run": steps_this_run, "train_seconds": train_seconds,
+              "wall_seconds": time.time() - t_start,
+              "s_per_step": train_seconds / steps_this_run if steps_this_run else None}
+    if stopped:
+        logger.info("stopped after %d steps (--stop-after-steps); resume with --resume", steps_this_run)
+        logger.finish()
+        return result
+    if not best_dir.is_dir() and accelerator.is_main_process:
+        RM.save_reranker(unwrapped(), tokenizer, tokens, best_dir, info={"epoch": state["epoch"], "selected_by": "last"},
+                         **save_kwargs)
+    accelerator.wait_for_everyone()
+    result["best_epoch"], result["best_val_R@1"] = state.get("best_epoch"), state.get("best_r1")
+    logger.summary({k: v for k, v in result.items() if v is not None})
+    logger.info("done: %d steps in %.1f s (%.3f s/step); best %s", steps_this_run, train_seconds,
+                result["s_per_step"] or 0.0, best_dir)
+    logger.finish()
+    stage.complete(summary={k: v for k, v in result.items() if k in ("global_step", "best_epoch", "best_val_R@1")})
+    return result
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Stage: the retriever's top-k candidates (with scores) per training / val / test query -> ${OUT_DIR}/${DATASET}/reranker_data/
+# Reuses the retriever's own eval run files when RERANK_REUSE_RUNS=1 (no search); searches the rest.
+# Extra flags go to avg.reranker.prepare_dataset, e.g. --run-file test=PATH, --max-test-queries 1000.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+REUSE_ARGS=()
+[ "${RERANK_REUSE_RUNS:-1}" = "1" ] && REUSE_ARGS=(--reuse-retriever-runs)
+python -m avg.reranker.prepare_dataset \
+  --data-dir "$STAGE_ROOT/retriever_data" --retriever-dir "$STAGE_ROOT/$RERANK_RETRIEVER/best" \
+  --out-dir "$STAGE_ROOT/reranker_data" --topk "$RERANK_TOPK" --num-beams "$BEAM" \
+  --max-train-queries "$RERANK_MAX_TRAIN_QUERIES" --max-val-queries "$RERANK_MAX_VAL_QUERIES" \
+  --train-gallery-size "$RERANK_TRAIN_GALLERY_SIZE" --seed "$SEED" "${REUSE_ARGS[@]}" "$@"

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Stage: rerank the retriever's top-k of a split with the trained reranker; R@1/5/10 before and after
+# -> ${OUT_DIR}/${DATASET}/reranker/test/. Multi-GPU: LAUNCH="torchrun --nproc_per_node 4" shards the lists.
+# Extra flags go to avg.reranker.test, e.g. --max-queries 1000 (a seeded subset), --base-model PATH.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+SPLIT=${SPLIT:-test}
+$LAUNCH -m avg.reranker.test \
+  --reranker-dir "$STAGE_ROOT/reranker/best" --data-dir "$STAGE_ROOT/reranker_data" --split "$SPLIT" \
+  --out-dir "$STAGE_ROOT/reranker/test" --retriever-name "$RERANK_RETRIEVER" --seed "$SEED" "$@"
