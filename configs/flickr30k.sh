@@ -42,3 +42,33 @@ LORA_R=${LORA_R:-8}
 LORA_ALPHA=${LORA_ALPHA:-16}
 LORA_DROPOUT=${LORA_DROPOUT:-0.05}
 LORA_TARGETS=${LORA_TARGETS:-q_proj,k_proj,v_proj,o_proj}
+
+# --- Reranker (avg.reranker: prepare_reranker_dataset, convert_voken_to_seed, finetune_reranker_llama, test_reranker_llama) ---
+# Retriever whose top-k is reranked: a stage folder under ${OUT_DIR}/${DATASET} holding best/ (and eval/ run files)
+RERANK_RETRIEVER=${RERANK_RETRIEVER:-retriever_t5_stage2}
+# Candidates per query (BEAM must be >= RERANK_TOPK)
+RERANK_TOPK=${RERANK_TOPK:-20}
+# 1: reuse the retriever's eval/run_test.jsonl and eval/run_val_epoch<best>.jsonl instead of searching those splits again
+RERANK_REUSE_RUNS=${RERANK_REUSE_RUNS:-1}
+# Seeded subset of training captions searched to build training lists (0: all)
+RERANK_MAX_TRAIN_QUERIES=${RERANK_MAX_TRAIN_QUERIES:-20000}
+# Seeded subset of val queries used for model selection (0: all); test lists are always complete
+RERANK_MAX_VAL_QUERIES=${RERANK_MAX_VAL_QUERIES:-1000}
+# Training queries are searched among chunks of this many train images, as hard as the test gallery (0: whole train gallery)
+RERANK_TRAIN_GALLERY_SIZE=${RERANK_TRAIN_GALLERY_SIZE:-1000}
+# Residual k-means tokens of each image's CLIP feature appended after its vokens (0: vokens only); entries per level
+RERANK_RICH_LEVELS=${RERANK_RICH_LEVELS:-0}
+RERANK_RICH_SIZE=${RERANK_RICH_SIZE:-1024}
+# Reranker LM: SEED-LLaMA in HF format (its <img_00000>..<img_08191> tokens are reused) when at hand, else any
+# LLaMA-family model (the same image tokens are added to it)
+RERANK_MODEL=${RERANK_MODEL:-$LLAMA_MODEL}
+# 1: train every weight; 0: LoRA (LORA_* above) + trainable image-token rows
+RERANK_FULL_FINETUNE=${RERANK_FULL_FINETUNE:-0}
+# Reranker schedule: epochs, candidate lists per micro-batch (each = RERANK_TOPK sequences), LM learning rate
+RERANK_EPOCHS=${RERANK_EPOCHS:-1}
+RERANK_BATCH_SIZE=${RERANK_BATCH_SIZE:-4}
+RERANK_LR=${RERANK_LR:-1e-4}
+# Fusion with the retriever's score: none, fixed or learned weight (learned starts at w = 1: the retriever's order)
+RERANK_FUSION=${RERANK_FUSION:-learned}
+# Extra flags for avg.reranker.train (e.g. --grad-accum 4, --gradient-checkpointing)
+RERANK_ARGS=${RERANK_ARGS:-}

@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Baseline: exact text->image search with the same CLIP features -> ${OUT_DIR}/${DATASET}/clip_baseline/
+# Baseline: exact text->image search with the same CLIP features -> ${OUT_DIR}/${DATASET}/clip_baseline/ (SPLIT=val: clip_baseline_val/)
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-python -m avg.eval.clip_baseline --emb-dir "$STAGE_ROOT/emb" --split "${SPLIT:-test}" --out-dir "$STAGE_ROOT/clip_baseline" "$@"
+SPLIT=${SPLIT:-test}
+# one output dir per split (the split is part of the stage's configuration): clip_baseline/ for test, clip_baseline_<split>/ otherwise
+OUT="$STAGE_ROOT/clip_baseline"; [ "$SPLIT" = test ] || OUT="${OUT}_$SPLIT"
+python -m avg.eval.clip_baseline --emb-dir "$STAGE_ROOT/emb" --split "$SPLIT" --out-dir "$OUT" "$@"

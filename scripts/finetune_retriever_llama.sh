@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Stage: decoder-only generative retriever (LLaMA family + LoRA, paper Table 6) -> ${OUT_DIR}/${DATASET}/retriever_llama/
 # Multi-GPU: LAUNCH="accelerate launch" (or "torchrun --nproc_per_node 4"); DeepSpeed through accelerate's config.
-# Extra flags go to avg.retriever.train_llama (see --help), e.g. --full-finetune, --gradient-checkpointing.
+# Extra flags go to avg.retriever.train_llama (see --help), e.g. --full-finetune, --gradient-checkpointing;
+# LLAMA_ARGS (config) adds flags too, e.g. the demo's reduced schedule.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 if [[ "$LLAMA_MODEL" == *smollm2-135m && ! -f "$LLAMA_MODEL/materialized.json" ]]; then
@@ -12,4 +13,4 @@ $LAUNCH -m avg.retriever.train_llama \
   --out-dir "$STAGE_ROOT/retriever_llama" --prompt-template "$LLAMA_PROMPT" \
   --epochs "$LLAMA_EPOCHS" --batch-size "$LLAMA_BATCH_SIZE" --lr "$LLAMA_LR" \
   --lora-r "$LORA_R" --lora-alpha "$LORA_ALPHA" --lora-dropout "$LORA_DROPOUT" --lora-target-modules "$LORA_TARGETS" \
-  --num-beams "$BEAM" --seed "$SEED" "$@"
+  --num-beams "$BEAM" --seed "$SEED" ${LLAMA_ARGS:-} "$@"

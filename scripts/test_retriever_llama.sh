@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Stage: constrained beam search with the trained LLaMA retriever on a split -> ${OUT_DIR}/${DATASET}/retriever_llama/test/
+# Stage: constrained beam search with the trained LLaMA retriever on a split -> ${OUT_DIR}/${DATASET}/retriever_llama/${SPLIT:-test}/
 # Multi-GPU: LAUNCH="torchrun --nproc_per_node 4" shards the queries. Extra flags go to avg.retriever.test_llama,
-# e.g. --max-queries 500 (a seeded subset), --fast-search, --base-model PATH.
+# e.g. --max-queries 500 (a seeded subset), --fast-search, --base-model PATH; LLAMA_TEST_ARGS (config) adds flags too.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 SPLIT=${SPLIT:-test}
 $LAUNCH -m avg.retriever.test_llama \
   --retriever-dir "$STAGE_ROOT/retriever_llama/best" --data-dir "$STAGE_ROOT/retriever_data" --split "$SPLIT" \
-  --out-dir "$STAGE_ROOT/retriever_llama/test" --num-beams "$BEAM" --seed "$SEED" "$@"
+  --out-dir "$STAGE_ROOT/retriever_llama/$SPLIT" --num-beams "$BEAM" --seed "$SEED" ${LLAMA_TEST_ARGS:-} "$@"

@@ -74,10 +74,14 @@ def collision_rate(stats: Optional[dict], split: str) -> Optional[float]:
     return float(value) if value is not None else None
 
 
-def _read_metrics(root: Path) -> list[tuple[Path, dict]]:
+def _read_metrics(root: Path, *, grid: bool = False) -> list[tuple[Path, dict]]:
+    """Metrics files under ``root``; the experiment grid's (under ``grid/``) only when ``grid``:
+    they have their own per-study tables (avg.eval.grid) and would crowd the main one."""
     out = []
     for path in sorted(root.rglob("metrics*.json")):
         if not _visible(path, root):
+            continue
+        if not grid and "grid" in path.relative_to(root).parts[:-1]:
             continue
         try:
             m = json.loads(path.read_text(encoding="utf-8"))
@@ -88,10 +92,11 @@ def _read_metrics(root: Path) -> list[tuple[Path, dict]]:
     return out
 
 
-def collect_metrics(root: str | Path) -> pd.DataFrame:
+def collect_metrics(root: str | Path, *, grid: bool = False) -> pd.DataFrame:
+    """One row per metrics file; the experiment grid's files only with ``grid=True``."""
     root = Path(root)
     rows = []
-    for path, m in _read_metrics(root):
+    for path, m in _read_metrics(root, grid=grid):
         rel = path.relative_to(root)
         system = m.get("system") or str(rel.parent if str(rel.parent) != "." else rel.stem)
         split = m.get("split", "")
@@ -163,7 +168,10 @@ def _save(fig, path: Path) -> Path:
 def plot_recall_vs_beam(root: Path, path: Path) -> Optional[Path]:
     """R@1/5/10 against beam size for every (study or system, split) with >= 2 beam sizes."""
     pts = []
-    for _, m in _read_metrics(root):
+    found = _read_metrics(root, grid=True)
+    if any(m.get("study") for _, m in found):  # a grid exists: its summary files, not the stages' own copies
+        found = [(p, m) for p, m in found if m.get("study")]
+    for _, m in found:
         beams = m.get("num_beams", (m.get("search") or {}).get("num_beams") if isinstance(m.get("search"), dict) else None)
         if beams is None:
             continue
