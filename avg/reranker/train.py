@@ -18,10 +18,8 @@ Outputs under --out-dir: ``best/`` (avg.reranker.model.save_reranker; chosen by 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -37,8 +35,7 @@ from avg.reranker.losses import listwise_loss, pointwise_loss
 from avg.retriever import llama as L
 from avg.retriever.data import EpochBatchSampler
 from avg.retriever.train_llama import check_checkpoint, trainable_only_hooks
-from avg.retriever.training import (STATE_FILE, accumulation_group, checkpoint_after_step, optimizer_step, resume_from,
-                                    save_checkpoint, select_best)
+from avg.retriever.training import STATE_FILE, resume_from, select_best, train_epochs
 from avg.utils.cli import run_main
 from avg.utils.io import InputError, read_json
 from avg.utils.seed import set_seed
@@ -232,61 +229,24 @@ def main(argv=None) -> dict:
         logger.log({f"eval/val_retriever/{k}": v for k, v in base.items()}, step=0)
     logger.info("train %d lists (%d micro-batches/epoch/process, %d steps), val %d lists", len(train_ds),
                 micro_per_epoch, total_steps, len(val_lists))
-    t_start, steps_this_run, train_seconds, stopped = time.time(), 0, 0.0, False
-    running = {"loss": 0.0, "listwise": 0.0, "pointwise": 0.0, "n": 0}
-    for epoch in range(state["epoch"], args.epochs):
-        model.train()
-        skip = state["step_in_epoch"] * args.grad_accum
-        sampler.set_epoch(epoch, skip_batches=skip)
-        t_epoch = t_log = time.time()
-        steps_at_log = steps_this_run
-        for j, idx in enumerate(list(sampler)):
-            micro = skip + j
-            group_size, last_in_group = accumulation_group(micro, args.grad_accum, micro_per_epoch)
-            batch = {k: v.to(device) for k, v in collate(idx).items()}  # pairs flat + prompt/candidate form
-            ctx = accelerator.no_sync(model) if not last_in_group else contextlib.nullcontext()
-            with ctx:
-                with accelerator.autocast():
-                    head, fused = model(**RM.model_inputs(batch, device), share_prefix=not args.no_shared_prefix)
-                scores = torch.where(batch["inserted"][:, None], head, fused)  # see module docstring
-                lw = listwise_loss(scores, batch["labels"], args.temperature)
-                pw = pointwise_loss(head.masked_fill(~batch["valid"], 0.0), batch["labels"], batch["valid"]) \
-                    if args.pointwise_weight > 0 else lw.new_zeros(())
-                loss = lw + args.pointwise_weight * pw + 0.0 * fused[batch["valid"]].sum()  # every param in the graph (DDP)
-                accelerator.backward(loss / group_size)
-            running["loss"] += float(loss.detach())
-            running["listwise"] += float(lw.detach())
-            running["pointwise"] += float(pw.detach())
-            running["n"] += 1
-            if not last_in_group:
-                continue
-            optimizer_step(accelerator, model.parameters(), optimizer, scheduler, args.max_grad_norm, state)
-            steps_this_run += 1
-            if state["global_step"] % args.log_every == 0:
-                n = max(running["n"], 1)
-                logger.log({"train/loss": running["loss"] / n, "train/listwise": running["listwise"] / n,
-                            "train/pointwise": running["pointwise"] / n, "train/lr": scheduler.get_last_lr()[0],
-                            "train/fusion_weight": float(unwrapped().fusion_weight.detach()),
-                            "train/s_per_step": (time.time() - t_log) / max(steps_this_run - steps_at_log, 1),
-                            "epoch": epoch + 1}, step=state["global_step"])
-                running = {k: 0.0 for k in running} | {"n": 0}
-                t_log, steps_at_log = time.time(), steps_this_run
-            if checkpoint_after_step(accelerator, ckpt_dir, state, steps_this_run, args.save_every_steps,
-                                     args.stop_after_steps):
-                stopped = True
-                break
-        train_seconds += time.time() - t_epoch
-        if stopped:
-            break
-        done = epoch + 1
-        state["epoch"], state["step_in_epoch"] = done, 0
-        if (args.eval_every and done % args.eval_every == 0) or done == args.epochs:
-            run_eval(done)
-        save_checkpoint(accelerator, ckpt_dir, state)
+    def micro_step(idx, epoch: int, micro: int):
+        batch = {k: v.to(device) for k, v in collate(idx).items()}  # pairs flat + prompt/candidate form
+        with accelerator.autocast():
+            head, fused = model(**RM.model_inputs(batch, device), share_prefix=not args.no_shared_prefix)
+        scores = torch.where(batch["inserted"][:, None], head, fused)  # see module docstring
+        lw = listwise_loss(scores, batch["labels"], args.temperature)
+        pw = pointwise_loss(head.masked_fill(~batch["valid"], 0.0), batch["labels"], batch["valid"]) \
+            if args.pointwise_weight > 0 else lw.new_zeros(())
+        loss = lw + args.pointwise_weight * pw + 0.0 * fused[batch["valid"]].sum()  # every param in the graph (DDP)
+        return loss, {"listwise": float(lw.detach()), "pointwise": float(pw.detach())}
 
-    result = {"global_step": state["global_step"], "steps_this_run": steps_this_run, "train_seconds": train_seconds,
-              "wall_seconds": time.time() - t_start,
-              "s_per_step": train_seconds / steps_this_run if steps_this_run else None}
+    result = train_epochs(accelerator, args, state, sampler=sampler, micro_per_epoch=micro_per_epoch, model=model,
+                          params=list(model.parameters()), optimizer=optimizer, scheduler=scheduler, ckpt_dir=ckpt_dir,
+                          logger=logger, micro_step=micro_step, run_eval=run_eval,
+                          log_extra=lambda: {"train/fusion_weight": float(unwrapped().fusion_weight.detach())},
+                          on_epoch_start=lambda epoch: model.train())
+    stopped, steps_this_run = result.pop("stopped"), result["steps_this_run"]
+    train_seconds = result["train_seconds"]
     if stopped:
         logger.info("stopped after %d steps (--stop-after-steps); resume with --resume", steps_this_run)
         logger.finish()

@@ -26,7 +26,6 @@ the old ``best/``, ``checkpoints/`` and ``eval/`` first.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import shutil
 import time
@@ -43,9 +42,8 @@ from avg.retriever import llama as L
 from avg.retriever.data import EpochBatchSampler, read_codes
 from avg.retriever.evaluate import evaluate_split
 from avg.retriever.gallery import Gallery
-from avg.retriever.training import (STATE_FILE, accumulation_group, add_eval_and_checkpoint_args, check_data_matches_vocab,
-                                    checkpoint_after_step, load_split, optimizer_step, resume_from, save_checkpoint,
-                                    select_best)
+from avg.retriever.training import (STATE_FILE, add_eval_and_checkpoint_args, check_data_matches_vocab, load_split,
+                                    resume_from, select_best, train_epochs)
 from avg.retriever.vocab import VokenVocab
 from avg.utils.io import InputError, read_json, write_json
 from avg.utils.seed import set_seed
@@ -291,56 +289,17 @@ def main(argv=None) -> dict:
 
     logger.info("train %d queries (%d micro-batches/epoch/process, %d steps total), val %d, test %d",
                 len(train_q), micro_per_epoch, total_steps, len(val_q), len(test_q))
-    t_start, steps_this_run = time.time(), 0
-    running = {"loss": 0.0, "n": 0}
-    train_seconds, stopped = 0.0, False
-    for epoch in range(state["epoch"], args.epochs):
-        model.train()
-        skip = state["step_in_epoch"] * args.grad_accum
-        sampler.set_epoch(epoch, skip_batches=skip)
-        t_epoch = t_log = time.time()  # s_per_step never counts evaluation time
-        steps_at_log = steps_this_run
-        for j, idx in enumerate(list(sampler)):
-            micro = skip + j
-            group_size, last_in_group = accumulation_group(micro, args.grad_accum, micro_per_epoch)
-            batch = {k: v.to(device) for k, v in collate(idx).items() if k != "index"}
-            ctx = accelerator.no_sync(model) if not last_in_group else contextlib.nullcontext()
-            with ctx:
-                with accelerator.autocast():
-                    loss = model(**batch, use_cache=False).loss  # eq. 7 over code + EOS tokens
-                accelerator.backward(loss / group_size)
-            running["loss"] += float(loss.detach())
-            running["n"] += 1
-            if not last_in_group:
-                continue
-            optimizer_step(accelerator, model.parameters(), optimizer, scheduler, args.max_grad_norm, state)
-            steps_this_run += 1
-            if state["global_step"] % args.log_every == 0:
-                elapsed = max(time.time() - t_log, 1e-9)
-                logs = {"train/loss": running["loss"] / max(running["n"], 1), "train/lr": scheduler.get_last_lr()[0],
-                        "train/s_per_step": elapsed / max(steps_this_run - steps_at_log, 1), "epoch": epoch + 1}
-                if rows:
-                    logs["train/voken_lr"] = scheduler.get_last_lr()[-1]
-                logger.log(logs, step=state["global_step"])
-                running = {"loss": 0.0, "n": 0}
-                t_log, steps_at_log = time.time(), steps_this_run
-            if checkpoint_after_step(accelerator, ckpt_dir, state, steps_this_run, args.save_every_steps,
-                                     args.stop_after_steps):
-                stopped = True
-                break
-        train_seconds += time.time() - t_epoch
-        if stopped:
-            break
-        done = epoch + 1
-        state["epoch"], state["step_in_epoch"] = done, 0
-        if (args.eval_every and done % args.eval_every == 0) or done == args.epochs:
-            run_eval(done)
-        save_checkpoint(accelerator, ckpt_dir, state)
+    def micro_step(idx, epoch: int, micro: int):
+        batch = {k: v.to(device) for k, v in collate(idx).items() if k != "index"}
+        with accelerator.autocast():
+            return model(**batch, use_cache=False).loss, {}  # eq. 7 over code + EOS tokens
 
-    elapsed = time.time() - t_start
-    result = {"global_step": state["global_step"], "steps_this_run": steps_this_run, "wall_seconds": elapsed,
-              "train_seconds": train_seconds,
-              "s_per_step": train_seconds / steps_this_run if steps_this_run else None}
+    result = train_epochs(accelerator, args, state, sampler=sampler, micro_per_epoch=micro_per_epoch, model=model,
+                          params=list(model.parameters()), optimizer=optimizer, scheduler=scheduler, ckpt_dir=ckpt_dir,
+                          logger=logger, micro_step=micro_step, run_eval=run_eval,
+                          log_extra=(lambda: {"train/voken_lr": scheduler.get_last_lr()[-1]}) if rows else None,
+                          on_epoch_start=lambda epoch: model.train())
+    stopped, steps_this_run = result.pop("stopped"), result["steps_this_run"]
     if stopped:
         logger.info("stopped after %d steps (--stop-after-steps); resume with --resume", steps_this_run)
         logger.finish()

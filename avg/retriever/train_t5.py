@@ -25,7 +25,6 @@ configuration was interrupted; on CPU with a fixed seed the result equals an uni
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import shutil
@@ -35,7 +34,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, get_linear_schedule_with_warmup
 
 from avg.retriever.data import Collator, EpochBatchSampler, QueryDataset, read_codes
@@ -43,9 +41,8 @@ from avg.retriever.evaluate import evaluate_split, logits_vocab_size
 from avg.retriever.gallery import Gallery
 from avg.retriever.losses import RetrievalObjective, build_candidates
 from avg.retriever.search import constrained_beam_search
-from avg.retriever.training import (STATE_FILE, accumulation_group, add_eval_and_checkpoint_args,
-                                    check_data_matches_vocab, check_inputs, checkpoint_after_step, load_split,
-                                    optimizer_step, resume_from, save_checkpoint, select_best)
+from avg.retriever.training import (STATE_FILE, add_eval_and_checkpoint_args, check_data_matches_vocab, check_inputs,
+                                    load_split, resume_from, select_best, train_epochs)
 from avg.retriever.vocab import VOCAB_FILE, VokenVocab
 from avg.eval.runfiles import write_run
 from avg.utils.io import InputError, read_json, replace_dir, write_json
@@ -258,71 +255,33 @@ def main(argv=None) -> dict:
     train_index = index_of("train", train_gallery) if args.stage == 2 and train_q else None
     logger.info("train %d queries (%d micro-batches/epoch/process, %d steps total), val %d, test %d, stage %d",
                 len(train_q), micro_per_epoch, total_steps, len(val_q), len(test_q), args.stage)
-    t_start, steps_this_run = time.time(), 0
-    t_log, steps_at_log = time.time(), 0
-    running = {"loss": 0.0, "gen": 0.0, "dis": 0.0, "n": 0}
-    stopped = False
-    for epoch in range(state["epoch"], args.epochs):
-        model_ = unwrapped()
-        objective.train()
-        skip = state["step_in_epoch"] * args.grad_accum
-        sampler.set_epoch(epoch, skip_batches=skip)
-        batches = tqdm(list(sampler), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
-                       disable=not accelerator.is_local_main_process)
-        for j, idx in enumerate(batches):
-            micro = skip + j
-            group_size, last_in_group = accumulation_group(micro, args.grad_accum, micro_per_epoch)
-            batch = {k: v.to(device) for k, v in collate(idx).items()}
-            extra = {}
-            if args.stage == 2:
-                # eq. 8: the model's own top-b codes over the train gallery (voken-only fast path:
-                # it only picks candidates; their scores s_j are recomputed with gradient below)
-                with torch.no_grad(), accelerator.autocast():
-                    model_.eval()
-                    out = constrained_beam_search(model_, batch["input_ids"], batch["attention_mask"], train_index,
-                                                  args.dis_beams, decoder_start_token_id=model_.config.decoder_start_token_id,
-                                                  eos_token_id=tokenizer.eos_token_id, voken_ids=vocab.voken_ids.to(device))
-                    model_.train()
-                cands, cmask, pidx = build_candidates(out.sequences, out.num_valid, batch["labels"][:, :-1],
-                                                      generator=_step_generator(args.seed, epoch, micro))
-                extra = {"candidates": cands, "positive_index": pidx, "candidate_mask": cmask}
-            ctx = accelerator.no_sync(objective) if not last_in_group else contextlib.nullcontext()
-            with ctx:
-                loss, parts = objective(batch["input_ids"], batch["attention_mask"], batch["labels"], **extra)
-                accelerator.backward(loss / group_size)
-            running["loss"] += float(loss.detach())
-            running["gen"] += float(parts["gen"])
-            running["dis"] += float(parts.get("dis", 0.0))
-            running["n"] += 1
-            if not last_in_group:
-                continue
-            optimizer_step(accelerator, objective.parameters(), optimizer, scheduler, args.max_grad_norm, state)
-            steps_this_run += 1
-            if state["global_step"] % args.log_every == 0:
-                n = max(running["n"], 1)
-                rate = (steps_this_run - steps_at_log) / max(time.time() - t_log, 1e-9)
-                logs = {"train/loss": running["loss"] / n, "train/gen_loss": running["gen"] / n,
-                        "train/lr": scheduler.get_last_lr()[0], "train/steps_per_s": rate, "epoch": epoch + 1}
-                if args.stage == 2:
-                    logs["train/dis_loss"] = running["dis"] / n
-                logger.log(logs, step=state["global_step"])
-                running = {"loss": 0.0, "gen": 0.0, "dis": 0.0, "n": 0}
-                t_log, steps_at_log = time.time(), steps_this_run
-            if checkpoint_after_step(accelerator, ckpt_dir, state, steps_this_run, args.save_every_steps,
-                                     args.stop_after_steps):
-                stopped = True
-                break
-        if stopped:
-            break
-        done = epoch + 1
-        state["epoch"], state["step_in_epoch"] = done, 0
-        if (args.eval_every and done % args.eval_every == 0) or done == args.epochs:
-            run_eval(done)
-        save_checkpoint(accelerator, ckpt_dir, state)
+    def micro_step(idx, epoch: int, micro: int):
+        batch = {k: v.to(device) for k, v in collate(idx).items()}
+        extra = {}
+        if args.stage == 2:
+            # eq. 8: the model's own top-b codes over the train gallery (voken-only fast path:
+            # it only picks candidates; their scores s_j are recomputed with gradient below)
+            model_ = unwrapped()
+            with torch.no_grad(), accelerator.autocast():
+                model_.eval()
+                out = constrained_beam_search(model_, batch["input_ids"], batch["attention_mask"], train_index,
+                                              args.dis_beams, decoder_start_token_id=model_.config.decoder_start_token_id,
+                                              eos_token_id=tokenizer.eos_token_id, voken_ids=vocab.voken_ids.to(device))
+                model_.train()
+            cands, cmask, pidx = build_candidates(out.sequences, out.num_valid, batch["labels"][:, :-1],
+                                                  generator=_step_generator(args.seed, epoch, micro))
+            extra = {"candidates": cands, "positive_index": pidx, "candidate_mask": cmask}
+        loss, parts = objective(batch["input_ids"], batch["attention_mask"], batch["labels"], **extra)
+        logged = {"gen_loss": float(parts["gen"])}
+        if args.stage == 2:
+            logged["dis_loss"] = float(parts.get("dis", 0.0))
+        return loss, logged
 
-    elapsed = time.time() - t_start
-    result = {"global_step": state["global_step"], "steps_this_run": steps_this_run, "train_seconds": elapsed,
-              "steps_per_s": steps_this_run / elapsed if elapsed > 0 else 0.0}
+    result = train_epochs(accelerator, args, state, sampler=sampler, micro_per_epoch=micro_per_epoch, model=objective,
+                          params=list(objective.parameters()), optimizer=optimizer, scheduler=scheduler, ckpt_dir=ckpt_dir,
+                          logger=logger, micro_step=micro_step, run_eval=run_eval,
+                          on_epoch_start=lambda epoch: objective.train())
+    stopped, steps_this_run = result.pop("stopped"), result["steps_this_run"]
     if stopped:
         logger.info("stopped after %d steps (--stop-after-steps); resume with --resume", steps_this_run)
         logger.finish()

@@ -1,13 +1,19 @@
-"""Pieces of the retriever training loop shared by the T5 and LLaMA trainers.
+"""The training loop shared by the T5 and LLaMA retrievers and the reranker.
 
 Checkpoints (accelerate state + our counters, swapped in atomically), split loading, gradient
-accumulation bookkeeping, the optimizer step, best-checkpoint selection and the mid-epoch
-checkpoint / stop rules live here once, so both trainers resume and select models the same way.
+accumulation bookkeeping, the optimizer step, best-checkpoint selection, the mid-epoch
+checkpoint / stop rules and the epoch loop itself (:func:`train_epochs`) live here once, so every
+trainer resumes, logs and selects models the same way; a trainer supplies only its micro-step.
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
+import time
 from pathlib import Path
+from typing import Callable, Optional
+
+from tqdm.auto import tqdm
 
 from avg.retriever.data import load_queries
 from avg.retriever.gallery import Gallery
@@ -170,3 +176,68 @@ def checkpoint_after_step(accelerator, ckpt_dir: Path, state: dict, steps_this_r
     if save_every_steps and state["global_step"] % save_every_steps == 0:
         save_checkpoint(accelerator, ckpt_dir, state)
     return False
+
+
+def train_epochs(accelerator, args, state: dict, *, sampler, micro_per_epoch: int, model, params, optimizer,
+                 scheduler, ckpt_dir: Path, logger, micro_step: Callable, run_eval: Callable[[int], None],
+                 log_extra: Optional[Callable[[], dict]] = None,
+                 on_epoch_start: Optional[Callable[[int], None]] = None) -> dict:
+    """Run epochs ``state["epoch"] .. args.epochs - 1``, resuming mid-epoch from ``state``.
+
+    ``micro_step(idx, epoch, micro) -> (loss, parts)`` does one micro-batch's forward pass (the
+    backward pass, gradient accumulation without DDP sync, the optimizer step, logging, mid-epoch
+    checkpoints and --stop-after-steps happen here); ``parts`` are floats averaged into
+    ``train/<name>`` next to ``train/loss``. After each epoch: ``run_eval(epoch)`` every
+    ``args.eval_every`` epochs and after the last, then a checkpoint. ``model`` is the prepared
+    (possibly DDP-wrapped) module, ``params`` what is clipped and stepped. Returns the step counts
+    and timings (``train_seconds`` never counts evaluation) and ``stopped`` (--stop-after-steps).
+    """
+    t_start, steps_this_run, train_seconds, stopped = time.time(), 0, 0.0, False
+    running: dict = {}
+    for epoch in range(state["epoch"], args.epochs):
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
+        skip = state["step_in_epoch"] * args.grad_accum
+        sampler.set_epoch(epoch, skip_batches=skip)
+        t_epoch = t_log = time.time()
+        steps_at_log = steps_this_run
+        batches = tqdm(list(sampler), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+                       disable=not accelerator.is_local_main_process)
+        for j, idx in enumerate(batches):
+            micro = skip + j
+            group_size, last_in_group = accumulation_group(micro, args.grad_accum, micro_per_epoch)
+            with accelerator.no_sync(model) if not last_in_group else contextlib.nullcontext():
+                loss, parts = micro_step(idx, epoch, micro)
+                accelerator.backward(loss / group_size)
+            for k, v in {"loss": float(loss.detach()), **parts}.items():
+                running[k] = running.get(k, 0.0) + float(v)
+            running["n"] = running.get("n", 0) + 1
+            if not last_in_group:
+                continue
+            optimizer_step(accelerator, params, optimizer, scheduler, args.max_grad_norm, state)
+            steps_this_run += 1
+            if state["global_step"] % args.log_every == 0:
+                n = max(running.pop("n"), 1)
+                logs = {f"train/{k}": v / n for k, v in running.items()}
+                logs.update({"train/lr": scheduler.get_last_lr()[0], "epoch": epoch + 1,
+                             "train/s_per_step": (time.time() - t_log) / max(steps_this_run - steps_at_log, 1)})
+                if log_extra is not None:
+                    logs.update(log_extra())
+                logger.log(logs, step=state["global_step"])
+                running = {}
+                t_log, steps_at_log = time.time(), steps_this_run
+            if checkpoint_after_step(accelerator, ckpt_dir, state, steps_this_run, args.save_every_steps,
+                                     args.stop_after_steps):
+                stopped = True
+                break
+        train_seconds += time.time() - t_epoch
+        if stopped:
+            break
+        done = epoch + 1
+        state["epoch"], state["step_in_epoch"] = done, 0
+        if (args.eval_every and done % args.eval_every == 0) or done == args.epochs:
+            run_eval(done)
+        save_checkpoint(accelerator, ckpt_dir, state)
+    return {"global_step": state["global_step"], "steps_this_run": steps_this_run, "train_seconds": train_seconds,
+            "wall_seconds": time.time() - t_start,
+            "s_per_step": train_seconds / steps_this_run if steps_this_run else None, "stopped": stopped}
