@@ -30,3 +30,16 @@ def tiny_demo(tmp_path_factory) -> DemoData:
     json_path = generate_demo_dataset(out_dir, n_train=24, n_val=8, n_test=8, image_size=64, seed=0,
                                       num_workers=1, progress=False)
     return DemoData(json_path=json_path, image_root=out_dir / "images", out_dir=out_dir)
+
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def load_tool(name: str):
+    """Import ``tools/<name>.py`` (tools/ is scripts, not a package) as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"avg_tool_{name}", TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -8,7 +8,6 @@ behaviour a user should expect for its case.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import logging
@@ -31,6 +30,7 @@ from avg.retriever import prepare_dataset, train_t5
 from avg.rqvae import prepare_emb, train as train_rqvae
 from avg.rqvae.features import load_emb, save_emb
 from avg.utils.cli import run_main
+from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 CAPTION = "a red square on a white background"
@@ -455,9 +455,7 @@ def retriever(tmp_path_factory):
     json_path = karpathy(root / "dataset.json", images)
     codes = _codes_dir(root / "codes", images, num_levels=2, codebook_size=5, seed=0)
     prepare_dataset.main(["--annotations", str(json_path), "--codes-dir", str(codes), "--out-dir", str(root / "data")])
-    spec = importlib.util.spec_from_file_location("make_demo_t5", ROOT / "tools" / "make_demo_t5.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_tool("make_demo_t5")
     texts = [s["raw"] for im in images for s in im["sentences"]]
     mod.make_demo_t5(texts, root / "t5", vocab_size=40, d_model=16, num_layers=1, num_heads=2, d_ff=32)
     train_t5.main(["--data-dir", str(root / "data"), "--codes-dir", str(codes), "--model", str(root / "t5"),

@@ -1,7 +1,6 @@
 """Synthetic demo dataset: determinism, format, caption variety and truthfulness, visibility."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import re
@@ -15,6 +14,7 @@ from avg.data import load_karpathy
 from avg.data import demo
 from avg.data.demo import (COLOURS, SHAPE_WORDS, SceneObject, ensure_demo_dataset, generate_demo_dataset,
                            make_captions, sample_scene)
+from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(n_train=5, n_val=2, n_test=2, image_size=32)
@@ -137,9 +137,7 @@ def test_bad_parameters_write_nothing(tmp_path):
 
 
 def test_make_demo_data_cli(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("make_demo_data_tool", ROOT / "tools" / "make_demo_data.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("make_demo_data")
     args = ["--out", str(tmp_path / "d"), "--n-train", "3", "--n-val", "1", "--n-test", "1",
             "--image-size", "32", "--num-workers", "1"]
     assert tool.main(args) == 0

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,11 +12,10 @@ import torch
 from avg.eval import efficiency as eff
 from avg.rqvae.features import save_emb
 from avg.utils.io import write_json
+from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("make_demo_t5", ROOT / "tools" / "make_demo_t5.py")
-make_demo_t5 = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_demo_t5)
+make_demo_t5 = load_tool("make_demo_t5")
 
 N_REAL, DIM = 24, 16
 

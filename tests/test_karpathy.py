@@ -1,7 +1,6 @@
 """Karpathy reader/validator and the caption-table converter."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 from avg.data import DatasetError, load_karpathy
 from avg.data.convert import convert_captions
 from avg.utils.io import InputError
+from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,9 +185,7 @@ def test_convert_jsonl_round_trip_and_cli(tmp_path, image_root, capsys):
             {"image": "a.jpg", "caption": "a dog", "split": "train"},
             {"image": "val2014/c.jpg", "caption": "une voiture rouge ✓", "split": "test"}]
     table.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n\n", encoding="utf-8")
-    spec = importlib.util.spec_from_file_location("convert_captions_tool", ROOT / "tools" / "convert_captions.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("convert_captions")
     out = tmp_path / "d.json"
     assert tool.main(["--input", str(table), "--output", str(out), "--image-root", str(image_root)]) == 0
     assert "total:       2 images        3 captions" in capsys.readouterr().out

@@ -3,7 +3,6 @@ where an uninterrupted run ends (CPU, fixed seed). Real entry points in subproce
 the kill follows a polled checkpoint, and a run that finished before the kill fails the test."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -20,6 +19,7 @@ from safetensors.torch import load_file
 from avg.eval.runfiles import read_run
 from avg.rqvae.features import save_emb
 from avg.utils.stages import read_manifest
+from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 120
@@ -126,9 +126,7 @@ def _t5_assets(root: Path) -> Path:
     """160 train / 5 val / 5 test images, 2 captions each, unique random codes; prepare_dataset; a tiny T5."""
     from avg.retriever import prepare_dataset
 
-    spec = importlib.util.spec_from_file_location("make_demo_t5", ROOT / "tools" / "make_demo_t5.py")
-    make_demo_t5 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_demo_t5)
+    make_demo_t5 = load_tool("make_demo_t5")
     rng = np.random.default_rng(0)
     colors = ("red", "blue", "green", "white", "black", "pink", "grey", "brown", "gold", "teal")
     shapes = ("cube", "ball", "cone", "ring", "star", "disk", "tube", "bowl", "cup", "box", "leaf", "key", "hat",

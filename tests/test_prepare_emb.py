@@ -152,14 +152,12 @@ def test_openai_tags_get_quick_gelu_and_bad_pretrained_is_named(demo_ckpt):
 
 def test_make_demo_assets_tiny_then_cached(tmp_path):
     """The demo asset builder trains, saves a loadable checkpoint, scores it, then reuses it."""
-    import importlib.util
     import json
     from pathlib import Path
 
-    tool = Path(__file__).resolve().parents[1] / "tools" / "make_demo_assets.py"
-    spec = importlib.util.spec_from_file_location("make_demo_assets", tool)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from conftest import load_tool
+
+    mod = load_tool("make_demo_assets")
     argv = ["--data-dir", str(tmp_path / "demo"), "--n-train", "24", "--n-val", "4", "--n-test", "8", "--epochs", "2", "--batch-size", "8", "--no-progress"]
     out = mod.main(argv)
     ckpt = Path(out["clip_checkpoint"])

@@ -3,7 +3,6 @@ T5 metrics and run files (CPU); a different seed changes the tokenizer. Every st
 full configuration and library versions next to its outputs. On the tiny demo fixture."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from importlib import metadata
 from pathlib import Path
@@ -16,6 +15,7 @@ from avg.retriever import prepare_dataset, train_t5
 from avg.rqvae import generate_codes, prepare_emb
 from avg.rqvae import train as train_rqvae
 from avg.utils.stages import SKIP_ENV, read_manifest
+from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING = ("per_s", "seconds", "time")
@@ -50,9 +50,7 @@ def twice(tiny_demo, tmp_path_factory):
     torch.manual_seed(0)
     model, _, _ = open_clip.create_model_and_transforms("avg-demo-vit", pretrained=None)
     ckpt = save_open_clip_checkpoint(model, root / "clip.pt", extra={"model": "avg-demo-vit"})
-    spec = importlib.util.spec_from_file_location("make_demo_t5", ROOT / "tools" / "make_demo_t5.py")
-    make_demo_t5 = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_demo_t5)
+    make_demo_t5 = load_tool("make_demo_t5")
     texts = [s["raw"] for im in json.loads(tiny_demo.json_path.read_text())["images"] for s in im["sentences"]]
     make_demo_t5.make_demo_t5(texts, root / "t5", vocab_size=200, d_model=16, num_layers=1, num_heads=2, d_ff=32)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +20,7 @@ from avg.reranker.losses import listwise_loss, pointwise_loss
 from avg.retriever import llama as L
 from avg.retriever.data import CodesData
 from avg.utils.io import InputError
+from conftest import load_tool
 
 WORDS = "caption : image a the red blue green cube ball cone on table is".split()
 COLORS, SHAPES = ("red", "blue", "green"), ("cube", "ball", "cone")
@@ -418,11 +418,7 @@ def test_train_test_end_to_end_and_resume_is_exact(stage_inputs, prepared, tmp_p
 
 
 def test_make_demo_llama_is_a_seeded_left_padding_llama(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_demo_llama", Path(__file__).resolve().parents[1] / "tools" / "make_demo_llama.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_tool("make_demo_llama")
     texts = [caption(i) for i in range(30)] + ["a small red cube in the upper left"]
     for name in ("a", "b"):
         mod.make_demo_llama(texts, tmp_path / name, vocab_size=60, hidden=16, layers=1, heads=2, kv_heads=1, intermediate=32)

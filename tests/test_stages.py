@@ -1,6 +1,5 @@
 """Stage manifests: refuse another configuration's outputs, detect up-to-date stages."""
 import json
-import os
 
 import pytest
 

@@ -1,7 +1,6 @@
 """Stage 1 / stage 2 training end to end on a tiny T5 and a tiny synthetic dataset (CPU)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -12,11 +11,10 @@ from safetensors.torch import load_file
 
 from avg.eval.runfiles import read_run
 from avg.retriever import prepare_dataset, train_t5
+from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("make_demo_t5", ROOT / "tools" / "make_demo_t5.py")
-make_demo_t5 = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_demo_t5)
+make_demo_t5 = load_tool("make_demo_t5")
 
 COLORS = ("red", "blue", "green", "white", "black")
 SHAPES = ("cube", "ball", "cone", "ring", "star", "disk", "tube")

@@ -1,7 +1,6 @@
 """VokenVocab: token names, never-split tokens, embedding initialisation, code <-> id mapping."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +10,10 @@ from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
 from avg.retriever.vocab import VokenVocab
 from avg.utils.io import InputError
+from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("make_demo_t5", ROOT / "tools" / "make_demo_t5.py")
-make_demo_t5 = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(make_demo_t5)
+make_demo_t5 = load_tool("make_demo_t5")
 
 TEXTS = [f"a {c} {s} on the {p}" for c in ("red", "blue", "green") for s in ("cube", "ball") for p in ("left", "right")]
 

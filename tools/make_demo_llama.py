@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
+from avg.data.demo import train_captions
 from avg.utils.cli import run_main
 
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3 (LLaMA: unk/bos/eos = 0/1/2)
@@ -28,15 +29,12 @@ INFO_FILE = "demo_llama.json"
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000):
     """A LLaMA-style fast tokenizer (BOS prepended, no EOS appended to prompts) trained on `texts`."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False)
-    tok.train_from_iterator(list(texts), trainer=trainer)
+    from avg.data.demo import train_caption_bpe
+
+    tok = train_caption_bpe(texts, vocab_size, SPECIAL)
     bos = tok.token_to_id("<s>")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", bos)])
@@ -57,14 +55,6 @@ def build_model(tokenizer, *, hidden: int = 128, layers: int = 2, heads: int = 4
                          pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
-
-
-def train_captions(annotations: str | Path) -> list[str]:
-    """Captions of the TRAIN split only (restval counts as train), via the Karpathy loader."""
-    from avg.data.karpathy import load_karpathy
-
-    data = load_karpathy(annotations, Path(annotations).parent, check_files=False)
-    return [c for im in data.split("train") for c in im.captions]
 
 
 def make_demo_llama(texts: list[str], out_dir: str | Path, *, vocab_size: int = 2000, hidden: int = 128,

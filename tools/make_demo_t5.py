@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Iterable
 
+from avg.data.demo import train_captions
 from avg.utils.cli import run_main
 
 SPECIAL = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5
@@ -27,15 +28,12 @@ SPECIAL = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000):
     """A T5-style (Metaspace words, '</s>' appended, pad/eos/unk = 0/1/2) fast tokenizer trained on `texts`."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False)
-    tok.train_from_iterator(list(texts), trainer=trainer)
+    from avg.data.demo import train_caption_bpe
+
+    tok = train_caption_bpe(texts, vocab_size, SPECIAL)
     eos = tok.token_to_id("</s>")
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                        special_tokens=[("</s>", eos)])
@@ -55,14 +53,6 @@ def build_model(vocab_size: int, *, d_model: int = 128, num_layers: int = 2, num
                       pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     torch.manual_seed(seed)
     return T5ForConditionalGeneration(config)
-
-
-def train_captions(annotations: str | Path) -> list[str]:
-    """Captions of the TRAIN split only (restval counts as train), via the Karpathy loader."""
-    from avg.data.karpathy import load_karpathy
-
-    data = load_karpathy(annotations, Path(annotations).parent, check_files=False)
-    return [c for im in data.split("train") for c in im.captions]
 
 
 def make_demo_t5(texts: list[str], out_dir: str | Path, *, vocab_size: int = 2000, d_model: int = 128,
