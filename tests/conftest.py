@@ -43,3 +43,44 @@ def load_tool(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+TINY_T5_FLAGS = ["--vocab-size", "300", "--d-model", "32", "--num-layers", "1", "--num-heads", "2", "--d-ff", "64"]
+
+
+def run_checked(cmd, env, timeout: int = 300):
+    """Run a command from the repo root; fail the test with the tail of its output if it fails."""
+    import subprocess
+
+    res = subprocess.run([str(c) for c in cmd], cwd=TOOLS.parent, env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    assert res.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res
+
+
+def stage_script_env(tiny_demo, work: Path, **overrides) -> dict:
+    """Environment for the bash stage scripts on the tiny dataset: DATASET=demo with its paths
+    pointed at ``tiny_demo``, a random-weight demo CLIP checkpoint, outputs under ``work/out``,
+    offline and single-threaded; ``overrides`` set further config variables."""
+    import sys
+
+    import open_clip
+
+    from avg.models.clip import register_clip_configs
+    from avg.models.demo_clip import save_open_clip_checkpoint
+
+    register_clip_configs()
+    model, _, _ = open_clip.create_model_and_transforms("avg-demo-vit", pretrained=None)
+    ckpt = save_open_clip_checkpoint(model, work / "clip.pt", extra={"model": "avg-demo-vit"})
+    env = dict(os.environ)
+    env.update({
+        "DATASET": "demo", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        "DATA_DIR": str(tiny_demo.out_dir), "IMAGE_ROOT": str(tiny_demo.image_root),
+        "ANNOTATIONS": str(tiny_demo.json_path), "OUT_DIR": str(work / "out"),
+        "CLIP_PRETRAINED": str(ckpt), "EMB_BATCH_SIZE": "16",
+    })
+    env.update({k: str(v) for k, v in overrides.items()})
+    env.pop("VIRTUAL_ENV", None)
+    env.pop("AVG_SKIP_DONE", None)
+    return env

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 import time
@@ -13,43 +12,23 @@ from pathlib import Path
 
 import pytest
 
+from conftest import TINY_T5_FLAGS, stage_script_env
+from conftest import run_checked as _run
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run(cmd, env, timeout=300):
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    assert res.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
-    return res
 
 
 @pytest.fixture(scope="module")
 def main_run(tiny_demo, tmp_path_factory):
     """emb -> rqvae -> codes -> retriever_data -> T5 stage 1 on the tiny data, through run_all.sh."""
-    import open_clip
-
-    from avg.models.clip import register_clip_configs
-    from avg.models.demo_clip import save_open_clip_checkpoint
-
     work = tmp_path_factory.mktemp("grid")
-    register_clip_configs()
-    model, _, _ = open_clip.create_model_and_transforms("avg-demo-vit", pretrained=None)
-    ckpt = save_open_clip_checkpoint(model, work / "clip.pt", extra={"model": "avg-demo-vit"})
-    env = dict(os.environ)
-    env.update({
-        "DATASET": "demo", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        "DATA_DIR": str(tiny_demo.out_dir), "IMAGE_ROOT": str(tiny_demo.image_root),
-        "ANNOTATIONS": str(tiny_demo.json_path), "OUT_DIR": str(work / "out"), "DEMO_TOOLS": "0",
-        "CLIP_PRETRAINED": str(ckpt), "EMB_BATCH_SIZE": "16",
-        "CODE_LEN": "2", "CODEBOOK_SIZE": "8", "RQ_EPOCHS": "2", "RQ_BATCH_SIZE": "16",
-        "RQ_ARGS": "--latent-dim 16 --hidden-dims 32 --kmeans-samples 24 --eval-every 0",
-        "RETRIEVER_MODEL": str(work / "t5"), "T5_EPOCHS": "1", "T5_BATCH_SIZE": "16", "BEAM": "5",
-        "T5_ARGS": "--eval-train-queries 0 --eval-batch-size 8",
-    })
-    env.pop("VIRTUAL_ENV", None)
-    _run([sys.executable, "tools/make_demo_t5.py", "--annotations", str(tiny_demo.json_path), "--out-dir",
-          str(work / "t5"), "--vocab-size", "300", "--d-model", "32", "--num-layers", "1", "--num-heads", "2",
-          "--d-ff", "64"], env)
+    env = stage_script_env(
+        tiny_demo, work, DEMO_TOOLS=0, CODE_LEN=2, CODEBOOK_SIZE=8, RQ_EPOCHS=2, RQ_BATCH_SIZE=16,
+        RQ_ARGS="--latent-dim 16 --hidden-dims 32 --kmeans-samples 24 --eval-every 0",
+        RETRIEVER_MODEL=work / "t5", T5_EPOCHS=1, T5_BATCH_SIZE=16, BEAM=5,
+        T5_ARGS="--eval-train-queries 0 --eval-batch-size 8")
+    _run([sys.executable, "tools/make_demo_t5.py", "--annotations", tiny_demo.json_path, "--out-dir", work / "t5",
+          *TINY_T5_FLAGS], env)
     _run(["bash", "scripts/run_all.sh", "--stages",
           "prepare_emb,train_rqvae,generate_codes,prepare_retriever_dataset,train_retriever_t5"], env)
     return work / "out" / "demo", env

@@ -5,38 +5,19 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import stage_script_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def env(tiny_demo, tmp_path_factory):
-    import open_clip
-
-    from avg.models.clip import register_clip_configs
-    from avg.models.demo_clip import save_open_clip_checkpoint
-
-    work = tmp_path_factory.mktemp("run_all")
-    register_clip_configs()
-    model, _, _ = open_clip.create_model_and_transforms("avg-demo-vit", pretrained=None)
-    ckpt = save_open_clip_checkpoint(model, work / "clip.pt", extra={"model": "avg-demo-vit"})
-    e = dict(os.environ)
-    e.update({
-        "DATASET": "demo", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{e.get('PATH', '')}",
-        "DATA_DIR": str(tiny_demo.out_dir), "IMAGE_ROOT": str(tiny_demo.image_root),
-        "ANNOTATIONS": str(tiny_demo.json_path), "OUT_DIR": str(work / "out"), "DEMO_TOOLS": "0",
-        "CLIP_PRETRAINED": str(ckpt), "EMB_BATCH_SIZE": "16",
-    })
-    e.pop("VIRTUAL_ENV", None)
-    e.pop("AVG_SKIP_DONE", None)
-    return e
+    return stage_script_env(tiny_demo, tmp_path_factory.mktemp("run_all"), DEMO_TOOLS=0)
 
 
 def _run_all(env, *args, timeout=300):
