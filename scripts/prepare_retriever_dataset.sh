@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage: {train,val,test}.jsonl of {query, image_id, code} + per-split galleries -> ${OUT_DIR}/${DATASET}/retriever_data/
+# Stage: {train,val,test}.jsonl of {query, image_id, code, text_row} + per-split galleries -> ${OUT_DIR}/${DATASET}/retriever_data/
 # Pseudo queries: PSEUDO_QUERIES="path1.jsonl path2.jsonl" (transductive when they cover val/test images).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -10,4 +10,4 @@ MAXQ_ARGS=()
 [ -n "${MAX_TRAIN_QUERIES:-}" ] && MAXQ_ARGS=(--max-train-queries "$MAX_TRAIN_QUERIES")
 python -m avg.retriever.prepare_dataset \
   --annotations "$ANNOTATIONS" --image-root "$IMAGE_ROOT" --codes-dir "$STAGE_ROOT/codes" \
-  --out-dir "$STAGE_ROOT/retriever_data" --seed "$SEED" "${PQ_ARGS[@]}" "${MAXQ_ARGS[@]}" "$@"
+  --emb-dir "$STAGE_ROOT/emb" --out-dir "$STAGE_ROOT/retriever_data" --seed "$SEED" "${PQ_ARGS[@]}" "${MAXQ_ARGS[@]}" "$@"

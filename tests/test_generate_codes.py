@@ -54,8 +54,8 @@ def test_forced_collisions_become_unique_and_deterministic(tmp_path):
     emb = make_emb(tmp_path / "emb")
     rq = tiny_rqvae(tmp_path)
     args = ["--rqvae-dir", str(rq), "--emb-dir", str(emb), "--batch-size", "7", "--device", "cpu"]
-    stats = gc.main([*args, "--out-dir", str(tmp_path / "a")])
-    gc.main([*args, "--out-dir", str(tmp_path / "b")])
+    stats = gc.main([*args, "--out-dir", str(tmp_path / "a"), "--disambiguation", "global"])
+    gc.main([*args, "--out-dir", str(tmp_path / "b"), "--disambiguation", "global"])
     assert (tmp_path / "a" / "codes.json").read_bytes() == (tmp_path / "b" / "codes.json").read_bytes()
     codes = load_codes(tmp_path / "a")
     assert codes.code_len == 2 and codes.disambiguation and codes.disambiguation_size == stats["largest_group"] > 1
@@ -69,16 +69,20 @@ def test_forced_collisions_become_unique_and_deterministic(tmp_path):
     assert book.shape == (1, 2, 3) and book.dtype == np.float32
     np.testing.assert_array_equal(book, RQVAE.from_pretrained(rq).codebooks.detach().numpy())
 
-    kept = gc.main([*args, "--out-dir", str(tmp_path / "raw"), "--allow-collisions"])
+    kept = gc.main([*args, "--out-dir", str(tmp_path / "raw")])  # the default: raw codes
     raw = load_codes(tmp_path / "raw")
-    assert raw.code_len == 1 and not raw.disambiguation
+    assert raw.code_len == 1 and not raw.disambiguation and kept["disambiguation_mode"] == "none"
     assert kept["final_collision_rate"] == kept["raw_collision_rate"] == stats["raw_collision_rate"] > 0
     assert [raw.code(i) for i in raw.image_ids()] == [c[:1] for c in all_codes]
+    alias = gc.main([*args, "--out-dir", str(tmp_path / "alias"), "--allow-collisions"])  # deprecated alias
+    assert (tmp_path / "alias" / "codes.json").read_bytes() == (tmp_path / "raw" / "codes.json").read_bytes()
+    assert alias["disambiguation_mode"] == "none"
 
 
 def test_load_codes_validates(tmp_path):
     emb = make_emb(tmp_path / "emb")
-    gc.main(["--rqvae-dir", str(tiny_rqvae(tmp_path)), "--emb-dir", str(emb), "--out-dir", str(tmp_path / "c"), "--device", "cpu"])
+    gc.main(["--rqvae-dir", str(tiny_rqvae(tmp_path)), "--emb-dir", str(emb), "--out-dir", str(tmp_path / "c"), "--device", "cpu",
+             "--disambiguation", "global"])
     path = tmp_path / "c" / "codes.json"
     good = json.loads(path.read_text())
     for bad_code, msg in (([5, 0], "position 0"), ([0], "list of 2"), ([0, 99], "position 1")):
@@ -120,8 +124,12 @@ def test_train_then_generate_codes_end_to_end(tmp_path, monkeypatch):
     stats = gc.main(["--rqvae-dir", str(tmp_path / "rqvae"), "--emb-dir", str(emb), "--out-dir", str(tmp_path / "codes"), "--device", "cpu"])
     codes = load_codes(tmp_path / "codes")
     assert len(codes.images) == 300 and codes.num_levels == 3 and codes.codebook_size == 32 and codes.shared_codebook
-    assert codes.encoder["backend"] == "synthetic"
-    assert len(set(codes.code(i) for i in codes.image_ids())) == 300
+    assert codes.encoder["backend"] == "synthetic" and not codes.disambiguation
+    assert 1 - len(set(codes.code(i) for i in codes.image_ids())) / 300 == pytest.approx(stats["raw_collision_rate"])
+    # the tokenizer's retrieval ceiling on the held-out splits, next to the raw features
+    assert set(stats["ceiling"]) == {"val", "test"}
+    assert stats["ceiling"]["test"]["image_features"]["gallery_size"] == 30
+    assert 0 <= stats["ceiling"]["test"]["decoded_codes"]["R@1"] <= stats["ceiling"]["test"]["decoded_codes"]["R@20"] <= 100
     assert stats["splits"]["train"]["collision_rate"] == pytest.approx(final["codes/collision_rate"])
     assert stats["raw_collision_rate"] < 1 - 20 / 300  # more distinct raw codes than the 10 clusters
     assert json.loads((tmp_path / "codes" / "stats.json").read_text())["num_images"] == 300

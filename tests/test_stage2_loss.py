@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
-from avg.retriever.losses import RetrievalObjective, candidate_log_probs, discriminative_loss, stage2_loss
+from avg.retriever.losses import RetrievalObjective, candidate_log_probs, discriminative_loss
 
 
 @pytest.fixture()
@@ -48,7 +48,7 @@ def test_stage2_loss_matches_hand_computation(tiny_t5):
     s = hand_scores(model, input_ids, mask, cands)
     T, lam = 0.5, 0.3
     hand_dis = sum(-(float(s[i, pos[i]]) / T) + math.log(sum(math.exp(float(x) / T) for x in s[i])) for i in range(2)) / 2
-    # L_gen by hand: mean token NLL of code + EOS
+    # L_gen by hand (eq. 7 as written, the scale of s_j): NLL of code + EOS summed over tokens, mean over queries
     nll, n = 0.0, 0
     for i in range(2):  # (no grad needed: float() below)
         dec = torch.cat([torch.tensor([0]), labels[i, :-1]])[None]
@@ -56,19 +56,20 @@ def test_stage2_loss_matches_hand_computation(tiny_t5):
         for t in range(labels.shape[1]):
             nll += float(torch.logsumexp(logits[t], 0) - logits[t, labels[i, t]])
             n += 1
-    hand_gen = nll / n
+    hand_gen = nll / 2
 
     enc = model.get_encoder()(input_ids=input_ids, attention_mask=mask).last_hidden_state
     scores = candidate_log_probs(model, enc, mask, cands)
     assert torch.allclose(scores.double(), s, atol=1e-4)
-    loss, parts = stage2_loss(model, input_ids, mask, labels, cands, pos, dis_weight=lam, temperature=T)
+    obj = RetrievalObjective(model, dis_weight=lam, temperature=T, loss="vocab")  # the paper's full-vocabulary score
+    loss, parts = obj(input_ids, mask, labels, candidates=cands, positive_index=pos)
     assert float(parts["dis"]) == pytest.approx(hand_dis, abs=1e-4)
     assert float(parts["gen"]) == pytest.approx(hand_gen, abs=1e-4)
     assert float(loss.detach()) == pytest.approx(hand_gen + lam * hand_dis, abs=1e-4)
-    # the objective module computes the same, and the gradient reaches the model through s_j
-    obj = RetrievalObjective(model, dis_weight=lam, temperature=T)
-    loss2, _ = obj(input_ids, mask, labels, candidates=cands, positive_index=pos)
-    assert float(loss2.detach()) == pytest.approx(float(loss.detach()), abs=1e-5)
+    # stage 1 (no candidates) is HF's own per-token LM loss
+    loss1, _ = obj(input_ids, mask, labels)
+    assert float(loss1.detach()) == pytest.approx(nll / n, abs=1e-4)
+    # the gradient reaches the model through s_j
     model.zero_grad()
     discriminative_loss(candidate_log_probs(model, model.get_encoder()(input_ids=input_ids, attention_mask=mask).last_hidden_state,
                                             mask, cands), pos).backward()

@@ -14,7 +14,14 @@ from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-DEFAULT_KS = (1, 5, 10)
+DEFAULT_KS = (1, 5, 10, 20)
+
+
+def recall_ks(depth: int) -> tuple:
+    """R@K cut-offs for a ranked list of ``depth`` items: DEFAULT_KS, 50 and 100 where the list is
+    that deep, and ``depth`` itself -- R@depth is the list's recall, the ceiling of any reranker."""
+    ks = [k for k in (*DEFAULT_KS, 50, 100) if k <= depth]
+    return tuple(sorted({*ks, int(depth)})) if depth >= 1 else DEFAULT_KS
 
 
 def _gold_set(gold) -> set:

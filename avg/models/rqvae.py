@@ -253,6 +253,16 @@ class RQVAE(nn.Module):
         codes, _, vokens = self.quantize(z)
         return codes, (z - vokens.sum(1)).norm(dim=-1)
 
+    @torch.no_grad()
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """MLP(z^(M)) of voken ids [B, M]: what a code alone says about the image, in CLIP space
+        (the tokenizer's retrieval ceiling is measured on it)."""
+        codes = torch.as_tensor(codes, device=self.codebooks.device).long()
+        if codes.dim() != 2 or codes.shape[1] != self.config.num_levels:
+            raise ValueError(f"codes must be [batch, {self.config.num_levels}], got {tuple(codes.shape)}")
+        z_q = sum(self.codebook(level)[codes[:, level]] for level in range(self.config.num_levels))
+        return self.decoder(z_q)
+
     # -- persistence --------------------------------------------------------------------
     def save_pretrained(self, out_dir: str | os.PathLike) -> Path:
         """Write ``model.safetensors`` + ``config.json`` into ``out_dir`` (each file atomically)."""

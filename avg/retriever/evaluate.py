@@ -14,8 +14,9 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from avg.eval.metrics import retrieval_metrics
+from avg.eval.metrics import recall_ks, retrieval_metrics
 from avg.retriever.gallery import Gallery
+from avg.retriever.prefix import prefixed_inputs
 from avg.retriever.search import constrained_beam_search
 
 
@@ -36,7 +37,8 @@ def evaluate_split(model, tokenizer, vocab, queries: Sequence[dict], gallery: Ga
                    batch_size: int, device, *, index=None, max_length: int = 64,
                    format_query: Optional[Callable[[str], str]] = None, desc: str = "eval",
                    show_progress: bool = True, restrict_to_vokens: bool = False,
-                   score_eos: bool = True) -> tuple[list[dict], dict]:
+                   score_eos: bool = True, normalize: str = "vocab", prefix=None,
+                   query_features: Optional[torch.Tensor] = None) -> tuple[list[dict], dict]:
     """Rank `gallery` images for each query ({"query", "image_id"[, "qid"]}).
 
     Returns (run records {qid, query, gold, ranked, scores} in query order, metrics from
@@ -47,6 +49,11 @@ def evaluate_split(model, tokenizer, vocab, queries: Sequence[dict], gallery: Ga
     renormalised over them; see avg.retriever.search); the default scores with the
     full-vocabulary distribution. `score_eos` adds log p(EOS | code)
     to each code's score, matching models trained on code + EOS labels (as train_t5 does).
+    `normalize="children"` ranks by log-probabilities renormalised over each prefix's allowed
+    continuations (avg.retriever.search; the voken-only head is then used, same result, faster).
+    `prefix` (avg.retriever.prefix.QueryPrefix) with `query_features` [len(queries), D] puts each
+    query's CLIP text feature in front of its words. Metrics include R@K up to the beam
+    (``avg.eval.metrics.recall_ks``): R@beam is the recall of the returned list.
     """
     device = torch.device(device)
     was_training = model.training
@@ -61,8 +68,10 @@ def evaluate_split(model, tokenizer, vocab, queries: Sequence[dict], gallery: Ga
     order = sorted(mine, key=lambda i: lengths[i])
     is_enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
     start_id = model.config.decoder_start_token_id if is_enc_dec else None
-    voken_ids = vocab.voken_ids.to(device) if restrict_to_vokens else None
-    eos_id = tokenizer.eos_token_id if score_eos else None
+    voken_ids = vocab.voken_ids.to(device) if restrict_to_vokens or normalize == "children" else None
+    eos_id = tokenizer.eos_token_id if score_eos and normalize != "children" else None
+    if prefix is not None and (query_features is None or len(query_features) != len(queries)):
+        raise ValueError("a retriever with a query-feature prefix needs one feature row per query")
     results: dict[int, tuple[list, list]] = {}
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     padding_side = tokenizer.padding_side
@@ -71,8 +80,11 @@ def evaluate_split(model, tokenizer, vocab, queries: Sequence[dict], gallery: Ga
         for batch in tqdm(batches, desc=desc, disable=not show_progress or rank != 0, leave=False):
             enc = tokenizer([texts[i] for i in batch], truncation=True, max_length=max_length, padding=True,
                             return_tensors="pt").to(device)
-            out = constrained_beam_search(model, enc["input_ids"], enc["attention_mask"], index, num_beams,
-                                          decoder_start_token_id=start_id, eos_token_id=eos_id, voken_ids=voken_ids)
+            feats = query_features[batch] if prefix is not None else None
+            inputs = prefixed_inputs(model, prefix, enc["input_ids"], enc["attention_mask"], feats)
+            out = constrained_beam_search(model, inputs.get("input_ids"), inputs["attention_mask"], index, num_beams,
+                                          decoder_start_token_id=start_id, eos_token_id=eos_id, voken_ids=voken_ids,
+                                          inputs_embeds=inputs.get("inputs_embeds"), normalize=normalize)
             codes = vocab.token_ids_to_codes(out.sequences.cpu())
             scores = out.scores.float().cpu()
             valid = out.num_valid.cpu()
@@ -92,7 +104,7 @@ def evaluate_split(model, tokenizer, vocab, queries: Sequence[dict], gallery: Ga
         ranked, scores = results[i]
         records.append({"qid": q.get("qid", i), "query": q["query"], "gold": q["image_id"],
                         "ranked": ranked, "scores": scores})
-    metrics = retrieval_metrics(records, gallery_size=len(gallery))
+    metrics = retrieval_metrics(records, ks=recall_ks(num_beams), gallery_size=len(gallery))
     return records, metrics
 
 

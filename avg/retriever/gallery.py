@@ -99,6 +99,25 @@ class Gallery:
                     ranked_scores.append(float(score))
         return ranked, ranked_scores
 
+    def subset(self, rows, name: Optional[str] = None) -> "Gallery":
+        """The gallery of the images at positions ``rows`` (same tie seed)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return Gallery([self.image_ids[i] for i in rows], self.codes[rows], seed=self.seed, name=name or f"{self.name}[subset]")
+
+    def chunks(self, size: int, seed: int) -> list["Gallery"]:
+        """The images in a seeded order, cut into galleries of ``size`` images (a last chunk smaller
+        than half of ``size`` is merged into the one before); ``[self]`` when ``size`` is 0 or at
+        least the gallery. Used to search training queries among as many images as an evaluation
+        gallery holds (stage-2 candidates, reranker training lists, the train-fit diagnostic)."""
+        if size <= 0 or size >= len(self):
+            return [self]
+        order = np.random.default_rng([seed, 99]).permutation(len(self))
+        cuts = [order[i:i + size] for i in range(0, len(order), size)]
+        if len(cuts) > 1 and len(cuts[-1]) < size // 2:
+            last = cuts.pop()  # (popped first: in `a[-2] = f(a.pop())` the target is taken after the pop)
+            cuts[-1] = np.concatenate([cuts[-1], last])
+        return [self.subset(c, name=f"{self.name}[chunk {j}]") for j, c in enumerate(cuts)]
+
     # ------------------------------------------------------------------ search index
     def token_codes(self, vocab) -> torch.Tensor:
         """The distinct codes as voken token ids, LongTensor [U, L] (the constraint's allowed set)."""

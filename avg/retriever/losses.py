@@ -1,4 +1,19 @@
-"""Stage-2 losses: listwise discrimination over the model's own beam candidates (eqs. 8-10).
+"""The retriever's losses: generative (eq. 7) and listwise discriminative (eqs. 8-10).
+
+A code's score
+--------------
+Every place that scores a code for a query uses one definition, chosen by ``normalize``:
+
+* ``"children"`` (default): ``sum_t log p(c_t | query, c_<t)`` with each step's distribution
+  renormalised over the tokens that may follow ``c_<t`` in a gallery's prefix tree (a
+  :class:`~avg.retriever.constraints.CodeIndex`). This is what the constrained search ranks by with
+  ``normalize="children"``; training with it (``--loss children``) spends the model's probability
+  only among real alternatives -- never on another level's vokens or on text tokens.
+* ``"vocab"``: log-softmax over the full vocabulary (the paper's eq. 7 as a plain LM loss, and the
+  HF ``generate`` score); the generative loss then also scores EOS after the code.
+
+``score_len`` limits the score to the first positions of a code (the M quantizer levels): a
+disambiguation position, when codes carry one, says nothing about the image and is left out.
 
 Pure functions over an encoder-decoder model: no I/O, no optimiser, no global RNG (the positive's
 replacement slot comes from an explicit ``torch.Generator``).
@@ -10,6 +25,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutput
+
+from avg.retriever.constraints import CodeIndex
+from avg.retriever.prefix import prefixed_inputs
+
+LOSS_MODES = ("children", "vocab")
 
 
 def build_candidates(sequences: torch.Tensor, num_valid: torch.Tensor, positive: torch.Tensor,
@@ -43,70 +63,139 @@ def build_candidates(sequences: torch.Tensor, num_valid: torch.Tensor, positive:
     return cands, mask, pos_index
 
 
+def code_log_probs(logits: torch.Tensor, targets: torch.Tensor, index: Optional[CodeIndex] = None) -> torch.Tensor:
+    """Per-position log-probabilities [N, L] of the codes ``targets`` [N, L] (token ids) from
+    teacher-forced ``logits`` [N, L, V] (position t predicts ``targets[:, t]``).
+
+    ``index=None``: log-softmax over the full vocabulary. With ``index``: renormalised over the
+    children of each target prefix in the index; a target that is not a code of the index raises.
+    """
+    logits = logits.float()
+    if index is None:
+        return logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+    n, length = targets.shape
+    if length > index.code_len:
+        raise ValueError(f"targets of length {length} for an index of codes of length {index.code_len}")
+    index = index.to(logits.device) if index.device != logits.device else index
+    nodes = torch.zeros(n, dtype=torch.long, device=logits.device)
+    out = []
+    for t in range(length):
+        _, tok, valid = index.children(nodes, t)  # [N, C]
+        allowed = logits[:, t].gather(1, tok).masked_fill(~valid, float("-inf"))
+        out.append(logits[:, t].gather(1, targets[:, t:t + 1]).squeeze(1) - allowed.logsumexp(1))
+        nodes = index.find_child(nodes, t, targets[:, t])
+        if bool((nodes < 0).any()):
+            row = int((nodes < 0).nonzero()[0])
+            raise ValueError(f"target row {row} = {targets[row].tolist()} is not a code of the index")
+    return torch.stack(out, 1)
+
+
+def _decoder_inputs(model, codes: torch.Tensor) -> torch.Tensor:
+    start = torch.full((codes.shape[0], 1), model.config.decoder_start_token_id, dtype=codes.dtype, device=codes.device)
+    return torch.cat([start, codes[:, :-1]], dim=1)
+
+
 def candidate_log_probs(model, encoder_hidden: torch.Tensor, attention_mask: torch.Tensor,
-                        candidates: torch.Tensor) -> torch.Tensor:
-    """s_j: the sum of the candidate's voken log-probabilities, teacher-forced, WITH gradient.
+                        candidates: torch.Tensor, index: Optional[CodeIndex] = None,
+                        score_len: Optional[int] = None) -> torch.Tensor:
+    """s_j: each candidate's score (see the module docstring), teacher-forced, WITH gradient.
 
     encoder_hidden [B, S, H] (the encoder run once per query), candidates [B, b, L] token ids ->
-    scores [B, b]. The log-probabilities are over the full vocabulary (the model's own
-    distribution), summed over the L voken positions (no EOS: the search scores codes alike).
+    scores [B, b]: the sum of the first ``score_len`` (default all L) positions' log-probabilities,
+    over the full vocabulary (``index=None``) or renormalised over ``index``'s children (the
+    gallery the candidates were searched in). No EOS: the search scores codes alike.
     """
     B, b, L = candidates.shape
     flat = candidates.reshape(B * b, L)
-    start = model.config.decoder_start_token_id
-    dec_in = torch.cat([torch.full((B * b, 1), start, dtype=flat.dtype, device=flat.device), flat[:, :-1]], dim=1)
     hidden = encoder_hidden.repeat_interleave(b, dim=0)
     mask = attention_mask.repeat_interleave(b, dim=0)
-    out = model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask, decoder_input_ids=dec_in, use_cache=False)
-    logp = torch.log_softmax(out.logits.float(), dim=-1)
-    return logp.gather(-1, flat.unsqueeze(-1)).squeeze(-1).sum(-1).view(B, b)
+    out = model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=mask,
+                decoder_input_ids=_decoder_inputs(model, flat), use_cache=False)
+    lp = code_log_probs(out.logits, flat, index)
+    return lp[:, : (score_len or L)].sum(-1).view(B, b)
 
 
 def discriminative_loss(scores: torch.Tensor, positive_index: torch.Tensor, *, temperature: float = 1.0,
-                        mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        mask: Optional[torch.Tensor] = None, list_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """eq. 9: -log softmax(s / T)[positive], a cross-entropy over the candidates' logits.
 
-    Empty slots (mask False) get -inf so they take no probability mass.
+    Empty slots (mask False) get -inf so they take no probability mass. ``list_mask`` [B] keeps
+    only some lists (the mean is over those; 0 when none is kept).
     """
     logits = scores / temperature
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf"))
-    return F.cross_entropy(logits, positive_index)
+    if list_mask is None:
+        return F.cross_entropy(logits, positive_index)
+    per_list = F.cross_entropy(logits, positive_index, reduction="none")
+    keep = list_mask.to(per_list.dtype)
+    return (per_list * keep).sum() / keep.sum().clamp_min(1.0)
 
 
-def stage2_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                candidates: torch.Tensor, positive_index: torch.Tensor, *, candidate_mask: Optional[torch.Tensor] = None,
-                dis_weight: float = 1.0, temperature: float = 1.0) -> tuple[torch.Tensor, dict]:
-    """eq. 10: L = L_gen (eq. 7) + lambda * L_dis (eq. 9), sharing one encoder pass.
+def generative_loss(model, encoder_hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *,
+                    loss: str = "children", index: Optional[CodeIndex] = None, reduction: str = "mean") -> torch.Tensor:
+    """eq. 7 for labels [B, L+1] (voken ids + EOS).
 
-    labels [B, L+1] = voken ids + EOS; candidates [B, b, L]. Returns (loss, {"gen", "dis"} detached).
+    ``loss="vocab"``: cross-entropy over the full vocabulary of the code and EOS; ``"children"``:
+    the code's log-probabilities renormalised over ``index``'s children (the training gallery's
+    prefix tree), EOS not scored. ``reduction="mean"``: per scored token (the usual LM loss);
+    ``"sum"``: summed over a code's tokens, the scale of eq. 7 and of s_j (stage 2), then averaged
+    over the batch.
     """
-    encoder = model.get_encoder()
-    hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    gen = model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden), attention_mask=attention_mask, labels=labels, use_cache=False).loss
-    scores = candidate_log_probs(model, hidden, attention_mask, candidates)
-    dis = discriminative_loss(scores, positive_index, temperature=temperature, mask=candidate_mask)
-    loss = gen + dis_weight * dis
-    return loss, {"gen": gen.detach(), "dis": dis.detach()}
+    if loss not in LOSS_MODES:
+        raise ValueError(f"loss must be one of {LOSS_MODES}, got {loss!r}")
+    enc = BaseModelOutput(last_hidden_state=encoder_hidden)
+    if loss == "vocab":
+        logits = model(encoder_outputs=enc, attention_mask=attention_mask, decoder_input_ids=_decoder_inputs(model, labels),
+                       use_cache=False).logits
+        lp = code_log_probs(logits, labels)
+    else:
+        if index is None:
+            raise ValueError("loss='children' needs the training gallery's CodeIndex")
+        codes = labels[:, :-1]
+        logits = model(encoder_outputs=enc, attention_mask=attention_mask, decoder_input_ids=_decoder_inputs(model, codes),
+                       use_cache=False).logits
+        lp = code_log_probs(logits, codes, index)
+    return -lp.mean() if reduction == "mean" else -lp.sum(1).mean()
 
 
 class RetrievalObjective(torch.nn.Module):
     """The training loss as one module, so DDP sees a single forward per step.
 
-    Stage 1 (no candidates): L_gen (eq. 7). Stage 2: `stage2_loss` (eq. 10). The module owns no
-    parameters of its own: it holds the seq2seq model, which is what gets saved.
+    Holds the seq2seq model and, when used, the query-feature prefix (avg.retriever.prefix): both
+    are what gets saved. Stage 1 (no candidates): L_gen (eq. 7, per-token mean). Stage 2
+    (candidates given, eq. 10): ``L_gen + lambda * L_dis`` sharing one encoder pass, with L_gen
+    summed over the code's tokens (eq. 7 as written, the scale of s_j) and s_j scored like the
+    search that found the candidates (``candidate_index``: the gallery searched).
     """
 
-    def __init__(self, model, *, dis_weight: float = 1.0, temperature: float = 1.0):
+    def __init__(self, model, *, dis_weight: float = 1.0, temperature: float = 1.0, loss: str = "vocab",
+                 index: Optional[CodeIndex] = None, prefix=None, score_len: Optional[int] = None):
         super().__init__()
-        self.model, self.dis_weight, self.temperature = model, dis_weight, temperature
+        if loss not in LOSS_MODES:
+            raise ValueError(f"loss must be one of {LOSS_MODES}, got {loss!r}")
+        self.model, self.prefix = model, prefix
+        self.dis_weight, self.temperature = dis_weight, temperature
+        self.loss, self.index, self.score_len = loss, index, score_len
 
-    def forward(self, input_ids, attention_mask, labels, candidates=None, positive_index=None, candidate_mask=None):
-        if candidates is None:
-            loss = self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False).loss
+    def forward(self, input_ids, attention_mask, labels, candidates=None, positive_index=None, candidate_mask=None,
+                query_features=None, candidate_index=None, list_mask=None):
+        inputs = prefixed_inputs(self.model, self.prefix, input_ids, attention_mask, query_features)
+        if candidates is None and self.loss == "vocab":  # the plain HF LM loss (stage 1, paper setting)
+            loss = self.model(**inputs, labels=labels, use_cache=False).loss
             return loss, {"gen": loss.detach()}
-        return stage2_loss(self.model, input_ids, attention_mask, labels, candidates, positive_index,
-                           candidate_mask=candidate_mask, dis_weight=self.dis_weight, temperature=self.temperature)
+        hidden = self.model.get_encoder()(**inputs).last_hidden_state
+        mask = inputs["attention_mask"]
+        if candidates is None:
+            loss = generative_loss(self.model, hidden, mask, labels, loss=self.loss, index=self.index)
+            return loss, {"gen": loss.detach()}
+        gen = generative_loss(self.model, hidden, mask, labels, loss=self.loss, index=self.index, reduction="sum")
+        scores = candidate_log_probs(self.model, hidden, mask, candidates,
+                                     index=candidate_index if self.loss == "children" else None, score_len=self.score_len)
+        dis = discriminative_loss(scores, positive_index, temperature=self.temperature, mask=candidate_mask,
+                                  list_mask=list_mask)
+        return gen + self.dis_weight * dis, {"gen": gen.detach(), "dis": dis.detach()}
 
 
-__all__ = ["build_candidates", "candidate_log_probs", "discriminative_loss", "stage2_loss", "RetrievalObjective"]
+__all__ = ["LOSS_MODES", "build_candidates", "code_log_probs", "candidate_log_probs", "discriminative_loss",
+           "generative_loss", "RetrievalObjective"]

@@ -3,7 +3,9 @@
     python -m avg.retriever.prepare_dataset --annotations dataset.json --image-root images \\
         --codes-dir outputs/demo/codes --out-dir outputs/demo/retriever_data
 
-Writes ``{train,val,test}.jsonl`` ({"query", "image_id", "code"}, one line per caption),
+Writes ``{train,val,test}.jsonl`` ({"query", "image_id", "code"}, one line per caption, plus
+``text_row``, the caption's row in ``emb/text_features.npy``, when ``--emb-dir`` is given: the
+query-feature prefix of avg.retriever.prefix reads it),
 ``gallery_{split}.json`` ({image_id: code}) and ``meta.json``. Test (and val) captions only ever
 go to their own split's file. Pseudo queries (``--pseudo-queries``) are extra *training* queries;
 when they target val/test gallery images the data is transductive: a loud warning is logged and
@@ -23,6 +25,7 @@ import numpy as np
 
 from avg.data.karpathy import load_karpathy
 from avg.retriever.data import SPLITS, CodesData, read_codes
+from avg.rqvae.features import load_emb
 from avg.utils.io import InputError, atomic_dir, read_jsonl, write_json, write_jsonl
 from avg.utils.tracking import get_logger
 from avg.utils.cli import run_main
@@ -44,9 +47,13 @@ def load_pseudo_queries(path: str | Path) -> list[dict]:
 
 def build_retriever_data(images, codes: CodesData, pseudo: Sequence[tuple[str, list[dict]]] = (), *,
                          max_train_queries: Optional[int] = None, seed: int = 0,
-                         source: str = "annotations") -> dict:
+                         source: str = "annotations", text_rows: Optional[dict] = None) -> dict:
     """Pure core: Karpathy ImageRecords + codes (+ pseudo queries) -> split files and meta.
 
+    ``text_rows`` ((image_id, caption) -> feature row) adds each
+    caption's ``text_row`` (``Embeddings.caption_row_map`` of avg.rqvae.features); a caption missing
+    from it is an error (emb/ from other annotations).
+    Pseudo queries get ``text_row`` null (no feature was computed for them).
     Returns {"queries": {split: [rows]}, "galleries": {split: {image_id: code}}, "meta": {...}}.
     """
     queries = {s: [] for s in SPLITS}
@@ -65,7 +72,13 @@ def build_retriever_data(images, codes: CodesData, pseudo: Sequence[tuple[str, l
                              f"{source} puts it in {im.split!r}; regenerate the codes for this dataset")
         galleries[im.split][im.image_id] = rec["code"]
         for cap in im.captions:
-            queries[im.split].append({"query": cap, "image_id": im.image_id, "code": rec["code"]})
+            row = {"query": cap, "image_id": im.image_id, "code": rec["code"]}
+            if text_rows is not None:
+                if (im.image_id, cap) not in text_rows:
+                    raise InputError(f"{source}: image {im.image_id!r}: caption {cap!r} has no feature in emb/ "
+                                     "(was emb/ built from other annotations?)")
+                row["text_row"] = text_rows[(im.image_id, cap)]
+            queries[im.split].append(row)
     extra_codes = sum(1 for i in codes.images if i not in split_of)
 
     transductive = Counter()
@@ -85,7 +98,8 @@ def build_retriever_data(images, codes: CodesData, pseudo: Sequence[tuple[str, l
                 continue
             if split != "train":
                 transductive[split] += 1
-            queries["train"].append({"query": row["query"], "image_id": image_id, "code": rec["code"]})
+            extra = {"text_row": None} if text_rows is not None else {}
+            queries["train"].append({"query": row["query"], "image_id": image_id, "code": rec["code"], **extra})
             pseudo_used[name] += 1
 
     n_train_all = len(queries["train"])
@@ -107,6 +121,7 @@ def build_retriever_data(images, codes: CodesData, pseudo: Sequence[tuple[str, l
                            "dropped_own_caption_of_heldout_image": leaked,
                            "on_heldout_images": dict(transductive)},
         "transductive": bool(sum(transductive.values())),
+        "text_rows": text_rows is not None,
         "code_len": int(codes.meta.get("code_len", codes.meta["num_levels"])),
         "codes_meta": {k: codes.meta[k] for k in ("num_levels", "codebook_size", "shared_codebook", "code_len",
                                                   "disambiguation", "disambiguation_size", "tie_rule")
@@ -120,6 +135,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--annotations", required=True, help="Karpathy-format caption json")
     p.add_argument("--image-root", default=".", help="folder the json's image paths are relative to (not read)")
     p.add_argument("--codes-dir", required=True, help="codes/ folder written by avg.rqvae.generate_codes")
+    p.add_argument("--emb-dir", default=None, help="emb/ folder: record each caption's text-feature row (for --query-prefix)")
     p.add_argument("--out-dir", required=True, help="output folder (replaced atomically)")
     p.add_argument("--pseudo-queries", nargs="*", default=[], help="pseudo-query jsonl files (extra training queries)")
     p.add_argument("--max-train-queries", type=int, default=None, help="keep a seeded random subset of this many training queries")
@@ -133,16 +149,18 @@ def main(argv=None) -> dict:
     dataset = load_karpathy(args.annotations, args.image_root, check_files=False)
     codes = read_codes(args.codes_dir, with_codebook=False)
     pseudo = [(str(p), load_pseudo_queries(p)) for p in args.pseudo_queries]
+    text_rows = load_emb(args.emb_dir).caption_row_map() if args.emb_dir else None
     # the out dir is swapped in whole at the end, so the manifest is written only by complete()
     run = begin_stage(args.out_dir, "prepare_retriever_dataset", vars(args), force=args.force, ignore=("image_root",),
-                      inputs=[args.annotations, args.codes_dir, *args.pseudo_queries], mark_running=False)
+                      inputs=[args.annotations, args.codes_dir, args.emb_dir, *args.pseudo_queries], mark_running=False)
     if run.up_to_date and skip_if_done():
         log.info("prepare_retriever_dataset: outputs in %s are complete and up to date; skipping", args.out_dir)
         return run.previous.get("summary") or {}
     out = build_retriever_data(dataset.images, codes, pseudo, max_train_queries=args.max_train_queries,
-                               seed=args.seed, source=str(args.annotations))
+                               seed=args.seed, source=str(args.annotations), text_rows=text_rows)
     meta = out["meta"]
     meta["sources"] = {"annotations": str(args.annotations), "codes_dir": str(args.codes_dir),
+                       "emb_dir": str(args.emb_dir) if args.emb_dir else None,
                        "pseudo_queries": [str(p) for p in args.pseudo_queries]}
     if sum(meta["images_without_code"].values()):
         log.warning("%d image(s) have no code in %s and were skipped (per split: %s)",

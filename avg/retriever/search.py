@@ -24,6 +24,14 @@ What this computes, exactly
   pruned on the way) CAN differ from the default path. They coincide when the model puts (almost)
   no mass outside the vokens, which a trained retriever nearly does. Tested: fast-path scores equal
   the teacher-forced renormalised log-probabilities.
+* ``normalize="children"``: at every step the log-probabilities are renormalised over the tokens
+  the index allows after each beam's prefix: ``log p(c_t | c_<t, query, c_t continues a gallery
+  code)``. A code's score is then the log-probability of the model's distribution *restricted to
+  the gallery's prefix tree*, so mass the model puts on tokens that cannot follow (other levels'
+  vokens, text tokens) costs no beam anything, and the EOS step is skipped (after a complete code EOS
+  is the only allowed token: log 1 = 0). Only the allowed children's logits are needed, so with
+  ``voken_ids`` the restricted head gives bit-for-bit the same result, faster. This is the score the
+  retriever is trained with under ``--loss children`` and the one its evaluation uses by default.
 * Ties: candidates with bit-identical scores are ordered by ``torch.topk`` (implementation
   defined), as in HF. Distinct images with the same code collapse to one code here; the caller
   breaks those ties by its documented, seeded rule.
@@ -55,7 +63,7 @@ from torch import nn
 
 from avg.retriever.constraints import CodeIndex
 
-__all__ = ["SearchOutput", "constrained_beam_search"]
+__all__ = ["NORMALIZE_MODES", "SearchOutput", "constrained_beam_search"]
 
 
 @dataclass
@@ -76,11 +84,14 @@ class _EncoderDecoderStepper:
         self.model = model
         self.start = decoder_start_token_id
 
-    def first(self, input_ids, attention_mask):
-        enc = self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+    def first(self, input_ids, attention_mask, inputs_embeds=None):
+        if inputs_embeds is not None:
+            enc = self.model.get_encoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask, return_dict=True)
+        else:
+            enc = self.model.get_encoder()(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
         self.enc_hidden = enc.last_hidden_state
         self.enc_mask = attention_mask
-        start = torch.full((input_ids.shape[0], 1), self.start, dtype=torch.long, device=input_ids.device)
+        start = torch.full((attention_mask.shape[0], 1), self.start, dtype=torch.long, device=attention_mask.device)
         out = self.model(encoder_outputs=(self.enc_hidden,), attention_mask=attention_mask,
                          decoder_input_ids=start, use_cache=True, return_dict=True)
         self.cache = out.past_key_values
@@ -117,14 +128,13 @@ class _DecoderOnlyStepper:
     def __init__(self, model):
         self.model = model
 
-    def first(self, input_ids, attention_mask):
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+    def first(self, input_ids, attention_mask, inputs_embeds=None):
         if bool((attention_mask[:, -1] == 0).any()):
             raise ValueError("decoder-only prompts must be LEFT-padded (attention_mask[:, -1] must be 1)")
         pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
         extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+        inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": input_ids}
+        out = self.model(**inputs, attention_mask=attention_mask, position_ids=pos,
                          use_cache=True, return_dict=True, **extra)
         self.cache = out.past_key_values
         self.mask = attention_mask
@@ -167,9 +177,12 @@ def _restricted_head(model, token_ids: torch.Tensor):
 
 
 # ---------------------------------------------------------------------------------------- the search
+NORMALIZE_MODES = ("vocab", "children")
+
+
 def constrained_beam_search(
     model,
-    input_ids: torch.Tensor,
+    input_ids: torch.Tensor | None,
     attention_mask: torch.Tensor | None,
     index: CodeIndex | None,
     num_beams: int,
@@ -179,17 +192,29 @@ def constrained_beam_search(
     voken_ids: torch.Tensor | None = None,
     batch_size: int | None = None,
     code_len: int | None = None,
+    inputs_embeds: torch.Tensor | None = None,
+    normalize: str = "vocab",
 ) -> SearchOutput:
     """Beam search restricted to the codes in ``index`` (see module docstring for what is scored).
 
     ``input_ids``/``attention_mask`` [B, T]: the tokenised queries (right padding for
-    encoder-decoders, LEFT padding for decoder-only prompts). ``batch_size`` bounds how many queries
-    are decoded at once (None: all). ``code_len`` is only needed when ``index`` is None.
+    encoder-decoders, LEFT padding for decoder-only prompts). ``inputs_embeds`` [B, T, H] replaces
+    ``input_ids`` (e.g. soft prefix tokens before the caption's token embeddings; the first pass
+    then runs on embeddings). ``batch_size`` bounds how many queries are decoded at once (None:
+    all). ``code_len`` is only needed when ``index`` is None. ``normalize``: ``"vocab"`` (log-softmax
+    over the full vocabulary, or over ``voken_ids`` when given: the HF-equivalent score) or
+    ``"children"`` (renormalised over the allowed continuations; needs ``index``; EOS is not scored).
     """
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-    if input_ids.dim() != 2 or input_ids.shape[0] == 0:
-        raise ValueError(f"input_ids must be a non-empty [batch, length] tensor, got shape {tuple(input_ids.shape)}")
+    if normalize not in NORMALIZE_MODES:
+        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
+    if normalize == "children" and index is None:
+        raise ValueError("normalize='children' needs an index (the allowed continuations)")
+    first_input = inputs_embeds if inputs_embeds is not None else input_ids
+    if first_input is None or first_input.dim() < 2 or first_input.shape[0] == 0:
+        raise ValueError("input_ids (or inputs_embeds) must be a non-empty [batch, length(, hidden)] tensor, got "
+                         f"{None if first_input is None else tuple(first_input.shape)}")
     if model.training:
         warnings.warn("constrained_beam_search on a model in training mode: dropout makes the ranking random; "
                       "call model.eval() first", stacklevel=2)
@@ -197,8 +222,14 @@ def constrained_beam_search(
         raise ValueError("code_len is required when index is None (unconstrained search)")
     length = index.code_len if index is not None else int(code_len)
     device = next(model.parameters()).device
-    input_ids = input_ids.to(device)
-    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+    n = first_input.shape[0]
+    if input_ids is not None:
+        input_ids = input_ids.to(device)
+    if inputs_embeds is not None:
+        inputs_embeds = inputs_embeds.to(device)
+    if attention_mask is None:
+        attention_mask = torch.ones(first_input.shape[:2], dtype=torch.long, device=device)
+    attention_mask = attention_mask.to(device)
     if index is not None and index.device != device:
         index = index.to(device)
     is_enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
@@ -208,6 +239,8 @@ def constrained_beam_search(
             decoder_start_token_id = model.generation_config.decoder_start_token_id
         if decoder_start_token_id is None:
             raise ValueError("decoder_start_token_id is not set in the model config; pass it explicitly")
+    if normalize == "children":
+        eos_token_id = None  # the only continuation of a complete code: log 1 = 0
 
     head = model.get_output_embeddings()
     vocab = head.out_features if isinstance(head, nn.Linear) else int(model.config.vocab_size)
@@ -234,7 +267,6 @@ def constrained_beam_search(
         width = subset.numel() if subset is not None else vocab
         k_out = min(num_beams, width ** length)
 
-    n = input_ids.shape[0]
     step = n if not batch_size else int(batch_size)
     parts = []
     ctx = _restricted_head(model, subset) if subset is not None else contextlib.nullcontext()
@@ -244,8 +276,10 @@ def constrained_beam_search(
                 stepper = _EncoderDecoderStepper(model, decoder_start_token_id)
             else:
                 stepper = _DecoderOnlyStepper(model)
-            parts.append(_search_batch(stepper, input_ids[lo:lo + step], attention_mask[lo:lo + step], index,
-                                       num_beams, length, eos_token_id, subset, col_of_token))
+            part_ids = input_ids[lo:lo + step] if input_ids is not None else None
+            part_emb = inputs_embeds[lo:lo + step] if inputs_embeds is not None else None
+            parts.append(_search_batch(stepper, part_ids, attention_mask[lo:lo + step], index, num_beams, length,
+                                       eos_token_id, subset, col_of_token, part_emb, normalize))
     seqs = torch.cat([p[0] for p in parts])[:, :k_out]
     scores = torch.cat([p[1] for p in parts])[:, :k_out]
     alive = torch.isfinite(scores)
@@ -253,11 +287,15 @@ def constrained_beam_search(
     return SearchOutput(sequences=seqs, scores=scores, num_valid=alive.sum(1))
 
 
-def _search_batch(stepper, input_ids, attention_mask, index, num_beams, length, eos_token_id, subset, col_of_token):
+def _search_batch(stepper, input_ids, attention_mask, index, num_beams, length, eos_token_id, subset, col_of_token,
+                  inputs_embeds=None, normalize="vocab"):
     """One batch of queries; returns (sequences [B, nb, L], scores [B, nb]) sorted by score."""
-    bsz = input_ids.shape[0]
-    device = input_ids.device
-    logp = F.log_softmax(stepper.first(input_ids, attention_mask).float(), dim=-1)  # [B, W]
+    bsz = attention_mask.shape[0]
+    device = attention_mask.device
+    by_children = normalize == "children"
+    # "children": raw logits here, normalised over each beam's allowed children below
+    norm = (lambda x: x.float()) if by_children else (lambda x: F.log_softmax(x.float(), dim=-1))
+    logp = norm(stepper.first(input_ids, attention_mask, inputs_embeds))  # [B, W]
     width = logp.shape[-1]
     neg_inf = torch.tensor(float("-inf"), device=device)
 
@@ -274,6 +312,8 @@ def _search_batch(stepper, input_ids, attention_mask, index, num_beams, length, 
             valid = valid & alive[..., None]
             col = col_of_token[tok] if col_of_token is not None else tok
             lp = logp.view(bsz, beams, width).gather(2, col)
+            if by_children:
+                lp = lp - torch.where(valid, lp, neg_inf).logsumexp(-1, keepdim=True).nan_to_num(0.0, neginf=0.0)
             cand = torch.where(valid, scores[..., None] + lp, neg_inf)
             n_child = cand.shape[-1]
         else:
@@ -306,8 +346,7 @@ def _search_batch(stepper, input_ids, attention_mask, index, num_beams, length, 
             stepper.expand(num_beams)
         if depth < length - 1 or eos_token_id is not None:
             rows = (row_base * beams + src).reshape(-1)
-            logits = stepper.step(rows, new_tok.reshape(-1))
-            logp = F.log_softmax(logits.float(), dim=-1)
+            logp = norm(stepper.step(rows, new_tok.reshape(-1)))
     if eos_token_id is not None:
         eos_col = int(col_of_token[eos_token_id]) if col_of_token is not None else int(eos_token_id)
         scores = torch.where(alive, scores + logp[:, eos_col].view(bsz, num_beams), neg_inf)

@@ -1,9 +1,24 @@
 """Train the seq2seq generative retriever (T5 or any HF seq2seq checkpoint).
 
 Stage 1 (eq. 7): next-voken prediction from the caption; the vokens are new tokens whose
-embeddings start from the RQ-VAE codebook (avg.retriever.vocab).
+embeddings start from the RQ-VAE codebook (avg.retriever.vocab), one token range per level by
+default (``--voken-tokens``).
 Stage 2 (eqs. 8-10, ``--stage 2 --init-from <stage-1 out>/best``): L_gen + lambda * L_dis, where
-L_dis is a listwise cross-entropy over the model's own constrained beam candidates.
+L_dis is a listwise cross-entropy over the model's own constrained beam candidates, searched
+among a chunk of ``--dis-gallery-size`` training images (default: as many as the val gallery, so
+the candidates are as hard as at evaluation). L_gen is summed over the code (eq. 7, the scale of
+s_j); the starting model is evaluated first (epoch 0), so ``best/`` is never worse on val.
+
+Scoring (``--score``, avg.retriever.losses): ``children`` (default) renormalises each step over the
+continuations the gallery's prefix tree allows -- in the training loss, in s_j and in the search;
+``vocab`` is the full-vocabulary score of the paper and of HF ``generate``.
+``--query-prefix P`` feeds the query's CLIP text feature as P soft tokens before its words
+(avg.retriever.prefix; off in the paper's setting).
+
+Diagnostics (eval/diagnostics_test.json, logged): R@K up to the beam (the list's recall), where
+the gold code is lost (gold-is-top rate per position given the gold prefix, first position where
+the top code differs), R@1 of images alone on their code vs sharing it, and the fit: R@K on a
+chunk of training images as large as the val gallery, next to val.
 
     python -m avg.retriever.train_t5 --data-dir outputs/demo/retriever_data \\
         --codes-dir outputs/demo/codes --model data/demo/t5-demo --out-dir outputs/demo/retriever_t5
@@ -37,15 +52,19 @@ from accelerate import Accelerator
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, get_linear_schedule_with_warmup
 
 from avg.retriever.data import Collator, EpochBatchSampler, QueryDataset, read_codes
+from avg.retriever.diagnostics import code_diagnostics, format_diagnostics
 from avg.retriever.evaluate import evaluate_split, logits_vocab_size
 from avg.retriever.gallery import Gallery
-from avg.retriever.losses import RetrievalObjective, build_candidates
+from avg.retriever.losses import LOSS_MODES, RetrievalObjective, build_candidates
+from avg.retriever.prefix import (QueryPrefix, feature_rows, gather_features, load_prefix, prefixed_inputs,
+                                  query_features, text_features_for)
 from avg.retriever.search import constrained_beam_search
+from avg.retriever.t5 import load_t5_retriever, save_t5_retriever
 from avg.retriever.training import (STATE_FILE, add_eval_and_checkpoint_args, check_data_matches_vocab, check_inputs,
                                     load_split, resume_from, select_best, train_epochs)
 from avg.retriever.vocab import VOCAB_FILE, VokenVocab
 from avg.eval.runfiles import write_run
-from avg.utils.io import InputError, read_json, replace_dir, write_json
+from avg.utils.io import InputError, read_json, write_json
 from avg.utils.seed import set_seed
 from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
 from avg.utils.tracking import RunLogger, get_logger
@@ -63,6 +82,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--out-dir", required=True, help="output folder")
     g.add_argument("--stage", type=int, choices=(1, 2), default=1, help="1: generative (eq. 7); 2: + discriminative (eq. 10)")
     g.add_argument("--no-voken-embedding", action="store_true", help="ablation: random voken embeddings instead of the codebook")
+    g.add_argument("--voken-tokens", choices=("per-level", "shared"), default="per-level",
+                   help="stage 1, shared codebook: one token range per level (rows start from the same codebook "
+                        "vectors) or the paper's one token per codebook entry at every level")
+    g.add_argument("--score", choices=LOSS_MODES, default="children",
+                   help="how a code is scored in the loss, s_j and the search: renormalised over the gallery's "
+                        "allowed continuations (children) or over the full vocabulary (vocab: paper / HF generate)")
+    g.add_argument("--query-prefix", type=int, default=0,
+                   help="stage 1: feed the query's CLIP text feature as this many soft tokens before its words (0: off, the paper)")
+    g.add_argument("--emb-dir", default=None, help="emb/ folder of the query features (default: the one retriever_data was built from)")
     g.add_argument("--max-source-length", type=int, default=64, help="max caption tokens")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=10, help="training epochs (0: evaluate only)")
@@ -80,7 +108,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--dis-beams", type=int, default=10, help="b: beam candidates per query for L_dis")
     g.add_argument("--dis-weight", type=float, default=1.0, help="lambda: weight of L_dis (paper: 1)")
     g.add_argument("--dis-temperature", type=float, default=1.0, help="T: L_dis = CE(s / T, positive)")
-    add_eval_and_checkpoint_args(p, eval_batch_size=32, eval_train_queries=200, log_every=50,
+    g.add_argument("--dis-lists", choices=("all", "found"), default="all",
+                   help="all: every list, the positive put in by replacement when the beam missed it (the paper); "
+                        "found: only lists whose beam found the positive (L_dis reorders the model's own top-b)")
+    g.add_argument("--dis-gallery-size", type=int, default=-1,
+                   help="search each training query among a chunk of this many train images (-1: the val gallery's "
+                        "size; 0: the whole train gallery)")
+    add_eval_and_checkpoint_args(p, eval_batch_size=32, eval_train_queries=1000, log_every=50,
                                  fast_search_help="score the search over voken logits only (faster; renormalised, see avg.retriever.search)")
     g = p.add_argument_group("sample queries (eval/samples_test.{md,json} and a wandb table)")
     g.add_argument("--sample-queries", type=int, default=8, help="seeded test queries shown with gold and top-5 images (0: none)")
@@ -100,12 +134,17 @@ def load_model_and_vocab(args, log):
         tokenizer = AutoTokenizer.from_pretrained(src)
         model = AutoModelForSeq2SeqLM.from_pretrained(src)
         vocab = VokenVocab.load(src, tokenizer)
-        log.info("loaded retriever %s (%d vokens)", src, len(vocab.tokens()))
-        return tokenizer, model, vocab
+        prefix, _ = load_prefix(src)
+        if args.query_prefix and prefix is None:
+            raise InputError(f"--query-prefix {args.query_prefix}: {src} was trained without a query prefix")
+        log.info("loaded retriever %s (%d vokens%s)", src, len(vocab.tokens()),
+                 f", query prefix of {prefix.num_tokens} tokens" if prefix is not None else "")
+        return tokenizer, model, vocab, prefix
     if not args.codes_dir:
         raise InputError("stage 1 needs --codes-dir (voken metadata and codebook.npy)")
     codes = read_codes(args.codes_dir, with_codebook=not args.no_voken_embedding)
     vocab = VokenVocab.from_meta(codes.meta, source=os.path.join(args.codes_dir, "codes.json"))
+    vocab.level_tokens = vocab.shared_codebook and args.voken_tokens == "per-level"
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForSeq2SeqLM.from_pretrained(args.model)
     if not getattr(model.config, "is_encoder_decoder", False):
@@ -114,19 +153,13 @@ def load_model_and_vocab(args, log):
     if init == "codebook" and codes.codebook is None:
         raise InputError(f"{args.codes_dir}: codebook.npy not found (or pass --no-voken-embedding)")
     vocab.add_to(tokenizer, model, codes.codebook, init=init, seed=args.seed)
-    log.info("added %d voken tokens to %s (init=%s)", len(vocab.tokens()), args.model, init)
-    return tokenizer, model, vocab
-
-
-def save_retriever(model, tokenizer, vocab, out: Path, info: dict) -> None:
-    """save_pretrained of model + tokenizer + voken metadata, swapped into place atomically."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    write_json(vocab.to_dict(), tmp / VOCAB_FILE)
-    write_json(info, tmp / "best.json")
-    replace_dir(tmp, out)
+    log.info("added %d voken tokens to %s (init=%s, %s tokens)", len(vocab.tokens()), args.model, init,
+             "per-level" if vocab.level_tokens or not vocab.shared_codebook else "shared")
+    prefix = None
+    if args.query_prefix:
+        torch.manual_seed(args.seed)
+        prefix = QueryPrefix(args.feature_dim, model.get_input_embeddings().weight.shape[1], args.query_prefix)
+    return tokenizer, model, vocab, prefix
 
 
 def _step_generator(seed: int, epoch: int, micro: int) -> torch.Generator:
@@ -139,14 +172,22 @@ def _step_generator(seed: int, epoch: int, micro: int) -> torch.Generator:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     check_inputs(args.data_dir, codes_dir=args.codes_dir if args.init_from is None else None, init_from=args.init_from)
+    if args.query_prefix < 0:
+        raise InputError(f"--query-prefix must be >= 0, got {args.query_prefix}")
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu)
     set_seed(args.seed)
     out_dir = Path(args.out_dir)
     ckpt_dir = out_dir / "checkpoints" / "last"
+    data_dir = Path(args.data_dir)
+    # the query features are an input like the data: a wrong emb/ fails here, before anything is written
+    uses_prefix = args.query_prefix > 0 or (args.init_from is not None and load_prefix(args.init_from)[0] is not None)
+    text_features, encoder = text_features_for(data_dir, args.emb_dir) if uses_prefix else (None, None)
+    args.feature_dim = int(text_features.shape[1]) if text_features is not None else 0
     # every rank reads the manifest before the main process rewrites it, so all take the same decision
     base = args.model if args.init_from is None and Path(args.model).exists() else None
     run = begin_stage(out_dir, "train_t5", vars(args), force=args.force, mark_running=False,
-                      inputs=[args.data_dir, args.codes_dir if args.init_from is None else None, args.init_from, base],
+                      inputs=[args.data_dir, args.codes_dir if args.init_from is None else None, args.init_from, base,
+                              args.emb_dir],
                       ignore=("save_every_steps", "stop_after_steps"))
     accelerator.wait_for_everyone()
     if run.up_to_date and skip_if_done():
@@ -166,8 +207,9 @@ def main(argv=None) -> dict:
                 shutil.rmtree(stale)
     accelerator.wait_for_everyone()
 
-    tokenizer, model, vocab = load_model_and_vocab(args, logger)
-    data_dir = Path(args.data_dir)
+    tokenizer, model, vocab, prefix = load_model_and_vocab(args, logger)
+    if prefix is not None and prefix.feature_dim != args.feature_dim:
+        raise InputError(f"the query prefix expects {prefix.feature_dim}-dim features, emb/ has {args.feature_dim}")
     check_data_matches_vocab(data_dir, vocab, Path(args.init_from) / VOCAB_FILE if args.init_from
                              else Path(args.codes_dir) / "codes.json")
     train_q, train_gallery = load_split(data_dir, "train", vocab.code_len, args.collision_seed)
@@ -184,25 +226,48 @@ def main(argv=None) -> dict:
         logger.info("training on a seeded subset of %d of %d training queries", len(keep), len(train_q))
         train_q = [train_q[i] for i in keep]
 
+    def features(queries, split):
+        if prefix is None or not queries:
+            return None
+        return query_features(text_features, queries, source=str(data_dir / f"{split}.jsonl"))
+
     device = accelerator.device
+    prefix = prefix.to(device) if prefix is not None else None
+    train_rows = (feature_rows(train_q, text_features.shape[0], str(data_dir / "train.jsonl"))
+                  if prefix is not None and train_q else None)
+    vsize = logits_vocab_size(model)
+    # the training gallery's prefix tree: the children loss normalises over it
+    train_index = train_gallery.build_index(vocab, vsize, device=device) if train_q and train_gallery is not None else None
+    # stage 2: chunks of the train gallery as large as the val gallery; a batch searches its chunk (eq. 8)
+    chunks, chunk_indexes, groups = [], [], None
+    if args.stage == 2 and train_q:
+        size = (len(val_gallery) if val_gallery is not None else 0) if args.dis_gallery_size < 0 else args.dis_gallery_size
+        chunks = train_gallery.chunks(size, args.seed)
+        chunk_indexes = [c.build_index(vocab, vsize, device=device) for c in chunks]
+        owner = {image_id: g for g, c in enumerate(chunks) for image_id in c.image_ids}
+        groups = np.array([owner[q["image_id"]] for q in train_q], dtype=np.int64)
+        logger.info("stage 2: candidates searched among %d chunk(s) of ~%d training images (beam %d)", len(chunks),
+                    len(chunks[0]), args.dis_beams)
+
     train_ds = QueryDataset(train_q, tokenizer, vocab, max_length=args.max_source_length) if train_q else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     collate = Collator(train_ds, pad_id) if train_ds else None
-    sampler = EpochBatchSampler(len(train_q), args.batch_size, seed=args.seed,
+    sampler = EpochBatchSampler(len(train_q), args.batch_size, seed=args.seed, groups=groups,
                                 rank=accelerator.process_index, world_size=accelerator.num_processes)
     micro_per_epoch = sampler.batches_per_epoch() if train_q else 0
     steps_per_epoch = math.ceil(micro_per_epoch / args.grad_accum) if micro_per_epoch else 0
     total_steps = max(1, steps_per_epoch * args.epochs)
 
+    objective = RetrievalObjective(model, dis_weight=args.dis_weight, temperature=args.dis_temperature, loss=args.score,
+                                   index=train_index, prefix=prefix, score_len=vocab.num_levels)
     decay, no_decay = [], []
-    for name, prm in model.named_parameters():
+    for name, prm in objective.named_parameters():
         (no_decay if prm.ndim < 2 or "norm" in name.lower() else decay).append(prm)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * total_steps), total_steps)
-    objective = RetrievalObjective(model, dis_weight=args.dis_weight, temperature=args.dis_temperature)
     objective, optimizer = accelerator.prepare(objective, optimizer)
-    unwrapped = lambda: accelerator.unwrap_model(objective).model  # noqa: E731
+    unwrapped = lambda: accelerator.unwrap_model(objective)  # noqa: E731
 
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_r1": None, "best_epoch": None}
     if resuming:
@@ -210,7 +275,6 @@ def main(argv=None) -> dict:
         logger.warning("resuming from %s (step %d, epoch %d)%s", ckpt_dir, state["global_step"], state["epoch"] + 1,
                        "" if args.resume else ": this configuration was interrupted here")
 
-    vsize = logits_vocab_size(unwrapped())
     indexes: dict = {}
 
     def index_of(name: str, gallery: Gallery):
@@ -218,26 +282,32 @@ def main(argv=None) -> dict:
             indexes[name] = gallery.build_index(vocab, vsize, device=device)
         return indexes[name]
 
-    eval_train_q = []
+    # the fit diagnostic: training captions searched among as many training images as the val gallery holds
+    eval_train_q, fit_gallery = [], None
     if args.eval_train_queries > 0 and train_q:
-        n = min(args.eval_train_queries, len(train_q))
-        pick = np.sort(np.random.default_rng([args.seed, 7]).choice(len(train_q), n, replace=False))
-        eval_train_q = [dict(train_q[i], qid=int(i)) for i in pick]
+        fit_gallery = train_gallery.chunks(len(val_gallery) if val_gallery is not None else 0, args.seed + 1)[0]
+        mine = [i for i, q in enumerate(train_q) if q["image_id"] in set(fit_gallery.image_ids)]
+        n = min(args.eval_train_queries, len(mine))
+        pick = np.sort(np.random.default_rng([args.seed, 7]).choice(len(mine), n, replace=False))
+        eval_train_q = [dict(train_q[mine[i]], qid=int(mine[i])) for i in pick]
+    eval_feats = {"val": features(val_q, "val"), "train": features(eval_train_q, "train")}
 
     eval_dir = out_dir / "eval"
     best_dir = out_dir / "best"
+    info_base = {"stage": args.stage, "score": args.score, "max_source_length": args.max_source_length}
 
     def run_eval(epoch: int) -> None:
-        model_ = unwrapped()
+        obj = unwrapped()
         metrics_all = {}
-        for split, queries, gallery in (("val", val_q, val_gallery), ("train", eval_train_q, train_gallery)):
+        for split, queries, gallery in (("val", val_q, val_gallery), ("train", eval_train_q, fit_gallery)):
             if not queries or gallery is None:
                 continue
             with accelerator.autocast():
-                records, metrics = evaluate_split(model_, tokenizer, vocab, queries, gallery, args.num_beams,
+                records, metrics = evaluate_split(obj.model, tokenizer, vocab, queries, gallery, args.num_beams,
                                                   args.eval_batch_size, device, index=index_of(split, gallery),
                                                   max_length=args.max_source_length, desc=f"eval {split}",
-                                                  restrict_to_vokens=args.fast_search)
+                                                  restrict_to_vokens=args.fast_search, normalize=args.score,
+                                                  prefix=obj.prefix, query_features=eval_feats[split])
             if accelerator.is_main_process:
                 write_run(records, eval_dir / f"run_{split}_epoch{epoch}.jsonl")
             metrics_all.update({f"eval/{split}/{k}": v for k, v in metrics.items()})
@@ -246,35 +316,49 @@ def main(argv=None) -> dict:
         key, score, improved = select_best(state, metrics_all, epoch)
         if improved:
             if accelerator.is_main_process:
-                save_retriever(model_, tokenizer, vocab, best_dir,
-                               {"epoch": epoch, "selected_by": key, "metrics": metrics_all, "stage": args.stage})
+                save_t5_retriever(obj.model, tokenizer, vocab, best_dir,
+                                  {**info_base, "epoch": epoch, "selected_by": key, "metrics": metrics_all},
+                                  prefix=obj.prefix, encoder=encoder)
             logger.summary({"best/epoch": epoch, **{f"best/{k}": v for k, v in metrics_all.items() if k.startswith("eval/")}})
             logger.info("new best %s=%.2f at epoch %d -> %s", key, score, epoch, best_dir)
         accelerator.wait_for_everyone()
 
-    train_index = index_of("train", train_gallery) if args.stage == 2 and train_q else None
-    logger.info("train %d queries (%d micro-batches/epoch/process, %d steps total), val %d, test %d, stage %d",
-                len(train_q), micro_per_epoch, total_steps, len(val_q), len(test_q), args.stage)
+    logger.info("train %d queries (%d micro-batches/epoch/process, %d steps total), val %d, test %d, stage %d, "
+                "score %s%s", len(train_q), micro_per_epoch, total_steps, len(val_q), len(test_q), args.stage, args.score,
+                f", query prefix {prefix.num_tokens} tokens" if prefix is not None else "")
+    if args.stage == 2 and args.epochs > 0 and state["global_step"] == 0 and state["best_r1"] is None:
+        logger.info("stage 2: evaluating the starting model (epoch 0): best/ is never worse on val than it")
+        run_eval(0)
+
     def micro_step(idx, epoch: int, micro: int):
         batch = {k: v.to(device) for k, v in collate(idx).items()}
+        feats = gather_features(text_features, train_rows[idx]).to(device) if train_rows is not None else None
         extra = {}
         if args.stage == 2:
-            # eq. 8: the model's own top-b codes over the train gallery (voken-only fast path:
-            # it only picks candidates; their scores s_j are recomputed with gradient below)
-            model_ = unwrapped()
+            # eq. 8: the model's own top-b codes in this batch's gallery chunk, scored like the
+            # evaluation search; their s_j are recomputed with gradient in the objective
+            obj = unwrapped()
+            chunk = int(groups[idx[0]])
             with torch.no_grad(), accelerator.autocast():
-                model_.eval()
-                out = constrained_beam_search(model_, batch["input_ids"], batch["attention_mask"], train_index,
-                                              args.dis_beams, decoder_start_token_id=model_.config.decoder_start_token_id,
-                                              eos_token_id=tokenizer.eos_token_id, voken_ids=vocab.voken_ids.to(device))
-                model_.train()
-            cands, cmask, pidx = build_candidates(out.sequences, out.num_valid, batch["labels"][:, :-1],
+                obj.eval()
+                inputs = prefixed_inputs(obj.model, obj.prefix, batch["input_ids"], batch["attention_mask"], feats)
+                out = constrained_beam_search(obj.model, inputs.get("input_ids"), inputs["attention_mask"],
+                                              chunk_indexes[chunk], args.dis_beams,
+                                              decoder_start_token_id=obj.model.config.decoder_start_token_id,
+                                              eos_token_id=tokenizer.eos_token_id, voken_ids=vocab.voken_ids.to(device),
+                                              inputs_embeds=inputs.get("inputs_embeds"), normalize=args.score)
+                obj.train()
+            positive = batch["labels"][:, :-1]
+            found = (out.sequences == positive[:, None, :]).all(-1).any(-1)
+            cands, cmask, pidx = build_candidates(out.sequences, out.num_valid, positive,
                                                   generator=_step_generator(args.seed, epoch, micro))
-            extra = {"candidates": cands, "positive_index": pidx, "candidate_mask": cmask}
-        loss, parts = objective(batch["input_ids"], batch["attention_mask"], batch["labels"], **extra)
+            extra = {"candidates": cands, "positive_index": pidx, "candidate_mask": cmask,
+                     "candidate_index": chunk_indexes[chunk], "list_mask": found if args.dis_lists == "found" else None}
+        loss, parts = objective(batch["input_ids"], batch["attention_mask"], batch["labels"], query_features=feats, **extra)
         logged = {"gen_loss": float(parts["gen"])}
         if args.stage == 2:
             logged["dis_loss"] = float(parts.get("dis", 0.0))
+            logged["positive_found"] = float(found.float().mean())
         return loss, logged
 
     result = train_epochs(accelerator, args, state, sampler=sampler, micro_per_epoch=micro_per_epoch, model=objective,
@@ -288,23 +372,38 @@ def main(argv=None) -> dict:
         return result
     if not best_dir.is_dir():
         if accelerator.is_main_process:
-            save_retriever(unwrapped(), tokenizer, vocab, best_dir, {"epoch": state["epoch"], "selected_by": "last", "stage": args.stage})
+            obj = unwrapped()
+            save_t5_retriever(obj.model, tokenizer, vocab, best_dir, {**info_base, "epoch": state["epoch"], "selected_by": "last"},
+                              prefix=obj.prefix, encoder=encoder)
         accelerator.wait_for_everyone()
     if test_q and not args.skip_test:
-        best = AutoModelForSeq2SeqLM.from_pretrained(best_dir).to(device)
+        best = load_t5_retriever(best_dir, device)
+        test_feats = features(test_q, "test")
         t_eval = time.time()
         with accelerator.autocast():
-            records, metrics = evaluate_split(best, tokenizer, vocab, test_q, test_gallery, args.num_beams,
-                                              args.eval_batch_size, device, max_length=args.max_source_length,
-                                              desc="eval test", restrict_to_vokens=args.fast_search)
+            records, metrics = evaluate_split(best.model, tokenizer, vocab, test_q, test_gallery, args.num_beams,
+                                              args.eval_batch_size, device, desc="eval test",
+                                              restrict_to_vokens=args.fast_search, query_features=test_feats,
+                                              **best.eval_kwargs())
         t_eval = time.time() - t_eval
         info = read_json(best_dir / "best.json")
+        diagnostics = code_diagnostics(best.model, tokenizer, vocab, test_q, test_gallery, records, device,
+                                       prefix=best.prefix, query_features=test_feats, batch_size=args.eval_batch_size,
+                                       max_length=args.max_source_length)
+        fit = {split: {k.split("/")[-1]: v for k, v in (info.get("metrics") or {}).items() if k.startswith(f"eval/{split}/")}
+               for split in ("val", "train")}
+        diagnostics["fit"] = {split: {k: m[k] for k in ("R@1", "R@10", "gallery_size", "num_queries") if k in m}
+                              for split, m in fit.items() if m}
         metrics = {"system": f"avg_t5_stage{args.stage}", "split": "test", **metrics,
                    "best_epoch": info.get("epoch"), "num_beams": args.num_beams, "stage": args.stage,
+                   "score": best.normalize, "query_prefix": best.prefix.num_tokens if best.prefix is not None else 0,
                    "fast_search": args.fast_search, "eval_seconds": t_eval,
-                   "queries_per_s": len(test_q) / max(t_eval, 1e-9)}  # tokenise + search + rank, all processes
+                   "queries_per_s": len(test_q) / max(t_eval, 1e-9),  # tokenise + search + rank, all processes
+                   "diagnostics": diagnostics}
+        logger.info("diagnostics (test): %s", format_diagnostics(diagnostics))
         if accelerator.is_main_process:
             write_run(records, eval_dir / "run_test.jsonl")
+            write_json(diagnostics, eval_dir / "diagnostics_test.json")
             write_json(metrics, eval_dir / "metrics_test.json")
             if args.sample_queries > 0:
                 from avg.eval.wandb_samples import log_sample_table, resolve_image_paths
@@ -312,9 +411,9 @@ def main(argv=None) -> dict:
                 paths = resolve_image_paths(image_root=args.image_root, annotations=args.annotations, data_dir=args.data_dir)
                 log_sample_table(logger, records, paths, n=args.sample_queries, seed=args.seed, out_dir=eval_dir, name="test")
         logger.log({f"eval/test/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=state["global_step"])
-        logger.summary({f"test/{k}": v for k, v in metrics.items()})
+        logger.summary({f"test/{k}": v for k, v in metrics.items() if k != "diagnostics"})
         result["test"] = metrics
-    run.complete({k: v for k, v in result.get("test", {}).items() if k in ("R@1", "R@5", "R@10", "mean_rank", "best_epoch")})
+    run.complete({k: v for k, v in result.get("test", {}).items() if k in ("R@1", "R@5", "R@10", "R@20", "mean_rank", "best_epoch")})
     logger.finish()
     return result
 

@@ -29,7 +29,7 @@ def load_split(data_dir: Path, split: str, code_len: int, seed: int):
         return [], None
     queries = load_queries(qpath, code_len=code_len)
     gallery = Gallery.load(gpath, seed=seed)
-    if len(gallery) and gallery.code_len != code_len:
+    if len(gallery) and code_len is not None and gallery.code_len != code_len:
         raise InputError(f"{gpath}: codes of length {gallery.code_len}, the vocabulary expects {code_len}")
     return queries, gallery
 

@@ -4,7 +4,11 @@ Token names per code position (fixed, so a saved model and its codes always agre
 
 * shared codebook: ``<v_{k}>`` at every one of the M levels (the same token may appear at any
   level; the position is implied by where it stands in the sequence);
-* one codebook per level: ``<v{d}_{k}>`` for level d (0-based) and entry k;
+* one codebook per level, or a shared codebook with ``level_tokens`` (one token range per level,
+  the retriever's default): ``<v{d}_{k}>`` for level d (0-based) and entry k. With a shared
+  codebook, ``<v{d}_{k}>`` of every level starts from the same vector (entry k), but each level
+  gets its own rows, so a token says which level it stands at and the model never spends
+  probability at one level on another level's vokens;
 * disambiguation position (appended by ``generate_codes`` to make codes unique): ``<d_{k}>``.
 
 The paper copies each voken's codebook vector into the new embedding row (Sec. 3.2, "we also copy
@@ -40,6 +44,7 @@ class VokenVocab:
     shared_codebook: bool = True
     disambiguation: bool = False
     disambiguation_size: int = 0         # K, when a disambiguation position is appended
+    level_tokens: bool = False           # shared codebook: one token range per level (<v{d}_{k}>)
     # filled by add_to / bind: token ids per position, [L][size of that position's alphabet]
     position_token_ids: Optional[list[list[int]]] = field(default=None, repr=False)
 
@@ -54,6 +59,7 @@ class VokenVocab:
                 shared_codebook=bool(meta.get("shared_codebook", True)),
                 disambiguation=bool(meta.get("disambiguation", False)),
                 disambiguation_size=int(meta.get("disambiguation_size", 0) or 0),
+                level_tokens=bool(meta.get("level_tokens", False)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"{source}: bad codes metadata ({e!r})") from None
@@ -93,7 +99,7 @@ class VokenVocab:
         """Token strings allowed at each code position (index = code value)."""
         out = []
         for d in range(self.num_levels):
-            if self.shared_codebook:
+            if self.shared_codebook and not self.level_tokens:
                 out.append([f"<v_{k}>" for k in range(self.codebook_size)])
             else:
                 out.append([f"<v{d}_{k}>" for k in range(self.codebook_size)])

@@ -58,6 +58,14 @@ class Embeddings:
             return np.arange(len(self.captions))
         return np.array([j for j, c in enumerate(self.captions) if c["split"] == split], dtype=np.int64)
 
+    def caption_row_map(self) -> dict:
+        """(image_id, caption text) -> caption row (the first, if an image repeats a caption)."""
+        ids = [str(im["image_id"]) for im in self.images]
+        out: dict = {}
+        for j, c in enumerate(self.captions):
+            out.setdefault((ids[c["image_row"]], c["text"]), j)
+        return out
+
     def captions_per_image(self) -> list:
         """For each image row, the caption rows that describe it (for the alignment loss)."""
         out: list = [[] for _ in self.images]

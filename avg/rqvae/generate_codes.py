@@ -2,10 +2,16 @@
 
     python -m avg.rqvae.generate_codes --rqvae-dir out/rqvae --emb-dir out/emb --out-dir out/codes
 
-Two images with the same voken code could not be told apart by a generative retriever, so by
-default codes are made unique: if any raw codes collide, one disambiguation position is appended
-to *every* code (see ``TIE_RULE``). ``--allow-collisions`` keeps the raw M-voken codes; stats.json
-reports the collision rate either way.
+Codes are the raw M vokens by default (``--disambiguation none``): images that share a code are
+told apart where they are ranked, inside each gallery, by the documented seeded rule of
+avg.retriever.gallery -- only codes that collide *in that gallery* are affected, and no meaningless
+token enters the retriever's score. ``--disambiguation global`` is the earlier setting: if any raw
+codes collide over all splits, one position holding the image's index in its group (``TIE_RULE``)
+is appended to every code, which the retriever must then generate. stats.json reports the
+collision rates either way, and the tokenizer's retrieval ceiling per held-out split
+(``ceiling``): R@K of the split's caption features ranked against the RQ-VAE decoding of each
+image's code (what the code alone keeps), next to the same against the raw image features (the
+CLIP two-tower) -- ties between images that share a code broken by the gallery's rule.
 
 The out dir's ``stage.json`` (avg.utils.stages) refuses to overwrite codes of another configuration
 without ``--force`` and, fingerprinting ``--rqvae-dir`` and ``--emb-dir``, tells when the codes are stale.
@@ -95,18 +101,67 @@ def disambiguate(codes: np.ndarray, errors: np.ndarray, image_ids: Sequence[str]
     return np.concatenate([codes, index[:, None]], axis=1), largest
 
 
+DISAMBIGUATION_MODES = ("none", "global")
+CEILING_SPLITS = ("val", "test")
+CEILING_KS = (1, 5, 10, 20)
+
+
+@torch.no_grad()
+def tokenizer_ceiling(model: RQVAE, emb, raw: np.ndarray, image_ids: Sequence[str], split: str,
+                      device: str = "cpu", depth: int = 100, batch_size: int = 1024) -> Optional[dict]:
+    """R@K of ``split``'s caption features against (a) the decoded codes and (b) the raw image
+    features of the split's images (module docstring); None when the split has no captions."""
+    from avg.eval.metrics import retrieval_metrics
+    from avg.retriever.gallery import Gallery
+
+    img_rows = emb.image_rows(split)
+    cap_rows = emb.caption_rows(split)
+    if len(img_rows) == 0 or len(cap_rows) == 0:
+        return None
+    ids = [image_ids[i] for i in img_rows]
+    gallery = Gallery(ids, raw[img_rows], name=f"{split} codes")
+    model = model.to(device).eval()
+    decoded = model.decode_codes(torch.from_numpy(gallery.unique_codes).to(device)).float()
+    decoded = torch.nn.functional.normalize(decoded, dim=-1)
+    images = torch.nn.functional.normalize(torch.from_numpy(np.asarray(emb.image_features[img_rows], dtype=np.float32)), dim=-1)
+    gold = [image_ids[int(emb.captions[r]["image_row"])] for r in cap_rows]
+    out = {}
+    for name, keys in (("decoded_codes", decoded.cpu()), ("image_features", images)):
+        k = min(depth, keys.shape[0])
+        records = []
+        for lo in range(0, len(cap_rows), batch_size):
+            rows = cap_rows[lo:lo + batch_size]
+            q = torch.nn.functional.normalize(torch.from_numpy(np.asarray(emb.text_features[rows], dtype=np.float32)), dim=-1)
+            top_s, top_i = (q @ keys.T).topk(k, dim=1)
+            for j in range(len(rows)):
+                if name == "decoded_codes":
+                    ranked, _ = gallery.rank(gallery.unique_codes[top_i[j].numpy()], top_s[j].numpy())
+                else:
+                    ranked = [ids[i] for i in top_i[j].tolist()]
+                records.append({"ranked": ranked, "gold": gold[lo + j]})
+        m = retrieval_metrics(records, ks=CEILING_KS, gallery_size=len(ids))
+        out[name] = {key: round(m[key], 2) for key in (*[f"R@{x}" for x in CEILING_KS], "num_queries", "gallery_size")}
+    return out
+
+
 def generate_codes(
     model: RQVAE,
     emb_dir: str | Path,
     out_dir: str | Path,
     *,
     batch_size: int = 4096,
-    allow_collisions: bool = False,
+    allow_collisions: Optional[bool] = None,
+    disambiguation: str = "none",
     device: str = "cpu",
     progress: bool = True,
 ) -> dict:
     """Encode every image of ``emb_dir`` and write codes.json, codebook.npy and stats.json into
-    ``out_dir`` (each atomically; codes.json last). Returns the stats dict."""
+    ``out_dir`` (each atomically; codes.json last). Returns the stats dict. ``allow_collisions``
+    (deprecated) is ``disambiguation="none"`` when True, ``"global"`` when False."""
+    if allow_collisions is not None:
+        disambiguation = "none" if allow_collisions else "global"
+    if disambiguation not in DISAMBIGUATION_MODES:
+        raise ValueError(f"disambiguation must be one of {DISAMBIGUATION_MODES}, got {disambiguation!r}")
     emb_dir, out_dir = Path(emb_dir), Path(out_dir)
     emb = load_emb(emb_dir)
     cfg = model.config
@@ -132,6 +187,13 @@ def generate_codes(
     )
     split_arr = np.asarray(splits)
     stats["splits"] = {s: collision_stats(raw[split_arr == s], cfg.codebook_size) for s in sorted(set(splits))}
+    ceiling = {}
+    for split in CEILING_SPLITS:
+        c = tokenizer_ceiling(model, emb, raw, image_ids, split, device=device)
+        if c is not None:
+            ceiling[split] = c
+    stats["ceiling"] = ceiling
+    allow_collisions = disambiguation == "none"
     if allow_collisions:
         final, k = raw, 1
         stats["final_collision_rate"] = overall["collision_rate"]
@@ -139,7 +201,8 @@ def generate_codes(
         final, k = disambiguate(raw, errors, image_ids)
         stats["final_collision_rate"] = collision_stats(final, max(cfg.codebook_size, k))["collision_rate"]
     disamb = final.shape[1] > cfg.num_levels
-    stats.update(code_len=int(final.shape[1]), disambiguation=disamb, disambiguation_size=int(k) if disamb else 0, allow_collisions=allow_collisions)
+    stats.update(code_len=int(final.shape[1]), disambiguation=disamb, disambiguation_size=int(k) if disamb else 0,
+                 disambiguation_mode=disambiguation, allow_collisions=allow_collisions)
 
     header = {
         "num_levels": cfg.num_levels,
@@ -148,7 +211,7 @@ def generate_codes(
         "code_len": int(final.shape[1]),
         "disambiguation": disamb,
         "disambiguation_size": int(k) if disamb else 0,
-        "tie_rule": TIE_RULE if disamb else "none (no disambiguation position)",
+        "tie_rule": TIE_RULE if disamb else "none (no disambiguation position: images sharing a code are ordered by the gallery's seeded rule, avg.retriever.gallery)",
         "encoder": emb.index["encoder"],
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -164,7 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emb-dir", required=True, help="emb/ artifact from prepare_emb (image features of every split)")
     p.add_argument("--out-dir", required=True, help="where codes.json, codebook.npy and stats.json are written")
     p.add_argument("--batch-size", type=int, default=4096, help="images encoded per batch (memory stays one batch)")
-    p.add_argument("--allow-collisions", action="store_true", help="keep raw M-voken codes even when images share one (no disambiguation position)")
+    p.add_argument("--disambiguation", choices=DISAMBIGUATION_MODES, default="none",
+                   help="none: raw M-voken codes, images sharing a code ordered by the gallery's seeded rule; "
+                        "global: append every image's index within its group over all splits (earlier default)")
+    p.add_argument("--allow-collisions", action="store_true", help="deprecated alias of --disambiguation none")
     p.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda, cuda:1, ...")
     add_force_arg(p)
     return p
@@ -186,7 +252,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if run.up_to_date and skip_if_done():
         log.info("generate_codes: outputs in %s are complete and up to date; skipping", args.out_dir)
         return run.previous.get("summary") or {}
-    stats = generate_codes(model, args.emb_dir, args.out_dir, batch_size=args.batch_size, allow_collisions=args.allow_collisions, device=device)
+    disambiguation = "none" if args.allow_collisions else args.disambiguation
+    stats = generate_codes(model, args.emb_dir, args.out_dir, batch_size=args.batch_size, disambiguation=disambiguation, device=device)
+    for split, c in stats.get("ceiling", {}).items():
+        log.info("tokenizer ceiling (%s, %d captions over %d images): decoded codes %s | image features %s", split,
+                 c["decoded_codes"]["num_queries"], c["decoded_codes"]["gallery_size"],
+                 " ".join(f"{k}={c['decoded_codes'][k]:.2f}" for k in ("R@1", "R@5", "R@10", "R@20")),
+                 " ".join(f"{k}={c['image_features'][k]:.2f}" for k in ("R@1", "R@5", "R@10", "R@20")))
     log.info(
         "%d images -> code_len %d; raw collision rate %.4f (%d images in colliding groups, largest group %d); final collision rate %.4f; wrote %s",
         stats["num_images"], stats["code_len"], stats["raw_collision_rate"], stats["num_colliding_images"], stats["largest_group"], stats["final_collision_rate"], args.out_dir,
