@@ -10,4 +10,5 @@ python -m avg.reranker.prepare_dataset \
   --data-dir "$STAGE_ROOT/retriever_data" --retriever-dir "$STAGE_ROOT/$RERANK_RETRIEVER/best" \
   --out-dir "$STAGE_ROOT/reranker_data" --topk "$RERANK_TOPK" --num-beams "$BEAM" \
   --max-train-queries "$RERANK_MAX_TRAIN_QUERIES" --max-val-queries "$RERANK_MAX_VAL_QUERIES" \
-  --train-gallery-size "$RERANK_TRAIN_GALLERY_SIZE" --seed "$SEED" "${REUSE_ARGS[@]}" "$@"
+  --train-gallery-size "$RERANK_TRAIN_GALLERY_SIZE" --train-candidates "${RERANK_TRAIN_CANDIDATES:-retriever}" \
+  --emb-dir "$STAGE_ROOT/emb" --seed "$SEED" "${REUSE_ARGS[@]}" "$@"

@@ -56,3 +56,19 @@ def read_run(path: Union[str, os.PathLike]) -> list[RunRecord]:
                 raise InputError(f"{path}: line {lineno}: {len(rec.ranked)} ranked ids but {len(rec.scores)} scores")
             out.append(rec)
     return out
+
+
+def retriever_run_files(retriever_dir: Union[str, os.PathLike], splits) -> dict:
+    """Run files a retriever trainer left next to its ``best/`` folder: ``eval/run_test.jsonl`` and
+    ``eval/run_val_epoch<e>.jsonl`` of the best epoch (``best/best.json``), for the splits that have one."""
+    from avg.utils.io import read_json
+
+    best = Path(retriever_dir)
+    eval_dir = best.parent / "eval"
+    found = {}
+    if "test" in splits and (eval_dir / "run_test.jsonl").is_file():
+        found["test"] = str(eval_dir / "run_test.jsonl")
+    epoch = read_json(best / "best.json").get("epoch") if (best / "best.json").is_file() else None
+    if "val" in splits and epoch is not None and (eval_dir / f"run_val_epoch{epoch}.jsonl").is_file():
+        found["val"] = str(eval_dir / f"run_val_epoch{epoch}.jsonl")
+    return found

@@ -11,8 +11,16 @@ Training lists always hold the positive: when the retriever missed it, it replac
 lists are the retriever's top-k exactly as returned, so reranked metrics are honest: a query whose
 gold is not in the list stays a miss.
 
-The LM input for a (query, candidate) pair is ``prompt(query) + image tokens + EOS``; the scoring
-head reads the hidden state of the last non-pad token (avg.reranker.model).
+The LM input for a (query, candidate) pair is ``prompt(query) + [P placeholders] + image tokens +
+EOS``; the P placeholders (``image_prefix``) are where the model puts the candidate's projected CLIP
+image feature; the scoring head reads the hidden state of the last non-pad token
+(avg.reranker.model). With a feature store (avg.reranker.embed.FeatureStore) every batch also
+carries the query's CLIP text feature, each candidate's CLIP image feature and their cosine.
+
+Training lists can come from CLIP instead of the retriever (:func:`clip_lists`): each training
+query's top-k by the cosine of the CLIP features among a chunk of training images as large as the
+evaluation gallery -- hard negatives at the cost of k x chunk dot products, no search. Their
+retriever scores are unknown (null).
 """
 from __future__ import annotations
 
@@ -23,6 +31,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from avg.reranker.embed import l2_normalize
 from avg.utils.io import InputError, read_jsonl
 
 
@@ -103,13 +112,38 @@ def pack(sequences: Sequence[Sequence[int]], pad_id: int, padding_side: str = "r
     return ids, mask
 
 
+def clip_lists(queries: Sequence[dict], galleries, store, k: int) -> list[dict]:
+    """Training lists mined with CLIP (module docstring): ``queries`` ({qid, query, image_id}), each
+    searched among the gallery (avg.retriever.gallery.Gallery) holding its image; the positive is
+    put in place of the last candidate when missed (``inserted``)."""
+    owner = {i: g for g, gal in enumerate(galleries) for i in gal.image_ids}
+    feats = [store.images(gal.image_ids, f"gallery {g}") for g, gal in enumerate(galleries)]
+    text = store.texts([{"gold": q["image_id"], "query": q["query"]} for q in queries], "training queries")
+    out = []
+    for q, t in zip(queries, text):
+        g = owner[q["image_id"]]
+        cos = feats[g] @ t
+        top = np.argsort(-cos, kind="stable")[:k]
+        ranked = [galleries[g].image_ids[j] for j in top]
+        lst = candidate_list({"qid": q["qid"], "query": q["query"], "gold": q["image_id"], "ranked": ranked, "scores": None},
+                             k, insert_positive=True)
+        out.append(lst)
+    return out
+
+
 class ListDataset(torch.utils.data.Dataset):
-    """Candidate lists with prompts tokenised once and every image's token ids looked up once."""
+    """Candidate lists with prompts tokenised once and every image's token ids looked up once.
+
+    ``image_prefix`` placeholders (pad tokens) come first in each candidate's part; ``features``
+    (a FeatureStore) adds the CLIP features to every batch (ListCollator)."""
 
     def __init__(self, lists: Sequence[dict], tokenizer, image_token_ids: dict, prompt_format, *,
-                 max_length: int = 64, source: str = "reranker_data"):
+                 max_length: int = 64, source: str = "reranker_data", image_prefix: int = 0, features=None,
+                 wrap: tuple = ((), ())):
         self.lists = list(lists)
         self.image_ids = image_token_ids  # image id -> [token ids]
+        self.image_prefix = int(image_prefix)
+        self.wrap = (list(wrap[0]), list(wrap[1]))  # e.g. SEED-LLaMA's <img> ... </img>
         for n, lst in enumerate(self.lists, 1):
             for c in lst["candidates"]:
                 if c not in image_token_ids:
@@ -120,6 +154,17 @@ class ListDataset(torch.utils.data.Dataset):
         self.eos = int(tokenizer.eos_token_id)
         self.pad = int(tokenizer.pad_token_id)
         self.labels = [positive_index(x) for x in self.lists]
+        self.features = features
+        self.text_rows = self.image_rows = None
+        if features is not None:
+            self.text_rows = np.array([features.text_row(x["gold"], x["query"], f"{source}: record {n}")
+                                       for n, x in enumerate(self.lists, 1)], dtype=np.int64)
+            self.image_rows = [features.image_rows(x["candidates"], f"{source}: record {n}")
+                               for n, x in enumerate(self.lists, 1)]
+
+    def candidate_tokens(self, image_id: str) -> list[int]:
+        """The candidate's part of the sequence: placeholders, wrapped image tokens, EOS."""
+        return [self.pad] * self.image_prefix + self.wrap[0] + self.image_ids[image_id] + self.wrap[1] + [self.eos]
 
     def __len__(self) -> int:
         return len(self.lists)
@@ -133,23 +178,29 @@ class ListCollator:
 
     Returns input_ids/attention_mask [sum of list lengths, T], ``list_index`` [P] (which list each
     pair belongs to), the same pairs as right-padded prompts [B, Tp] + candidate tokens [P, L] for
-    the shared-prefix path (when every image has the same number of tokens), and per list (padded to the longest list, ``valid`` marks real entries):
-    ``retriever_scores`` [B, K] (0 where unknown), ``known`` [B, K], ``labels`` [B] (positive index,
-    -1 if absent) and ``inserted`` [B]."""
+    the shared-prefix path (when every image has the same number of tokens), ``soft_start`` [P]
+    (where each flat sequence's placeholders begin), and per list (padded to the longest list,
+    ``valid`` marks real entries): ``retriever_scores`` [B, K] (0 where unknown), ``known`` [B, K],
+    ``labels`` [B] (positive index, -1 if absent) and ``inserted`` [B]; with features,
+    ``query_features`` [B, D], ``candidate_features`` [B, K, D] (L2-normalised, 0 past a list's end)
+    and ``cosine`` [B, K]."""
 
     def __init__(self, dataset: ListDataset, padding_side: str = "right"):
         self.ds, self.side = dataset, padding_side
 
     def __call__(self, idx: Sequence[int]) -> dict:
         ds = self.ds
-        seqs, owner = [], []
+        seqs, owner, soft_start = [], [], []
         for b, i in enumerate(idx):
             for c in ds.lists[i]["candidates"]:
-                seqs.append(ds.prompts[i] + ds.image_ids[c] + [ds.eos])
+                seqs.append(ds.prompts[i] + ds.candidate_tokens(c))
                 owner.append(b)
+                soft_start.append(len(ds.prompts[i]))
         ids, mask = pack(seqs, ds.pad, self.side)
+        if self.side == "left":
+            soft_start = [ids.shape[1] - len(s) + p for s, p in zip(seqs, soft_start)]
         prompt_ids, prompt_mask = pack([ds.prompts[i] for i in idx], ds.pad, "right")
-        cands = [ds.image_ids[c] + [ds.eos] for i in idx for c in ds.lists[i]["candidates"]]
+        cands = [ds.candidate_tokens(c) for i in idx for c in ds.lists[i]["candidates"]]
         same = len({len(c) for c in cands}) == 1
         k = max(len(ds.lists[i]["candidates"]) for i in idx)
         scores = torch.zeros((len(idx), k))
@@ -162,11 +213,25 @@ class ListCollator:
                     scores[b, j], known[b, j] = float(s), True
         extra = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
                  "candidate_ids": torch.tensor(cands, dtype=torch.long)} if same else {}
+        if ds.features is not None:
+            extra.update(self._features(idx, k))
         return {**extra, "input_ids": ids, "attention_mask": mask, "list_index": torch.tensor(owner, dtype=torch.long),
+                "soft_start": torch.tensor(soft_start, dtype=torch.long),
                 "retriever_scores": scores, "known": known, "valid": valid,
                 "labels": torch.tensor([ds.labels[i] for i in idx], dtype=torch.long),
                 "inserted": torch.tensor([bool(ds.lists[i]["inserted"]) for i in idx]),
                 "index": torch.as_tensor(list(idx), dtype=torch.long)}
+
+
+    def _features(self, idx, k: int) -> dict:
+        ds = self.ds
+        store = ds.features
+        t = torch.from_numpy(l2_normalize(store.emb.text_features[ds.text_rows[list(idx)]]))
+        v = torch.zeros((len(idx), k, t.shape[1]))
+        for b, i in enumerate(idx):
+            rows = ds.image_rows[i]
+            v[b, : len(rows)] = torch.from_numpy(l2_normalize(store.emb.image_features[rows]))
+        return {"query_features": t, "candidate_features": v, "cosine": (v * t[:, None, :]).sum(-1)}
 
 
 def unflatten(pair_scores: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -189,5 +254,5 @@ def seeded_subset(items: list, n: int, seed: int, salt: int) -> list:
     return [items[i] for i in pick]
 
 
-__all__ = ["candidate_list", "candidate_lists", "list_stats", "load_lists", "positive_index", "pack", "ListDataset",
+__all__ = ["clip_lists", "candidate_list", "candidate_lists", "list_stats", "load_lists", "positive_index", "pack", "ListDataset",
            "ListCollator", "unflatten", "seeded_subset", "lists_per_batch"]

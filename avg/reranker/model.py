@@ -6,10 +6,23 @@ every image token) goes through a small MLP to one score. Positions come from th
 mask, so left- and right-padded batches give the same scores (tested). The LM's output head is
 never computed: the transformer body is called directly, which also keeps LoRA layers active.
 
-Fusion with the retriever (optional): ``s = head + w * (s_ret - max s_ret in the list)``, with w
-fixed or learned (``--fusion learned``, initialised at ``--fusion-weight``). Starting at w = 1 the
-list's softmax equals the retriever's own distribution over its top-k, so training starts from the
-retriever's ranking and the head learns a correction.
+What the reranker sees of a candidate image (besides the query's words):
+
+* its image tokens (vokens, optionally richer residual tokens), wrapped in ``<img>`` ... ``</img>``
+  when the tokenizer has those (SEED-LLaMA);
+* ``image_prefix`` P soft tokens: the candidate's CLIP image feature through a learned linear map,
+  in front of its image tokens (a cross-encoder that reads the image's real features);
+* ``feature_head``: the head reads ``[h, v, t * v, t]`` -- the LM state ``h`` next to the
+  candidate's and the query's CLIP features and their product;
+* ``candidate_tokens=False`` (late interaction): the LM reads the query prompt once and the head
+  scores every candidate from the query state and the candidate's features (needs
+  ``feature_head``): k times cheaper than a cross-encoder, for CPU budgets.
+
+Fusion: ``s = head + u * cos(t, v) + w * (s_ret - max s_ret in the list)``. ``u`` (the embedding
+score's weight, ``embed_fusion``: none, fixed or learned from ``embed_weight``) starts the reranker
+at the CLIP order of the list; ``w`` is fixed, learned (``--fusion learned``, from
+``--fusion-weight``: at w = 1 the list's softmax is the retriever's own distribution) or chosen on
+val after training (``--fusion val``: the training lists need no retriever scores).
 
 Saved folder (``save_reranker``): tokenizer (with the image tokens), ``reranker.json`` (base
 model, template, LoRA or full, head and fusion settings, the image-token map), ``head.safetensors``
@@ -37,7 +50,9 @@ from avg.utils.io import InputError, read_json, replace_dir, write_json
 META_FILE = "reranker.json"
 HEAD_FILE = "head.safetensors"
 DEFAULT_PROMPT_TEMPLATE = "Caption: {query}\nImage:"
-FUSION_MODES = ("none", "fixed", "learned")
+FUSION_MODES = ("none", "fixed", "learned", "val")
+EMBED_FUSION_MODES = ("none", "fixed", "learned")
+QUERY_POOLING = ("last", "mean")
 
 
 # ---------------------------------------------------------------------------- image tokens in the LM
@@ -51,24 +66,33 @@ def image_token_capacity(tokenizer) -> int:
 
 
 def ensure_image_tokens(tokenizer, lm, mapping: ImageTokenMap, vectors: Optional[np.ndarray] = None, *,
-                        seed: int = 0, model_name: str = "model") -> tuple[torch.Tensor, bool]:
+                        seed: int = 0, model_name: str = "model", reuse_rows: bool = False) -> tuple[torch.Tensor, bool]:
     """Token ids of image tokens 0..mapping.num_tokens-1 -> (ids, added).
 
-    A model that has ``<img_*>`` tokens (SEED-LLaMA) keeps them and their embeddings; the map
-    must fit them (bounds check). Any other model gets the same tokens added; their rows start
-    from ``vectors`` (random-projected to the model width and rescaled to the mean norm of the
-    existing rows, as for the retriever's vokens) or, where a row has no vector, seeded noise."""
+    A model that has ``<img_*>`` tokens (SEED-LLaMA) keeps the tokens (the map must fit them: bounds
+    check), but its rows of the used tokens are re-initialised like added ones: SEED's ``<img_k>``
+    means SEED's visual code k, which has nothing to do with voken k, so its pretrained row would
+    tell the LM something false. ``reuse_rows`` keeps SEED's rows anyway (meaning-free; an explicit
+    choice). Any other model gets the tokens added. New rows start from ``vectors`` (random-projected
+    to the model width and rescaled to the mean norm of the existing rows, as for the retriever's
+    vokens) or, where a row has no vector, seeded noise."""
     capacity = image_token_capacity(tokenizer)
     names = [image_token(i) for i in range(mapping.num_tokens)]
+    added = False
     if capacity:
         mapping.check_fits(capacity, model=model_name)
-        return torch.tensor(tokenizer.convert_tokens_to_ids(names), dtype=torch.long), False
-    old_rows = lm.get_input_embeddings().weight.shape[0]
-    n_real = min(old_rows, len(tokenizer))
-    tokenizer.add_tokens(names, special_tokens=True)
-    ids = torch.tensor(tokenizer.convert_tokens_to_ids(names), dtype=torch.long)
-    if len(tokenizer) > old_rows:
-        lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        ids = torch.tensor(tokenizer.convert_tokens_to_ids(names), dtype=torch.long)
+        if reuse_rows:
+            return ids, False
+        n_real = min(lm.get_input_embeddings().weight.shape[0], len(tokenizer))
+    else:
+        old_rows = lm.get_input_embeddings().weight.shape[0]
+        n_real = min(old_rows, len(tokenizer))
+        tokenizer.add_tokens(names, special_tokens=True)
+        ids = torch.tensor(tokenizer.convert_tokens_to_ids(names), dtype=torch.long)
+        if len(tokenizer) > old_rows:
+            lm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        added = True
     gen = torch.Generator().manual_seed(int(seed))
     with torch.no_grad():
         for weight in {id(w): w for w in (lm.get_input_embeddings().weight,
@@ -84,7 +108,19 @@ def ensure_image_tokens(tokenizer, lm, mapping: ImageTokenMap, vectors: Optional
                     rows[torch.from_numpy(have)] = mapped * (target / mapped.norm(dim=1).mean().clamp_min(1e-12))
             weight.data[ids.to(weight.device)] = rows.to(weight.device, weight.dtype)
     lm.config.vocab_size = lm.get_input_embeddings().weight.shape[0]
-    return ids, True
+    return ids, added
+
+
+IMAGE_WRAP = ("<img>", "</img>")
+
+
+def image_wrap_ids(tokenizer) -> tuple[list[int], list[int]]:
+    """SEED-LLaMA marks an image as ``<img> <img_a> ... </img>``: the ids of that wrapper when the
+    tokenizer has both tokens, else nothing."""
+    vocab = tokenizer.get_vocab()
+    if all(t in vocab for t in IMAGE_WRAP):
+        return [int(vocab[IMAGE_WRAP[0]])], [int(vocab[IMAGE_WRAP[1]])]
+    return [], []
 
 
 def add_lora(lm, token_ids: torch.Tensor, **lora_kwargs):
@@ -116,36 +152,82 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
 
 class Reranker(nn.Module):
     def __init__(self, lm, *, head_inner: int = 256, head_dropout: float = 0.1, fusion: str = "learned",
-                 fusion_weight: float = 1.0):
+                 fusion_weight: float = 1.0, feature_dim: int = 0, image_prefix: int = 0, feature_head: bool = False,
+                 candidate_tokens: bool = True, embed_fusion: str = "none", embed_weight: float = 10.0,
+                 query_pooling: str = "last"):
         super().__init__()
         if fusion not in FUSION_MODES:
             raise ValueError(f"fusion must be one of {FUSION_MODES}")
+        if embed_fusion not in EMBED_FUSION_MODES:
+            raise ValueError(f"embed_fusion must be one of {EMBED_FUSION_MODES}")
+        if (image_prefix or feature_head or embed_fusion != "none") and feature_dim < 1:
+            raise ValueError("image_prefix, feature_head and embed_fusion need the CLIP feature_dim")
+        if not candidate_tokens and not feature_head:
+            raise ValueError("candidate_tokens=False (late interaction) needs feature_head: the head must see the candidate")
         self.lm = lm
         cfg = L.search_model(lm).config
         hidden = int(getattr(cfg, "hidden_size", None) or cfg.get_text_config().hidden_size)
-        self.head = ScoreHead(hidden, inner=head_inner, dropout=head_dropout)
-        self.fusion = fusion
-        w = torch.tensor(float(fusion_weight if fusion != "none" else 0.0))
+        self.feature_dim, self.image_prefix = int(feature_dim), int(image_prefix)
+        self.feature_head, self.candidate_tokens = bool(feature_head), bool(candidate_tokens)
+        if query_pooling not in QUERY_POOLING:
+            raise ValueError(f"query_pooling must be one of {QUERY_POOLING}")
+        self.query_pooling = query_pooling
+        self.image_proj = nn.Linear(self.feature_dim, self.image_prefix * hidden) if self.image_prefix else None
+        self.head = ScoreHead(hidden + (3 * self.feature_dim if self.feature_head else 0), inner=head_inner,
+                              dropout=head_dropout)
+        if embed_fusion != "none":  # start exactly at the CLIP order of the list: the head adds 0 until trained
+            nn.init.zeros_(self.head.net[-1].weight)
+            nn.init.zeros_(self.head.net[-1].bias)
+        self.fusion, self.embed_fusion = fusion, embed_fusion
+        w = torch.tensor(float(fusion_weight if fusion not in ("none", "val") else 0.0))
         if fusion == "learned":
             self.fusion_weight = nn.Parameter(w)
         else:
             self.register_buffer("fusion_weight", w)
+        u = torch.tensor(float(embed_weight if embed_fusion != "none" else 0.0))
+        if embed_fusion == "learned":
+            self.embed_weight = nn.Parameter(u)
+        else:
+            self.register_buffer("embed_weight", u)
 
     def body(self):
         """The transformer body of the causal LM (no output head); LoRA layers live inside it."""
         causal = L.search_model(self.lm)
         return getattr(causal, causal.base_model_prefix)
 
-    def score_pairs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def _soft(self, pair_features: torch.Tensor, dtype) -> torch.Tensor:
+        """[P, D] candidate image features -> [P, image_prefix, H] soft tokens."""
+        out = self.image_proj(pair_features.to(self.image_proj.weight.dtype))
+        return out.view(pair_features.shape[0], self.image_prefix, -1).to(dtype)
+
+    def _head(self, h: torch.Tensor, pair_t: Optional[torch.Tensor], pair_v: Optional[torch.Tensor]) -> torch.Tensor:
+        dtype = self.head.net[0].weight.dtype
+        h = h.to(dtype)
+        if self.feature_head:
+            t, v = pair_t.to(dtype), pair_v.to(dtype)
+            h = torch.cat([h, v, t * v, t], dim=-1)
+        return self.head(h).float()
+
+    def score_pairs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, soft_start: Optional[torch.Tensor] = None,
+                    pair_t: Optional[torch.Tensor] = None, pair_v: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Head score of every (query, candidate) sequence [P] (float32)."""
         positions = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-        out = self.body()(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
+        body = self.body()
+        if self.image_prefix:
+            embeds = body.get_input_embeddings()(input_ids).clone()
+            rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None]
+            cols = soft_start.to(input_ids.device)[:, None] + torch.arange(self.image_prefix, device=input_ids.device)[None]
+            embeds[rows, cols] = self._soft(pair_v, embeds.dtype)
+            out = body(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, use_cache=False)
+        else:
+            out = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
         h = out.last_hidden_state
         last = h[torch.arange(h.shape[0], device=h.device), last_token_index(attention_mask)]
-        return self.head(last.to(self.head.net[0].weight.dtype)).float()
+        return self._head(last, pair_t, pair_v)
 
     def score_shared_prefix(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, candidate_ids: torch.Tensor,
-                            list_index: torch.Tensor) -> torch.Tensor:
+                            list_index: torch.Tensor, pair_t: Optional[torch.Tensor] = None,
+                            pair_v: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Same scores as score_pairs, computing each query's prompt once: the prompt batch [B, T]
         runs with a KV cache, the cache is gathered to the pairs (``list_index`` [P]) and only the
         candidates' tokens [P, L] (all of one length) run per pair -- k times fewer prompt tokens.
@@ -164,10 +246,29 @@ class Reranker(nn.Module):
         lengths = prompt_mask.long().sum(1)[list_index]
         mask = torch.cat([prompt_mask[list_index], prompt_mask.new_ones(candidate_ids.shape)], dim=1)
         cand_pos = lengths[:, None] + torch.arange(n_cand, device=candidate_ids.device)[None, :]
-        out = body(input_ids=candidate_ids, attention_mask=mask, position_ids=cand_pos, past_key_values=cache,
-                   use_cache=True)
-        last = out.last_hidden_state[:, -1]
-        return self.head(last.to(self.head.net[0].weight.dtype)).float()
+        if self.image_prefix:
+            embeds = body.get_input_embeddings()(candidate_ids).clone()
+            embeds[:, : self.image_prefix] = self._soft(pair_v, embeds.dtype)
+            inputs = {"inputs_embeds": embeds}
+        else:
+            inputs = {"input_ids": candidate_ids}
+        out = body(**inputs, attention_mask=mask, position_ids=cand_pos, past_key_values=cache, use_cache=True)
+        return self._head(out.last_hidden_state[:, -1], pair_t, pair_v)
+
+    def score_query_only(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, list_index: torch.Tensor,
+                         pair_t: torch.Tensor, pair_v: torch.Tensor) -> torch.Tensor:
+        """Late interaction: the LM reads each prompt once; every pair is scored by the head from the
+        prompt's state (its last token's, or the mean over its tokens: ``query_pooling``) and the
+        pair's features."""
+        positions = (prompt_mask.long().cumsum(-1) - 1).clamp_min(0)
+        out = self.body()(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=False)
+        h = out.last_hidden_state
+        if self.query_pooling == "mean":
+            m = prompt_mask.to(h.dtype)[..., None]
+            pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
+        else:
+            pooled = h[torch.arange(h.shape[0], device=h.device), last_token_index(prompt_mask)]
+        return self._head(pooled[list_index], pair_t, pair_v)
 
     def can_share_prefix(self) -> bool:
         """Gradient checkpointing drops the KV cache in training: use the flat path then."""
@@ -180,43 +281,58 @@ class Reranker(nn.Module):
                 valid: Optional[torch.Tensor] = None, retriever_scores: Optional[torch.Tensor] = None,
                 known: Optional[torch.Tensor] = None, prompt_ids: Optional[torch.Tensor] = None,
                 prompt_mask: Optional[torch.Tensor] = None, candidate_ids: Optional[torch.Tensor] = None,
-                list_index: Optional[torch.Tensor] = None, share_prefix: bool = True):
+                list_index: Optional[torch.Tensor] = None, share_prefix: bool = True,
+                soft_start: Optional[torch.Tensor] = None, query_features: Optional[torch.Tensor] = None,
+                candidate_features: Optional[torch.Tensor] = None, cosine: Optional[torch.Tensor] = None):
         """Pair scores [P]; with ``valid`` [B, K] (the fields of avg.reranker.data.ListCollator),
-        (head, fused) scores per list [B, K] (-inf past a list's end). Uses the shared-prefix path
-        when the prompt fields are given and allowed. Fusion runs inside forward so that DDP sees
-        the learned fusion weight used."""
-        if share_prefix and prompt_ids is not None and self.can_share_prefix():
-            pair = self.score_shared_prefix(prompt_ids, prompt_mask, candidate_ids, list_index)
+        (base, fused) scores per list [B, K] (-inf past a list's end): ``base`` = head + u * cos,
+        ``fused`` = base + w * retriever score. Uses the shared-prefix path when the prompt fields are
+        given and allowed. Fusion runs inside forward so that DDP sees the learned weights used."""
+        pair_t = pair_v = None
+        if self.feature_dim:
+            if query_features is None or candidate_features is None or valid is None:
+                raise ValueError("this reranker reads CLIP features: pass query_features, candidate_features and valid")
+            pair_t = query_features[list_index]
+            pair_v = candidate_features[valid.to(candidate_features.device)]
+        if not self.candidate_tokens:
+            pair = self.score_query_only(prompt_ids, prompt_mask, list_index, pair_t, pair_v)
+        elif share_prefix and prompt_ids is not None and candidate_ids is not None and self.can_share_prefix():
+            pair = self.score_shared_prefix(prompt_ids, prompt_mask, candidate_ids, list_index, pair_t, pair_v)
         else:
-            pair = self.score_pairs(input_ids, attention_mask)
+            pair = self.score_pairs(input_ids, attention_mask, soft_start, pair_t, pair_v)
         if valid is None:
             return pair
         from avg.reranker.data import unflatten
 
-        head = unflatten(pair, {"valid": valid})
+        base = unflatten(pair, {"valid": valid})
+        if self.embed_fusion != "none":
+            base = base + self.embed_weight.float() * cosine.to(base.device).float()
         if retriever_scores is None:
-            return head, head
-        return head, self.fuse(head, retriever_scores, known)
-
-    def fuse(self, head_scores: torch.Tensor, retriever_scores: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-        """``head + w * (s_ret - max known s_ret of the list)``; unknown retriever scores add nothing."""
-        if self.fusion == "none":
-            return head_scores
-        r = retriever_scores.to(head_scores.device).float()
-        known = known.to(head_scores.device)
-        top = torch.where(known, r, torch.full_like(r, float("-inf"))).amax(1, keepdim=True)
-        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-        return head_scores + self.fusion_weight.float() * torch.where(known, r - top, torch.zeros_like(r))
+            return base, base
+        return base, base + self.fusion_weight.float() * relative_retriever_scores(retriever_scores, known).to(base.device)
 
     def head_config(self) -> dict:
         lin = self.head.net[0]
         return {"head_inner": lin.out_features, "head_dropout": float(self.head.net[2].p), "fusion": self.fusion,
-                "fusion_weight": float(self.fusion_weight.detach())}
+                "fusion_weight": float(self.fusion_weight.detach()), "feature_dim": self.feature_dim,
+                "image_prefix": self.image_prefix, "feature_head": self.feature_head,
+                "candidate_tokens": self.candidate_tokens, "query_pooling": self.query_pooling,
+                "embed_fusion": self.embed_fusion,
+                "embed_weight": float(self.embed_weight.detach())}
+
+
+def relative_retriever_scores(retriever_scores: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """``s_ret - max known s_ret of the list`` [B, K]; 0 where the score is unknown."""
+    r = retriever_scores.float()
+    top = torch.where(known, r, torch.full_like(r, float("-inf"))).amax(1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    return torch.where(known, r - top, torch.zeros_like(r))
 
 
 # ---------------------------------------------------------------------------- save / load
 def save_reranker(reranker: Reranker, tokenizer, tokens: ImageTokens, out: str | os.PathLike, *, base_model: str,
-                  prompt_template: str, max_length: int, image_tokens_added: bool, info: Optional[dict] = None) -> Path:
+                  prompt_template: str, max_length: int, image_tokens_added: bool, info: Optional[dict] = None,
+                  extra_meta: Optional[dict] = None) -> Path:
     """Write a reranker folder (module docstring), swapped into place atomically."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -232,14 +348,18 @@ def save_reranker(reranker: Reranker, tokenizer, tokens: ImageTokens, out: str |
             lm.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         state = {f"head.{k}": v.detach().float().cpu().contiguous() for k, v in reranker.head.state_dict().items()}
+        if reranker.image_proj is not None:
+            state.update({f"image_proj.{k}": v.detach().float().cpu().contiguous()
+                          for k, v in reranker.image_proj.state_dict().items()})
         state["fusion_weight"] = reranker.fusion_weight.detach().float().cpu().reshape(1)
+        state["embed_weight"] = reranker.embed_weight.detach().float().cpu().reshape(1)
         save_file(state, str(tmp / HEAD_FILE))
         tokens.save(tmp)
         rows = int(L.search_model(lm).get_input_embeddings().weight.shape[0])
         write_json({"base_model": str(base_model), "prompt_template": prompt_template, "lora": lora,
                     "max_length": int(max_length), "embedding_rows": rows, "tokenizer_size": len(tokenizer),
                     "image_tokens_added": bool(image_tokens_added), "image_token_map": tokens.mapping.to_dict(),
-                    **reranker.head_config()}, tmp / META_FILE)
+                    **reranker.head_config(), **(extra_meta or {})}, tmp / META_FILE)
         if info is not None:
             write_json(info, tmp / "best.json")
     except BaseException:
@@ -278,12 +398,27 @@ def load_reranker(path: str | os.PathLike, *, base_model: Optional[str] = None, 
     else:
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     reranker = Reranker(lm, head_inner=int(meta["head_inner"]), head_dropout=float(meta["head_dropout"]),
-                        fusion=meta["fusion"], fusion_weight=float(meta["fusion_weight"]))
+                        fusion=meta["fusion"], fusion_weight=float(meta["fusion_weight"]),
+                        feature_dim=int(meta.get("feature_dim", 0)), image_prefix=int(meta.get("image_prefix", 0)),
+                        feature_head=bool(meta.get("feature_head", False)),
+                        candidate_tokens=bool(meta.get("candidate_tokens", True)),
+                        embed_fusion=meta.get("embed_fusion", "none"), embed_weight=float(meta.get("embed_weight", 0.0)),
+                        query_pooling=meta.get("query_pooling", "last"))
     state = load_file(str(path / HEAD_FILE))
-    reranker.head.load_state_dict({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")})
+    try:
+        reranker.head.load_state_dict({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")})
+        if reranker.image_proj is not None:
+            reranker.image_proj.load_state_dict({k[len("image_proj."):]: v for k, v in state.items()
+                                                 if k.startswith("image_proj.")})
+    except RuntimeError as e:
+        raise InputError(f"{path / HEAD_FILE}: does not match {path / META_FILE} ({e})") from None
     with torch.no_grad():
         reranker.fusion_weight.copy_(state["fusion_weight"].reshape(()))
+        if "embed_weight" in state:
+            reranker.embed_weight.copy_(state["embed_weight"].reshape(()))
     reranker.head.to(dtype=torch.float32)
+    if reranker.image_proj is not None:
+        reranker.image_proj.to(dtype=torch.float32)
     if device is not None:
         reranker = reranker.to(device)
     reranker.eval()
@@ -298,7 +433,7 @@ def image_token_ids(tokens: ImageTokens, token_ids: torch.Tensor) -> dict:
 
 # ---------------------------------------------------------------------------- batched scoring
 MODEL_KEYS = ("input_ids", "attention_mask", "valid", "retriever_scores", "known", "prompt_ids", "prompt_mask",
-              "candidate_ids", "list_index")
+              "candidate_ids", "list_index", "soft_start", "query_features", "candidate_features", "cosine")
 
 
 def model_inputs(batch: dict, device) -> dict:
@@ -309,8 +444,10 @@ def model_inputs(batch: dict, device) -> dict:
 @torch.no_grad()
 def score_lists(reranker: Reranker, dataset, batch_size: int, device, *, desc: str = "rerank",
                 show_progress: bool = True, autocast=None, indices: Optional[Sequence[int]] = None,
-                share_prefix: bool = True) -> dict:
-    """Fused scores of every list of `dataset` (avg.reranker.data.ListDataset): {index: [scores]}.
+                share_prefix: bool = True, parts: bool = False) -> dict:
+    """Fused scores of every list of `dataset` (avg.reranker.data.ListDataset): {index: [scores]};
+    with ``parts``, {index: (base scores, retriever scores relative to the list's best)} so that
+    the fusion weight can be chosen afterwards (:func:`choose_fusion_weight`).
 
     ``batch_size`` lists per forward pass (every candidate of a list in the same pass)."""
     import contextlib
@@ -329,13 +466,37 @@ def score_lists(reranker: Reranker, dataset, batch_size: int, device, *, desc: s
         idx = order[s:s + batch_size]
         batch = collate(idx)
         with (autocast() if autocast else contextlib.nullcontext()):
-            _, fused = reranker(**model_inputs(batch, device), share_prefix=share_prefix)
-        fused = fused.cpu()
+            base, fused = reranker(**model_inputs(batch, device), share_prefix=share_prefix)
+        base, fused = base.float().cpu(), fused.float().cpu()
+        rel = relative_retriever_scores(batch["retriever_scores"], batch["known"]) if parts else None
         for b, i in enumerate(idx):
-            out[i] = fused[b, : len(dataset.lists[i]["candidates"])].tolist()
+            n = len(dataset.lists[i]["candidates"])
+            out[i] = (base[b, :n].tolist(), rel[b, :n].tolist()) if parts else fused[b, :n].tolist()
     if was:
         reranker.train()
     return out
+
+
+def fuse_parts(parts: dict, weight: float) -> dict:
+    """{index: (base, relative retriever scores)} -> {index: base + weight * relative}."""
+    return {i: [b + weight * r for b, r in zip(base, rel)] for i, (base, rel) in parts.items()}
+
+
+FUSION_GRID = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+
+
+def choose_fusion_weight(lists: Sequence[dict], parts: dict, *, weights: Sequence[float] = FUSION_GRID,
+                         gallery_size: Optional[int] = None) -> tuple[float, list[dict]]:
+    """The retriever-score weight with the best R@1 on these (val) lists, ties by R@5, R@10, then
+    the smaller weight; returns (weight, one metrics row per weight)."""
+    from avg.eval.metrics import retrieval_metrics
+
+    rows = []
+    for w in weights:
+        m = retrieval_metrics(reranked_records(lists, fuse_parts(parts, w)), gallery_size=gallery_size)
+        rows.append({"weight": float(w), "R@1": m["R@1"], "R@5": m["R@5"], "R@10": m["R@10"]})
+    best = max(rows, key=lambda r: (r["R@1"], r["R@5"], r["R@10"], -r["weight"]))
+    return best["weight"], rows
 
 
 def reranked_records(lists: Sequence[dict], scores: dict) -> list[dict]:
@@ -351,4 +512,5 @@ def reranked_records(lists: Sequence[dict], scores: dict) -> list[dict]:
 
 __all__ = ["META_FILE", "HEAD_FILE", "DEFAULT_PROMPT_TEMPLATE", "FUSION_MODES", "image_token_capacity",
            "ensure_image_tokens", "add_lora", "ScoreHead", "last_token_index", "Reranker", "save_reranker",
-           "load_reranker", "image_token_ids", "score_lists", "reranked_records"]
+           "load_reranker", "image_token_ids", "score_lists", "reranked_records", "relative_retriever_scores",
+           "fuse_parts", "choose_fusion_weight", "FUSION_GRID", "EMBED_FUSION_MODES"]

@@ -28,12 +28,13 @@ import numpy as np
 import torch
 
 from avg.eval.metrics import retrieval_metrics
-from avg.eval.runfiles import read_run, write_run
-from avg.reranker.data import candidate_lists, list_stats, seeded_subset
+from avg.eval.runfiles import read_run, retriever_run_files, write_run
+from avg.reranker.data import candidate_lists, clip_lists, list_stats, seeded_subset
+from avg.reranker.embed import FeatureStore
 from avg.retriever.gallery import Gallery
 from avg.retriever.training import load_split
 from avg.utils.cli import run_main
-from avg.utils.io import InputError, write_json, write_jsonl
+from avg.utils.io import InputError, read_json, write_json, write_jsonl
 from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
 from avg.utils.tracking import get_logger
 
@@ -59,6 +60,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "--retriever-dir (eval/run_test.jsonl, eval/run_val_epoch<best>.jsonl) when they exist")
     p.add_argument("--train-gallery-size", type=int, default=1000,
                    help="search each training query among a chunk of this many train images (0: the whole train gallery)")
+    p.add_argument("--train-candidates", choices=("retriever", "clip"), default="retriever",
+                   help="training lists from the retriever's search, or mined with CLIP (top-k cosine of the emb/ features "
+                        "in the chunk of --train-gallery-size images holding the positive; retriever scores unknown)")
+    p.add_argument("--emb-dir", default=None, help="emb/ folder (needed by --train-candidates clip)")
     p.add_argument("--batch-size", type=int, default=64, help="queries per search batch")
     p.add_argument("--max-length", type=int, default=0, help="max query tokens for the search (0: the retriever's)")
     p.add_argument("--collision-seed", type=int, default=0, help="seed of the order among images sharing a code")
@@ -68,23 +73,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_any_retriever(path: str | Path, device):
-    """A saved T5 (train_t5) or decoder-only (train_llama) retriever -> (model, tokenizer, vocab,
-    format_query, max_length)."""
+def load_any_retriever(path: str | Path, device, data_dir: str | Path | None = None) -> dict:
+    """A saved T5 (train_t5) or decoder-only (train_llama) retriever -> the keyword arguments of
+    avg.retriever.evaluate.evaluate_split that search with it the way it was trained and tested
+    (plus ``features``: the emb/ text features when it reads the query's CLIP feature)."""
     from avg.retriever import llama as L
-    from avg.retriever.vocab import VokenVocab
+    from avg.retriever.prefix import text_features_for
+    from avg.retriever.t5 import load_t5_retriever
 
     path = Path(path)
     if (path / L.RETRIEVER_FILE).is_file():
         tok, model, vocab, meta = L.load_retriever(path, device=device)
-        return L.search_model(model), tok, vocab, L.prompt_formatter(meta["prompt_template"]), int(meta.get("max_length", 96))
+        return {"model": L.search_model(model), "tokenizer": tok, "vocab": vocab,
+                "format_query": L.prompt_formatter(meta["prompt_template"]), "max_length": int(meta.get("max_length", 96))}
     if not (path / "config.json").is_file():
         raise InputError(f"{path}: not a saved retriever (no config.json / {L.RETRIEVER_FILE})")
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSeq2SeqLM.from_pretrained(path).to(device).eval()
-    return model, tok, VokenVocab.load(path, tok), None, 64
+    r = load_t5_retriever(path, device)
+    out = {"model": r.model, "tokenizer": r.tokenizer, "vocab": r.vocab, **r.eval_kwargs()}
+    if r.needs_features:
+        if data_dir is None:
+            raise InputError(f"{path}: this retriever reads the query's CLIP feature; pass the retriever_data folder")
+        out["features"] = text_features_for(data_dir)[0]
+    return out
 
 
 def parse_run_files(items) -> dict:
@@ -97,40 +107,15 @@ def parse_run_files(items) -> dict:
     return out
 
 
-def retriever_run_files(retriever_dir: str | Path, splits) -> dict:
-    """Run files a retriever trainer left next to its best/ folder: ``eval/run_test.jsonl`` and
-    ``eval/run_val_epoch<e>.jsonl`` of the best epoch (best.json), for the splits that have one."""
-    from avg.utils.io import read_json
-
-    best = Path(retriever_dir)
-    eval_dir = best.parent / "eval"
-    found = {}
-    if "test" in splits and (eval_dir / "run_test.jsonl").is_file():
-        found["test"] = str(eval_dir / "run_test.jsonl")
-    epoch = read_json(best / "best.json").get("epoch") if (best / "best.json").is_file() else None
-    if "val" in splits and epoch is not None and (eval_dir / f"run_val_epoch{epoch}.jsonl").is_file():
-        found["val"] = str(eval_dir / f"run_val_epoch{epoch}.jsonl")
-    return found
-
-
-def train_chunks(gallery: Gallery, size: int, seed: int) -> list[Gallery]:
-    """The train images in a seeded order, cut into galleries of `size` images (last one merged if small)."""
-    if size <= 0 or size >= len(gallery):
-        return [gallery]
-    order = np.random.default_rng([seed, 99]).permutation(len(gallery))
-    cuts = [order[i:i + size] for i in range(0, len(order), size)]
-    if len(cuts) > 1 and len(cuts[-1]) < size // 2:
-        cuts[-2] = np.concatenate([cuts[-2], cuts.pop()])
-    return [Gallery([gallery.image_ids[i] for i in c], gallery.codes[c], seed=gallery.seed, name=f"{gallery.name}[chunk]")
-            for c in cuts]
-
-
-def search_split(retriever, queries: list, galleries: list[Gallery], *, num_beams: int, batch_size: int,
+def search_split(retriever: dict, queries: list, galleries: list[Gallery], *, num_beams: int, batch_size: int,
                  max_length: int, device, desc: str) -> list[dict]:
-    """Run the retriever; each query searches the gallery that holds its gold image."""
+    """Run the retriever (load_any_retriever's dict); each query searches the gallery that holds its gold image."""
     from avg.retriever.evaluate import evaluate_split
+    from avg.retriever.prefix import query_features
 
-    model, tok, vocab, fmt, ml = retriever
+    kwargs = {k: v for k, v in retriever.items() if k not in ("model", "tokenizer", "vocab", "features")}
+    if max_length:
+        kwargs["max_length"] = max_length
     owner = {}
     for g, gal in enumerate(galleries):
         owner.update({i: g for i in gal.image_ids})
@@ -139,8 +124,10 @@ def search_split(retriever, queries: list, galleries: list[Gallery], *, num_beam
         mine = [q for q in queries if owner.get(q["image_id"]) == g]
         if not mine:
             continue
-        recs, _ = evaluate_split(model, tok, vocab, mine, gal, num_beams, batch_size, device,
-                                 max_length=max_length or ml, format_query=fmt, desc=f"{desc} {g + 1}/{len(galleries)}")
+        if "features" in retriever:
+            kwargs["query_features"] = query_features(retriever["features"], mine, source=desc)
+        recs, _ = evaluate_split(retriever["model"], retriever["tokenizer"], retriever["vocab"], mine, gal, num_beams,
+                                 batch_size, device, desc=f"{desc} {g + 1}/{len(galleries)}", **kwargs)
         records.update({r["qid"]: dict(r, gallery_size=len(gal)) for r in recs})
     return [records[q["qid"]] for q in queries if q["qid"] in records]
 
@@ -155,7 +142,10 @@ def main(argv=None) -> dict:
     run_files = parse_run_files(args.run_file)
     if args.reuse_retriever_runs and args.retriever_dir:
         run_files = {**retriever_run_files(args.retriever_dir, [s for s in splits if s not in run_files]), **run_files}
-    need_search = [s for s in splits if s not in run_files]
+    by_clip = "train" in splits and args.train_candidates == "clip" and "train" not in run_files
+    if by_clip and not args.emb_dir:
+        raise InputError("--train-candidates clip needs --emb-dir (the CLIP features)")
+    need_search = [s for s in splits if s not in run_files and not (s == "train" and by_clip)]
     if need_search and not args.retriever_dir:
         raise InputError(f"splits {need_search} have no --run-file: pass --retriever-dir to search them")
     for split, path in run_files.items():
@@ -168,14 +158,16 @@ def main(argv=None) -> dict:
     if not (data_dir / "meta.json").is_file() and not any(data_dir.glob("gallery_*.json")):
         raise InputError(f"{data_dir}: not a retriever_data folder (run scripts/prepare_retriever_dataset.sh first)")
     out_dir = Path(args.out_dir)
-    run = begin_stage(out_dir, STAGE, vars(args), inputs=[args.data_dir, args.retriever_dir, *run_files.values()],
+    run = begin_stage(out_dir, STAGE, vars(args), inputs=[args.data_dir, args.retriever_dir, args.emb_dir, *run_files.values()],
                       force=args.force, ignore=("batch_size",))
     if run.up_to_date and skip_if_done():
         log.info("%s: up to date, skipping", out_dir)
         return run.previous.get("summary") or {}
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    retriever = load_any_retriever(args.retriever_dir, device) if need_search else None
-    code_len = retriever[2].code_len if retriever else None
+    retriever = load_any_retriever(args.retriever_dir, device, args.data_dir) if need_search else None
+    code_len = retriever["vocab"].code_len if retriever else None
+    if code_len is None and (data_dir / "meta.json").is_file():
+        code_len = read_json(data_dir / "meta.json").get("code_len")
     meta = {"topk": args.topk, "num_beams": num_beams, "splits": {}}
     outputs = {}
     for split in splits:
@@ -192,15 +184,24 @@ def main(argv=None) -> dict:
             if not queries or gallery is None:
                 raise InputError(f"{data_dir}: no {split}.jsonl / gallery_{split}.json")
             queries = seeded_subset([dict(q, qid=q.get("qid", i)) for i, q in enumerate(queries)], limit, args.seed, SALTS[split])
-            galleries = train_chunks(gallery, args.train_gallery_size, args.seed) if split == "train" else [gallery]
-            log.info("%s: searching %d queries over %d galler%s of ~%d images (beam %d)", split, len(queries),
-                     len(galleries), "y" if len(galleries) == 1 else "ies", len(galleries[0]), num_beams)
-            records = search_split(retriever, queries, galleries, num_beams=num_beams, batch_size=args.batch_size,
-                                   max_length=args.max_length, device=device, desc=f"search {split}")
-            source, gallery_size = f"retriever {args.retriever_dir}", len(galleries[0])
+            galleries = gallery.chunks(args.train_gallery_size, args.seed) if split == "train" else [gallery]
+            if split == "train" and by_clip:
+                log.info("train: mining the CLIP top-%d of %d queries among %d galler%s of ~%d images", args.topk,
+                         len(queries), len(galleries), "y" if len(galleries) == 1 else "ies", len(galleries[0]))
+                lists = clip_lists(queries, galleries, FeatureStore.load(args.emb_dir), args.topk)
+                records = [{"qid": x["qid"], "query": x["query"], "gold": x["gold"], "ranked": x["candidates"],
+                            "scores": [float("nan")] * len(x["candidates"])} for x in lists]
+                source, gallery_size = f"CLIP features {args.emb_dir}", len(galleries[0])
+            else:
+                log.info("%s: searching %d queries over %d galler%s of ~%d images (beam %d)", split, len(queries),
+                         len(galleries), "y" if len(galleries) == 1 else "ies", len(galleries[0]), num_beams)
+                records = search_split(retriever, queries, galleries, num_beams=num_beams, batch_size=args.batch_size,
+                                       max_length=args.max_length, device=device, desc=f"search {split}")
+                source, gallery_size = f"retriever {args.retriever_dir}", len(galleries[0])
         if not records:
             raise InputError(f"{split}: no queries to prepare")
-        lists = candidate_lists(records, args.topk, insert_positive=(split == "train"))
+        if not (split == "train" and by_clip):
+            lists = candidate_lists(records, args.topk, insert_positive=(split == "train"))
         stats = {**list_stats(lists), "source": source, "gallery_size": gallery_size}
         if split != "train":
             stats["retriever_metrics"] = retrieval_metrics(records, gallery_size=gallery_size)

@@ -20,10 +20,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from avg.eval.metrics import format_metrics, retrieval_metrics
+from avg.eval.metrics import format_metrics, recall_ks, retrieval_metrics
 from avg.eval.runfiles import write_run
 from avg.reranker import model as RM
 from avg.reranker.data import ListDataset, load_lists, seeded_subset
+from avg.reranker.embed import FeatureStore
 from avg.retriever import llama as L
 from avg.retriever.test_llama import _device
 from avg.utils.cli import run_main
@@ -40,6 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", required=True, help="reranker_data/ folder ({split}.jsonl, meta.json)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="which candidate lists")
     p.add_argument("--out-dir", required=True, help="where run and metrics files go")
+    p.add_argument("--emb-dir", default=None, help="emb/ folder of the CLIP features (default: the one the reranker was trained with)")
     p.add_argument("--base-model", default=None, help="base model path/name for a LoRA reranker (default: the recorded one)")
     p.add_argument("--batch-size", type=int, default=16, help="lists per scoring batch (x top-k sequences)")
     p.add_argument("--max-queries", type=int, default=0, help="a seeded random subset of N lists (0: all)")
@@ -67,7 +69,7 @@ def main(argv=None) -> dict:
         raise InputError(f"{data_dir / 'train.jsonl'}: training lists hold inserted positives; evaluate val or test")
     if not (Path(args.reranker_dir) / RM.META_FILE).is_file():
         raise InputError(f"{Path(args.reranker_dir) / RM.META_FILE}: not found (run scripts/finetune_reranker_llama.sh first)")
-    run = begin_stage(out_dir, "test_reranker", vars(args), inputs=[args.reranker_dir, args.data_dir], force=args.force,
+    run = begin_stage(out_dir, "test_reranker", vars(args), inputs=[args.reranker_dir, args.data_dir, args.emb_dir], force=args.force,
                       ignore=("batch_size", "no_shared_prefix"))
     if run.up_to_date and skip_if_done():
         return run.previous.get("summary") or {}
@@ -80,8 +82,15 @@ def main(argv=None) -> dict:
     ids = torch.tensor(tokenizer.convert_tokens_to_ids([f"<img_{i:05d}>" for i in range(tokens.mapping.num_tokens)]))
     n_total = len(lists)
     lists = seeded_subset(lists, args.max_queries, args.seed, 3)
+    store = None
+    if int(rmeta.get("feature_dim", 0)):
+        emb_dir = args.emb_dir or rmeta.get("emb_dir")
+        if not emb_dir:
+            raise InputError(f"{Path(args.reranker_dir) / RM.META_FILE}: the reranker reads CLIP features; pass --emb-dir")
+        store = FeatureStore.load(emb_dir)
     ds = ListDataset(lists, tokenizer, RM.image_token_ids(tokens, ids), L.prompt_formatter(rmeta["prompt_template"]),
-                     max_length=int(rmeta.get("max_length", 64)), source=str(data_dir / f"{args.split}.jsonl"))
+                     max_length=int(rmeta.get("max_length", 64)), source=str(data_dir / f"{args.split}.jsonl"),
+                     image_prefix=int(rmeta.get("image_prefix", 0)), features=store, wrap=RM.image_wrap_ids(tokenizer))
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     logger.info("%s: reranking %d of %d %s lists (top-%d) on %s, fusion %s (w=%.3f)", args.reranker_dir, len(lists),
                 n_total, args.split, max(len(x["candidates"]) for x in lists), device, rmeta["fusion"],
@@ -99,13 +108,17 @@ def main(argv=None) -> dict:
     records = RM.reranked_records(lists, scores)
     before_records = [{"qid": x["qid"], "query": x["query"], "gold": x["gold"], "ranked": x["candidates"],
                        "scores": [s if s is not None else float("nan") for s in x["scores"]]} for x in lists]
-    after = retrieval_metrics(records, gallery_size=gallery_size)
-    before = retrieval_metrics(before_records, gallery_size=gallery_size)
     k = max(len(x["candidates"]) for x in lists)
+    after = retrieval_metrics(records, ks=recall_ks(k), gallery_size=gallery_size)
+    before = retrieval_metrics(before_records, ks=recall_ks(k), gallery_size=gallery_size)
     before_system = f"{args.retriever_name}_top{k}"
     metrics = {**after, "system": args.system, "split": args.split, "reranker_dir": str(args.reranker_dir),
                "base_model": args.base_model or rmeta["base_model"], "lora": bool(rmeta["lora"]), "topk": k,
                "fusion": rmeta["fusion"], "fusion_weight": float(reranker.fusion_weight.detach()),
+               "embed_fusion": rmeta.get("embed_fusion", "none"), "embed_weight": float(reranker.embed_weight.detach()),
+               "image_prefix": int(rmeta.get("image_prefix", 0)), "feature_head": bool(rmeta.get("feature_head", False)),
+               "late_interaction": not bool(rmeta.get("candidate_tokens", True)), "list_recall": before[f"R@{k}"],
+               "ms_per_query": 1000.0 * seconds / max(len(lists), 1),
                "queries_total": n_total, "before": {**before, "system": before_system},
                "seconds": seconds, "queries_per_s": len(lists) / max(seconds, 1e-9)}
     if logger.enabled:
@@ -114,9 +127,10 @@ def main(argv=None) -> dict:
         write_json({**before, "system": before_system, "split": args.split, "topk": k,
                     "note": "the retriever's own order of the lists the reranker saw"},
                    out_dir / f"metrics_{before_system}_{args.split}.json")
-    table = ["| ranking | R@1 | R@5 | R@10 | mean rank |", "|---|---|---|---|---|"]
+    cols = [f"R@{x}" for x in recall_ks(k)]
+    table = ["| ranking | " + " | ".join(cols) + " | mean rank |", "|---" * (len(cols) + 2) + "|"]
     for name, m in ((before_system, before), (args.system, after)):
-        table.append(f"| {name} | {m['R@1']:.2f} | {m['R@5']:.2f} | {m['R@10']:.2f} | {m['mean_rank']:.2f} |")
+        table.append(f"| {name} | " + " | ".join(f"{m[c]:.2f}" for c in cols) + f" | {m['mean_rank']:.2f} |")
     logger.info("%s %s (%d queries, %.1f lists/s):\n%s", args.system, args.split, len(lists), metrics["queries_per_s"],
                 "\n".join(table))
     logger.info("before: %s | after: %s", format_metrics(before), format_metrics(after))
@@ -126,10 +140,10 @@ def main(argv=None) -> dict:
     if logger.wandb_run is not None:
         import wandb
         logger.wandb_run.log({f"{args.split}/rerank_table": wandb.Table(
-            columns=["ranking", "R@1", "R@5", "R@10", "mean_rank"],
-            data=[[n, m["R@1"], m["R@5"], m["R@10"], m["mean_rank"]] for n, m in ((before_system, before), (args.system, after))])})
+            columns=["ranking", *cols, "mean_rank"],
+            data=[[n, *[m[c] for c in cols], m["mean_rank"]] for n, m in ((before_system, before), (args.system, after))])})
     logger.finish()
-    run.complete(summary={"R@1": after["R@1"], "R@5": after["R@5"], "R@10": after["R@10"], "before_R@1": before["R@1"]})
+    run.complete(summary={**{c: after[c] for c in cols}, "before_R@1": before["R@1"]})
     return metrics
 
 

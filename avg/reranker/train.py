@@ -11,6 +11,10 @@ on ``head + w * retriever score`` for lists as the retriever returned them; on l
 was inserted (the retriever missed it; its score is unknown) it is taken on the head alone, so w
 is learned only from lists that look like evaluation lists.
 
+What the model sees of a candidate and how scores are fused: avg.reranker.model (``--image-prefix``,
+``--feature-head``, ``--late-interaction``, ``--embed-fusion``; ``--fusion val`` trains the head
+without the retriever's score and chooses its weight on val after each epoch).
+
 Outputs under --out-dir: ``best/`` (avg.reranker.model.save_reranker; chosen by reranked val R@1),
 ``checkpoints/last`` (accelerate state, for --resume), ``eval/run_val_epoch<e>.jsonl``,
 ``train.log``, ``metrics.jsonl``, ``stage.json``.
@@ -30,6 +34,7 @@ from avg.eval.metrics import format_metrics, retrieval_metrics
 from avg.eval.runfiles import write_run
 from avg.reranker import model as RM
 from avg.reranker.data import ListCollator, ListDataset, load_lists, seeded_subset
+from avg.reranker.embed import FeatureStore
 from avg.reranker.image_tokens import ImageTokens
 from avg.reranker.losses import listwise_loss, pointwise_loss
 from avg.retriever import llama as L
@@ -65,6 +70,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--lora-target-modules", default=L.DEFAULT_LORA_TARGETS, help="comma-separated module names, or 'all-linear'")
     g.add_argument("--head-inner", type=int, default=256, help="hidden width of the MLP scoring head")
     g.add_argument("--head-dropout", type=float, default=0.1, help="dropout inside the MLP head")
+    g.add_argument("--emb-dir", default=None, help="emb/ folder: the CLIP features the options below read")
+    g.add_argument("--image-prefix", type=int, default=0,
+                   help="P soft tokens from the candidate's CLIP image feature before its image tokens (needs --emb-dir)")
+    g.add_argument("--feature-head", action="store_true",
+                   help="the head reads [h, v, t*v, t]: the LM state and the CLIP features of candidate and query")
+    g.add_argument("--late-interaction", action="store_true",
+                   help="the LM reads the query only, once; the head scores each candidate from it and the candidate's "
+                        "features (implies --feature-head; k times cheaper than the cross-encoder)")
+    g.add_argument("--query-pooling", choices=RM.QUERY_POOLING, default="last",
+                   help="late interaction: the query's state is the LM's last token's, or the mean over the prompt's tokens")
+    g.add_argument("--embed-fusion", choices=RM.EMBED_FUSION_MODES, default="none",
+                   help="add u * cos(query, candidate) of the CLIP features to the score (u fixed or learned)")
+    g.add_argument("--embed-weight", type=float, default=10.0, help="u (the initial value when learned)")
+    g.add_argument("--reuse-seed-image-rows", action="store_true",
+                   help="a model with <img_*> tokens (SEED-LLaMA): keep its rows for the vokens' tokens (meaning-free: "
+                        "SEED code k is not voken k) instead of initialising them from the codebook")
     g.add_argument("--fusion", choices=RM.FUSION_MODES, default="learned",
                    help="add w * retriever score to the head score: none, a fixed w, or a learned w")
     g.add_argument("--fusion-weight", type=float, default=1.0, help="w (the initial value when learned)")
@@ -108,15 +129,20 @@ def build_model(args, tokens: ImageTokens, device):
     lora = not args.full_finetune
     dtype = L.resolve_dtype(args.model_dtype, lora=lora, device=device)
     tokenizer, lm = L.load_causal_lm(args.model, dtype=dtype)
-    ids, added = RM.ensure_image_tokens(tokenizer, lm, tokens.mapping, tokens.vectors, seed=args.seed, model_name=args.model)
+    ids, added = RM.ensure_image_tokens(tokenizer, lm, tokens.mapping, tokens.vectors, seed=args.seed, model_name=args.model,
+                                        reuse_rows=args.reuse_seed_image_rows)
     if args.gradient_checkpointing:
         L.enable_checkpointing(lm)
     lm.config.use_cache = False
     if lora:
         lm = RM.add_lora(lm, ids, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                          target_modules=args.lora_target_modules)
+    torch.manual_seed(args.seed)
     reranker = RM.Reranker(lm, head_inner=args.head_inner, head_dropout=args.head_dropout, fusion=args.fusion,
-                           fusion_weight=args.fusion_weight)
+                           fusion_weight=args.fusion_weight, feature_dim=args.feature_dim, image_prefix=args.image_prefix,
+                           feature_head=args.feature_head or args.late_interaction,
+                           candidate_tokens=not args.late_interaction, embed_fusion=args.embed_fusion,
+                           embed_weight=args.embed_weight, query_pooling=args.query_pooling)
     return tokenizer, reranker, ids, added, dtype
 
 
@@ -132,8 +158,13 @@ def main(argv=None) -> dict:
     tokens = ImageTokens.load(args.tokens_dir)
     meta = read_json(data_dir / "meta.json") if (data_dir / "meta.json").is_file() else {}
     val_gallery = (meta.get("splits", {}).get("val") or {}).get("gallery_size")
+    uses_features = args.image_prefix > 0 or args.feature_head or args.late_interaction or args.embed_fusion != "none"
+    if uses_features and not args.emb_dir:
+        raise InputError("--image-prefix, --feature-head, --late-interaction and --embed-fusion read CLIP features: pass --emb-dir")
+    store = FeatureStore.load(args.emb_dir) if uses_features else None
+    args.feature_dim = store.dim if store is not None else 0
     out_dir = Path(args.out_dir)
-    stage = begin_stage(out_dir, STAGE, vars(args), inputs=[args.data_dir, args.tokens_dir, args.model],
+    stage = begin_stage(out_dir, STAGE, vars(args), inputs=[args.data_dir, args.tokens_dir, args.model, args.emb_dir],
                         force=args.force, ignore=("stop_after_steps", "save_every_steps", "no_shared_prefix"),
                         mark_running=False)
     if stage.up_to_date and skip_if_done():
@@ -171,8 +202,10 @@ def main(argv=None) -> dict:
     fmt = L.prompt_formatter(args.prompt_template)
     train_lists = seeded_subset(train_lists, args.max_train_lists, args.seed, 1)
     val_lists = seeded_subset(val_lists, args.max_eval_lists, args.seed, 2)
-    train_ds = ListDataset(train_lists, tokenizer, id_table, fmt, max_length=args.max_length, source=str(data_dir / "train.jsonl"))
-    val_ds = ListDataset(val_lists, tokenizer, id_table, fmt, max_length=args.max_length, source=str(val_path)) if val_lists else None
+    ds_kwargs = dict(max_length=args.max_length, image_prefix=args.image_prefix, features=store,
+                     wrap=RM.image_wrap_ids(tokenizer))
+    train_ds = ListDataset(train_lists, tokenizer, id_table, fmt, source=str(data_dir / "train.jsonl"), **ds_kwargs)
+    val_ds = ListDataset(val_lists, tokenizer, id_table, fmt, source=str(val_path), **ds_kwargs) if val_lists else None
     collate = ListCollator(train_ds)
     sampler = EpochBatchSampler(len(train_ds), args.batch_size, seed=args.seed, rank=accelerator.process_index,
                                 world_size=accelerator.num_processes)
@@ -203,18 +236,27 @@ def main(argv=None) -> dict:
 
     eval_dir, best_dir = out_dir / "eval", out_dir / "best"
     save_kwargs = dict(base_model=args.model, prompt_template=args.prompt_template, max_length=args.max_length,
-                       image_tokens_added=added)
+                       image_tokens_added=added, extra_meta={"emb_dir": args.emb_dir})
 
     def run_eval(epoch: int) -> None:
         metrics_all = {"epoch": epoch}
         if val_ds is not None and accelerator.is_main_process:
             scores = RM.score_lists(unwrapped(), val_ds, args.eval_batch_size, device, desc="eval val",
-                                    autocast=accelerator.autocast, share_prefix=not args.no_shared_prefix)
+                                    autocast=accelerator.autocast, share_prefix=not args.no_shared_prefix,
+                                    parts=args.fusion == "val")
+            if args.fusion == "val":  # the retriever's weight: chosen on these val lists, after training
+                weight, grid = RM.choose_fusion_weight(val_ds.lists, scores, gallery_size=val_gallery)
+                with torch.no_grad():
+                    unwrapped().fusion_weight.fill_(weight)
+                logger.info("fusion weight chosen on val: w=%s (%s)", weight,
+                            ", ".join(f"w={r['weight']}: R@1 {r['R@1']:.2f}" for r in grid))
+                scores = RM.fuse_parts(scores, weight)
             records = RM.reranked_records(val_ds.lists, scores)
             metrics = retrieval_metrics(records, gallery_size=val_gallery)
             write_run(records, eval_dir / f"run_val_epoch{epoch}.jsonl")
             metrics_all.update({f"eval/val/{k}": v for k, v in metrics.items()})
         metrics_all["fusion_weight"] = float(unwrapped().fusion_weight.detach())
+        metrics_all["embed_weight"] = float(unwrapped().embed_weight.detach())
         logger.log(metrics_all, step=state["global_step"])
         key, score, improved = select_best(state, metrics_all, epoch) if "eval/val/R@1" in metrics_all else ("last", 0.0, True)
         if improved and accelerator.is_main_process:
@@ -229,11 +271,15 @@ def main(argv=None) -> dict:
         logger.log({f"eval/val_retriever/{k}": v for k, v in base.items()}, step=0)
     logger.info("train %d lists (%d micro-batches/epoch/process, %d steps), val %d lists", len(train_ds),
                 micro_per_epoch, total_steps, len(val_lists))
+    if val_ds is not None and state["global_step"] == 0 and state["best_r1"] is None and args.epochs > 0:
+        logger.info("evaluating the starting model (epoch 0): best/ is never worse on val than it")
+        run_eval(0)
     def micro_step(idx, epoch: int, micro: int):
         batch = {k: v.to(device) for k, v in collate(idx).items()}  # pairs flat + prompt/candidate form
         with accelerator.autocast():
             head, fused = model(**RM.model_inputs(batch, device), share_prefix=not args.no_shared_prefix)
-        scores = torch.where(batch["inserted"][:, None], head, fused)  # see module docstring
+        # see module docstring; "head" is the base score (head + u * cos); --fusion val trains without the retriever
+        scores = head if args.fusion == "val" else torch.where(batch["inserted"][:, None], head, fused)
         lw = listwise_loss(scores, batch["labels"], args.temperature)
         pw = pointwise_loss(head.masked_fill(~batch["valid"], 0.0), batch["labels"], batch["valid"]) \
             if args.pointwise_weight > 0 else lw.new_zeros(())
@@ -243,7 +289,8 @@ def main(argv=None) -> dict:
     result = train_epochs(accelerator, args, state, sampler=sampler, micro_per_epoch=micro_per_epoch, model=model,
                           params=list(model.parameters()), optimizer=optimizer, scheduler=scheduler, ckpt_dir=ckpt_dir,
                           logger=logger, micro_step=micro_step, run_eval=run_eval,
-                          log_extra=lambda: {"train/fusion_weight": float(unwrapped().fusion_weight.detach())},
+                          log_extra=lambda: {"train/fusion_weight": float(unwrapped().fusion_weight.detach()),
+                                             "train/embed_weight": float(unwrapped().embed_weight.detach())},
                           on_epoch_start=lambda epoch: model.train())
     stopped, steps_this_run = result.pop("stopped"), result["steps_this_run"]
     train_seconds = result["train_seconds"]

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Stage: embedding rerank of the retriever's top-k (RERANK_RETRIEVER, RERANK_TOPK): CLIP cosine of query and
+# candidate fused with the retriever's score, the weight chosen on val -> ${OUT_DIR}/${DATASET}/rerank_embed/
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+python -m avg.reranker.rerank_embed \
+  --retriever-dir "$STAGE_ROOT/$RERANK_RETRIEVER/best" --emb-dir "$STAGE_ROOT/emb" --data-dir "$STAGE_ROOT/retriever_data" \
+  --out-dir "$STAGE_ROOT/rerank_embed" --topk "$RERANK_TOPK" --retriever-name "$RERANK_RETRIEVER" "$@"
