@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Efficiency benchmark (paper Fig. 4): queries/s vs gallery size, generative retriever vs CLIP two-tower,
+# Efficiency benchmark (paper Fig. 4): queries/s vs gallery size, generative retriever (alone and + embedding rerank) vs CLIP two-tower,
 # same device, one run -> ${OUT_DIR}/${DATASET}/efficiency/{efficiency.csv,efficiency.json,efficiency.png}
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -13,7 +13,10 @@ BENCH_QUERIES=${BENCH_QUERIES:-64}
 BENCH_BATCH_SIZE=${BENCH_BATCH_SIZE:-32}
 BENCH_MAX_SECONDS=${BENCH_MAX_SECONDS:-20}
 BENCH_DEVICE=${BENCH_DEVICE:-auto}
-python -m avg.eval.efficiency --retriever-dir "$RETRIEVER_DIR" --emb-dir "$STAGE_ROOT/emb" \
+# the whole pipeline too: AVG + embedding rerank of RERANK_TOPK candidates, with the weight rerank_embed chose on val
+RERANK_W=$(python -c "import json,math,sys; w=json.load(open(sys.argv[1]))['chosen_weight']; print(1e6 if math.isinf(w) else w)" \
+  "$STAGE_ROOT/rerank_embed/fusion.json" 2>/dev/null || echo 0)
+python -m avg.eval.efficiency --rerank-topk "${RERANK_TOPK:-0}" --rerank-weight "$RERANK_W" --retriever-dir "$RETRIEVER_DIR" --emb-dir "$STAGE_ROOT/emb" \
   --codes-dir "$STAGE_ROOT/codes" --out-dir "$STAGE_ROOT/efficiency" --gallery-sizes "$GALLERY_SIZES" \
   --num-beams "$BEAM" --num-queries "$BENCH_QUERIES" --batch-size "$BENCH_BATCH_SIZE" \
   --max-seconds "$BENCH_MAX_SECONDS" --device "$BENCH_DEVICE" --seed "$SEED" "$@"

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from avg.eval import efficiency as eff
+from avg.retriever.t5 import T5Retriever
 from avg.rqvae.features import save_emb
 from avg.utils.io import write_json
 from conftest import load_tool
@@ -97,7 +98,7 @@ def test_both_systems_return_ranked_ids_and_the_timing_loop_runs():
     g = eff.scale_gallery(ids, feats, codes, 30, seed=0)
     model, tok, vocab = _tiny_retriever()
     cpu = torch.device("cpu")
-    gen = eff.GenerativeSystem(model, tok, vocab, cpu, num_beams=4)
+    gen = eff.GenerativeSystem(T5Retriever(model, tok, vocab, None, "vocab"), cpu, num_beams=4)
     two = eff.TwoTowerSystem(_HashEncoder(), cpu, k=4, precision="fp32")
     texts = ["a red cube", "two stars", "the ball"]
     for system in (gen, two):
@@ -115,13 +116,25 @@ def test_both_systems_return_ranked_ids_and_the_timing_loop_runs():
     assert res["queries_timed"] == 9 and not res["time_boxed"] and len(out) == 9 and res["queries_per_s"] > 0
     res, out = eff.time_search(gen.search, texts * 3, 1, max_seconds=0.0, warmup=0, device=cpu)
     assert res["queries_timed"] == 1 and res["time_boxed"] and len(out) == 1  # time box: one call, then stop
+    # the whole pipeline: the same beams, re-ordered by the CLIP cosine of query and candidate
+    both = eff.GenerativeSystem(T5Retriever(model, tok, vocab, None, "vocab"), cpu, num_beams=4,
+                                text_encoder=_HashEncoder(), rerank_k=4)
+    both.set_gallery(g.image_ids, g.codes, g.features)
+    assert both.name == "avg+embed_rerank"
+    row = {i: r for r, i in enumerate(g.image_ids)}
+    for plain, rr, qv in zip(gen.search(texts), both.search(texts), q):
+        assert sorted(plain) == sorted(rr)
+        cos = [float(g.features[row[i]] @ qv) for i in rr]
+        assert cos == sorted(cos, reverse=True)
+    with pytest.raises(ValueError, match="CLIP text encoder"):
+        eff.GenerativeSystem(T5Retriever(model, tok, vocab, None, "vocab"), cpu, rerank_k=4)
 
 
 def test_benchmark_rows_cover_sizes_systems_modes():
     ids, feats, codes = _real()
     model, tok, vocab = _tiny_retriever()
     cpu = torch.device("cpu")
-    systems = [eff.GenerativeSystem(model, tok, vocab, cpu, num_beams=3),
+    systems = [eff.GenerativeSystem(T5Retriever(model, tok, vocab, None, "children"), cpu, num_beams=3),
                eff.TwoTowerSystem(_HashEncoder(), cpu, k=3, precision="fp32"),
                eff.TwoTowerSystem(_HashEncoder(), cpu, k=3, precision="fp16")]
     queries = [{"query": "a red cube", "gold": "img0"}, {"query": "two stars", "gold": "img1"}]
@@ -168,11 +181,12 @@ def test_main_end_to_end(tmp_path, monkeypatch):
     args = ["--retriever-dir", str(tmp_path / "retriever"), "--emb-dir", str(tmp_path / "emb"), "--codes-dir",
             str(tmp_path / "codes"), "--out-dir", str(out), "--gallery-sizes", "6,40", "--num-queries", "4",
             "--batch-size", "2", "--num-beams", "3", "--max-seconds", "5", "--warmup", "1", "--device", "cpu",
-            "--no-progress"]
+            "--no-progress", "--rerank-topk", "3"]
     result = eff.main(args)
     with open(out / "efficiency.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == len(result["rows"]) == 2 * 3 * 2
+    assert len(rows) == len(result["rows"]) == 2 * 4 * 2  # avg, avg + embedding rerank, CLIP fp32 / fp16
+    assert {r["system"] for r in rows} == {"avg", "avg+embed_rerank", "clip_fp32", "clip_fp16"}
     assert set(rows[0]) == set(eff.CSV_COLUMNS)
     assert {r["gallery_size"] for r in rows} == {"6", "40"} and all(r["time_boxed"] == "False" for r in rows)
     assert json.loads((out / "efficiency.json").read_text())["device"]["type"] == "cpu"
@@ -182,4 +196,4 @@ def test_main_end_to_end(tmp_path, monkeypatch):
     from avg.utils.io import InputError
 
     with pytest.raises(InputError, match="stage.json"):
-        eff.main(args[:-1] + ["--num-beams", "2", "--no-progress"])
+        eff.main(args[:-3] + ["--num-beams", "2", "--no-progress"])

@@ -158,23 +158,34 @@ def _sync(device: torch.device) -> None:
 
 
 class GenerativeSystem:
-    """Text -> constrained beam search over the gallery's codes -> ranked image ids."""
+    """Text -> constrained beam search over the gallery's codes -> ranked image ids.
 
-    name = "avg"
+    A retriever that reads the query's CLIP text feature (avg.retriever.prefix) gets it from
+    ``text_encoder`` inside the timed call. With ``rerank_k`` the top-k are re-scored by the CLIP
+    cosine of query and candidate (the embedding rerank, weight ``rerank_weight`` on the retriever's
+    score) -- the whole AVG pipeline as it answers a query, one text encoding shared by both."""
+
     precision = "model"
 
-    def __init__(self, model, tokenizer, vocab, device, *, num_beams: int = 20, max_length: int = 64,
-                 score_eos: bool = True, fast_search: bool = False) -> None:
+    def __init__(self, retriever, device, *, num_beams: int = 20, score_eos: bool = True, fast_search: bool = False,
+                 text_encoder=None, rerank_k: int = 0, rerank_weight: float = 0.0) -> None:
         from avg.retriever.evaluate import logits_vocab_size
 
-        self.model, self.tokenizer, self.vocab = model.to(device).eval(), tokenizer, vocab
-        self.device, self.num_beams, self.max_length = device, num_beams, max_length
-        self.eos = tokenizer.eos_token_id if score_eos else None
-        self.voken_ids = vocab.voken_ids.to(device) if fast_search else None
-        self.vsize = logits_vocab_size(model)
-        self.is_enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
+        self.r = retriever
+        self.model, self.tokenizer, self.vocab = retriever.model.to(device).eval(), retriever.tokenizer, retriever.vocab
+        self.prefix = retriever.prefix.to(device) if retriever.prefix is not None else None
+        self.device, self.num_beams, self.max_length = device, num_beams, retriever.max_length
+        self.normalize = retriever.normalize
+        self.eos = self.tokenizer.eos_token_id if score_eos and self.normalize != "children" else None
+        self.voken_ids = self.vocab.voken_ids.to(device) if fast_search or self.normalize == "children" else None
+        self.vsize = logits_vocab_size(self.model)
+        self.is_enc_dec = bool(getattr(self.model.config, "is_encoder_decoder", False))
         self.tokenizer.padding_side = "right" if self.is_enc_dec else "left"
-        self.gallery = self.index = None
+        if (self.prefix is not None or rerank_k) and text_encoder is None:
+            raise ValueError("this generative system needs the CLIP text encoder (query prefix or embedding rerank)")
+        self.text_encoder, self.rerank_k, self.rerank_weight = text_encoder, int(rerank_k), float(rerank_weight)
+        self.name = "avg+embed_rerank" if self.rerank_k else "avg"
+        self.gallery = self.index = self.features = self.row_of = None
 
     def set_gallery(self, image_ids: Sequence[str], codes: np.ndarray, features=None) -> float:
         from avg.retriever.gallery import Gallery
@@ -182,26 +193,45 @@ class GenerativeSystem:
         t0 = time.perf_counter()
         self.gallery = Gallery(image_ids, codes, name="benchmark gallery")
         self.index = self.gallery.build_index(self.vocab, self.vsize, device=self.device)
+        if self.rerank_k:  # the candidates' features are looked up, never searched
+            self.features = torch.from_numpy(np.ascontiguousarray(features)).to(self.device, torch.float32)
+            self.row_of = {i: r for r, i in enumerate(image_ids)}
         _sync(self.device)
         return time.perf_counter() - t0
 
     @property
     def structure_bytes(self) -> int:
+        """The code index (the features the embedding rerank reads are the two-tower's, not counted again)."""
         return int(self.index.nbytes)
 
     @torch.no_grad()
     def search(self, texts: Sequence[str]) -> list:
+        from avg.retriever.prefix import prefixed_inputs
         from avg.retriever.search import constrained_beam_search
 
         enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+        q = self.text_encoder.encode_texts(list(texts)).to(self.device, torch.float32) if self.text_encoder is not None \
+            and (self.prefix is not None or self.rerank_k) else None
         start = self.model.config.decoder_start_token_id if self.is_enc_dec else None
-        out = constrained_beam_search(self.model, enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device),
-                                      self.index, self.num_beams, decoder_start_token_id=start,
-                                      eos_token_id=self.eos, voken_ids=self.voken_ids)
+        inputs = prefixed_inputs(self.model, self.prefix, enc["input_ids"].to(self.device),
+                                 enc["attention_mask"].to(self.device), q if self.prefix is not None else None)
+        out = constrained_beam_search(self.model, inputs.get("input_ids"), inputs["attention_mask"], self.index,
+                                      self.num_beams, decoder_start_token_id=start, eos_token_id=self.eos,
+                                      voken_ids=self.voken_ids, inputs_embeds=inputs.get("inputs_embeds"),
+                                      normalize=self.normalize)
         codes = self.vocab.token_ids_to_codes(out.sequences.cpu()).numpy()
         scores = out.scores.float().cpu().numpy()
         valid = out.num_valid.cpu().tolist()
-        return [self.gallery.rank(codes[r, :k], scores[r, :k])[0] for r, k in enumerate(valid)]
+        ranked = [self.gallery.rank(codes[r, :k], scores[r, :k]) for r, k in enumerate(valid)]
+        if not self.rerank_k:
+            return [ids for ids, _ in ranked]
+        out_ids = []
+        for r, (ids, s) in enumerate(ranked):
+            ids, s = ids[: self.rerank_k], torch.tensor(s[: self.rerank_k], device=self.device)
+            cos = self.features[[self.row_of[i] for i in ids]] @ q[r]
+            fused = cos + self.rerank_weight * (s - s.max()) if self.rerank_weight else cos
+            out_ids.append([ids[j] for j in torch.argsort(fused, descending=True, stable=True).tolist()])
+        return out_ids
 
 
 class TwoTowerSystem:
@@ -377,6 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-std", type=float, default=0.1, help="norm of the Gaussian perturbation of a synthetic image's feature")
     p.add_argument("--fast-search", action="store_true", help="generative search over voken logits only (see avg.retriever.search)")
     p.add_argument("--no-eos-score", action="store_true", help="do not add log p(EOS | code) to code scores")
+    p.add_argument("--rerank-topk", type=int, default=0,
+                   help="also time AVG + embedding rerank of this many candidates (the whole pipeline; 0: off)")
+    p.add_argument("--rerank-weight", type=float, default=0.0,
+                   help="weight of the retriever's score in the embedding rerank (the rerank_embed stage's chosen weight)")
     p.add_argument("--clip-backend", default=None, help="override the CLIP backend recorded in emb/index.json")
     p.add_argument("--clip-model", default=None, help="override the CLIP model recorded in emb/index.json")
     p.add_argument("--clip-pretrained", default=None, help="override the CLIP checkpoint/tag recorded in emb/index.json")
@@ -391,10 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-
     from avg.models.clip import load_clip, resolve_device
-    from avg.retriever.vocab import VokenVocab
+    from avg.retriever.t5 import load_t5_retriever
     from avg.utils.stages import begin_stage, skip_if_done
     from avg.utils.tracking import RunLogger
 
@@ -429,14 +461,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     encoder = load_clip(args.clip_backend or enc["backend"], args.clip_model or enc["model"],
                         args.clip_pretrained if args.clip_pretrained is not None else enc.get("pretrained"),
                         device=str(device), normalize=True)
-    tokenizer = AutoTokenizer.from_pretrained(args.retriever_dir)
-    model = AutoModelForSeq2SeqLM.from_pretrained(args.retriever_dir)
-    vocab = VokenVocab.load(args.retriever_dir, tokenizer)
+    retriever = load_t5_retriever(args.retriever_dir, device)
+    model, vocab = retriever.model, retriever.vocab
     if vocab.code_len != real["codes"].shape[1]:
         raise InputError(f"{args.codes_dir}/codes.json: codes have length {real['codes'].shape[1]}, "
                          f"{args.retriever_dir}/voken_vocab.json expects {vocab.code_len}")
-    systems = [GenerativeSystem(model, tokenizer, vocab, device, num_beams=args.num_beams,
-                                score_eos=not args.no_eos_score, fast_search=args.fast_search)]
+    kw = dict(num_beams=args.num_beams, score_eos=not args.no_eos_score, fast_search=args.fast_search, text_encoder=encoder)
+    systems = [GenerativeSystem(retriever, device, **kw)]
+    if args.rerank_topk:
+        systems.append(GenerativeSystem(retriever, device, rerank_k=args.rerank_topk, rerank_weight=args.rerank_weight, **kw))
     systems += [TwoTowerSystem(encoder, device, k=args.num_beams, precision=p) for p in precisions]
     info = device_description(device)
     logger = RunLogger(out_dir, run_name="efficiency", config=vars(args), log_name="efficiency.log")
