@@ -18,7 +18,7 @@ def test_collects_known_metrics_and_ignores_others(tmp_path, capsys):
     df = collect_metrics(tmp_path)
     assert list(df["system"]) == ["CLIP", "t5/eval"]
     assert list(df["R@1"]) == [30.0, 40.0]
-    assert "| CLIP | test | 30.00 | 60.00 | 70.00 | 9.50 | 50 |" in to_markdown(df)
+    assert "| CLIP | test | 30.00 | 60.00 | 70.00 |  | 9.50 | 50 |" in to_markdown(df)
     assert main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "raw_collision_rate=0.1" in out
@@ -63,7 +63,7 @@ def test_columns_collision_rate_throughput_and_plots(tmp_path, capsys):
     assert sorted(grid["stage"]) == ["grid/beam/b10", "grid/beam/b20", "grid/beam/b5"]
     assert df.loc["avg_t5_stage1", "stage"] == "retriever_t5" and df.loc["clip_two_tower", "queries_per_s"] == 9000.0
     md = to_markdown(collect_metrics(tmp_path))
-    assert "| avg_t5_stage1 | test | 8.00 | 27.00 | 38.00 | 470.00 | 5000 | 6.0% | 40.00 | retriever_t5 |" in md
+    assert "| avg_t5_stage1 | test | 8.00 | 27.00 | 38.00 |  | 470.00 | 5000 |  | 6.0% | 40.00 | beam 20 | retriever_t5 |" in md
     assert main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     for name in ("recall_vs_beam.png", "throughput_vs_gallery.png", "training_curves.png"):
@@ -71,7 +71,31 @@ def test_columns_collision_rate_throughput_and_plots(tmp_path, capsys):
         assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG"
         assert f"plots/{name}" in out and f"(plots/{name})" in (tmp_path / "results.md").read_text()
     header = (tmp_path / "results.csv").read_text().splitlines()[0]
-    assert header == "system,split,R@1,R@5,R@10,mean_rank,num_queries,collision_rate,queries_per_s,stage,file"
+    assert header == ("system,split,R@1,R@5,R@10,R@20,mean_rank,num_queries,list_R@k,collision_rate,queries_per_s,"
+                      "setting,stage,file")
+
+
+def test_reranker_ceiling_setting_and_diagnostics_tables(tmp_path):
+    _write(tmp_path / "codes" / "stats.json", {"raw_collision_rate": 0.2, "ceiling": {"test": {
+        "decoded_codes": {"R@1": 13.5, "R@5": 39.0, "R@10": 51.0, "R@20": 62.5},
+        "image_features": {"R@1": 14.8, "R@5": 40.0, "R@10": 52.2, "R@20": 64.0}}}})
+    diag = {"positions": [{"position": 1, "gold_is_top": 58.9}, {"position": 2, "gold_is_top": 39.2}],
+            "first_miss": {"1": 41.6, "2": 37.2, "same_code": 21.2}, "r1_unique_code": 11.96, "r1_shared_code": 8.53,
+            "queries_shared_code": 375, "fit": {"train": {"R@1": 12.5}, "val": {"R@1": 11.38}}}
+    _write(tmp_path / "retriever_t5" / "eval" / "metrics_test.json", {
+        "system": "avg_t5_stage1", "split": "test", "R@1": 11.7, "R@5": 34.9, "R@10": 47.5, "R@20": 59.4,
+        "score": "children", "query_prefix": 4, "num_beams": 50, "diagnostics": diag})
+    _write(tmp_path / "rerank_embed" / "metrics_test.json", {
+        "system": "x+embed_rerank", "split": "test", "R@1": 14.8, "R@5": 40.0, "R@10": 51.0, "list_recall": 75.0,
+        "topk": 50, "fusion_weight": 0.0})
+    df = collect_metrics(tmp_path).set_index("system")
+    assert df.loc["x+embed_rerank", "list_R@k"] == "75.00 (k=50)" and df.loc["avg_t5_stage1", "R@20"] == 59.4
+    assert df.loc["avg_t5_stage1", "setting"] == "score=children, query prefix 4, beam 50"
+    assert main([str(tmp_path)]) == 0
+    md = (tmp_path / "results.md").read_text()
+    assert "| test | 13.50 / 39.00 / 51.00 / 62.50 | 14.80 / 40.00 / 52.20 / 64.00 |" in md
+    assert ("| avg_t5_stage1 (retriever_t5) | 58.9 / 39.2 | 1: 41.6, 2: 37.2, same_code: 21.2 | 11.96 / 8.53 "
+            "(375 q shared) | 12.50 / 11.38 |") in md
 
 
 def test_plots_are_skipped_quietly_without_data(tmp_path):

@@ -9,7 +9,15 @@ name is its ``system`` key when present, else its path relative to the output di
   ``clip``), the raw collision rate of the evaluated split's codes from the nearest
   ``codes/stats.json`` (looked for next to the file's folder, then each parent up to the output
   dir), the whole-set rate when the split has none;
-* ``queries_per_s``: the file's ``queries_per_s`` when its evaluation was timed.
+* ``queries_per_s``: the file's ``queries_per_s`` when its evaluation was timed;
+* ``list_R@k``: for a reranker, the recall of the list it reordered (its ceiling);
+* ``setting``: what distinguishes the run (code score, query-feature prefix, beam, fusion weights).
+
+Below the table: the tokenizer's retrieval ceiling (``codes/stats.json``: captions ranked against
+the decoded codes and the raw image features) and, for every retriever run that wrote
+``diagnostics`` into its metrics, where the gold code is lost (gold-is-top rate per position given
+the gold prefix, the first position where the top code differs, R@1 of images alone on their code
+vs sharing it, and the fit: R@1 on a train chunk as large as the val gallery next to val).
 
 Plots go to ``<root>/plots/`` (matplotlib, Agg; a plot is skipped quietly when its data is
 absent): ``recall_vs_beam.png`` (metrics files with ``num_beams`` grouped by study, or system,
@@ -30,8 +38,8 @@ import pandas as pd
 
 from avg.utils.io import atomic_open
 
-COLUMNS = ["system", "split", "R@1", "R@5", "R@10", "mean_rank", "num_queries", "collision_rate",
-           "queries_per_s", "stage", "file"]
+COLUMNS = ["system", "split", "R@1", "R@5", "R@10", "R@20", "mean_rank", "num_queries", "list_R@k",
+           "collision_rate", "queries_per_s", "setting", "stage", "file"]
 PLOTS = ("recall_vs_beam.png", "throughput_vs_gallery.png", "training_curves.png")
 
 
@@ -103,12 +111,62 @@ def collect_metrics(root: str | Path, *, grid: bool = False) -> pd.DataFrame:
         rate = collision_rate(nearest_code_stats(path, root), split) if _is_generative(system) else None
         rows.append({
             "system": system, "split": split,
-            "R@1": m.get("R@1"), "R@5": m.get("R@5"), "R@10": m.get("R@10"),
+            "R@1": m.get("R@1"), "R@5": m.get("R@5"), "R@10": m.get("R@10"), "R@20": m.get("R@20"),
             "mean_rank": m.get("mean_rank"), "num_queries": m.get("num_queries"),
-            "collision_rate": rate, "queries_per_s": m.get("queries_per_s"),
+            "list_R@k": f"{float(m['list_recall']):.2f} (k={m.get('topk')})" if m.get("list_recall") is not None else None,
+            "collision_rate": rate, "queries_per_s": m.get("queries_per_s"), "setting": setting_of(m),
             "stage": _stage_of(rel), "file": str(rel),
         })
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def setting_of(m: dict) -> str:
+    """A short description of what distinguishes a run, from the keys its metrics file records."""
+    parts = []
+    if m.get("score"):
+        parts.append(f"score={m['score']}")
+    if m.get("query_prefix"):
+        parts.append(f"query prefix {m['query_prefix']}")
+    if m.get("num_beams"):
+        parts.append(f"beam {m['num_beams']}")
+    if m.get("fusion_weight") is not None:
+        parts.append(f"w_ret={float(m['fusion_weight']):.3g}")
+    if m.get("embed_weight"):
+        parts.append(f"u_cos={float(m['embed_weight']):.3g}")
+    if m.get("late_interaction"):
+        parts.append("late interaction")
+    if m.get("image_prefix"):
+        parts.append(f"image prefix {m['image_prefix']}")
+    return ", ".join(parts)
+
+
+def diagnostics_lines(root: Path) -> list[str]:
+    """Markdown: the tokenizer ceiling and each retriever's diagnostics (module docstring)."""
+    lines = []
+    stats_path = root / "codes" / "stats.json"
+    ceiling = (json.loads(stats_path.read_text(encoding="utf-8")).get("ceiling") or {}) if stats_path.is_file() else {}
+    if ceiling:
+        lines += ["", "Tokenizer ceiling (captions ranked against the decoded codes / the raw image features):", "",
+                  "| split | decoded codes R@1 / R@5 / R@10 / R@20 | image features R@1 / R@5 / R@10 / R@20 |", "|---|---|---|"]
+        for split, c in sorted(ceiling.items()):
+            fmt = lambda d: " / ".join(f"{d.get(f'R@{k}', float('nan')):.2f}" for k in (1, 5, 10, 20))  # noqa: E731
+            lines.append(f"| {split} | {fmt(c.get('decoded_codes', {}))} | {fmt(c.get('image_features', {}))} |")
+    diag = [(p, m) for p, m in _read_metrics(root) if isinstance(m.get("diagnostics"), dict)]
+    if diag:
+        lines += ["", "Where the gold code is lost (test): gold voken top among the allowed continuations, given the gold "
+                      "prefix, per position | first position where the top code differs | R@1 alone on its code / "
+                      "sharing it | fit: R@1 train chunk / val", "",
+                  "| system | gold is top (%) | first miss (% of queries) | R@1 unique / shared code | R@1 train / val |",
+                  "|---|---|---|---|---|"]
+        for path, m in diag:
+            d = m["diagnostics"]
+            top = " / ".join(f"{p['gold_is_top']:.1f}" for p in d.get("positions", []))
+            miss = ", ".join(f"{k}: {v:.1f}" for k, v in (d.get("first_miss") or {}).items())
+            fit = d.get("fit") or {}
+            fit_s = f"{fit.get('train', {}).get('R@1', float('nan')):.2f} / {fit.get('val', {}).get('R@1', float('nan')):.2f}"
+            uq = f"{d.get('r1_unique_code')} / {d.get('r1_shared_code')} ({d.get('queries_shared_code')} q shared)"
+            lines.append(f"| {m.get('system', path.parent)} ({_stage_of(path.relative_to(root))}) | {top} | {miss} | {uq} | {fit_s} |")
+    return lines
 
 
 def _cell(c: str, v) -> str:
@@ -280,7 +338,7 @@ def main(argv: Optional[list] = None) -> int:
         return 2
     df = collect_metrics(root)
     md = to_markdown(df)
-    extra = code_stats_lines(root)
+    extra = code_stats_lines(root) + diagnostics_lines(root)
     print(md)
     for line in extra:
         print(line)
@@ -294,7 +352,7 @@ def main(argv: Optional[list] = None) -> int:
             df.to_csv(f, index=False)
         plot_lines = [f"![{p.stem}]({p.relative_to(root).as_posix()})" for p in plots]
         with atomic_open(root / "results.md") as f:
-            f.write(md + "\n" + "".join(f"\n{x}\n" for x in extra + plot_lines))
+            f.write(md + "\n\n" + "\n".join(extra) + "\n" + "".join(f"\n{x}\n" for x in plot_lines))
     return 0
 
 
