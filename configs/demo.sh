@@ -19,20 +19,33 @@ CODEBOOK_SIZE=${CODEBOOK_SIZE:-256}
 RQ_EPOCHS=${RQ_EPOCHS:-30}
 RQ_BATCH_SIZE=${RQ_BATCH_SIZE:-512}
 RQ_LR=${RQ_LR:-1e-3}
+# Codes: raw M vokens; images sharing a code are ordered inside each gallery by a seeded rule
+# (global: append an index over all splits, the earlier default)
+CODE_DISAMBIGUATION=${CODE_DISAMBIGUATION:-none}
 
 # T5 retriever (a small T5 built by tools/make_demo_t5.py; real configs use t5-base)
 RETRIEVER_MODEL=${RETRIEVER_MODEL:-$DATA_DIR/t5-demo}
 MAX_TRAIN_QUERIES=${MAX_TRAIN_QUERIES:-}
-T5_EPOCHS=${T5_EPOCHS:-2}
+T5_EPOCHS=${T5_EPOCHS:-1}
 T5_BATCH_SIZE=${T5_BATCH_SIZE:-128}
 T5_LR=${T5_LR:-1e-3}
-BEAM=${BEAM:-20}
+# How a code is scored, in the loss, s_j and the search: children (renormalised over the gallery's allowed
+# continuations) or vocab (full vocabulary: the paper, HF generate)
+T5_SCORE=${T5_SCORE:-children}
+# Voken tokens: per-level (one token range per level, rows from the shared codebook) or shared (the paper's)
+VOKEN_TOKENS=${VOKEN_TOKENS:-per-level}
+# Soft tokens from the query's CLIP text feature before its words (0: off, the paper's setting; GENIUS-style)
+T5_QUERY_PREFIX=${T5_QUERY_PREFIX:-4}
+# Beam of the evaluation search: its top-50 is what the rerankers reorder
+BEAM=${BEAM:-50}
 STAGE2_EPOCHS=${STAGE2_EPOCHS:-1}
 STAGE2_MAX_TRAIN_QUERIES=${STAGE2_MAX_TRAIN_QUERIES:-10000}
-STAGE2_LR=${STAGE2_LR:-2e-4}
+STAGE2_LR=${STAGE2_LR:-1e-3}
 DIS_BEAMS=${DIS_BEAMS:-10}
-DIS_WEIGHT=${DIS_WEIGHT:-1.0}
+DIS_WEIGHT=${DIS_WEIGHT:-3.0}
 DIS_TEMPERATURE=${DIS_TEMPERATURE:-1.0}
+# Lists L_dis is taken on: all (the paper: the positive put in when the beam missed it) or found (the beam's own)
+DIS_LISTS=${DIS_LISTS:-found}
 
 # LLaMA-family retriever. Demo default: a small random LLaMA (0.55M weights) with a tokenizer trained on
 # the demo captions (tools/make_demo_llama.py -> $DATA_DIR/llama-demo, cached), fully fine-tuned (LoRA
@@ -69,12 +82,15 @@ GRID_BACKBONES=${GRID_BACKBONES:-t5-demo=t5:$DATA_DIR/t5-demo llama-demo=llama:$
 # --- Reranker (avg.reranker: prepare_reranker_dataset, convert_voken_to_seed, finetune_reranker_llama, test_reranker_llama) ---
 # Retriever whose top-k is reranked: a stage folder under ${OUT_DIR}/${DATASET} holding best/ (and eval/ run files)
 RERANK_RETRIEVER=${RERANK_RETRIEVER:-retriever_t5_stage2}
-# Candidates per query (BEAM must be >= RERANK_TOPK)
-RERANK_TOPK=${RERANK_TOPK:-20}
+# Candidates per query (BEAM must be >= RERANK_TOPK); the embedding rerank (scripts/rerank_embed.sh) uses it too
+RERANK_TOPK=${RERANK_TOPK:-50}
 # 1: reuse the retriever's eval/run_test.jsonl and eval/run_val_epoch<best>.jsonl instead of searching those splits again
 RERANK_REUSE_RUNS=${RERANK_REUSE_RUNS:-1}
-# Seeded subset of training captions searched to build training lists (0: all)
-RERANK_MAX_TRAIN_QUERIES=${RERANK_MAX_TRAIN_QUERIES:-3000}
+# Seeded subset of training captions that get training lists (0: all)
+RERANK_MAX_TRAIN_QUERIES=${RERANK_MAX_TRAIN_QUERIES:-10000}
+# Training lists from the retriever's search, or mined with CLIP (top-k cosine in a chunk; no search, retriever
+# scores unknown: use RERANK_FUSION=val)
+RERANK_TRAIN_CANDIDATES=${RERANK_TRAIN_CANDIDATES:-clip}
 # Seeded subset of val queries used for model selection (0: all); test lists are always complete
 RERANK_MAX_VAL_QUERIES=${RERANK_MAX_VAL_QUERIES:-1000}
 # Training queries are searched among chunks of this many train images, as hard as the test gallery (0: whole train gallery)
@@ -87,10 +103,13 @@ RERANK_MODEL=${RERANK_MODEL:-$DATA_DIR/llama-demo}
 # 1: train every weight (right for a random model); 0: LoRA (LORA_* above) + trainable image-token rows
 RERANK_FULL_FINETUNE=${RERANK_FULL_FINETUNE:-1}
 # Reranker schedule: epochs, candidate lists per micro-batch (each = RERANK_TOPK sequences), LM learning rate
-RERANK_EPOCHS=${RERANK_EPOCHS:-1}
-RERANK_BATCH_SIZE=${RERANK_BATCH_SIZE:-8}
-RERANK_LR=${RERANK_LR:-5e-4}
-# Fusion with the retriever's score: none, fixed or learned weight (learned starts at w = 1: the retriever's order)
-RERANK_FUSION=${RERANK_FUSION:-learned}
-# Extra flags for avg.reranker.train (e.g. --pointwise-weight 0.5, --gradient-checkpointing)
-RERANK_ARGS=${RERANK_ARGS:-}
+RERANK_EPOCHS=${RERANK_EPOCHS:-3}
+RERANK_BATCH_SIZE=${RERANK_BATCH_SIZE:-64}
+RERANK_LR=${RERANK_LR:-1e-3}
+# Fusion with the retriever's score: none, fixed, learned (starts at w = 1: the retriever's order) or val
+# (the weight chosen on val after training)
+RERANK_FUSION=${RERANK_FUSION:-val}
+# Extra flags for avg.reranker.train. Demo: late interaction (the LM reads the query once; the head scores
+# each candidate from it and the CLIP features; k times cheaper than the cross-encoder) + the CLIP cosine fused.
+# Real configs: --image-prefix 4 --feature-head (cross-encoder that reads the candidate's CLIP feature).
+RERANK_ARGS=${RERANK_ARGS:---late-interaction --query-pooling mean --embed-fusion learned --head-lr 2e-3}

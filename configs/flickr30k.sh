@@ -17,6 +17,8 @@ CODEBOOK_SIZE=${CODEBOOK_SIZE:-1024}
 RQ_EPOCHS=${RQ_EPOCHS:-200}
 RQ_BATCH_SIZE=${RQ_BATCH_SIZE:-2048}
 RQ_LR=${RQ_LR:-1e-4}
+# raw M-voken codes, ties ordered inside each gallery (global: append an index over all splits)
+CODE_DISAMBIGUATION=${CODE_DISAMBIGUATION:-none}
 
 # T5 retriever (paper: T5-base, lr 1e-3, batch 128; beam 20-30 at test time)
 RETRIEVER_MODEL=${RETRIEVER_MODEL:-t5-base}
@@ -31,6 +33,12 @@ STAGE2_LR=${STAGE2_LR:-1e-4}
 DIS_BEAMS=${DIS_BEAMS:-10}
 DIS_WEIGHT=${DIS_WEIGHT:-1.0}
 DIS_TEMPERATURE=${DIS_TEMPERATURE:-1.0}
+DIS_LISTS=${DIS_LISTS:-all}
+# Code score in loss, s_j and search (children | vocab = the paper's), voken token layout (per-level | shared =
+# the paper's), query-feature prefix tokens (0 = the paper's)
+T5_SCORE=${T5_SCORE:-children}
+VOKEN_TOKENS=${VOKEN_TOKENS:-per-level}
+T5_QUERY_PREFIX=${T5_QUERY_PREFIX:-0}
 
 # LLaMA-family retriever with LoRA (paper Table 6: LLaMA-7B)
 LLAMA_MODEL=${LLAMA_MODEL:-meta-llama/Llama-2-7b-hf}
@@ -48,6 +56,7 @@ LORA_TARGETS=${LORA_TARGETS:-q_proj,k_proj,v_proj,o_proj}
 RERANK_RETRIEVER=${RERANK_RETRIEVER:-retriever_t5_stage2}
 # Candidates per query (BEAM must be >= RERANK_TOPK)
 RERANK_TOPK=${RERANK_TOPK:-20}
+RERANK_TRAIN_CANDIDATES=${RERANK_TRAIN_CANDIDATES:-retriever}
 # 1: reuse the retriever's eval/run_test.jsonl and eval/run_val_epoch<best>.jsonl instead of searching those splits again
 RERANK_REUSE_RUNS=${RERANK_REUSE_RUNS:-1}
 # Seeded subset of training captions searched to build training lists (0: all)
@@ -69,6 +78,6 @@ RERANK_EPOCHS=${RERANK_EPOCHS:-1}
 RERANK_BATCH_SIZE=${RERANK_BATCH_SIZE:-4}
 RERANK_LR=${RERANK_LR:-1e-4}
 # Fusion with the retriever's score: none, fixed or learned weight (learned starts at w = 1: the retriever's order)
-RERANK_FUSION=${RERANK_FUSION:-learned}
+RERANK_FUSION=${RERANK_FUSION:-val}
 # Extra flags for avg.reranker.train (e.g. --grad-accum 4, --gradient-checkpointing)
-RERANK_ARGS=${RERANK_ARGS:-}
+RERANK_ARGS=${RERANK_ARGS:---image-prefix 4 --feature-head --embed-fusion learned}

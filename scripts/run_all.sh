@@ -9,7 +9,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # demo_* stages build the synthetic demo's assets (each tool keeps its own cache); they run only
 # when DEMO_TOOLS=1, which configs/demo.sh sets.
 ALL_STAGES=(demo_assets prepare_emb eval_clip_baseline train_rqvae generate_codes prepare_retriever_dataset
-            demo_t5 train_retriever_t5 train_retriever_t5_stage2 demo_llama finetune_retriever_llama
+            demo_t5 train_retriever_t5 train_retriever_t5_stage2 rerank_embed demo_llama finetune_retriever_llama
             test_retriever_llama prepare_reranker_dataset convert_voken_to_seed finetune_reranker_llama
             test_reranker_llama report)
 
@@ -82,6 +82,7 @@ stage_def() {
         prepare_retriever_dataset) STAGE_OUT=retriever_data ;;
         train_retriever_t5) STAGE_OUT=retriever_t5 ;;
         train_retriever_t5_stage2) STAGE_OUT=retriever_t5_stage2 ;;
+        rerank_embed) STAGE_OUT=rerank_embed ;;
         finetune_retriever_llama) STAGE_OUT=retriever_llama ;;
         test_retriever_llama) STAGE_OUT=retriever_llama/test ;;
         prepare_reranker_dataset) STAGE_OUT=reranker_data ;;
