@@ -2,9 +2,11 @@
 # The retriever and reranker stages over several seeds, then mean ± std per system (avg.eval.seeds):
 #   SEEDS="0 1 2" bash scripts/run_seeds.sh            # after scripts/demo.sh (it needs emb/ and the demo assets)
 # Each seed runs SEED_STAGES (RQ-VAE onwards: codes, retriever data, T5 stages 1 and 2, embedding rerank,
-# LM reranker) in ${OUT_DIR}/seeds/seed_<s>/${DATASET}/ with SEED=<s>; the CLIP features and the CLIP
+# LM reranker) in ${SEEDS_DIR:-${OUT_DIR}/seeds}/seed_<s>/${DATASET}/ with SEED=<s>; the CLIP features and the CLIP
 # baseline are shared (links to ${OUT_DIR}/${DATASET}/), so every system of every seed sees the same features.
 # Finished seeds are skipped (run_all's manifests); options go to run_all.sh (--force, --dry-run, ...).
+# A variant over the same seeds: its own SEEDS_DIR and the variables it changes, e.g.
+#   SEEDS_DIR=outputs/seeds_no_prefix T5_QUERY_PREFIX=0 bash scripts/run_seeds.sh
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -13,6 +15,7 @@ source scripts/common.sh
 SEEDS=${SEEDS:-0 1 2}
 SEED_STAGES=${SEED_STAGES:-train_rqvae,generate_codes,prepare_retriever_dataset,train_retriever_t5,train_retriever_t5_stage2,rerank_embed,prepare_reranker_dataset,convert_voken_to_seed,finetune_reranker_llama,test_reranker_llama,report}
 MAIN_ROOT="$STAGE_ROOT"
+SEEDS_DIR=${SEEDS_DIR:-$OUT_DIR/seeds}
 for shared in emb clip_baseline; do
   if [ ! -f "$MAIN_ROOT/$shared/stage.json" ]; then
     echo "error: $MAIN_ROOT/$shared is missing: run scripts/demo.sh (or run_all.sh --stages prepare_emb,eval_clip_baseline) first" >&2
@@ -21,7 +24,7 @@ for shared in emb clip_baseline; do
 done
 T0=$(date +%s)
 for s in $SEEDS; do
-  seed_out="$OUT_DIR/seeds/seed_$s"
+  seed_out="$SEEDS_DIR/seed_$s"
   mkdir -p "$seed_out/$DATASET"
   for shared in emb clip_baseline; do
     ln -sfn "$(realpath --relative-to="$seed_out/$DATASET" "$MAIN_ROOT/$shared")" "$seed_out/$DATASET/$shared"
@@ -33,4 +36,4 @@ for s in $SEEDS; do
 done
 case " $* " in *" --dry-run "*) exit 0 ;; esac
 echo "=== [run_seeds] ${SEEDS// /, } in $(( $(date +%s) - T0 ))s"
-python -m avg.eval.seeds "$OUT_DIR/seeds" --dataset "$DATASET" --seeds $SEEDS
+python -m avg.eval.seeds "$SEEDS_DIR" --dataset "$DATASET" --seeds $SEEDS

@@ -21,17 +21,10 @@ from avg.retriever import llama as L
 from avg.retriever.gallery import Gallery
 from avg.rqvae.features import save_emb
 from avg.utils.io import InputError
-from test_reranker import codes_data, fake_records, make_llama, make_tokenizer, prepare_args, stage_inputs, train_args  # noqa: F401 (fixture)
+from test_reranker import (codes_data, fake_records, make_llama, make_tokenizer, one_thread,  # noqa: F401 (fixtures)
+                           prepare_args, stage_inputs, train_args)
 
 DIM = 6
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def write_emb(path, image_ids, captions_of, seed=0):

@@ -14,15 +14,7 @@ from avg.retriever.losses import (RetrievalObjective, candidate_log_probs, code_
 from avg.retriever.prefix import QueryPrefix, feature_rows, load_prefix, prefixed_inputs, save_prefix
 from avg.retriever.search import constrained_beam_search
 from avg.utils.io import InputError
-from test_search import BASE_VOCAB, EOS, VOKENS, gallery, queries, tiny_llama, tiny_t5
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+from test_search import EOS, VOKENS, gallery, one_thread, queries, tiny_llama, tiny_t5  # noqa: F401 (autouse fixture)
 
 
 def naive_children_score(model, ids, mask, code, codes):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from avg.eval.metrics import format_metrics, retrieval_metrics
+from avg.eval.metrics import DEFAULT_KS, format_metrics, retrieval_metrics
 from avg.eval.runfiles import RunRecord, write_run
 from avg.utils.io import InputError, write_json
 from avg.utils.cli import run_main
@@ -103,7 +103,7 @@ def search_split(emb, split: str, k: int = 100, batch_size: int = 1024, device: 
     return records, len(img_rows)
 
 
-def evaluate_clip_baseline(emb_dir: str | os.PathLike, split: str, out_dir: str | os.PathLike, *, k: int = 100, batch_size: int = 1024, device: str = "auto", ks: Sequence[int] = (1, 5, 10), progress: bool = True) -> dict:
+def evaluate_clip_baseline(emb_dir: str | os.PathLike, split: str, out_dir: str | os.PathLike, *, k: int = 100, batch_size: int = 1024, device: str = "auto", ks: Sequence[int] = DEFAULT_KS, progress: bool = True) -> dict:
     """Write ``run_clip_<split>.jsonl`` and ``metrics_clip_<split>.json`` under `out_dir`; return the metrics."""
     from avg.rqvae.features import load_emb
 
