@@ -13,7 +13,7 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
-from avg.data.karpathy import (MAX_REPORTED_PROBLEMS, SPLIT_ALIASES, DatasetError, _Problems,
+from avg.data.karpathy import (MAX_REPORTED_PROBLEMS, SPLIT_ALIASES, DatasetError, _Problems, path_escape,
                                tokenize_caption, validate_karpathy)
 from avg.utils.io import write_json
 
@@ -110,6 +110,9 @@ def table_to_karpathy(input_path: str | os.PathLike, *, image_root: str | os.Pat
                          f"{images[image]['split']!r} at line {first_line[image]}")
             bad = True
         if bad:
+            continue
+        if image not in images and path_escape(image):
+            problems.add(f"{where}: image path {path_escape(image)} leaves the image root; it must name a file inside it")
             continue
         if image not in images:
             pp = PurePosixPath(image)

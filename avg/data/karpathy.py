@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from avg.utils.io import InputError
 
@@ -115,6 +115,26 @@ def _record_label(i: int, rec: Any) -> str:
     return f"images[{i}] (filename {name!r})" if isinstance(name, str) and name else f"images[{i}]"
 
 
+
+def path_escape(*parts: str) -> Optional[str]:
+    """Why ``parts`` joined under an image root would name a file outside it ('absolute path ...',
+    '... goes above the root'), or None when it stays inside. Lexical, before anything is opened:
+    an absolute part, a drive letter, or more '..' than folders above them."""
+    joined = "/".join(p for p in parts if p)
+    for part in parts:
+        if part and (part.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", part)):
+            return f"{joined!r} is absolute"
+    depth = 0
+    for piece in re.split(r"[/\\]+", joined):
+        if piece == "..":
+            depth -= 1
+            if depth < 0:
+                return f"{joined!r} goes above the root ('..')"
+        elif piece not in ("", "."):
+            depth += 1
+    return None
+
+
 def validate_karpathy(data: Any, source: str | os.PathLike, image_root: str | os.PathLike, *,
                       check_files: bool = True) -> CaptionDataset:
     """Validate an already-parsed Karpathy dict; `source` names the file in error messages."""
@@ -183,6 +203,11 @@ def validate_karpathy(data: Any, source: str | os.PathLike, image_root: str | os
             continue
 
         rel_path = f"{filepath.strip('/')}/{filename}" if filepath.strip("/") else filename
+        escape = path_escape(filepath, filename)
+        if escape:
+            problems.add(f"{label}: image path {escape} leaves the image root {image_root}; "
+                         "'filepath'/'filename' must name a file inside it")
+            continue
         path = image_root / rel_path
         if check_files and not path.is_file():
             problems.add(f"{label}: image file not found: {path}")
