@@ -469,7 +469,7 @@ def generate_demo_dataset(out_dir, *, n_train: int = 10000, n_val: int = 1000, n
 
 
 def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
+    from avg.utils.progress import tqdm
     return tqdm(total=total, desc="rendering demo images", unit="img", disable=not enabled, leave=False)
 
 

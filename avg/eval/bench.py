@@ -29,7 +29,7 @@ import tracemalloc
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from avg.utils.progress import tqdm
 
 from avg.retriever.constraints import CodeIndex, DictTrie
 from avg.retriever.search import constrained_beam_search

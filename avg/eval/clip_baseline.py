@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from avg.utils.progress import tqdm
 
 from avg.eval.metrics import DEFAULT_KS, format_metrics, retrieval_metrics
 from avg.eval.runfiles import RunRecord, write_run

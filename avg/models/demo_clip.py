@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from avg.utils.progress import tqdm
 
 DEMO_CLIP_MODEL = "avg-demo-vit"
 CHECKPOINT_NAME = "avg_demo_clip.pt"

@@ -452,7 +452,7 @@ def score_lists(reranker: Reranker, dataset, batch_size: int, device, *, desc: s
     ``batch_size`` lists per forward pass (every candidate of a list in the same pass)."""
     import contextlib
 
-    from tqdm.auto import tqdm
+    from avg.utils.progress import tqdm
 
     from avg.reranker.data import ListCollator
 

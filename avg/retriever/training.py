@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from tqdm.auto import tqdm
+from avg.utils.progress import tqdm
 
 from avg.retriever.data import load_queries
 from avg.retriever.gallery import Gallery

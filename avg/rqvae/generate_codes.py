@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from avg.utils.progress import tqdm
 
 from avg.models.rqvae import RQVAE
 from avg.rqvae.codes import CODEBOOK, CODES, STATS, write_codes_json

@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from avg.utils.progress import tqdm
 
 from avg.utils.io import InputError
 from avg.utils.tracking import get_logger
