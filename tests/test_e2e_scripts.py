@@ -27,14 +27,21 @@ def pipeline(tiny_demo, tmp_path_factory):
         RQ_ARGS="--latent-dim 16 --hidden-dims 32 --kmeans-samples 24",
         RETRIEVER_MODEL=t5_dir, T5_EPOCHS=1, T5_BATCH_SIZE=16, BEAM=5,
         STAGE2_EPOCHS=1, STAGE2_MAX_TRAIN_QUERIES=32, DIS_BEAMS=3,
-        T5_ARGS="--eval-train-queries 0 --eval-batch-size 8")
+        T5_ARGS="--eval-train-queries 0 --eval-batch-size 8", RERANK_TOPK=5)
     _run([sys.executable, "tools/make_demo_t5.py", "--annotations", tiny_demo.json_path, "--out-dir", t5_dir,
           *TINY_T5_FLAGS], env)
+    logs = {}
     for script in ("prepare_emb.sh", "eval_clip_baseline.sh", "train_rqvae.sh", "generate_codes.sh",
-                   "prepare_retriever_dataset.sh", "train_retriever_t5.sh", "train_retriever_t5_stage2.sh"):
-        _run(["bash", f"scripts/{script}", *(["--num-workers", "0"] if script == "prepare_emb.sh" else [])], env)
+                   "prepare_retriever_dataset.sh", "train_retriever_t5.sh", "train_retriever_t5_stage2.sh",
+                   "rerank_embed.sh"):
+        res = _run(["bash", f"scripts/{script}", *(["--num-workers", "0"] if script == "prepare_emb.sh" else [])], env)
+        logs[script] = res.stdout + res.stderr
     report = _run([sys.executable, "-m", "avg.eval.report", str(work / "out" / "demo")], env)
+    PIPELINE_LOGS.update(logs)
     return work / "out" / "demo", report.stdout
+
+
+PIPELINE_LOGS: dict = {}  # each stage script's output, captured (not a terminal) as under CI or nohup
 
 
 def test_every_stage_writes_its_contract(pipeline):
@@ -70,3 +77,128 @@ def test_test_captions_stay_out_of_training_and_metrics_are_per_query(pipeline):
         m = json.loads((root / rel).read_text())
         assert m["num_queries"] == len(test) == 40 and 0 <= m["R@1"] <= m["R@5"] <= m.get("R@10", m["R@5"]) <= 100
     assert "avg_t5_stage2" in report and "clip_two_tower" in report
+
+
+def test_stage_logs_have_lines_not_progress_bar_frames(pipeline):
+    assert PIPELINE_LOGS, "the pipeline fixture records each script's output"
+    for script, log in PIPELINE_LOGS.items():
+        assert "\r" not in log, f"{script}: carriage-return progress frames in a captured log"
+
+
+# ----------------------------------------------------------------------------- the search API and CLI
+def _search_cli(root, *args, stdin=None):
+    import os
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, "-m", "avg.search", "--run", str(root), *map(str, args)], cwd=ROOT, env=env,
+                          input=stdin, capture_output=True, text=True, timeout=300)
+
+
+def test_api_ranks_test_queries_exactly_as_the_stage_did(pipeline):
+    from avg import Hit, Retriever
+    from avg.eval.runfiles import read_run
+
+    root, _ = pipeline
+    r = Retriever.from_run(root)
+    assert r.model.prefix is not None, "the demo retriever reads the query's CLIP feature: the API must encode it"
+    runs = read_run(root / "retriever_t5_stage2" / "eval" / "run_test.jsonl")
+    hits = r.search([x.query for x in runs], k=r.num_beams)
+    assert len(hits) == len(runs)
+    for rec, hs in zip(runs, hits):
+        k = min(len(hs), len(rec.ranked))
+        assert [h.image_id for h in hs[:k]] == list(rec.ranked[:k]), rec.query
+        assert [h.score for h in hs[:k]] == pytest.approx(list(rec.scores[:k]), abs=1e-4)
+        assert all(isinstance(h, Hit) and Path(h.image_path).is_file() for h in hs)
+    emb_runs = read_run(root / "rerank_embed" / "run_test.jsonl")
+    reranked = r.search([x.query for x in emb_runs], k=5, rerank="embed")
+    for rec, hs in zip(emb_runs, reranked):
+        assert [h.image_id for h in hs] == list(rec.ranked[:5]), rec.query
+    stage1 = Retriever.from_run(root, stage="retriever_t5", gallery=root / "codes", image_ids=["test_000001.png", "val_000002.png"])
+    assert len(stage1.gallery) == 2
+    assert {h.image_id for h in stage1.search("a shape", k=2)[0]} <= {"test_000001.png", "val_000002.png"}
+
+
+def test_search_cli_prints_ranked_images_and_json(pipeline):
+    root, _ = pipeline
+    res = _search_cli(root, "a tiny blue hexagon", "two red circles", "--k", "3")
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.splitlines()
+    assert lines[0] == "query 1: a tiny blue hexagon" and lines[4] == "query 2: two red circles"
+    assert len(lines) == 8 and all(Path(line.split()[-1]).is_file() for line in lines[1:4])
+    res = _search_cli(root, "--json", "--k", "2", "--rerank", "embed", "--queries-file", "-", stdin="a red circle\na big star\n")
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout)
+    assert [o["query"] for o in out] == ["a red circle", "a big star"]
+    assert all(len(o["hits"]) == 2 and o["hits"][0]["rank"] == 1 and o["hits"][0]["score"] >= o["hits"][1]["score"]
+               for o in out)
+
+
+def test_search_cli_errors_are_one_clear_line(pipeline, tmp_path):
+    from avg.search.cli import main
+    from avg.utils.io import InputError
+
+    root, _ = pipeline
+    with pytest.raises(InputError, match="query 2 on the command line is empty"):
+        main(["--run", str(root), "a circle", "  "])
+    (tmp_path / "q.txt").write_text("a circle\n\nstar\n")
+    with pytest.raises(InputError, match=r"q\.txt: line 2: empty query"):
+        main(["--run", str(root), "--queries-file", str(tmp_path / "q.txt")])
+    with pytest.raises(InputError, match="run directory not found"):
+        main(["--run", str(tmp_path / "nope"), "a circle"])
+    with pytest.raises(InputError, match="no trained T5 retriever"):
+        main(["--run", str(tmp_path), "a circle"])
+    other = tmp_path / "gallery.json"
+    other.write_text(json.dumps({"test_000001.png": [1, 2, 3, 4, 5, 6]}))
+    with pytest.raises(InputError, match="gallery of other codes"):
+        main(["--run", str(root), "--gallery", str(other), "a circle"])
+    res = _search_cli(root, "")
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == "error: query 1 on the command line is empty"
+
+
+# ----------------------------------------------------------------------------- the results page
+def _page_counts(text: str) -> tuple[int, int]:
+    import re
+
+    return len(re.findall(r'<section class="query"', text)), len(re.findall(r'<tr class="result"', text))
+
+
+def test_results_page_shows_each_system_per_sampled_query(pipeline):
+    root, report = pipeline
+    page = root / "results.html"
+    assert page.is_file() and "results.html" in (root / "results.md").read_text()
+    text = page.read_text()
+    queries, rows = _page_counts(text)
+    systems = {"clip_two_tower", "avg_t5_stage1", "avg_t5_stage2", "retriever_t5_stage2+embed_rerank"}
+    assert queries == 12 and rows == queries * len(systems)
+    assert all(f'data-system="{s}"' in text for s in systems)
+    assert text.count("data:image/jpeg;base64,") >= queries  # thumbnails embedded: one file, no server
+    assert 'class="cand hit"' in text or "gold not in its" in text
+
+
+def _chromium():
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def test_results_page_renders_in_a_headless_browser(pipeline, tmp_path):
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium here and scripts/install_browser.sh could not install it (needs root and apt-get)")
+    root, _ = pipeline
+    page = (root / "results.html").resolve()
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'profile'}"]
+    shot = tmp_path / "page.png"
+    res = subprocess.run([browser, *flags, "--window-size=1200,900", f"--screenshot={shot}", page.as_uri()],
+                         capture_output=True, text=True, timeout=180)
+    assert shot.is_file(), res.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert pixels.shape == (900, 1200) and pixels.std() > 10  # text, tables and thumbnails, not a blank page
+    dom = subprocess.run([browser, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=180)
+    assert _page_counts(dom.stdout) == _page_counts(page.read_text()) and _page_counts(dom.stdout)[0] == 12

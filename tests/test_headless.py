@@ -90,6 +90,6 @@ def test_no_interactive_prompts_in_code(folder, suffix):
     assert files
     for path in files:
         for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if PROMPTS.search(line):
+            if PROMPTS.search(line) and "headless-ok" not in line:  # a reviewed exception says why on its line
                 hits.append(f"{path.relative_to(ROOT)}:{lineno}: {line.strip()}")
     assert not hits, "\n".join(hits)

@@ -327,10 +327,23 @@ def make_plots(root: Path) -> list[Path]:
     return [p for p in made if p is not None]
 
 
+def write_results_page(root: Path, df: pd.DataFrame, plots: list, *, n: int, seed: int) -> Optional[Path]:
+    """``results.html`` (avg.eval.html_page) from the test run files under ``root``; None without any."""
+    from avg.eval.html_page import write_page
+    from avg.eval.wandb_samples import resolve_image_paths
+
+    if n <= 0:
+        return None
+    return write_page(root, df, _read_metrics(root), plots, resolve_image_paths(data_dir=str(root / "retriever_data")),
+                      n=n, seed=seed)
+
+
 def main(argv: Optional[list] = None) -> int:
     p = argparse.ArgumentParser(description="Collect metrics files of an output dir into one table, plus plots")
     p.add_argument("root", help="output dir of one dataset, e.g. outputs/demo")
     p.add_argument("--no-save", action="store_true", help="print only; do not write results.csv/results.md or plots")
+    p.add_argument("--page-queries", type=int, default=12, help="test queries shown on results.html (0: no page)")
+    p.add_argument("--page-seed", type=int, default=0, help="seed of the queries results.html shows")
     args = p.parse_args(argv)
     root = Path(args.root)
     if not root.is_dir():
@@ -351,6 +364,10 @@ def main(argv: Optional[list] = None) -> int:
         with atomic_open(root / "results.csv") as f:
             df.to_csv(f, index=False)
         plot_lines = [f"![{p.stem}]({p.relative_to(root).as_posix()})" for p in plots]
+        page = write_results_page(root, df, plots, n=args.page_queries, seed=args.page_seed)
+        if page is not None:
+            print(f"page: {page}")
+            plot_lines.insert(0, f"Results page (queries, gold images and each system's top 5): [{page.name}]({page.name})")
         with atomic_open(root / "results.md") as f:
             f.write(md + "\n\n" + "\n".join(extra) + "\n" + "".join(f"\n{x}\n" for x in plot_lines))
     return 0
