@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Efficiency benchmark (paper Fig. 4): queries/s vs gallery size, generative retriever (alone and + embedding rerank) vs CLIP two-tower,
-# same device, one run -> ${OUT_DIR}/${DATASET}/efficiency/{efficiency.csv,efficiency.json,efficiency.png}
+# Efficiency benchmark (paper Fig. 4): queries/s vs gallery size, generative retriever (alone and + embedding rerank) vs CLIP
+# two-tower, exact and through approximate indexes (FAISS IVF-Flat, IVF-PQ, HNSW), same device, one run, with a
+# recall-throughput curve per system (beam, reranked depth, nprobe, efSearch) ->
+# ${OUT_DIR}/${DATASET}/efficiency/{efficiency.csv,efficiency.json,efficiency.png,curves.png,scale.csv}
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 # the stage-2 retriever when it exists, else stage 1; override with RETRIEVER_DIR=...
@@ -13,10 +15,11 @@ BENCH_QUERIES=${BENCH_QUERIES:-64}
 BENCH_BATCH_SIZE=${BENCH_BATCH_SIZE:-32}
 BENCH_MAX_SECONDS=${BENCH_MAX_SECONDS:-20}
 BENCH_DEVICE=${BENCH_DEVICE:-auto}
+BENCH_ANN=${BENCH_ANN-ivf_flat,ivf_pq,hnsw}   # '' for none (they need faiss-cpu, in the dev and ann extras)
 # the whole pipeline too: AVG + embedding rerank of RERANK_TOPK candidates, with the weight rerank_embed chose on val
 RERANK_W=$(python -c "import json,math,sys; w=json.load(open(sys.argv[1]))['chosen_weight']; print(1e6 if math.isinf(w) else w)" \
   "$STAGE_ROOT/rerank_embed/fusion.json" 2>/dev/null || echo 0)
 python -m avg.eval.efficiency --rerank-topk "${RERANK_TOPK:-0}" --rerank-weight "$RERANK_W" --retriever-dir "$RETRIEVER_DIR" --emb-dir "$STAGE_ROOT/emb" \
   --codes-dir "$STAGE_ROOT/codes" --out-dir "$STAGE_ROOT/efficiency" --gallery-sizes "$GALLERY_SIZES" \
   --num-beams "$BEAM" --num-queries "$BENCH_QUERIES" --batch-size "$BENCH_BATCH_SIZE" \
-  --max-seconds "$BENCH_MAX_SECONDS" --device "$BENCH_DEVICE" --seed "$SEED" "$@"
+  --max-seconds "$BENCH_MAX_SECONDS" --device "$BENCH_DEVICE" --ann "$BENCH_ANN" --seed "$SEED" "$@"

@@ -185,8 +185,14 @@ def test_main_end_to_end(tmp_path, monkeypatch):
     result = eff.main(args)
     with open(out / "efficiency.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == len(result["rows"]) == 2 * 4 * 2  # avg, avg + embedding rerank, CLIP fp32 / fp16
-    assert {r["system"] for r in rows} == {"avg", "avg+embed_rerank", "clip_fp32", "clip_fp16"}
+    assert len(rows) == len(result["rows"])
+    systems = {"avg", "avg+embed_rerank", "clip_fp32", "clip_fp16", "ivf_flat", "ivf_pq", "hnsw"}
+    assert {r["system"] for r in rows} == systems  # + the ANN baselines over the same features
+    default = [r for r in rows if r["default_knob"] == "True"]
+    assert len(default) == 2 * len(systems) * 2  # sizes x systems x (batch 1, batched)
+    hnsw = sorted(int(r["knob_value"]) for r in rows if r["system"] == "hnsw" and r["mode"] == "batch" and r["gallery_size"] == "40")
+    assert hnsw == [16, 32, 64, 128, 256]  # its recall-throughput curve
+    assert (out / "curves.png").stat().st_size > 1000 and (out / "scale.csv").is_file()
     assert set(rows[0]) == set(eff.CSV_COLUMNS)
     assert {r["gallery_size"] for r in rows} == {"6", "40"} and all(r["time_boxed"] == "False" for r in rows)
     assert json.loads((out / "efficiency.json").read_text())["device"]["type"] == "cpu"

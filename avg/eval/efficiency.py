@@ -51,15 +51,15 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from avg.utils.progress import tqdm
 
 from avg.eval.metrics import retrieval_metrics
 from avg.utils.io import InputError, atomic_open, write_json
 from avg.utils.seed import set_seed
 
-CSV_COLUMNS = ["gallery_size", "num_real", "system", "precision", "mode", "batch_size", "depth",
-               "queries_timed", "seconds", "queries_per_s", "latency_ms", "latency_ms_p90", "time_boxed",
-               "structure_mb", "build_s", "R@1", "R@10", "device"]
+CSV_COLUMNS = ["gallery_size", "num_real", "system", "precision", "mode", "batch_size", "depth", "knob", "knob_value",
+               "default_knob", "queries_timed", "seconds", "queries_per_s", "latency_ms", "latency_ms_p90", "time_boxed",
+               "structure_mb", "build_s", "R@1", "R@10", "exact_R@10", "curve_recall", "pareto", "device"]
 
 
 # ------------------------------------------------------------------------------------ gallery scaling
@@ -186,6 +186,20 @@ class GenerativeSystem:
         self.text_encoder, self.rerank_k, self.rerank_weight = text_encoder, int(rerank_k), float(rerank_weight)
         self.name = "avg+embed_rerank" if self.rerank_k else "avg"
         self.gallery = self.index = self.features = self.row_of = None
+        # the curve's knob: the beam for AVG alone, the reranked depth for the pipeline (beam fixed)
+        self.knob = "rerank_k" if self.rerank_k else "beam"
+        self.default_knob = self.rerank_k if self.rerank_k else self.num_beams
+
+    def knob_values(self, sweep: Optional[Sequence[int]] = None) -> list[int]:
+        top = self.num_beams if self.rerank_k else max(self.num_beams, *(sweep or [0]))
+        values = sorted({int(v) for v in (sweep or (10, 20, 50)) if 1 <= int(v) <= top} | {self.default_knob})
+        return values
+
+    def set_knob(self, value: int) -> None:
+        if self.rerank_k:
+            self.rerank_k = int(value)
+        else:
+            self.num_beams = int(value)
 
     def set_gallery(self, image_ids: Sequence[str], codes: np.ndarray, features=None) -> float:
         from avg.retriever.gallery import Gallery
@@ -242,6 +256,13 @@ class TwoTowerSystem:
         self.dtype = {"fp32": torch.float32, "fp16": torch.float16}[precision]
         self.name = f"clip_{precision}"
         self.features = self.image_ids = None
+        self.knob, self.default_knob = None, None
+
+    def knob_values(self, sweep=None) -> list:
+        return [None]
+
+    def set_knob(self, value) -> None:
+        pass
 
     def set_gallery(self, image_ids: Sequence[str], codes, features: np.ndarray) -> float:
         self.features = None
@@ -262,6 +283,54 @@ class TwoTowerSystem:
         _, idx = torch.topk(q @ self.features.T, min(self.k, self.features.shape[0]), dim=1)
         ids = self.image_ids
         return [[ids[j] for j in row] for row in idx.cpu().tolist()]
+
+
+class AnnSystem:
+    """Text -> CLIP text tower -> an approximate index (avg.eval.ann: IVF-Flat, IVF-PQ, HNSW) over the
+    same features -> ranked image ids. Built (trained) on each gallery; ``build_s`` includes training."""
+
+    precision = "fp32"
+
+    def __init__(self, encoder, device, kind: str, *, k: int = 20, sweep: Optional[Sequence[int]] = None,
+                 nlist: Optional[int] = None, pq_bytes: Optional[int] = None, hnsw_m: int = 32, seed: int = 0) -> None:
+        from avg.eval.ann import KNOB, require_faiss
+
+        require_faiss()
+        self.encoder, self.device, self.kind, self.k, self.sweep = encoder, device, kind, k, sweep
+        self.build_kwargs = {"nlist": nlist, "pq_bytes": pq_bytes, "hnsw_m": hnsw_m, "seed": seed}
+        self.name, self.knob = kind, KNOB[kind]
+        self.ann = self.image_ids = None
+        self.default_knob = None
+
+    def set_gallery(self, image_ids: Sequence[str], codes, features: np.ndarray) -> float:
+        from avg.eval.ann import build_ann
+
+        self.ann = None
+        gc.collect()
+        t0 = time.perf_counter()
+        self.image_ids = list(image_ids)
+        self.ann = build_ann(np.asarray(features, dtype=np.float32), self.kind, **self.build_kwargs)
+        values = self.ann.knob_values(self.sweep)
+        self.default_knob = values[len(values) // 2]  # the middle of the sweep for the batch-1 point
+        self.set_knob(self.default_knob)
+        return time.perf_counter() - t0
+
+    def knob_values(self, sweep=None) -> list[int]:
+        return self.ann.knob_values(self.sweep)
+
+    def set_knob(self, value: int) -> None:
+        self.ann.set_knob(value)
+
+    @property
+    def structure_bytes(self) -> int:
+        return self.ann.nbytes
+
+    @torch.no_grad()
+    def search(self, texts: Sequence[str]) -> list:
+        q = self.encoder.encode_texts(list(texts)).float().cpu().numpy()
+        _, rows = self.ann.search(q, self.k)
+        ids = self.image_ids
+        return [[ids[j] for j in row if j >= 0] for row in rows.tolist()]
 
 
 # ------------------------------------------------------------------------------------ timing
@@ -291,38 +360,90 @@ def time_search(search: Callable[[list], list], texts: Sequence[str], batch_size
     return res, ranked
 
 
+def add_curve_recall(rows: list[dict], ranked_of: list[list]) -> None:
+    """``exact_R@10`` (the share of exact CLIP search's top 10 a system returns in its own top 10, the
+    usual ANN recall; exact = the ``clip_fp32`` batched run, else ``clip_fp16``) and ``curve_recall``,
+    what the curves plot: R@10 of the gold image while the gallery holds only real images, else
+    ``exact_R@10`` -- synthetic images are noisy copies of real ones, and a gold image among its own
+    near-duplicates is missed by every system alike. On synthetic galleries the generative systems get
+    none: a synthetic image's code is drawn independently of its feature, so its recall cannot be
+    compared with the feature-based systems' (their throughput still can)."""
+    ref = next((ranked_of[i] for name in ("clip_fp32", "clip_fp16") for i, r in enumerate(rows)
+                if r["system"] == name and r["mode"] == "batch"), None)
+    for r, ranked in zip(rows, ranked_of):
+        if ref is not None and ranked:
+            r["exact_R@10"] = 100.0 * float(np.mean([len(set(a[:10]) & set(b[:10])) / max(min(10, len(b)), 1)
+                                                     for a, b in zip(ranked, ref)]))
+        else:
+            r["exact_R@10"] = None
+        real = int(r["num_real"]) >= int(r["gallery_size"])
+        if real:
+            r["curve_recall"] = r["R@10"]
+        elif str(r["system"]).startswith("avg"):
+            r["curve_recall"] = None  # synthetic codes are drawn apart from the synthetic features: no comparable recall
+        else:
+            r["curve_recall"] = r["exact_R@10"]
+
+
+def mark_pareto(rows: list[dict]) -> None:
+    """Set ``pareto`` on the batched rows of one gallery size: not beaten on both queries/s and curve_recall."""
+    from avg.eval.ann import pareto_front
+
+    for r in rows:
+        r["pareto"] = None
+    batched = [r for r in rows if r["mode"] == "batch" and r.get("curve_recall", r["R@10"]) is not None]
+    for r, flag in zip(batched, pareto_front([(r["queries_per_s"], r.get("curve_recall", r["R@10"])) for r in batched])):
+        r["pareto"] = flag
+
+
 def benchmark(systems: Sequence, real: dict, queries: Sequence[dict], sizes: Sequence[int], *, batch_size: int,
               max_seconds: float, warmup: int, noise_std: float, seed: int, device: torch.device,
-              progress: bool = True, log: Optional[Callable[[dict, int], None]] = None) -> list[dict]:
+              progress: bool = True, log: Optional[Callable[[dict, int], None]] = None, curves: bool = False,
+              curve_max_seconds: float = 3.0, sweep: Optional[dict] = None) -> list[dict]:
     """Rows of the efficiency table for every gallery size x system x mode (batch 1, ``batch_size``).
 
-    `real`: {"image_ids", "features", "codes", "first"} (see scale_gallery); `queries`: [{"query", "gold"}]."""
+    `real`: {"image_ids", "features", "codes", "first"} (see scale_gallery); `queries`: [{"query", "gold"}].
+    Each system is timed at its default knob in both modes; with ``curves`` its batched mode is also
+    timed at every value of its knob (beam, reranked depth, nprobe, efSearch; ``sweep`` {system: values}
+    overrides the defaults), each such point capped at ``curve_max_seconds``: one recall-throughput
+    curve per system and gallery size; ``pareto`` marks the batched points no other point beats."""
     texts = [q["query"] for q in queries]
     rows = []
     for step, size in enumerate(tqdm(list(sizes), desc="gallery sizes", disable=not progress)):
         g = scale_gallery(real["image_ids"], real["features"], real["codes"], size, first=real.get("first", 0),
                           noise_std=noise_std, seed=seed)
-        point = {}
+        point, first, ranked_of = {}, len(rows), []
         for system in systems:
             build_s = system.set_gallery(g.image_ids, g.codes, g.features)
-            for mode, bs in (("batch1", 1), ("batch", batch_size)):
-                res, ranked = time_search(system.search, texts, bs, max_seconds=max_seconds, warmup=warmup, device=device)
+            default = system.default_knob
+            runs = [("batch1", 1, default, max_seconds)]
+            values = system.knob_values(sweep.get(system.name) if sweep else None) if curves else [default]
+            runs += [("batch", batch_size, v, max_seconds if v == default else curve_max_seconds) for v in values]
+            for mode, bs, value, seconds in runs:
+                system.set_knob(value)
+                res, ranked = time_search(system.search, texts, bs, max_seconds=seconds, warmup=warmup, device=device)
                 recs = [{"ranked": r, "gold": q["gold"]} for r, q in zip(ranked, queries)]
                 m = retrieval_metrics(recs, ks=(1, 10), gallery_size=size)
                 row = {"gallery_size": size, "num_real": g.num_real, "system": system.name,
                        "precision": system.precision, "mode": mode, "depth": getattr(system, "num_beams", None) or system.k,
+                       "knob": system.knob, "knob_value": value, "default_knob": value == default,
                        **res, "structure_mb": system.structure_bytes / 2**20, "build_s": build_s,
                        "R@1": m["R@1"], "R@10": m["R@10"], "device": str(device)}
                 rows.append(row)
-                point[f"{system.name}/{mode}/queries_per_s"] = row["queries_per_s"]
-                point[f"{system.name}/{mode}/latency_ms"] = row["latency_ms"]
+                ranked_of.append(ranked)
+                if value == default:
+                    point[f"{system.name}/{mode}/queries_per_s"] = row["queries_per_s"]
+                    point[f"{system.name}/{mode}/latency_ms"] = row["latency_ms"]
+            system.set_knob(default)
             point[f"{system.name}/structure_mb"] = rows[-1]["structure_mb"]
+        add_curve_recall(rows[first:], ranked_of)
+        mark_pareto(rows[first:])
         if log is not None:
             log({"efficiency/gallery_size": size, **{f"efficiency/{k}": v for k, v in point.items()}}, step)
         del g
         gc.collect()
     for system in systems:  # free the largest gallery
-        system.features = system.index = system.gallery = None
+        system.features = system.index = system.gallery = system.ann = None
     return rows
 
 
@@ -370,9 +491,116 @@ def write_outputs(rows: list[dict], out_dir: Path, config: dict, device_info: di
     write_json({"config": config, "device": device_info, "rows": rows}, out_dir / "efficiency.json")
     import pandas as pd
 
+    df = pd.DataFrame(rows)
     title = f"{device_info.get('name', '')}: text in -> ranked ids out"
-    plot_throughput(pd.DataFrame(rows), out_dir / "efficiency.png", title=title)
-    return {k: str(out_dir / f"efficiency.{k}") for k in ("csv", "json", "png")}
+    default = df[df["default_knob"].astype(bool)] if "default_knob" in df else df
+    plot_throughput(default, out_dir / "efficiency.png", title=title)
+    paths = {k: str(out_dir / f"efficiency.{k}") for k in ("csv", "json", "png")}
+    curves = plot_curves(df, out_dir / "curves.png", title=title)
+    if curves is not None:
+        paths["curves"] = str(curves)
+    scale = scale_rows(rows, int(config.get("dim") or 0))
+    if scale:
+        import csv as _csv
+
+        with atomic_open(out_dir / "scale.csv") as f:
+            w = _csv.DictWriter(f, fieldnames=list(scale[0]), lineterminator="\n")
+            w.writeheader()
+            w.writerows(scale)
+        paths["scale"] = str(out_dir / "scale.csv")
+    return paths
+
+
+def plot_curves(df, path: Path, title: str = "") -> Optional[Path]:
+    """Recall (``curve_recall``: R@10 of the gold on real galleries, recall of exact search's top 10 on
+    synthetic ones) against batched queries/s, one panel per gallery size, one line per system through
+    its knob values (labelled); points on the Pareto front drawn filled, the others hollow."""
+    import pandas as pd
+
+    from avg.eval.report import _pyplot, _save
+
+    if df is None or df.empty or "knob_value" not in df:
+        return None
+    d = df[df["mode"] == "batch"]
+    sizes = sorted(d["gallery_size"].unique())
+    if not sizes:
+        return None
+    plt = _pyplot()
+    cols = min(3, len(sizes))
+    rows_n = math.ceil(len(sizes) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5.2 * cols, 4.0 * rows_n), squeeze=False)
+    colours = {s: f"C{i}" for i, s in enumerate(sorted(d["system"].unique()))}
+    for ax, size in zip(axes.flat, sizes):
+        for system, part in d[d["gallery_size"] == size].groupby("system", sort=True):
+            part = part.sort_values("queries_per_s")
+            c = colours[system]
+            y = pd.to_numeric(part["curve_recall"] if "curve_recall" in part else part["R@10"], errors="coerce")
+            if y.isna().all():  # throughput only (see add_curve_recall)
+                for x, v in zip(part["queries_per_s"], part["knob_value"]):
+                    ax.axvline(x, ls=":", color=c, alpha=0.7)
+                    ax.annotate(f"{int(v)}", (x, 0.98), xycoords=("data", "axes fraction"), fontsize=6, color=c)
+                ax.plot([], [], ":", color=c, label=f"{system} (queries/s only)")
+                continue
+            ax.plot(part["queries_per_s"], y, "-", color=c, label=system, alpha=0.8)
+            front = (part["pareto"].astype(str).str.lower() == "true") if "pareto" in part else (y < 0)
+            ax.plot(part[front]["queries_per_s"], y[front], "o", color=c)
+            ax.plot(part[~front]["queries_per_s"], y[~front], "o", mfc="white", mec=c)
+            for (_, r), yy in zip(part.iterrows(), y):
+                if r.get("knob_value") is not None and not (isinstance(r["knob_value"], float) and math.isnan(r["knob_value"])):
+                    ax.annotate(f"{int(r['knob_value'])}", (r["queries_per_s"], yy), fontsize=6,
+                                textcoords="offset points", xytext=(3, 3), color=c)
+        real = bool((d[d["gallery_size"] == size]["num_real"].astype(int) >= int(size)).all())
+        ax.set_xscale("log")
+        ax.set_xlabel("queries / s (batched)")
+        ax.set_ylabel("R@10 (gold image)" if real else "recall of exact search's top 10 (%)")
+        ax.set_title(f"{int(size):,} images" + ("" if real else " (synthetic beyond the real ones)"), fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    for ax in list(axes.flat)[len(sizes):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle((title + "\n" if title else "") + "recall vs throughput (knob values labelled; filled = Pareto front)",
+                 fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+SCALE_SIZES = (10_000_000, 100_000_000, 1_000_000_000)
+
+
+def scale_rows(rows: Sequence[dict], dim: int, sizes: Sequence[int] = SCALE_SIZES) -> list[dict]:
+    """Extrapolated memory per system at ``sizes`` images: bytes per image measured on the largest
+    gallery (the index as built, at its default knob) times the size -- linear extrapolation, labelled
+    as such -- and, for exact search, the multiply-adds per query (d per image)."""
+    largest = {}
+    for r in rows:
+        if r.get("mode") == "batch" and r.get("default_knob", True):
+            if r["system"] not in largest or r["gallery_size"] > largest[r["system"]]["gallery_size"]:
+                largest[r["system"]] = r
+    out = []
+    for system, r in sorted(largest.items()):
+        per_image = r["structure_mb"] * 2**20 / max(int(r["gallery_size"]), 1)
+        row = {"system": system, "measured_at": int(r["gallery_size"]), "bytes_per_image": round(per_image, 2),
+               "queries_per_s_measured": round(float(r["queries_per_s"]), 2)}
+        for n in sizes:
+            row[f"GB_at_{n:.0e}".replace("+0", "")] = round(per_image * n / 2**30, 2)
+        row["exact_macs_per_query_at_1e9"] = int(dim) * sizes[-1] if system.startswith("clip_") and dim else ""
+        row["extrapolated"] = True
+        out.append(row)
+    return out
+
+
+def parse_sweep(specs: Sequence[str]) -> dict:
+    """``["hnsw=16,64", "avg=10,20"]`` -> {"hnsw": [16, 64], "avg": [10, 20]}."""
+    out = {}
+    for spec in specs:
+        name, _, values = spec.partition("=")
+        try:
+            out[name.strip()] = [int(v) for v in values.split(",") if v.strip()]
+        except ValueError:
+            raise InputError(f"--sweep {spec!r}: expected SYSTEM=V1,V2,... with integer values") from None
+        if not name.strip() or not out[name.strip()]:
+            raise InputError(f"--sweep {spec!r}: expected SYSTEM=V1,V2,...")
+    return out
 
 
 def device_description(device: torch.device) -> dict:
@@ -411,6 +639,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time AVG + embedding rerank of this many candidates (the whole pipeline; 0: off)")
     p.add_argument("--rerank-weight", type=float, default=0.0,
                    help="weight of the retriever's score in the embedding rerank (the rerank_embed stage's chosen weight)")
+    p.add_argument("--ann", default="ivf_flat,ivf_pq,hnsw",
+                   help="approximate-index baselines over the same features (avg.eval.ann; needs faiss-cpu; '' for none)")
+    p.add_argument("--ann-nlist", type=int, default=0, help="IVF lists (0: 4 sqrt(gallery), at most gallery / 39)")
+    p.add_argument("--ann-pq-bytes", type=int, default=0, help="IVF-PQ bytes per vector (0: dim / 8)")
+    p.add_argument("--ann-hnsw-m", type=int, default=32, help="HNSW links per node")
+    p.add_argument("--no-curves", action="store_true",
+                   help="time each system at its default knob only (no recall-throughput sweep)")
+    p.add_argument("--curve-max-seconds", type=float, default=3.0, help="time box of one sweep point (timed seconds)")
+    p.add_argument("--sweep", action="append", default=[], metavar="SYSTEM=V1,V2,...",
+                   help="knob values of one system's curve, e.g. hnsw=16,64,256 or avg=10,20 (repeatable)")
     p.add_argument("--clip-backend", default=None, help="override the CLIP backend recorded in emb/index.json")
     p.add_argument("--clip-model", default=None, help="override the CLIP model recorded in emb/index.json")
     p.add_argument("--clip-pretrained", default=None, help="override the CLIP checkpoint/tag recorded in emb/index.json")
@@ -471,6 +709,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.rerank_topk:
         systems.append(GenerativeSystem(retriever, device, rerank_k=args.rerank_topk, rerank_weight=args.rerank_weight, **kw))
     systems += [TwoTowerSystem(encoder, device, k=args.num_beams, precision=p) for p in precisions]
+    from avg.eval.ann import KINDS
+
+    kinds = [k.strip() for k in args.ann.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in KINDS]
+    if bad:
+        raise InputError(f"--ann {args.ann!r}: unknown index {bad[0]!r} (expected {', '.join(KINDS)})")
+    systems += [AnnSystem(encoder, device, k, k=args.num_beams, nlist=args.ann_nlist or None,
+                          pq_bytes=args.ann_pq_bytes or None, hnsw_m=args.ann_hnsw_m, seed=args.seed) for k in kinds]
+    sweep = parse_sweep(args.sweep)
     info = device_description(device)
     logger = RunLogger(out_dir, run_name="efficiency", config=vars(args), log_name="efficiency.log")
     try:
@@ -478,17 +725,21 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                     len(real["image_ids"]), real["first"], args.split, sizes)
         rows = benchmark(systems, real, queries, sizes, batch_size=args.batch_size, max_seconds=args.max_seconds,
                          warmup=args.warmup, noise_std=args.noise_std, seed=args.seed, device=device,
-                         progress=not args.no_progress, log=lambda m, s: logger.log(m, step=s))
+                         progress=not args.no_progress, log=lambda m, s: logger.log(m, step=s),
+                         curves=not args.no_curves, curve_max_seconds=args.curve_max_seconds, sweep=sweep)
         model_mb = {"avg": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
                     "clip": sum(p.numel() * p.element_size() for p in encoder.model.parameters()) / 2**20}
         config = {**{k: v for k, v in vars(args).items()}, "gallery_sizes": sizes, "model_mb": model_mb,
-                  "num_real_images": len(real["image_ids"])}
+                  "num_real_images": len(real["image_ids"]), "dim": int(real["features"].shape[1])}
         paths = write_outputs(rows, out_dir, config, info)
         for r in rows:
-            logger.info("%8d %-9s %-6s %7.1f q/s  %8.2f ms  %8.2f MB%s", r["gallery_size"], r["system"], r["mode"],
-                        r["queries_per_s"], r["latency_ms"], r["structure_mb"], "  (time-boxed)" if r["time_boxed"] else "")
+            logger.info("%8d %-16s %-6s %-9s %7.1f q/s  %8.2f ms  R@10 %5.1f  %8.2f MB%s%s", r["gallery_size"], r["system"],
+                        r["mode"], f"{r['knob']}={r['knob_value']}" if r["knob"] else "", r["queries_per_s"],
+                        r["latency_ms"], r["R@10"], r["structure_mb"], "  (time-boxed)" if r["time_boxed"] else "",
+                        "  pareto" if r.get("pareto") else "")
         _log_wandb_extras(logger, rows, paths["png"])
-        summary = {f"{r['system']}/{r['mode']}/{r['gallery_size']}/queries_per_s": r["queries_per_s"] for r in rows}
+        summary = {f"{r['system']}/{r['mode']}/{r['gallery_size']}/queries_per_s": r["queries_per_s"]
+                   for r in rows if r["default_knob"]}
         logger.summary(summary)
     finally:
         logger.finish()
