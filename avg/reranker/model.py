@@ -127,7 +127,9 @@ def add_lora(lm, token_ids: torch.Tensor, **lora_kwargs):
     """LoRA on the attention (avg.retriever.llama.lora_config) + trainable image-token rows."""
     from peft import get_peft_model
 
-    cfg = L.lora_config(lm, types.SimpleNamespace(voken_ids=token_ids), **lora_kwargs)
+    # the reranker reads hidden states and never runs the LM's output head: image-token rows train
+    # in the input embedding only (rows in an untied head would get no gradient: DDP stops on them)
+    cfg = L.lora_config(lm, types.SimpleNamespace(voken_ids=token_ids), output_rows=False, **lora_kwargs)
     try:
         return get_peft_model(lm, cfg)
     except ValueError as e:
@@ -135,6 +137,16 @@ def add_lora(lm, token_ids: torch.Tensor, **lora_kwargs):
 
 
 # ---------------------------------------------------------------------------- the module
+def freeze_unused_head(lm) -> bool:
+    """Full fine-tuning: an untied output head is never run by the reranker; freeze it so that no
+    trainable parameter goes without a gradient (DDP's reducer requires every one to get one).
+    Returns whether a head was frozen (a tied head is the input embedding and stays trainable)."""
+    if L.embeddings_tied(lm):
+        return False
+    lm.get_output_embeddings().weight.requires_grad_(False)
+    return True
+
+
 class ScoreHead(nn.Module):
     def __init__(self, hidden_size: int, *, inner: int = 256, dropout: float = 0.1):
         super().__init__()

@@ -137,6 +137,8 @@ def build_model(args, tokens: ImageTokens, device):
     if lora:
         lm = RM.add_lora(lm, ids, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                          target_modules=args.lora_target_modules)
+    else:
+        RM.freeze_unused_head(lm)
     torch.manual_seed(args.seed)
     reranker = RM.Reranker(lm, head_inner=args.head_inner, head_dropout=args.head_dropout, fusion=args.fusion,
                            fusion_weight=args.fusion_weight, feature_dim=args.feature_dim, image_prefix=args.image_prefix,

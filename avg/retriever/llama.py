@@ -135,25 +135,29 @@ def _module_name(model, module) -> str:
     raise ValueError(f"{type(module).__name__} is not a submodule of {type(model).__name__}")
 
 
-def token_row_targets(model, token_ids: Sequence[int]) -> dict[str, list[int]]:
+def token_row_targets(model, token_ids: Sequence[int], *, output_rows: bool = True) -> dict[str, list[int]]:
     """{module name: rows} for peft's trainable_token_indices: the input embedding, and the
-    output head when it is a separate matrix (a tied head follows the embedding)."""
+    output head when it is a separate matrix (a tied head follows the embedding) and the model
+    runs it (``output_rows``: the retriever generates vokens; the reranker reads hidden states and
+    never calls the head, so trainable rows there would get no gradient -- and DDP stops on
+    parameters that never receive one)."""
     ids = sorted(int(i) for i in token_ids)
     targets = {_module_name(model, model.get_input_embeddings()): ids}
-    if not embeddings_tied(model):
+    if output_rows and not embeddings_tied(model):
         targets[_module_name(model, model.get_output_embeddings())] = ids
     return targets
 
 
 def lora_config(model, vocab: VokenVocab, *, r: int = 8, alpha: int = 16, dropout: float = 0.05,
-                target_modules: str | Sequence[str] = DEFAULT_LORA_TARGETS):
-    """A causal-LM LoraConfig whose voken rows train too (trainable_token_indices)."""
+                target_modules: str | Sequence[str] = DEFAULT_LORA_TARGETS, output_rows: bool = True):
+    """A causal-LM LoraConfig whose voken rows train too (trainable_token_indices; in the output
+    head as well unless ``output_rows`` is False, see token_row_targets)."""
     from peft import LoraConfig, TaskType
 
     if isinstance(target_modules, str):
         target_modules = target_modules if target_modules == "all-linear" else [
             t.strip() for t in target_modules.split(",") if t.strip()]
-    rows = token_row_targets(model, vocab.voken_ids.tolist())
+    rows = token_row_targets(model, vocab.voken_ids.tolist(), output_rows=output_rows)
     if "trainable_token_indices" not in {f.name for f in dataclasses.fields(LoraConfig)}:
         raise RuntimeError("the LoRA retriever needs peft >= 0.18 (LoraConfig.trainable_token_indices, "
                            "with the untied lm_head fix of huggingface/peft#2863)")

@@ -1,0 +1,57 @@
+"""Two processes (torchrun, gloo on the CPU): the reranker trains under DDP with a tied and an
+untied LM, by LoRA and by full fine-tuning. An untied LM used to stop at the second step ("Expected
+to have finished reduction"): its output head held trainable image-token rows the reranker never
+runs, so they never got a gradient."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_reranker import make_llama, make_tokenizer, prepared, stage_inputs, train_args  # noqa: F401 (fixtures)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _torchrun(module: str, args, port: int, timeout: int = 600) -> subprocess.CompletedProcess:
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", module, *map(str, args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def untied_llama(stage_inputs):  # noqa: F811
+    path = stage_inputs / "llama_untied"
+    if not path.is_dir():
+        tok = make_tokenizer()
+        lm = make_llama(len(tok), tied=False)
+        assert lm.get_output_embeddings().weight.data_ptr() != lm.get_input_embeddings().weight.data_ptr()
+        lm.save_pretrained(path)
+        tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tied,lora", [(False, True), (False, False), (True, True)], ids=["untied-lora", "untied-full", "tied-lora"])
+def test_reranker_trains_on_two_processes(stage_inputs, prepared, untied_llama, tmp_path, tied, lora):  # noqa: F811
+    data, _ = prepared
+    out = tmp_path / "rr"
+    args = train_args(stage_inputs, data, out, "--cpu", "--epochs", "1")
+    if not tied:
+        args[args.index("--model") + 1] = str(untied_llama)
+    if lora:
+        args.remove("--full-finetune")
+    port = 29500 + (hash((tied, lora, os.getpid())) % 2000)
+    res = _torchrun("avg.reranker.train", args, port)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "Expected to have finished reduction" not in res.stderr
+    lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    steps = [x for x in lines if "train/loss" in x or "train/listwise" in x]
+    assert steps and any("eval/val/R@1" in x for x in lines)
+    assert (out / "best").is_dir()
