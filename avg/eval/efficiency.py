@@ -551,6 +551,7 @@ def plot_curves(df, path: Path, title: str = "") -> Optional[Path]:
                                 textcoords="offset points", xytext=(3, 3), color=c)
         real = bool((d[d["gallery_size"] == size]["num_real"].astype(int) >= int(size)).all())
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # decade labels only: the minor ones overlap
         ax.set_xlabel("queries / s (batched)")
         ax.set_ylabel("R@10 (gold image)" if real else "recall of exact search's top 10 (%)")
         ax.set_title(f"{int(size):,} images" + ("" if real else " (synthetic beyond the real ones)"), fontsize=10)
