@@ -1,5 +1,5 @@
 """Two processes (torchrun, gloo on the CPU): the reranker trains under DDP with a tied and an
-untied LM, by LoRA and by full fine-tuning. An untied LM used to stop at the second step ("Expected
+untied LM, by LoRA and by full fine-tuning, and --batch-size is the global batch. An untied LM used to stop at the second step ("Expected
 to have finished reduction"): its output head held trainable image-token rows the reranker never
 runs, so they never got a gradient."""
 from __future__ import annotations
@@ -55,3 +55,15 @@ def test_reranker_trains_on_two_processes(stage_inputs, prepared, untied_llama, 
     steps = [x for x in lines if "train/loss" in x or "train/listwise" in x]
     assert steps and any("eval/val/R@1" in x for x in lines)
     assert (out / "best").is_dir()
+    # --batch-size is the global batch: 4 lists per step, 2 on each process
+    assert "global batch 4 per optimizer step = 2 per process x 2 process(es)" in (out / "train.log").read_text()
+
+
+def test_batch_size_is_global_and_must_divide_among_processes():
+    from avg.retriever.training import describe_batch, per_process_batch
+    from avg.utils.io import InputError
+
+    assert per_process_batch(128, 4) == 32 and per_process_batch(8, 1) == 8
+    assert describe_batch(128, 4, 2) == "global batch 256 per optimizer step = 32 per process x 4 process(es) x 2 accumulation step(s)"
+    with pytest.raises(InputError, match="--batch-size 10 is the global batch: it must be a multiple of the 4 processes"):
+        per_process_batch(10, 4)

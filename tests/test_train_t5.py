@@ -210,3 +210,18 @@ def test_query_prefix_retriever_reads_the_clip_feature_end_to_end(assets, stage1
     with pytest.raises(InputError, match="was trained without a query prefix"):
         train_t5.main(["--stage", "2", "--init-from", str(stage1[0] / "best"), "--data-dir", str(data), "--out-dir",
                        str(assets / "run_q4"), "--epochs", "1", "--query-prefix", "2"])
+
+
+
+def test_mixed_precision_defaults_to_bf16_where_supported_and_refuses_fp16_for_t5():
+    from avg.retriever.training import choose_precision, resolve_mixed_precision
+    from avg.utils.io import InputError
+
+    assert resolve_mixed_precision("auto", cpu=True, t5=True) == "no"  # the CPU trains in fp32
+    assert choose_precision("auto", cuda=True, bf16_ok=True, t5=True) == "bf16"
+    assert choose_precision("auto", cuda=True, bf16_ok=False, t5=True) == "no"  # no bf16: fp32 (+ TF32), never fp16
+    assert choose_precision("auto", cuda=False, bf16_ok=False) == "no"
+    with pytest.raises(InputError, match="T5 overflows in fp16"):
+        choose_precision("fp16", cuda=True, bf16_ok=True, t5=True)
+    assert choose_precision("fp16", cuda=True, bf16_ok=True, t5=True, allow_fp16=True) == "fp16"
+    assert choose_precision("fp16", cuda=True, bf16_ok=True) == "fp16"  # decoder-only LMs may use it

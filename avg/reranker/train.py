@@ -40,7 +40,8 @@ from avg.reranker.losses import listwise_loss, pointwise_loss
 from avg.retriever import llama as L
 from avg.retriever.data import EpochBatchSampler
 from avg.retriever.train_llama import check_checkpoint, trainable_only_hooks
-from avg.retriever.training import STATE_FILE, resume_from, select_best, train_epochs
+from avg.retriever.training import (STATE_FILE, describe_batch, per_process_batch, resolve_mixed_precision,
+                                    resume_from, select_best, train_epochs)
 from avg.utils.cli import run_main
 from avg.utils.io import InputError, read_json
 from avg.utils.seed import set_seed
@@ -93,7 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--pointwise-weight", type=float, default=0.0, help="weight of the pointwise BCE loss (0: listwise only)")
     g.add_argument("--temperature", type=float, default=1.0, help="temperature of the listwise softmax")
     g.add_argument("--epochs", type=int, default=1, help="training epochs")
-    g.add_argument("--batch-size", type=int, default=8, help="lists per device per micro-batch (x top-k sequences)")
+    g.add_argument("--batch-size", type=int, default=8, help="lists per micro-batch over all processes (the global batch; each of W processes takes 1/W; x top-k sequences)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of the LM")
     g.add_argument("--head-lr", type=float, default=1e-3, help="peak learning rate of the head and the fusion weight")
@@ -171,10 +172,7 @@ def main(argv=None) -> dict:
                         mark_running=False)
     if stage.up_to_date and skip_if_done():
         return stage.previous.get("summary") or {}
-    cuda = torch.cuda.is_available() and not args.cpu
-    mp = args.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    mp = resolve_mixed_precision(args.mixed_precision, cpu=args.cpu)
     accelerator = Accelerator(mixed_precision=mp, cpu=args.cpu)
     accelerator.wait_for_everyone()  # every rank has read the manifest before the main process rewrites it
     stage.running()
@@ -209,7 +207,8 @@ def main(argv=None) -> dict:
     train_ds = ListDataset(train_lists, tokenizer, id_table, fmt, source=str(data_dir / "train.jsonl"), **ds_kwargs)
     val_ds = ListDataset(val_lists, tokenizer, id_table, fmt, source=str(val_path), **ds_kwargs) if val_lists else None
     collate = ListCollator(train_ds)
-    sampler = EpochBatchSampler(len(train_ds), args.batch_size, seed=args.seed, rank=accelerator.process_index,
+    sampler = EpochBatchSampler(len(train_ds), per_process_batch(args.batch_size, accelerator.num_processes),
+                                seed=args.seed, rank=accelerator.process_index,
                                 world_size=accelerator.num_processes)
     micro_per_epoch = sampler.batches_per_epoch()
     steps_per_epoch = math.ceil(micro_per_epoch / args.grad_accum) if micro_per_epoch else 0
@@ -273,6 +272,7 @@ def main(argv=None) -> dict:
         logger.log({f"eval/val_retriever/{k}": v for k, v in base.items()}, step=0)
     logger.info("train %d lists (%d micro-batches/epoch/process, %d steps), val %d lists", len(train_ds),
                 micro_per_epoch, total_steps, len(val_lists))
+    logger.info(describe_batch(args.batch_size, accelerator.num_processes, args.grad_accum))
     if val_ds is not None and state["global_step"] == 0 and state["best_r1"] is None and args.epochs > 0:
         logger.info("evaluating the starting model (epoch 0): best/ is never worse on val than it")
         run_eval(0)

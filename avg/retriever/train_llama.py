@@ -42,8 +42,9 @@ from avg.retriever import llama as L
 from avg.retriever.data import EpochBatchSampler, read_codes
 from avg.retriever.evaluate import evaluate_split
 from avg.retriever.gallery import Gallery
-from avg.retriever.training import (STATE_FILE, add_eval_and_checkpoint_args, check_data_matches_vocab, load_split,
-                                    resume_from, select_best, train_epochs)
+from avg.retriever.training import (STATE_FILE, add_eval_and_checkpoint_args, check_data_matches_vocab, describe_batch,
+                                    load_split, per_process_batch, resolve_mixed_precision, resume_from, select_best,
+                                    train_epochs)
 from avg.retriever.vocab import VokenVocab
 from avg.utils.io import InputError, read_json, write_json
 from avg.utils.seed import set_seed
@@ -75,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="comma-separated module names to adapt, or 'all-linear'")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=3, help="training epochs (0: evaluate only)")
-    g.add_argument("--batch-size", type=int, default=16, help="queries per device per micro-batch")
+    g.add_argument("--batch-size", type=int, default=16, help="queries per micro-batch over all processes (the global batch; each of W processes takes 1/W)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
     g.add_argument("--voken-lr", type=float, default=None,
@@ -144,10 +145,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     L.check_template(args.prompt_template)
     lora = not args.full_finetune
-    cuda = torch.cuda.is_available() and not args.cpu
-    mp = args.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if cuda and torch.cuda.is_bf16_supported() else "no"
+    mp = resolve_mixed_precision(args.mixed_precision, cpu=args.cpu)
     # inputs are checked before anything under --out-dir is touched
     codes = read_codes(args.codes_dir, with_codebook=not args.no_voken_embedding)
     vocab = VokenVocab.from_meta(codes.meta, source=str(Path(args.codes_dir) / "codes.json"))
@@ -215,7 +213,8 @@ def main(argv=None) -> dict:
 
     train_ds = L.prompt_dataset(train_q, tokenizer, vocab, args.prompt_template, max_length=args.max_length) if train_q else None
     collate = L.CausalCollator(train_ds, tokenizer.pad_token_id) if train_ds else None
-    sampler = EpochBatchSampler(len(train_q), args.batch_size, seed=args.seed,
+    sampler = EpochBatchSampler(len(train_q), per_process_batch(args.batch_size, accelerator.num_processes),
+                                seed=args.seed,
                                 rank=accelerator.process_index, world_size=accelerator.num_processes)
     micro_per_epoch = sampler.batches_per_epoch() if train_q else 0
     steps_per_epoch = math.ceil(micro_per_epoch / args.grad_accum) if micro_per_epoch else 0
@@ -289,6 +288,7 @@ def main(argv=None) -> dict:
 
     logger.info("train %d queries (%d micro-batches/epoch/process, %d steps total), val %d, test %d",
                 len(train_q), micro_per_epoch, total_steps, len(val_q), len(test_q))
+    logger.info(describe_batch(args.batch_size, accelerator.num_processes, args.grad_accum))
     def micro_step(idx, epoch: int, micro: int):
         batch = {k: v.to(device) for k, v in collate(idx).items() if k != "index"}
         with accelerator.autocast():

@@ -61,7 +61,8 @@ from avg.retriever.prefix import (QueryPrefix, feature_rows, gather_features, lo
 from avg.retriever.search import constrained_beam_search
 from avg.retriever.t5 import load_t5_retriever, save_t5_retriever
 from avg.retriever.training import (STATE_FILE, add_eval_and_checkpoint_args, check_data_matches_vocab, check_inputs,
-                                    load_split, resume_from, select_best, train_epochs)
+                                    describe_batch, load_split, per_process_batch, resolve_mixed_precision,
+                                    resume_from, select_best, train_epochs)
 from avg.retriever.vocab import VOCAB_FILE, VokenVocab
 from avg.eval.runfiles import write_run
 from avg.utils.io import InputError, read_json, write_json
@@ -94,14 +95,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--max-source-length", type=int, default=64, help="max caption tokens")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=10, help="training epochs (0: evaluate only)")
-    g.add_argument("--batch-size", type=int, default=64, help="queries per device per micro-batch")
+    g.add_argument("--batch-size", type=int, default=64, help="queries per micro-batch over all processes (the global batch; each of W processes takes 1/W)")
     g.add_argument("--max-train-queries", type=int, default=0, help="train on a seeded random subset of this many queries (0: all)")
     g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (paper: 1e-3)")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases/norms)")
     g.add_argument("--warmup-ratio", type=float, default=0.05, help="fraction of steps of linear warmup")
     g.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
-    g.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="autocast precision on GPU")
+    g.add_argument("--mixed-precision", choices=("auto", "no", "fp16", "bf16"), default="auto",
+                   help="autocast precision: auto = bf16 on a GPU that has it, else fp32 (fp16 is refused for T5)")
+    g.add_argument("--allow-fp16", action="store_true", help="run T5 in fp16 anyway (it overflows: at your own risk)")
     g.add_argument("--seed", type=int, default=42, help="seed for init, data order, dropout, stage-2 replacement")
     g.add_argument("--cpu", action="store_true", help="force CPU even when a GPU is present")
     g = p.add_argument_group("stage 2 (eqs. 8-10)")
@@ -174,7 +177,8 @@ def main(argv=None) -> dict:
     check_inputs(args.data_dir, codes_dir=args.codes_dir if args.init_from is None else None, init_from=args.init_from)
     if args.query_prefix < 0:
         raise InputError(f"--query-prefix must be >= 0, got {args.query_prefix}")
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=args.cpu)
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(args.mixed_precision, cpu=args.cpu, t5=True,
+                                                                      allow_fp16=args.allow_fp16), cpu=args.cpu)
     set_seed(args.seed)
     out_dir = Path(args.out_dir)
     ckpt_dir = out_dir / "checkpoints" / "last"
@@ -252,7 +256,8 @@ def main(argv=None) -> dict:
     train_ds = QueryDataset(train_q, tokenizer, vocab, max_length=args.max_source_length) if train_q else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     collate = Collator(train_ds, pad_id) if train_ds else None
-    sampler = EpochBatchSampler(len(train_q), args.batch_size, seed=args.seed, groups=groups,
+    sampler = EpochBatchSampler(len(train_q), per_process_batch(args.batch_size, accelerator.num_processes),
+                                seed=args.seed, groups=groups,
                                 rank=accelerator.process_index, world_size=accelerator.num_processes)
     micro_per_epoch = sampler.batches_per_epoch() if train_q else 0
     steps_per_epoch = math.ceil(micro_per_epoch / args.grad_accum) if micro_per_epoch else 0
@@ -326,6 +331,7 @@ def main(argv=None) -> dict:
     logger.info("train %d queries (%d micro-batches/epoch/process, %d steps total), val %d, test %d, stage %d, "
                 "score %s%s", len(train_q), micro_per_epoch, total_steps, len(val_q), len(test_q), args.stage, args.score,
                 f", query prefix {prefix.num_tokens} tokens" if prefix is not None else "")
+    logger.info(describe_batch(args.batch_size, accelerator.num_processes, args.grad_accum))
     if args.stage == 2 and args.epochs > 0 and state["global_step"] == 0 and state["best_r1"] is None:
         logger.info("stage 2: evaluating the starting model (epoch 0): best/ is never worse on val than it")
         run_eval(0)

@@ -34,6 +34,49 @@ def load_split(data_dir: Path, split: str, code_len: int, seed: int):
     return queries, gallery
 
 
+def resolve_mixed_precision(choice: str, *, cpu: bool = False, t5: bool = False, allow_fp16: bool = False) -> str:
+    """accelerate's mixed-precision mode for ``--mixed-precision``: 'auto' is bf16 where the GPU
+    supports it, else 'no' (fp32; the CPU always). fp16 is refused for T5, whose activations overflow
+    fp16's range, unless ``allow_fp16``. On a GPU, float32 matrix multiplies use TF32 tensor cores."""
+    import torch
+
+    cuda = torch.cuda.is_available() and not cpu
+    choice = choose_precision(choice, cuda=cuda, bf16_ok=cuda and torch.cuda.is_bf16_supported(), t5=t5,
+                              allow_fp16=allow_fp16)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return choice
+
+
+def choose_precision(choice: str, *, cuda: bool, bf16_ok: bool, t5: bool = False, allow_fp16: bool = False) -> str:
+    """The rule of :func:`resolve_mixed_precision`, given what the device supports."""
+    if choice == "auto":
+        choice = "bf16" if cuda and bf16_ok else "no"
+    if choice == "fp16" and t5 and not allow_fp16:
+        raise InputError("--mixed-precision fp16: T5 overflows in fp16 (activations beyond 65504 give inf/nan); "
+                         "use bf16 (the default where the GPU has it), or pass --allow-fp16 to force it")
+    return choice
+
+
+def per_process_batch(batch_size: int, world_size: int, flag: str = "--batch-size") -> int:
+    """``--batch-size`` is the global batch of one micro-step, over all processes: each of
+    ``world_size`` processes takes ``batch_size / world_size`` (so the paper's 128 stays 128 on 4
+    GPUs, with the same learning rate); a size that does not divide is refused."""
+    if batch_size < 1:
+        raise InputError(f"{flag} must be >= 1, got {batch_size}")
+    if batch_size % world_size:
+        raise InputError(f"{flag} {batch_size} is the global batch: it must be a multiple of the {world_size} "
+                         f"processes (e.g. {max(world_size, batch_size // world_size * world_size)})")
+    return batch_size // world_size
+
+
+def describe_batch(batch_size: int, world_size: int, grad_accum: int = 1) -> str:
+    per = batch_size // world_size
+    return (f"global batch {batch_size * grad_accum} per optimizer step = {per} per process x {world_size} "
+            f"process(es) x {grad_accum} accumulation step(s)")
+
+
 VOCAB_KEYS = ("num_levels", "codebook_size", "shared_codebook", "code_len", "disambiguation", "disambiguation_size")
 
 
