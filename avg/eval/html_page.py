@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -49,18 +48,13 @@ def system_runs(metrics: Sequence[tuple[Path, dict]], split: str = "test") -> li
 
 def thumbnail_uri(path: Optional[str], size: int = 96) -> Optional[str]:
     """A JPEG data URI of the image at ``path`` fitted in ``size`` px, or None when it cannot be read."""
-    if not path or not os.path.isfile(path):
-        return None
-    from PIL import Image
+    from avg.eval.wandb_samples import thumbnail
 
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            im.thumbnail((size, size))
-            buf = io.BytesIO()
-            im.save(buf, format="JPEG", quality=85)
-    except OSError:
+    im = thumbnail(path, size)
+    if im is None:
         return None
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 

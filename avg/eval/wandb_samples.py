@@ -52,7 +52,7 @@ def resolve_image_paths(*, image_root: Optional[str] = None, annotations: Option
     return {}
 
 
-def _thumbnail(path: Optional[str], size: int):
+def thumbnail(path: Optional[str], size: int):
     """A small RGB PIL image, or None when the file is missing or unreadable."""
     if not path or not os.path.isfile(path):
         return None
@@ -129,7 +129,7 @@ def log_sample_table(logger, records: Sequence, image_paths: Mapping[str, str], 
     import wandb
 
     def cell(image_id):
-        im = _thumbnail(image_paths.get(str(image_id)), thumb_size)
+        im = thumbnail(image_paths.get(str(image_id)), thumb_size)
         return wandb.Image(im, caption=str(image_id)) if im is not None else None
 
     columns = ["qid", "query", "gold_id", "gold", *[f"top{k + 1}" for k in range(topk)],
@@ -146,4 +146,4 @@ def log_sample_table(logger, records: Sequence, image_paths: Mapping[str, str], 
     return samples
 
 
-__all__ = ["log_sample_table", "pick_samples", "resolve_image_paths"]
+__all__ = ["log_sample_table", "pick_samples", "resolve_image_paths", "thumbnail"]
