@@ -19,6 +19,7 @@ is kept as it is.
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -135,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None, help="open_clip: pretrained tag (e.g. openai) or checkpoint file; ignored by the hf backend (default: openai for open_clip)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
     p.add_argument("--text-batch-size", type=int, default=256, help="captions per forward pass")
-    p.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes decoding images")
+    p.add_argument("--num-workers", type=int, default=None,
+                   help="DataLoader worker processes decoding images (default: the CPU cores, at most 8)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16"), default="auto", help="auto = fp16 autocast on CUDA, fp32 on the CPU")
     p.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images (and their captions) out instead of stopping")
@@ -167,8 +169,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     weights = [w for w in (pretrained, args.clip_model) if w and Path(w).exists()]  # local checkpoints are inputs
     # emb/ is swapped in whole at the end (save_emb), so a killed or failed run leaves the old dir as it
     # was and nothing is claimed before then: the manifest is written only by complete()
+    if args.num_workers is None:
+        args.num_workers = min(8, os.cpu_count() or 1)
     run = begin_stage(args.out_dir, "prepare_emb", vars(args), inputs=[args.annotations, args.image_root, *weights],
-                      force=args.force, mark_running=False)
+                      force=args.force, mark_running=False, ignore=("num_workers",))  # speed only
     if run.up_to_date and skip_if_done():
         log.info("prepare_emb: outputs in %s are complete and up to date; skipping", args.out_dir)
         return Path(args.out_dir)
