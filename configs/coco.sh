@@ -5,6 +5,8 @@ DATA_DIR=${DATA_DIR:-data/coco}
 IMAGE_ROOT=${IMAGE_ROOT:-$DATA_DIR}
 ANNOTATIONS=${ANNOTATIONS:-$DATA_DIR/dataset_coco.json}
 OUT_DIR=${OUT_DIR:-outputs}
+# stop when torch sees no GPU (scripts/common.sh); ALLOW_CPU=1 runs on the CPU anyway
+REQUIRE_GPU=${REQUIRE_GPU:-1}
 SEED=${SEED:-42}
 
 CLIP_BACKEND=${CLIP_BACKEND:-hf}

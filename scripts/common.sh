@@ -32,3 +32,13 @@ require_path() {
     fi
   done
 }
+# Real-data configs set REQUIRE_GPU=1: stop at once, with the reason, when torch sees no CUDA device
+# (a missing driver or a CPU-only torch would otherwise train for days on the CPU). ALLOW_CPU=1 runs
+# there anyway. Checked once per command: child scripts inherit AVG_GPU_CHECKED.
+if [ "${REQUIRE_GPU:-0}" = 1 ] && [ -z "${ALLOW_CPU:-}" ] && [ -z "${AVG_GPU_CHECKED:-}" ]; then
+  if ! python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)' 2>/dev/null; then
+    echo "error: $CONFIG_FILE expects a GPU, but torch sees no CUDA device ($(python -c 'import torch; print("torch", torch.__version__, "built for CUDA", torch.version.cuda)' 2>/dev/null || echo 'torch not importable')); check the NVIDIA driver and the torch build (environment.yml), or set ALLOW_CPU=1 to run on the CPU" >&2
+    exit 2
+  fi
+  export AVG_GPU_CHECKED=1
+fi

@@ -87,3 +87,24 @@ def test_runs_stages_then_skips_them_when_up_to_date(env):
     status = {r["stage"]: r["status"] for r in _times(root)}
     assert status == {"prepare_emb": "up to date", "report": "ran"}
     assert json.loads((root / "emb" / "stage.json").read_text())["run_id"] == run_id
+
+
+@pytest.mark.parametrize("dataset", ["flickr30k", "coco"])
+def test_real_configs_stop_without_a_gpu_unless_allowed(dataset):
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the check passes")
+    env = {**os.environ, "DATASET": dataset, "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("ALLOW_CPU", None)
+    env.pop("AVG_GPU_CHECKED", None)
+    cmd = ["bash", "-c", "source scripts/common.sh && echo sourced"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "sourced" not in res.stdout
+    assert f"configs/{dataset}.sh expects a GPU, but torch sees no CUDA device" in res.stderr and "ALLOW_CPU=1" in res.stderr
+    res = subprocess.run(cmd, cwd=ROOT, env={**env, "ALLOW_CPU": "1"}, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "sourced" in res.stdout
+    demo = subprocess.run(cmd, cwd=ROOT, env={**env, "DATASET": "demo"}, capture_output=True, text=True, timeout=120)
+    assert demo.returncode == 0  # the demo config runs on the CPU by design
