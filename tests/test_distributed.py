@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from test_reranker import make_llama, make_tokenizer, prepared, stage_inputs, train_args  # noqa: F401 (fixtures)
@@ -67,3 +68,30 @@ def test_batch_size_is_global_and_must_divide_among_processes():
     assert describe_batch(128, 4, 2) == "global batch 256 per optimizer step = 32 per process x 4 process(es) x 2 accumulation step(s)"
     with pytest.raises(InputError, match="--batch-size 10 is the global batch: it must be a multiple of the 4 processes"):
         per_process_batch(10, 4)
+
+
+# ----------------------------------------------------------------------------- the T5 retriever
+from test_train_t5 import assets, common, stage1  # noqa: E402,F401 (fixtures)
+
+
+@pytest.mark.slow
+def test_t5_stage2_trains_on_two_processes_and_sharded_evaluation_equals_one(assets, stage1, tmp_path):  # noqa: F811
+    from avg.eval.runfiles import read_run
+    from avg.retriever import train_t5
+
+    best = stage1[0] / "best"
+    res = _torchrun("avg.retriever.train_t5", common(assets, tmp_path / "s2", "--stage", "2", "--init-from", best,
+                                                      "--epochs", "1", "--cpu"), 29400 + os.getpid() % 90)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    log = (tmp_path / "s2" / "train.log").read_text()
+    assert "global batch 8 per optimizer step = 4 per process x 2 process(es)" in log
+    assert (tmp_path / "s2" / "eval" / "metrics_test.json").is_file()
+    # the same model (stage 1's best, no training) evaluated by one process and by two: the same run file
+    train_t5.main(common(assets, tmp_path / "one", "--stage", "2", "--init-from", str(best), "--epochs", "0"))
+    res = _torchrun("avg.retriever.train_t5", common(assets, tmp_path / "two", "--stage", "2", "--init-from", best,
+                                                      "--epochs", "0", "--cpu"), 29300 + os.getpid() % 90)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    one = read_run(tmp_path / "one" / "eval" / "run_test.jsonl")
+    two = read_run(tmp_path / "two" / "eval" / "run_test.jsonl")
+    assert [(r.qid, r.ranked) for r in one] == [(r.qid, r.ranked) for r in two]
+    assert all(np.allclose(a.scores, b.scores, atol=1e-5) for a, b in zip(one, two))
