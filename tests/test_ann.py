@@ -8,6 +8,7 @@ import torch
 pytest.importorskip("faiss", reason="faiss-cpu is part of the dev extra")
 
 from avg.eval import efficiency as eff  # noqa: E402
+from avg.eval.plots import plot_curves  # noqa: E402
 from avg.eval.ann import build_ann, default_nlist, exact_topk, pareto_front  # noqa: E402
 from avg.utils.io import InputError  # noqa: E402
 
@@ -101,11 +102,11 @@ def test_ann_system_and_curves_in_the_benchmark(tmp_path):
     rows_avg = [{**synthetic[0], "system": "avg", "curve_recall": 1.0}]
     eff.add_curve_recall(rows_avg, [[["img0"]] * len(queries)])
     assert rows_avg[0]["curve_recall"] is None  # a generative system's recall is not comparable on synthetic codes
-    png = eff.plot_curves(pd.DataFrame(synthetic + [{**rows_avg[0], "mode": "batch", "knob_value": 10}]), tmp_path / "s.png")
+    png = plot_curves(pd.DataFrame(synthetic + [{**rows_avg[0], "mode": "batch", "knob_value": 10}]), tmp_path / "s.png")
     assert png is not None
     assert batch["pareto"].isin([True, False]).all() and batch["pareto"].any()
     assert len(df[df["mode"] == "batch1"]) == 3 and df[df["mode"] == "batch1"]["default_knob"].all()
-    png = eff.plot_curves(df, tmp_path / "curves.png")
+    png = plot_curves(df, tmp_path / "curves.png")
     assert png is not None and png.stat().st_size > 1000
     scale = eff.scale_rows(rows, d)
     by = {r["system"]: r for r in scale}

@@ -54,6 +54,7 @@ import torch
 from avg.utils.progress import tqdm
 
 from avg.eval.metrics import retrieval_metrics
+from avg.eval.plots import plot_curves, plot_throughput
 from avg.utils.io import InputError, atomic_open, write_json
 from avg.utils.seed import set_seed
 
@@ -480,8 +481,6 @@ def write_outputs(rows: list[dict], out_dir: Path, config: dict, device_info: di
     """efficiency.csv / .json / .png, atomically; returns their paths."""
     import csv
 
-    from avg.eval.report import plot_throughput
-
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_open(out_dir / "efficiency.csv") as f:
         w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, lineterminator="\n", extrasaction="ignore")
@@ -509,60 +508,6 @@ def write_outputs(rows: list[dict], out_dir: Path, config: dict, device_info: di
             w.writerows(scale)
         paths["scale"] = str(out_dir / "scale.csv")
     return paths
-
-
-def plot_curves(df, path: Path, title: str = "") -> Optional[Path]:
-    """Recall (``curve_recall``: R@10 of the gold on real galleries, recall of exact search's top 10 on
-    synthetic ones) against batched queries/s, one panel per gallery size, one line per system through
-    its knob values (labelled); points on the Pareto front drawn filled, the others hollow."""
-    import pandas as pd
-
-    from avg.eval.report import _pyplot, _save
-
-    if df is None or df.empty or "knob_value" not in df:
-        return None
-    d = df[df["mode"] == "batch"]
-    sizes = sorted(d["gallery_size"].unique())
-    if not sizes:
-        return None
-    plt = _pyplot()
-    cols = min(3, len(sizes))
-    rows_n = math.ceil(len(sizes) / cols)
-    fig, axes = plt.subplots(rows_n, cols, figsize=(5.2 * cols, 4.0 * rows_n), squeeze=False)
-    colours = {s: f"C{i}" for i, s in enumerate(sorted(d["system"].unique()))}
-    for ax, size in zip(axes.flat, sizes):
-        for system, part in d[d["gallery_size"] == size].groupby("system", sort=True):
-            part = part.sort_values("queries_per_s")
-            c = colours[system]
-            y = pd.to_numeric(part["curve_recall"] if "curve_recall" in part else part["R@10"], errors="coerce")
-            if y.isna().all():  # throughput only (see add_curve_recall)
-                for x, v in zip(part["queries_per_s"], part["knob_value"]):
-                    ax.axvline(x, ls=":", color=c, alpha=0.7)
-                    ax.annotate(f"{int(v)}", (x, 0.98), xycoords=("data", "axes fraction"), fontsize=6, color=c)
-                ax.plot([], [], ":", color=c, label=f"{system} (queries/s only)")
-                continue
-            ax.plot(part["queries_per_s"], y, "-", color=c, label=system, alpha=0.8)
-            front = (part["pareto"].astype(str).str.lower() == "true") if "pareto" in part else (y < 0)
-            ax.plot(part[front]["queries_per_s"], y[front], "o", color=c)
-            ax.plot(part[~front]["queries_per_s"], y[~front], "o", mfc="white", mec=c)
-            for (_, r), yy in zip(part.iterrows(), y):
-                if r.get("knob_value") is not None and not (isinstance(r["knob_value"], float) and math.isnan(r["knob_value"])):
-                    ax.annotate(f"{int(r['knob_value'])}", (r["queries_per_s"], yy), fontsize=6,
-                                textcoords="offset points", xytext=(3, 3), color=c)
-        real = bool((d[d["gallery_size"] == size]["num_real"].astype(int) >= int(size)).all())
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(plt.NullFormatter())  # decade labels only: the minor ones overlap
-        ax.set_xlabel("queries / s (batched)")
-        ax.set_ylabel("R@10 (gold image)" if real else "recall of exact search's top 10 (%)")
-        ax.set_title(f"{int(size):,} images" + ("" if real else " (synthetic beyond the real ones)"), fontsize=10)
-        ax.grid(alpha=0.3, which="both")
-    for ax in list(axes.flat)[len(sizes):]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.suptitle((title + "\n" if title else "") + "recall vs throughput (knob values labelled; filled = Pareto front)",
-                 fontsize=9)
-    fig.tight_layout()
-    return _save(fig, path)
 
 
 SCALE_SIZES = (10_000_000, 100_000_000, 1_000_000_000)

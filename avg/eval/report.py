@@ -36,6 +36,7 @@ from typing import Optional
 
 import pandas as pd
 
+from avg.eval.plots import plot_throughput, pyplot, save_png
 from avg.utils.io import atomic_open
 
 COLUMNS = ["system", "split", "R@1", "R@5", "R@10", "R@20", "mean_rank", "num_queries", "list_R@k",
@@ -204,25 +205,6 @@ def code_stats_lines(root: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------ plots
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=90, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return path
-
-
 def plot_recall_vs_beam(root: Path, path: Path) -> Optional[Path]:
     """R@1/5/10 against beam size for every (study or system, split) with >= 2 beam sizes."""
     pts = []
@@ -241,7 +223,7 @@ def plot_recall_vs_beam(root: Path, path: Path) -> Optional[Path]:
     groups = [g for g, d in df.groupby("group") if d["num_beams"].nunique() >= 2]
     if not groups:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for g in groups:
         d = df[df["group"] == g].groupby("num_beams")[["R@1", "R@5", "R@10"]].mean().sort_index()
@@ -252,34 +234,7 @@ def plot_recall_vs_beam(root: Path, path: Path) -> Optional[Path]:
     ax.set_title("Recall vs beam size")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    return _save(fig, path)
-
-
-def plot_throughput(df: pd.DataFrame, path: Path, title: str = "") -> Optional[Path]:
-    """Queries/s against gallery size (log-log), one line per system x mode; hollow = time-boxed."""
-    if df is None or df.empty or not {"gallery_size", "system", "mode", "queries_per_s"} <= set(df.columns):
-        return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    colours = {s: f"C{i}" for i, s in enumerate(sorted(df["system"].unique()))}
-    for (system, mode), d in df.groupby(["system", "mode"], sort=True):
-        d = d.sort_values("gallery_size")
-        bs = int(d["batch_size"].iloc[0]) if "batch_size" in d else None
-        label = f"{system}, batch {bs}" if bs else f"{system} {mode}"
-        line, = ax.plot(d["gallery_size"], d["queries_per_s"], "-" if mode == "batch" else "--", marker="o",
-                        color=colours[system], label=label)
-        if "time_boxed" in d:
-            boxed = d[d["time_boxed"].astype(str).str.lower() == "true"]
-            if len(boxed):
-                ax.plot(boxed["gallery_size"], boxed["queries_per_s"], "o", mfc="white", mec=line.get_color())
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("gallery size (images)")
-    ax.set_ylabel("queries / s")
-    ax.set_title(title or "Throughput vs gallery size")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_training_curves(root: Path, path: Path) -> Optional[Path]:
@@ -301,7 +256,7 @@ def plot_training_curves(root: Path, path: Path) -> Optional[Path]:
                     curves.setdefault(key, {}).setdefault(stage, []).append((rec["step"], rec[key]))
     if not curves:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     keys = [k for k in ("train/loss", "eval/val/R@1") if k in curves]
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 3.8), squeeze=False)
     for ax, key in zip(axes[0], keys):
@@ -313,7 +268,7 @@ def plot_training_curves(root: Path, path: Path) -> Optional[Path]:
         ax.set_title(key)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def make_plots(root: Path) -> list[Path]:
