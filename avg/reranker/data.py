@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from avg.reranker.embed import l2_normalize
+from avg.retriever.data import seeded_subset  # noqa: F401 (the reranker stages import it from here)
 from avg.utils.io import InputError, read_jsonl
 
 
@@ -244,14 +245,6 @@ def unflatten(pair_scores: torch.Tensor, batch: dict) -> torch.Tensor:
 
 def lists_per_batch(n_lists: int, batch_size: int) -> int:
     return math.ceil(n_lists / batch_size) if n_lists else 0
-
-
-def seeded_subset(items: list, n: int, seed: int, salt: int) -> list:
-    """A seeded random subset of N items in their original order (all when n <= 0)."""
-    if n <= 0 or n >= len(items):
-        return list(items)
-    pick = np.sort(np.random.default_rng([seed, salt]).choice(len(items), n, replace=False))
-    return [items[i] for i in pick]
 
 
 __all__ = ["clip_lists", "candidate_list", "candidate_lists", "list_stats", "load_lists", "positive_index", "pack", "ListDataset",

@@ -161,4 +161,14 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         return len(self._batches())
 
 
-__all__ = ["CodesData", "read_codes", "load_queries", "QueryDataset", "Collator", "EpochBatchSampler", "SPLITS"]
+def seeded_subset(items: Sequence, n: int, seed: int, salt: int) -> list:
+    """A seeded random subset of N items in their original order (all when n <= 0 or n >= len): every
+    --max-* option of the trainers and stages draws its subset here (``salt`` keeps their draws apart)."""
+    if n <= 0 or n >= len(items):
+        return list(items)
+    pick = np.sort(np.random.default_rng([seed, salt]).choice(len(items), n, replace=False))
+    return [items[i] for i in pick]
+
+
+__all__ = ["CodesData", "read_codes", "load_queries", "QueryDataset", "Collator", "EpochBatchSampler", "SPLITS",
+           "seeded_subset"]

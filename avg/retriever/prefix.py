@@ -107,7 +107,8 @@ def feature_rows(queries, num_rows: int, source: str = "queries") -> np.ndarray:
         row = q.get("text_row")
         if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < num_rows:
             raise InputError(f"{source}: record {i + 1} ({q.get('query')!r}) has no CLIP text feature (text_row "
-                             f"{row!r}); rebuild retriever_data with --emb-dir, or train without --query-prefix")
+                             f"{row!r}); rebuild retriever_data with --emb-dir, or train without --query-prefix "
+                             "(pseudo queries never have one: they are not captions of emb/)")
         rows[i] = row
     return rows
 

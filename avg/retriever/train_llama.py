@@ -31,7 +31,6 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from accelerate import Accelerator, DistributedType
 from safetensors import safe_open
@@ -39,7 +38,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from avg.eval.runfiles import write_run
 from avg.retriever import llama as L
-from avg.retriever.data import EpochBatchSampler, read_codes
+from avg.retriever.data import EpochBatchSampler, read_codes, seeded_subset
 from avg.retriever.evaluate import evaluate_split
 from avg.retriever.gallery import Gallery
 from avg.retriever.training import (STATE_FILE, add_eval_and_checkpoint_args, check_data_matches_vocab, describe_batch,
@@ -101,11 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def subset(queries: list, n: int, seed: int, salt: int) -> list:
     """A seeded random subset of N queries in their original order, each tagged with its qid."""
-    tagged = [dict(q, qid=q.get("qid", i)) for i, q in enumerate(queries)]
-    if n <= 0 or n >= len(tagged):
-        return tagged
-    pick = np.sort(np.random.default_rng([seed, salt]).choice(len(tagged), n, replace=False))
-    return [tagged[i] for i in pick]
+    return seeded_subset([dict(q, qid=q.get("qid", i)) for i, q in enumerate(queries)], n, seed, salt)
 
 
 def _plain_name(name: str) -> str:

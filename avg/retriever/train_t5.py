@@ -51,7 +51,7 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, get_linear_schedule_with_warmup
 
-from avg.retriever.data import Collator, EpochBatchSampler, QueryDataset, read_codes
+from avg.retriever.data import Collator, EpochBatchSampler, QueryDataset, read_codes, seeded_subset
 from avg.retriever.diagnostics import code_diagnostics, format_diagnostics
 from avg.retriever.evaluate import evaluate_split, logits_vocab_size
 from avg.retriever.gallery import Gallery
@@ -226,9 +226,8 @@ def main(argv=None) -> dict:
         raise InputError(f"{data_dir / 'train.jsonl'}: no training queries")
     if args.max_train_queries and args.max_train_queries < len(train_q):
         # a seeded subset for reduced schedules (e.g. the CPU demo's stage 2); order kept
-        keep = np.sort(np.random.default_rng([args.seed, 11]).choice(len(train_q), args.max_train_queries, replace=False))
-        logger.info("training on a seeded subset of %d of %d training queries", len(keep), len(train_q))
-        train_q = [train_q[i] for i in keep]
+        logger.info("training on a seeded subset of %d of %d training queries", args.max_train_queries, len(train_q))
+        train_q = seeded_subset(train_q, args.max_train_queries, args.seed, 11)
 
     def features(queries, split):
         if prefix is None or not queries:
@@ -291,10 +290,9 @@ def main(argv=None) -> dict:
     eval_train_q, fit_gallery = [], None
     if args.eval_train_queries > 0 and train_q:
         fit_gallery = train_gallery.chunks(len(val_gallery) if val_gallery is not None else 0, args.seed + 1)[0]
-        mine = [i for i, q in enumerate(train_q) if q["image_id"] in set(fit_gallery.image_ids)]
-        n = min(args.eval_train_queries, len(mine))
-        pick = np.sort(np.random.default_rng([args.seed, 7]).choice(len(mine), n, replace=False))
-        eval_train_q = [dict(train_q[mine[i]], qid=int(mine[i])) for i in pick]
+        fit_ids = set(fit_gallery.image_ids)
+        mine = [i for i, q in enumerate(train_q) if q["image_id"] in fit_ids]
+        eval_train_q = [dict(train_q[i], qid=int(i)) for i in seeded_subset(mine, args.eval_train_queries, args.seed, 7)]
     eval_feats = {"val": features(val_q, "val"), "train": features(eval_train_q, "train")}
 
     eval_dir = out_dir / "eval"
@@ -335,6 +333,7 @@ def main(argv=None) -> dict:
     if args.stage == 2 and args.epochs > 0 and state["global_step"] == 0 and state["best_r1"] is None:
         logger.info("stage 2: evaluating the starting model (epoch 0): best/ is never worse on val than it")
         run_eval(0)
+    voken_ids = vocab.voken_ids.to(device)  # the stage-2 candidate search's voken-only head
 
     def micro_step(idx, epoch: int, micro: int):
         batch = {k: v.to(device) for k, v in collate(idx).items()}
@@ -351,7 +350,7 @@ def main(argv=None) -> dict:
                 out = constrained_beam_search(obj.model, inputs.get("input_ids"), inputs["attention_mask"],
                                               chunk_indexes[chunk], args.dis_beams,
                                               decoder_start_token_id=obj.model.config.decoder_start_token_id,
-                                              eos_token_id=tokenizer.eos_token_id, voken_ids=vocab.voken_ids.to(device),
+                                              eos_token_id=tokenizer.eos_token_id, voken_ids=voken_ids,
                                               inputs_embeds=inputs.get("inputs_embeds"), normalize=args.score)
                 obj.train()
             positive = batch["labels"][:, :-1]
@@ -387,15 +386,18 @@ def main(argv=None) -> dict:
         test_feats = features(test_q, "test")
         t_eval = time.time()
         with accelerator.autocast():
+            test_index = index_of("test", test_gallery)
             records, metrics = evaluate_split(best.model, tokenizer, vocab, test_q, test_gallery, args.num_beams,
-                                              args.eval_batch_size, device, desc="eval test",
+                                              args.eval_batch_size, device, desc="eval test", index=test_index,
                                               restrict_to_vokens=args.fast_search, query_features=test_feats,
                                               **best.eval_kwargs())
         t_eval = time.time() - t_eval
         info = read_json(best_dir / "best.json")
+        # one process is enough (the records are gathered on every one; only the main process writes)
         diagnostics = code_diagnostics(best.model, tokenizer, vocab, test_q, test_gallery, records, device,
                                        prefix=best.prefix, query_features=test_feats, batch_size=args.eval_batch_size,
-                                       max_length=args.max_source_length)
+                                       max_length=best.max_length, index=test_index) \
+            if accelerator.is_main_process else {}
         fit = {split: {k.split("/")[-1]: v for k, v in (info.get("metrics") or {}).items() if k.startswith(f"eval/{split}/")}
                for split in ("val", "train")}
         diagnostics["fit"] = {split: {k: m[k] for k in ("R@1", "R@10", "gallery_size", "num_queries") if k in m}
