@@ -19,7 +19,6 @@ features in, so a caption gets the feature the stage gave it.
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence, Union
@@ -79,15 +78,8 @@ class Retriever:
         self.device = torch.device(device) if device is not None else next(model.model.parameters()).device
         self.num_beams, self.batch_size, self.fast_search = int(num_beams), int(batch_size), bool(fast_search)
         self.image_paths = dict(image_paths or {})
-        self.emb, self._text_encoder = emb, text_encoder
+        self.emb, self._text_encoder, self._store = emb, text_encoder, None
         self.rerank_weight, self.rerank_k = rerank_weight, rerank_k
-        if gallery.code_len != model.vocab.code_len:
-            raise InputError(f"{gallery.name}: codes of length {gallery.code_len}, but the retriever's vokens "
-                             f"(voken_vocab.json) make codes of length {model.vocab.code_len}: a gallery of other codes")
-        for p, size in enumerate(len(t) for t in model.vocab.position_tokens()):
-            if len(gallery) and int(gallery.codes[:, p].max()) >= size:
-                raise InputError(f"{gallery.name}: code position {p} holds {int(gallery.codes[:, p].max())}, the "
-                                 f"retriever's vokens go to {size - 1}: a gallery of other codes")
         self.index = gallery.build_index(model.vocab, logits_vocab_size(model.model), device=self.device)
 
     # ------------------------------------------------------------------ construction
@@ -159,6 +151,14 @@ class Retriever:
             raise InputError(f"k={k}: ask for at least one image")
         if rerank not in (None, "embed"):
             raise InputError(f"rerank={rerank!r}: expected None or 'embed'")
+        if rerank == "embed" and self.rerank_weight is None:
+            raise InputError("no fusion weight (rerank_embed/fusion.json): run scripts/rerank_embed.sh on this run first")
+        if rerank == "embed" and self.emb is None:
+            raise InputError("the embedding rerank needs the run's emb/ (CLIP image features)")
+        if rerank == "embed" and self._store is None:
+            from avg.reranker.embed import FeatureStore
+
+            self._store = FeatureStore(self.emb)
         if not texts:
             return []
         need_feats = self.model.prefix is not None or rerank == "embed"
@@ -174,22 +174,14 @@ class Retriever:
         return [[Hit(i, self.image_paths.get(i), float(s)) for i, s in zip(ids[:k], scores[:k])] for ids, scores in ranked]
 
     def _embed_rerank(self, ids: list, scores: list, text: np.ndarray) -> tuple[list, list]:
-        from avg.reranker.embed import FeatureStore, fused_scores, l2_normalize
+        from avg.reranker.embed import l2_normalize, rerank_list
 
-        if self.rerank_weight is None:
-            raise InputError("no fusion weight: run the rerank_embed stage (scripts/rerank_embed.sh) on this run first")
-        if self.emb is None:
-            raise InputError("the embedding rerank needs the run's emb/ (CLIP image features)")
-        if not hasattr(self, "_store"):
-            self._store = FeatureStore(self.emb)
         k = int(self.rerank_k or len(ids))
-        cands, s = ids[:k], scores[:k]
+        cands = ids[:k]
         if not cands:
             return [], []
-        cos = self._store.images(cands, "gallery") @ l2_normalize(text[None])[0]
-        fused = fused_scores(cos, s, float(self.rerank_weight))
-        order = np.argsort(-fused, kind="stable")
-        return [cands[j] for j in order], [float(fused[j]) for j in order]
+        return rerank_list(cands, scores[:k], self._store.images(cands, "gallery") @ l2_normalize(text),
+                           float(self.rerank_weight))
 
     def __repr__(self) -> str:
         return (f"Retriever({len(self.gallery)} images in {self.gallery.name}, beam {self.num_beams}, "
@@ -229,12 +221,9 @@ def _load_emb(root: Path):
 
 
 def _image_paths(emb, image_root: Optional[PathLike]) -> dict:
-    if emb is None:
-        return {}
-    root = image_root or (emb.index.get("source") or {}).get("image_root")
-    if not root:
-        return {}
-    return {str(im["image_id"]): os.path.join(str(root), im["file"]) for im in emb.images}
+    from avg.eval.wandb_samples import image_paths_from_index
+
+    return image_paths_from_index(emb.index, str(image_root) if image_root else None) if emb is not None else {}
 
 
 def _read_fusion(root: Path) -> dict:
@@ -243,9 +232,8 @@ def _read_fusion(root: Path) -> dict:
         return {}
     fusion = read_json(path)
     cfg = read_json(path.parent / "config.json") if (path.parent / "config.json").is_file() else {}
-    w = fusion.get("chosen_weight")
-    w = math.inf if w in ("inf", "Infinity") else (None if w is None else float(w))
-    return {"chosen_weight": w, "topk": int(cfg.get("topk") or fusion.get("topk") or 0) or None}
+    w = fusion.get("chosen_weight")  # json reads Infinity as float inf
+    return {"chosen_weight": None if w is None else float(w), "topk": int(cfg.get("topk") or 0) or None}
 
 
 __all__ = ["Retriever", "Hit", "find_retriever"]

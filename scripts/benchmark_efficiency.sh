@@ -17,9 +17,19 @@ BENCH_MAX_SECONDS=${BENCH_MAX_SECONDS:-20}
 BENCH_DEVICE=${BENCH_DEVICE:-auto}
 BENCH_ANN=${BENCH_ANN-ivf_flat,ivf_pq,hnsw}   # '' for none (they need faiss-cpu, in the dev and ann extras)
 # the whole pipeline too: AVG + embedding rerank of RERANK_TOPK candidates, with the weight rerank_embed chose on val
-RERANK_W=$(python -c "import json,math,sys; w=json.load(open(sys.argv[1]))['chosen_weight']; print(1e6 if math.isinf(w) else w)" \
-  "$STAGE_ROOT/rerank_embed/fusion.json" 2>/dev/null || echo 0)
-python -m avg.eval.efficiency --rerank-topk "${RERANK_TOPK:-0}" --rerank-weight "$RERANK_W" --retriever-dir "$RETRIEVER_DIR" --emb-dir "$STAGE_ROOT/emb" \
+# ('inf': the retriever's order); without that stage's fusion.json the pipeline row is left out, saying so
+FUSION="$STAGE_ROOT/rerank_embed/fusion.json"
+RERANK_K=${RERANK_TOPK:-0}
+RERANK_W=0
+if [ "$RERANK_K" -gt 0 ]; then
+  if [ -f "$FUSION" ]; then
+    RERANK_W=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['chosen_weight'])" "$FUSION")
+  else
+    echo "[benchmark_efficiency] no $FUSION (run scripts/rerank_embed.sh): timing without the avg+embed_rerank row" >&2
+    RERANK_K=0
+  fi
+fi
+python -m avg.eval.efficiency --rerank-topk "$RERANK_K" --rerank-weight "$RERANK_W" --retriever-dir "$RETRIEVER_DIR" --emb-dir "$STAGE_ROOT/emb" \
   --codes-dir "$STAGE_ROOT/codes" --out-dir "$STAGE_ROOT/efficiency" --gallery-sizes "$GALLERY_SIZES" \
   --num-beams "$BEAM" --num-queries "$BENCH_QUERIES" --batch-size "$BENCH_BATCH_SIZE" \
   --max-seconds "$BENCH_MAX_SECONDS" --device "$BENCH_DEVICE" --ann "$BENCH_ANN" --seed "$SEED" "$@"

@@ -15,7 +15,7 @@ from avg.eval.runfiles import write_run
 from avg.reranker import model as RM
 from avg.reranker import prepare_dataset, rerank_embed, test as rerank_test, train
 from avg.reranker.data import ListCollator, ListDataset, candidate_lists, clip_lists, load_lists
-from avg.reranker.embed import FeatureStore, choose_weight, fused_scores, rerank_records
+from avg.reranker.embed import FeatureStore, choose_weight, fused_scores, rerank_list, rerank_records
 from avg.reranker.image_tokens import ImageTokenMap, build_image_tokens, image_token
 from avg.retriever import llama as L
 from avg.retriever.gallery import Gallery
@@ -67,6 +67,10 @@ def test_embed_rerank_equals_a_naive_rescoring(tmp_path):
             assert [o["ranked"] for o in got] == [r["ranked"][:4] for r in records]
     # unknown retriever scores add nothing
     assert fused_scores(np.array([0.1, 0.5]), [None, None], 1.0).tolist() == pytest.approx([0.1, 0.5])
+    # w = inf keeps the retriever's order, the cosine breaking only its ties -- no NaN at the top
+    ids, fused = rerank_list(["a", "b", "c", "d"], [3.0, 2.0, 2.0, 1.0], np.array([0.0, 0.1, 0.5, 0.9]), float("inf"))
+    assert ids == ["a", "c", "b", "d"] and all(np.isfinite(fused))
+    assert rerank_list(["a", "b"], [1.0, 0.0], np.array([0.1, 0.9]), 0.0)[0] == ["b", "a"]  # w = 0: cosine alone
     with pytest.raises(InputError, match="has no CLIP text feature|is not a caption"):
         rerank_records([{"qid": 0, "query": "unknown", "gold": "img0", "ranked": ids, "scores": [0.0] * 8}], store, 0.0, 3)
 

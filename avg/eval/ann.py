@@ -128,21 +128,5 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
     return flags
 
 
-# bytes per image of each system's search structure, for the scale arithmetic (avg.eval.efficiency.scale_rows)
-def bytes_per_vector(kind: str, dim: int, *, pq_bytes: int = 0, hnsw_m: int = 32) -> float:
-    """Vectors (or codes) plus the 8-byte ids FAISS keeps per vector; HNSW's level-0 graph has 2M links of 4 bytes."""
-    if kind == "exact_fp32":
-        return 4.0 * dim
-    if kind == "exact_fp16":
-        return 2.0 * dim
-    if kind == "ivf_flat":
-        return 4.0 * dim + 8
-    if kind == "ivf_pq":
-        return float(pq_bytes) + 8
-    if kind == "hnsw":
-        return 4.0 * dim + 2 * hnsw_m * 4
-    raise ValueError(kind)
-
-
 __all__ = ["KINDS", "KNOB", "DEFAULT_SWEEP", "AnnIndex", "build_ann", "default_nlist", "exact_topk", "pareto_front",
-           "bytes_per_vector", "require_faiss"]
+           "require_faiss"]

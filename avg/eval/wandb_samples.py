@@ -45,11 +45,16 @@ def resolve_image_paths(*, image_root: Optional[str] = None, annotations: Option
     if data is not None:
         index_path = data.parent / "emb" / "index.json"
         if index_path.is_file():
-            index = read_json(index_path)
-            root = image_root or (index.get("source") or {}).get("image_root")
-            if root:
-                return {im["image_id"]: os.path.join(root, im["file"]) for im in index.get("images", [])}
+            return image_paths_from_index(read_json(index_path), image_root)
     return {}
+
+
+def image_paths_from_index(index: dict, image_root: Optional[str] = None) -> dict:
+    """{image_id: file} from an ``emb/index.json``: ``image_root`` (else the one it was built from) + ``file``."""
+    root = image_root or (index.get("source") or {}).get("image_root")
+    if not root:
+        return {}
+    return {str(im["image_id"]): os.path.join(str(root), im["file"]) for im in index.get("images", [])}
 
 
 def thumbnail(path: Optional[str], size: int):
@@ -146,4 +151,4 @@ def log_sample_table(logger, records: Sequence, image_paths: Mapping[str, str], 
     return samples
 
 
-__all__ = ["log_sample_table", "pick_samples", "resolve_image_paths", "thumbnail"]
+__all__ = ["log_sample_table", "pick_samples", "resolve_image_paths", "image_paths_from_index", "thumbnail"]

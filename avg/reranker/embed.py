@@ -83,22 +83,40 @@ def fused_scores(cos: np.ndarray, retriever_scores: Sequence[Optional[float]], w
     return cos + weight * rel
 
 
-def rerank_records(records: Sequence[dict], store: FeatureStore, weight: float, k: int,
-                   text: Optional[np.ndarray] = None, source: str = "run file") -> list[dict]:
-    """Each record's top-k re-ordered by the fused score (stable: ties keep the retriever's order)."""
+def rerank_list(candidates: Sequence[str], retriever_scores: Sequence[Optional[float]], cos: np.ndarray,
+                weight: float) -> tuple[list, list]:
+    """One list re-ordered by :func:`fused_scores` (stable: ties keep the retriever's order) ->
+    (ids, fused scores): the one place the embedding rerank orders candidates (the stage, the search
+    API and the efficiency benchmark all call it)."""
+    fused = fused_scores(np.asarray(cos, dtype=np.float64), retriever_scores, weight)
+    order = np.argsort(-fused, kind="stable")
+    return [candidates[j] for j in order], [float(fused[j]) for j in order]
+
+
+def candidate_cosines(records: Sequence[dict], store: FeatureStore, k: int, text: Optional[np.ndarray] = None,
+                      source: str = "run file") -> list[tuple[list, list, np.ndarray]]:
+    """Per record its top-k ids, their retriever scores and their CLIP cosines with the query: what
+    every fusion weight re-orders (computed once, however many weights are tried)."""
     text = store.texts(records, source) if text is None else text
     out = []
     for n, (rec, t) in enumerate(zip(records, text)):
         cands = list(rec["ranked"])[:k]
         scores = list(rec.get("scores") or [None] * len(cands))[:k]
-        if not cands:
-            out.append({**rec, "ranked": [], "scores": []})
-            continue
-        cos = store.images(cands, f"{source}: record {n + 1}") @ t
-        fused = fused_scores(cos, scores, weight)
-        order = np.argsort(-fused, kind="stable")
-        out.append({"qid": rec["qid"], "query": rec["query"], "gold": rec["gold"],
-                    "ranked": [cands[j] for j in order], "scores": [float(fused[j]) for j in order]})
+        cos = store.images(cands, f"{source}: record {n + 1}") @ t if cands else np.zeros(0, dtype=np.float32)
+        out.append((cands, scores, cos))
+    return out
+
+
+def rerank_records(records: Sequence[dict], store: FeatureStore, weight: float, k: int,
+                   text: Optional[np.ndarray] = None, source: str = "run file",
+                   cosines: Optional[list] = None) -> list[dict]:
+    """Each record's top-k re-ordered by the fused score (:func:`rerank_list`); ``cosines`` from
+    :func:`candidate_cosines` when already computed."""
+    cosines = candidate_cosines(records, store, k, text, source) if cosines is None else cosines
+    out = []
+    for rec, (cands, scores, cos) in zip(records, cosines):
+        ranked, fused = rerank_list(cands, scores, cos, weight) if cands else ([], [])
+        out.append({"qid": rec["qid"], "query": rec["query"], "gold": rec["gold"], "ranked": ranked, "scores": fused})
     return out
 
 
@@ -106,13 +124,15 @@ def choose_weight(records: Sequence[dict], store: FeatureStore, k: int, weights:
                   gallery_size: Optional[int] = None) -> tuple[float, list[dict]]:
     """The weight with the best R@1 on ``records`` (val), ties by R@5 then R@10 then the smaller
     weight; returns (weight, one row of metrics per weight)."""
-    text = store.texts(records, "val run")
+    cosines = candidate_cosines(records, store, k, source="val run")
     rows = []
     for w in weights:
-        m = retrieval_metrics(rerank_records(records, store, w, k, text=text), ks=recall_ks(k), gallery_size=gallery_size)
+        m = retrieval_metrics(rerank_records(records, store, w, k, cosines=cosines), ks=recall_ks(k),
+                              gallery_size=gallery_size)
         rows.append({"weight": w, **{key: m[key] for key in ("R@1", "R@5", "R@10") if key in m}})
     best = max(rows, key=lambda r: (r["R@1"], r.get("R@5", 0.0), r.get("R@10", 0.0), -r["weight"]))
     return best["weight"], rows
 
 
-__all__ = ["l2_normalize", "DEFAULT_WEIGHTS", "FeatureStore", "fused_scores", "rerank_records", "choose_weight"]
+__all__ = ["l2_normalize", "DEFAULT_WEIGHTS", "FeatureStore", "fused_scores", "rerank_list", "candidate_cosines",
+           "rerank_records", "choose_weight"]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from avg.eval.metrics import retrieval_metrics
@@ -73,7 +72,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_any_retriever(path: str | Path, device, data_dir: str | Path | None = None) -> dict:
+def load_any_retriever(path: str | Path, device, data_dir: str | Path | None = None,
+                       emb_dir: str | Path | None = None) -> dict:
     """A saved T5 (train_t5) or decoder-only (train_llama) retriever -> the keyword arguments of
     avg.retriever.evaluate.evaluate_split that search with it the way it was trained and tested
     (plus ``features``: the emb/ text features when it reads the query's CLIP feature)."""
@@ -95,7 +95,7 @@ def load_any_retriever(path: str | Path, device, data_dir: str | Path | None = N
     if r.needs_features:
         if data_dir is None:
             raise InputError(f"{path}: this retriever reads the query's CLIP feature; pass the retriever_data folder")
-        out["features"] = text_features_for(data_dir)[0]
+        out["features"] = text_features_for(data_dir, emb_dir)[0]
     return out
 
 
@@ -166,7 +166,7 @@ def main(argv=None) -> dict:
         log.info("%s: up to date, skipping", out_dir)
         return run.previous.get("summary") or {}
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
-    retriever = load_any_retriever(args.retriever_dir, device, args.data_dir) if need_search else None
+    retriever = load_any_retriever(args.retriever_dir, device, args.data_dir, args.emb_dir) if need_search else None
     code_len = retriever["vocab"].code_len if retriever else None
     if code_len is None and (data_dir / "meta.json").is_file():
         code_len = read_json(data_dir / "meta.json").get("code_len")

@@ -65,9 +65,11 @@ def main(argv=None) -> dict:
                              "(train and test the retriever first)")
     store = FeatureStore.load(args.emb_dir)
     records = {s: [r.to_json() for r in read_run(runs[s])] for s in ("val", "test")}
-    depth = min(len(r["ranked"]) for s in records for r in records[s] if r["ranked"]) if any(records.values()) else 0
-    if depth < args.topk:
-        raise InputError(f"{runs['test']}: lists of {depth} images, fewer than --topk {args.topk} (search with a beam >= topk)")
+    for s in ("val", "test"):  # the error names the run file that holds the short lists
+        depth = min((len(r["ranked"]) for r in records[s] if r["ranked"]), default=0)
+        if depth < args.topk:
+            raise InputError(f"{runs[s]}: lists of {depth} images, fewer than --topk {args.topk} "
+                             "(search with a beam >= topk)")
     sizes = {s: None for s in ("val", "test")}
     if args.data_dir:
         for s in sizes:
@@ -83,7 +85,7 @@ def main(argv=None) -> dict:
         logger.info("val: w=%s R@1=%.2f R@5=%.2f R@10=%.2f", row["weight"], row["R@1"], row.get("R@5", float("nan")),
                     row.get("R@10", float("nan")))
     logger.info("chosen on val: w=%s", weight)
-    out = {}
+    out, reranked_of = {}, {}
     for split in ("val", "test"):
         recs = records[split]
         t0 = time.perf_counter()
@@ -96,10 +98,12 @@ def main(argv=None) -> dict:
                       "fusion_weight": weight, "list_recall": before[f"R@{args.topk}"],
                       "before": {"system": args.retriever_name, **before},
                       "ms_per_query": 1000.0 * seconds / max(len(recs), 1), "queries_per_s": len(recs) / max(seconds, 1e-9)}
-        write_run(reranked, out_dir / f"run_{split}.jsonl")
+        reranked_of[split] = reranked
         logger.info("%s: %s (list recall R@%d %.2f; %.3f ms/query)", split,
                     ", ".join(f"R@{k} {before[f'R@{k}']:.2f} -> {after[f'R@{k}']:.2f}" for k in ks if k < args.topk),
                     args.topk, before[f"R@{args.topk}"], out[split]["ms_per_query"])
+    for split, reranked in reranked_of.items():  # written once both splits are reranked: nothing half-done
+        write_run(reranked, out_dir / f"run_{split}.jsonl")
     write_json({"chosen_weight": weight, "selected_by": "val R@1", "val_grid": grid, "val": out["val"]}, out_dir / "fusion.json")
     write_json(out["test"], out_dir / "metrics_test.json")
     logger.log({f"eval/test/{k}": v for k, v in out["test"].items() if isinstance(v, (int, float))})

@@ -120,8 +120,12 @@ class Gallery:
 
     # ------------------------------------------------------------------ search index
     def token_codes(self, vocab) -> torch.Tensor:
-        """The distinct codes as voken token ids, LongTensor [U, L] (the constraint's allowed set)."""
-        return vocab.code_to_token_ids(self.unique_codes)
+        """The distinct codes as voken token ids, LongTensor [U, L] (the constraint's allowed set); a
+        gallery whose codes the vocabulary cannot spell is an InputError naming the gallery."""
+        try:
+            return vocab.code_to_token_ids(self.unique_codes)
+        except ValueError as e:
+            raise InputError(f"{self.name}: {e}: a gallery of other codes than the retriever's vokens") from None
 
     def build_index(self, vocab, vocab_size: int, device: Optional[torch.device] = None):
         """CodeIndex over the unique codes, for avg.retriever.search.constrained_beam_search."""
