@@ -79,7 +79,8 @@ RERANK_FULL_FINETUNE=${RERANK_FULL_FINETUNE:-0}
 RERANK_EPOCHS=${RERANK_EPOCHS:-1}
 RERANK_BATCH_SIZE=${RERANK_BATCH_SIZE:-4}
 RERANK_LR=${RERANK_LR:-1e-4}
-# Fusion with the retriever's score: none, fixed or learned weight (learned starts at w = 1: the retriever's order)
+# Fusion with the retriever's score: none, fixed, learned (starts at w = 1: the retriever's order) or val
+# (the weight chosen on the val lists at every evaluation, epoch 0 included)
 RERANK_FUSION=${RERANK_FUSION:-val}
 # Extra flags for avg.reranker.train (e.g. --grad-accum 4, --gradient-checkpointing)
 RERANK_ARGS=${RERANK_ARGS:---image-prefix 4 --feature-head --embed-fusion learned}

@@ -93,7 +93,8 @@ RERANK_MAX_TRAIN_QUERIES=${RERANK_MAX_TRAIN_QUERIES:-10000}
 RERANK_TRAIN_CANDIDATES=${RERANK_TRAIN_CANDIDATES:-clip}
 # Seeded subset of val queries used for model selection (0: all); test lists are always complete
 RERANK_MAX_VAL_QUERIES=${RERANK_MAX_VAL_QUERIES:-1000}
-# Training queries are searched among chunks of this many train images, as hard as the test gallery (0: whole train gallery)
+# Training lists come from chunks of this many train images, as hard as the test gallery (0: whole train gallery);
+# searched by the retriever, or mined by CLIP with RERANK_TRAIN_CANDIDATES=clip
 RERANK_TRAIN_GALLERY_SIZE=${RERANK_TRAIN_GALLERY_SIZE:-1000}
 # Residual k-means tokens of each image's CLIP feature appended after its vokens (0: vokens only); entries per level
 RERANK_RICH_LEVELS=${RERANK_RICH_LEVELS:-0}
@@ -102,16 +103,18 @@ RERANK_RICH_SIZE=${RERANK_RICH_SIZE:-256}
 RERANK_MODEL=${RERANK_MODEL:-$DATA_DIR/llama-demo}
 # 1: train every weight (right for a random model); 0: LoRA (LORA_* above) + trainable image-token rows
 RERANK_FULL_FINETUNE=${RERANK_FULL_FINETUNE:-1}
-# Reranker schedule: epochs, candidate lists per micro-batch (each = RERANK_TOPK sequences), LM learning rate.
+# Reranker schedule: epochs, candidate lists per micro-batch (each RERANK_TOPK candidates; with late interaction
+# the query is read once per list), LM learning rate.
 # One epoch: over three, training never lifted val R@1 above the untrained start on the demo (README,
 # "What the demo does and prints"); one keeps the stage shown end to end inside the 15-minute budget.
 RERANK_EPOCHS=${RERANK_EPOCHS:-1}
 RERANK_BATCH_SIZE=${RERANK_BATCH_SIZE:-64}
 RERANK_LR=${RERANK_LR:-1e-3}
 # Fusion with the retriever's score: none, fixed, learned (starts at w = 1: the retriever's order) or val
-# (the weight chosen on val after training)
+# (the weight chosen on the val lists at every evaluation, epoch 0 included)
 RERANK_FUSION=${RERANK_FUSION:-val}
 # Extra flags for avg.reranker.train. Demo: late interaction (the LM reads the query once; the head scores
 # each candidate from it and the CLIP features; k times cheaper than the cross-encoder) + the CLIP cosine fused.
-# Real configs: --image-prefix 4 --feature-head (cross-encoder that reads the candidate's CLIP feature).
+# Real configs: --image-prefix 4 --feature-head --embed-fusion learned (a cross-encoder that reads the candidate's
+# CLIP feature, the cosine fused).
 RERANK_ARGS=${RERANK_ARGS:---late-interaction --query-pooling mean --embed-fusion learned --head-lr 2e-3}

@@ -120,7 +120,7 @@ def test_path_escaping_the_image_root_is_refused_before_any_file_is_touched(tmp_
     real_is_file = Path.is_file
     monkeypatch.setattr(Path, "is_file", lambda self: touched.append(str(self)) or real_is_file(self))
     msg = _problem(tmp_path, image_root, [_img("a.jpg"), rec])
-    assert "data.json: images[1]" in msg and expect in msg and "leaves the image root" in msg
+    assert "data.json: images[1]" in msg and expect in msg and "outside the image root" in msg
     assert not any("passwd" in t or t.endswith("x.jpg") for t in touched), touched
     inside = _write(tmp_path / "ok.json", {"images": [_img("c.jpg", filepath="val2014/sub/..")]})
     assert load_karpathy(inside, image_root, check_files=False).images[0].path == image_root / "val2014/sub/../c.jpg"
@@ -129,7 +129,7 @@ def test_path_escaping_the_image_root_is_refused_before_any_file_is_touched(tmp_
 def test_convert_refuses_paths_leaving_the_image_root(tmp_path):
     table = tmp_path / "caps.csv"
     table.write_text("image,caption,split\na.jpg,x,train\n../../etc/passwd,y,train\n", encoding="utf-8")
-    with pytest.raises(DatasetError, match=r"caps\.csv: line 3 \(image '\.\./\.\./etc/passwd'\): image path .* leaves the image root"):
+    with pytest.raises(DatasetError, match=r"caps\.csv: line 3 \(image '\.\./\.\./etc/passwd'\): image path .*, outside the image root"):
         convert_captions(table, tmp_path / "o.json")
     assert not (tmp_path / "o.json").exists()
 

@@ -111,8 +111,9 @@ def table_to_karpathy(input_path: str | os.PathLike, *, image_root: str | os.Pat
             bad = True
         if bad:
             continue
-        if image not in images and path_escape(image):
-            problems.add(f"{where}: image path {path_escape(image)} leaves the image root; it must name a file inside it")
+        escape = path_escape(image) if image not in images else None
+        if escape:
+            problems.add(f"{where}: image path {escape}, outside the image root; it must name a file inside it")
             continue
         if image not in images:
             pp = PurePosixPath(image)

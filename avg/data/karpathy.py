@@ -205,7 +205,7 @@ def validate_karpathy(data: Any, source: str | os.PathLike, image_root: str | os
         rel_path = f"{filepath.strip('/')}/{filename}" if filepath.strip("/") else filename
         escape = path_escape(filepath, filename)
         if escape:
-            problems.add(f"{label}: image path {escape} leaves the image root {image_root}; "
+            problems.add(f"{label}: image path {escape}, outside the image root {image_root}; "
                          "'filepath'/'filename' must name a file inside it")
             continue
         path = image_root / rel_path

@@ -17,6 +17,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from avg.eval.metrics import first_hit_rank, gold_set
+
 PAGE = "results.html"
 TOP = 5
 # systems in the order a reader compares them; others follow by name
@@ -89,10 +91,6 @@ def _img(uri: Optional[str], image_id: str) -> str:
     return f'<span class="missing" title="{html.escape(image_id)}">{html.escape(image_id)}</span>'
 
 
-def _gold_set(gold) -> set:
-    return {str(g) for g in gold} if isinstance(gold, (list, tuple)) else {str(gold)}
-
-
 def build_page(title: str, metrics_table: str, runs: Sequence[tuple[str, dict]], image_paths: dict, *,
                plots: Sequence[Path] = (), n: int = 12, seed: int = 0, top: int = TOP, thumb: int = 96) -> str:
     """The HTML of the page. ``runs``: (system, {query key: run record}) in display order; the
@@ -120,7 +118,7 @@ def build_page(title: str, metrics_table: str, runs: Sequence[tuple[str, dict]],
         for qn, i in enumerate(pick, 1):
             key = keys[i]
             first = runs[0][1][key]
-            gold = _gold_set(first["gold"])
+            gold = gold_set(first["gold"])
             parts.append(f'<section class="query" id="q{qn}"><div class="qtext">{qn}. {html.escape(first["query"])}</div>')
             parts.append('<div class="gold">gold: ' + "".join(thumb_of(g) for g in sorted(gold)) +
                          f' <span>{html.escape(", ".join(sorted(gold)))}</span></div><table class="results">')
@@ -132,7 +130,7 @@ def build_page(title: str, metrics_table: str, runs: Sequence[tuple[str, dict]],
                     continue
                 ranked = [str(x) for x in rec.get("ranked") or []]
                 scores = list(rec.get("scores") or [None] * len(ranked))
-                where = next((r for r, x in enumerate(ranked, 1) if x in gold), None)
+                where = first_hit_rank(ranked, gold)  # the rank the metrics count
                 note = f"gold at rank {where}" if where else f"gold not in its {len(ranked)}"
                 parts.append(f'<div class="rank-note">{note}</div></td><td>')
                 for r, (x, s) in enumerate(zip(ranked[:top], scores[:top]), 1):
@@ -157,7 +155,7 @@ def write_page(root: Path, df, metrics: Sequence[tuple[Path, dict]], plots: Sequ
     runs = []
     for system, path, _ in found:
         # keyed by (gold, caption): stages number their queries differently
-        runs.append((system, {(tuple(sorted(_gold_set(r.gold))), r.query):
+        runs.append((system, {(tuple(sorted(gold_set(r.gold))), r.query):
                               {"query": r.query, "gold": r.gold, "ranked": r.ranked, "scores": r.scores}
                               for r in read_run(path)}))
     cols = [c for c in ("system", "R@1", "R@5", "R@10", "R@20", "list_R@k", "mean_rank", "num_queries", "setting")

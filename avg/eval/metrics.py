@@ -24,7 +24,8 @@ def recall_ks(depth: int) -> tuple:
     return tuple(sorted({*ks, int(depth)})) if depth >= 1 else DEFAULT_KS
 
 
-def _gold_set(gold) -> set:
+def gold_set(gold) -> set:
+    """A run record's gold image(s) as a set."""
     if isinstance(gold, (list, tuple, set, frozenset)):
         return set(gold)
     return {gold}
@@ -32,7 +33,7 @@ def _gold_set(gold) -> set:
 
 def first_hit_rank(ranked: Sequence, gold) -> Optional[int]:
     """1-based rank of the first gold image among distinct ids of `ranked`, or None."""
-    gold = _gold_set(gold)
+    gold = gold_set(gold)
     seen = set()
     rank = 0
     for image_id in ranked:

@@ -37,7 +37,7 @@ from typing import Optional
 import pandas as pd
 
 from avg.eval.plots import plot_throughput, pyplot, save_png
-from avg.utils.io import atomic_open
+from avg.utils.io import InputError, atomic_open
 
 COLUMNS = ["system", "split", "R@1", "R@5", "R@10", "R@20", "mean_rank", "num_queries", "list_R@k",
            "collision_rate", "queries_per_s", "setting", "stage", "file"]
@@ -319,7 +319,11 @@ def main(argv: Optional[list] = None) -> int:
         with atomic_open(root / "results.csv") as f:
             df.to_csv(f, index=False)
         plot_lines = [f"![{p.stem}]({p.relative_to(root).as_posix()})" for p in plots]
-        page = write_results_page(root, df, plots, n=args.page_queries, seed=args.page_seed)
+        try:
+            page = write_results_page(root, df, plots, n=args.page_queries, seed=args.page_seed)
+        except InputError as e:  # a malformed run file costs the page, not the table
+            print(f"warning: results.html not written: {e}", file=sys.stderr)
+            page = None
         if page is not None:
             print(f"page: {page}")
             plot_lines.insert(0, f"Results page (queries, gold images and each system's top 5): [{page.name}]({page.name})")
