@@ -12,6 +12,9 @@ CLIP_BACKEND=${CLIP_BACKEND:-open_clip}
 CLIP_MODEL=${CLIP_MODEL:-avg-demo-vit}
 CLIP_PRETRAINED=${CLIP_PRETRAINED:-$DATA_DIR/clip/avg_demo_clip.pt}
 EMB_BATCH_SIZE=${EMB_BATCH_SIZE:-256}
+# Also store each image's ViT patch tokens pooled to a G x G grid (emb/image_grid.npy, 3 KB per demo image):
+# what the LM reranker's --grid-head reads (README, "Reranking"). 0 = off.
+EMB_IMAGE_GRID=${EMB_IMAGE_GRID:-4}
 
 # RQ-VAE image tokenizer
 CODE_LEN=${CODE_LEN:-4}

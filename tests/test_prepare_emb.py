@@ -169,3 +169,63 @@ def test_make_demo_assets_tiny_then_cached(tmp_path):
     stamp = ckpt.stat().st_mtime_ns
     again = mod.main(argv)
     assert ckpt.stat().st_mtime_ns == stamp and again["clip_metrics"]["R@1"] == metrics["R@1"]
+
+
+def test_image_grid_is_the_pooled_patch_tokens_and_leaves_the_features_alone(tiny_demo, demo_ckpt, tmp_path):
+    from avg.models.clip import load_clip, pool_grid
+    from avg.rqvae.images import load_rgb
+
+    common = ("--clip-model", "avg-demo-vit", "--pretrained", str(demo_ckpt), "--num-workers", "0", "--max-images", "5")
+    plain = load_emb(prepare_emb(_args(tiny_demo, tmp_path / "plain", *common)))
+    gridded = load_emb(prepare_emb(_args(tiny_demo, tmp_path / "grid", *common, "--image-grid", "2")))
+    assert plain.image_grid is None and gridded.image_grid.shape == (5, 4, 96) and gridded.image_grid.dtype == np.float16
+    assert gridded.index["encoder"]["grid"] == 2 and gridded.index["encoder"]["grid_width"] == 96
+    np.testing.assert_array_equal(gridded.image_features, plain.image_features)
+    np.testing.assert_array_equal(gridded.text_features, plain.text_features)
+    # row 3: the ViT's 8 x 8 patch tokens averaged over each 4 x 4 quarter, row-major from the top left
+    clip = load_clip("open_clip", "avg-demo-vit", str(demo_ckpt), device="cpu")
+    clip.model.visual.output_tokens = True
+    _, tokens = clip.model.visual(clip.preprocess(load_rgb(tiny_demo.image_root / gridded.images[3]["file"]))[None])
+    maps = tokens[0].view(8, 8, -1)
+    quarters = [maps[r:r + 4, c:c + 4].mean((0, 1)) for r in (0, 4) for c in (0, 4)]
+    np.testing.assert_allclose(gridded.image_grid[3].astype(np.float32), torch.stack(quarters).numpy(), atol=2e-2, rtol=1e-2)
+    assert pool_grid(tokens, 16).shape == (1, 64, 96)  # a grid finer than the patches keeps them
+    with pytest.raises(InputError, match="square"):
+        pool_grid(torch.zeros(1, 6, 3), 2)
+
+
+def test_image_grid_hf_backend_and_refusal_without_patch_tokens(tiny_demo, tmp_path):
+    model_dir = _tiny_hf_clip(tmp_path / "tiny-clip")
+    emb = load_emb(prepare_emb(_args(tiny_demo, tmp_path / "emb", "--backend", "hf", "--clip-model", str(model_dir),
+                                     "--num-workers", "0", "--max-images", "3", "--image-grid", "2")))
+    assert emb.image_grid.shape == (3, 4, 32)  # 32 px / patch 8 = 4 x 4 patches (class token dropped) -> 2 x 2
+    plain = load_emb(prepare_emb(_args(tiny_demo, tmp_path / "plain", "--backend", "hf", "--clip-model", str(model_dir),
+                                       "--num-workers", "0", "--max-images", "3")))
+    np.testing.assert_array_equal(emb.image_features, plain.image_features)  # the same pooled features
+    from avg.models.clip import ClipEncoder
+
+    with pytest.raises(InputError, match="no patch tokens"):
+        ClipEncoder("toy", None, device="cpu")._image_features_and_tokens(torch.zeros(1, 3, 4, 4))
+
+
+def test_probe_tool_reports_each_fact_for_pooled_and_grid_features(tiny_demo, demo_ckpt, tmp_path, capsys):
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("probe_demo_features", "tools/probe_demo_features.py")
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    emb = prepare_emb(_args(tiny_demo, tmp_path / "emb", "--clip-model", "avg-demo-vit", "--pretrained", str(demo_ckpt),
+                            "--num-workers", "0", "--image-grid", "2"))
+    out = probe.main(["--emb-dir", str(emb), "--annotations", str(tiny_demo.json_path), "--steps", "5"])
+    assert list(out) == ["shape present", "colour present", "cell occupied", "background colour", "(shape, colour)", "(cell, colour)"]
+    for row in out.values():
+        assert set(row) == {"base_rate", "pooled feature", "patch grid (4 cells)"}
+        assert all(0.0 <= v <= 1.0 for v in row.values())
+    assert "| cell occupied |" in capsys.readouterr().out
+    data = json.loads(tiny_demo.json_path.read_text())
+    del data["images"][2]["scene"]
+    bad = tmp_path / "noscene.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(InputError, match=r"no scene recorded for image .*images\[2\]"):
+        probe.main(["--emb-dir", str(emb), "--annotations", str(bad), "--steps", "1"])

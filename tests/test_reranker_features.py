@@ -14,7 +14,7 @@ import torch
 from avg.eval.runfiles import write_run
 from avg.reranker import model as RM
 from avg.reranker import prepare_dataset, rerank_embed, test as rerank_test, train
-from avg.reranker.data import ListCollator, ListDataset, candidate_lists, clip_lists, load_lists
+from avg.reranker.data import ListCollator, ListDataset, candidate_lists, clip_lists, load_lists, shorten_list
 from avg.reranker.embed import FeatureStore, choose_weight, fused_scores, rerank_list, rerank_records
 from avg.reranker.image_tokens import ImageTokenMap, build_image_tokens, image_token
 from avg.retriever import llama as L
@@ -27,8 +27,12 @@ from test_reranker import (codes_data, fake_records, make_llama, make_tokenizer,
 DIM = 6
 
 
-def write_emb(path, image_ids, captions_of, seed=0):
-    """emb/ with random unit features for the images and their captions (caption features near their image's)."""
+GRID_CELLS, GRID_WIDTH = 4, 5
+
+
+def write_emb(path, image_ids, captions_of, seed=0, grid=False):
+    """emb/ with random unit features for the images and their captions (caption features near their
+    image's); with ``grid``, random image grids of GRID_CELLS x GRID_WIDTH too."""
     rng = np.random.default_rng(seed)
     img = rng.normal(size=(len(image_ids), DIM)).astype(np.float32)
     img /= np.linalg.norm(img, axis=1, keepdims=True)
@@ -40,7 +44,8 @@ def write_emb(path, image_ids, captions_of, seed=0):
             txt.append(img[r] + 0.5 * rng.normal(size=DIM))
     txt = np.asarray(txt, dtype=np.float32)
     txt /= np.linalg.norm(txt, axis=1, keepdims=True)
-    save_emb(path, img, txt, images, caps, {"model": "toy", "normalized": True})
+    cells = rng.normal(size=(len(image_ids), GRID_CELLS, GRID_WIDTH)).astype(np.float16) if grid else None
+    save_emb(path, img, txt, images, caps, {"model": "toy", "normalized": True}, image_grid=cells)
     return FeatureStore.load(path)
 
 
@@ -120,14 +125,17 @@ def feature_setup(tmp_path, **kw):
     queries = {x["gold"]: [] for x in lists}
     for x in lists:
         queries[x["gold"]].append(x["query"])
-    store = write_emb(tmp_path / "emb", image_ids, lambda i: queries.get(i, []))
+    grid = bool(kw.get("grid_slots"))
+    store = write_emb(tmp_path / "emb", image_ids, lambda i: queries.get(i, []), grid=grid)
+    if grid:
+        kw = {**kw, "grid_cells": GRID_CELLS, "grid_width": GRID_WIDTH}
     tok = L.prepare_tokenizer(make_tokenizer())
     lm = make_llama(len(tok))
     ids, _ = RM.ensure_image_tokens(tok, lm, tokens.mapping, tokens.vectors)
     torch.manual_seed(0)
     rr = RM.Reranker(lm, head_inner=16, head_dropout=0.0, fusion="fixed", fusion_weight=0.3, feature_dim=DIM, **kw).eval()
     ds = ListDataset(lists, tok, RM.image_token_ids(tokens, ids), L.prompt_formatter(RM.DEFAULT_PROMPT_TEMPLATE),
-                     image_prefix=kw.get("image_prefix", 0), features=store)
+                     image_prefix=kw.get("image_prefix", 0), features=store, image_grid=grid)
     return rr, ds, store
 
 
@@ -178,6 +186,49 @@ def test_late_interaction_reads_the_prompt_once(tmp_path):
         RM.Reranker(make_llama(40), feature_dim=DIM, candidate_tokens=False)
     with pytest.raises(ValueError, match="feature_dim"):
         RM.Reranker(make_llama(40), image_prefix=2)
+
+
+@torch.no_grad()
+def test_grid_head_scores_each_candidate_grid_from_the_query_slots(tmp_path):
+    rr, ds, store = feature_setup(tmp_path, feature_head=True, candidate_tokens=False, query_pooling="mean", grid_slots=3)
+    batch = ListCollator(ds)(list(range(len(ds))))
+    assert batch["candidate_grid"].shape == (len(ds), 5, GRID_CELLS, GRID_WIDTH)
+    assert (batch["candidate_grid"][2, 3:] == 0).all()  # past the short list's end
+    start, _ = rr(**RM.model_inputs(batch, "cpu"))
+    torch.nn.init.normal_(rr.grid_head.score[-1].weight)  # untrained, the grid head adds exactly nothing
+    without = {k: v for k, v in batch.items() if k != "candidate_grid"}
+    with pytest.raises(ValueError, match="candidate_grid"):
+        rr(**RM.model_inputs(without, "cpu"))
+    base, _ = rr(**RM.model_inputs(batch, "cpu"))
+    body, gh = rr.body(), rr.grid_head
+    for i in range(len(ds)):  # naive: one query, one candidate at a time
+        states = body(input_ids=torch.tensor([ds.prompts[i]])).last_hidden_state
+        slots = gh.summarise(states, torch.ones(states.shape[:2], dtype=torch.long))
+        for j, c in enumerate(ds.lists[i]["candidates"]):
+            grid = torch.from_numpy(store.emb.image_grid[store.image_row[c]].astype(np.float32))[None]
+            assert torch.equal(batch["candidate_grid"][i, j], grid[0])
+            expect = float(start[i, j]) + float(gh(slots, grid)[0])
+            assert float(base[i, j]) == pytest.approx(expect, abs=1e-5)
+    assert not torch.allclose(base[batch["valid"]], start[batch["valid"]])
+    with pytest.raises(ValueError, match="late interaction"):
+        RM.Reranker(make_llama(40), feature_dim=DIM, feature_head=True, grid_slots=2, grid_width=5, grid_cells=4)
+    plain = write_emb(tmp_path / "plain", ["a"], lambda i: ["q"])
+    with pytest.raises(InputError, match="plain: no image_grid.npy"):
+        plain.grid_shape("plain")
+
+
+def test_shortened_training_lists_keep_their_positive():
+    lst = {"qid": 1, "query": "q", "gold": "g", "candidates": ["a", "b", "c", "g", "d"], "scores": [5.0, 4.0, 3.0, 2.0, 1.0],
+           "gold_rank": 4, "inserted": False}
+    cut = shorten_list(lst, 2)
+    assert cut["candidates"] == ["a", "g"] and cut["scores"] == [5.0, None] and cut["inserted"]
+    kept = shorten_list(lst, 4)
+    assert kept["candidates"] == ["a", "b", "c", "g"] and kept["scores"] == [5.0, 4.0, 3.0, 2.0] and not kept["inserted"]
+    assert shorten_list(lst, 9) is lst and lst["candidates"] == ["a", "b", "c", "g", "d"]  # the input is left alone
+    missing = {**lst, "gold": "z"}
+    assert shorten_list(missing, 2)["candidates"] == ["a", "b"]  # no positive to keep
+    with pytest.raises(InputError, match="at least one"):
+        shorten_list(lst, 0)
 
 
 def test_fusion_weight_is_chosen_on_the_given_lists():
@@ -276,3 +327,21 @@ def test_feature_reranker_stages_end_to_end(tmp_path, stage_inputs):
     m3 = rerank_test.main(["--reranker-dir", str(tmp_path / "cross" / "best"), "--data-dir", str(data),
                            "--out-dir", str(tmp_path / "cross_test2"), "--retriever-name", "toy", "--no-shared-prefix"])
     assert m2["image_prefix"] == 2 and [m2[k] for k in ("R@1", "R@3", "mean_rank")] == [m3[k] for k in ("R@1", "R@3", "mean_rank")]
+    # the grid head: needs late interaction and an emb/ with image grids; saved, reloaded and tested
+    with pytest.raises(InputError, match="image_grid.npy"):
+        train.main(train_args(root, data, tmp_path / "nogrid", *feats, "--late-interaction", "--grid-head", "2"))
+    with pytest.raises(InputError, match="--late-interaction"):
+        train.main(train_args(root, data, tmp_path / "nolate", *feats, "--grid-head", "2"))
+    write_emb(tmp_path / "emb_grid", ids, lambda i: list(dict.fromkeys(captions.get(i, []))), grid=True)
+    gridded = ["--emb-dir", str(tmp_path / "emb_grid")]
+    train.main(train_args(root, data, tmp_path / "grid", *gridded, "--late-interaction", "--grid-head", "2",
+                          "--embed-fusion", "learned", "--epochs", "1", "--train-topk", "2"))
+    saved = json.loads((tmp_path / "grid" / "best" / RM.META_FILE).read_text())
+    assert saved["feature_head"] is False  # the grid head sees the candidate: no feature head unless asked
+    assert (saved["grid_slots"], saved["grid_cells"], saved["grid_width"]) == (2, GRID_CELLS, GRID_WIDTH)
+    m4 = rerank_test.main(["--reranker-dir", str(tmp_path / "grid" / "best"), "--data-dir", str(data),
+                           "--out-dir", str(tmp_path / "grid_test"), "--retriever-name", "toy"])
+    assert m4["late_interaction"] and 0.0 <= m4["R@1"] <= m4["list_recall"]
+    with pytest.raises(InputError, match="image_grid.npy"):  # the same reranker pointed at features without grids
+        rerank_test.main(["--reranker-dir", str(tmp_path / "grid" / "best"), "--data-dir", str(data), "--emb-dir",
+                          str(tmp_path / "emb"), "--out-dir", str(tmp_path / "grid_test2"), "--retriever-name", "toy"])

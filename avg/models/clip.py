@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -81,6 +82,10 @@ class ClipEncoder:
     def _text_features(self, texts: Sequence[str]) -> torch.Tensor:
         raise NotImplementedError
 
+    def _image_features_and_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(pooled projected features [B, dim], the vision tower's last-layer patch tokens [B, N, width])."""
+        raise InputError(f"CLIP backend {self.backend!r} ({self.model_name}) gives no patch tokens: --image-grid needs a ViT")
+
     # --- shared ----------------------------------------------------------------------------
     def preprocess(self, image) -> torch.Tensor:
         return self.image_transform()(image)
@@ -102,6 +107,16 @@ class ClipEncoder:
         with self._autocast():
             feats = self._image_features(pixels.to(self.device, non_blocking=True))
         return self._finish(feats)
+
+    @torch.no_grad()
+    def encode_images_and_grid(self, pixels: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Like encode_images, plus the ViT's patch tokens average-pooled to a ``grid`` x ``grid``
+        layout, row-major from the top left: [B, grid * grid, width] float32 CPU (not projected,
+        not normalised). What a reranker reads of *where* things are: the pooled feature keeps little
+        of it (avg.reranker.model, ``grid_head``)."""
+        with self._autocast():
+            feats, tokens = self._image_features_and_tokens(pixels.to(self.device, non_blocking=True))
+        return self._finish(feats), pool_grid(tokens.float(), grid).cpu()
 
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
@@ -153,6 +168,17 @@ class OpenClipEncoder(ClipEncoder):
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.model.encode_image(pixels)
 
+    def _image_features_and_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        visual = self.model.visual
+        if not hasattr(visual, "output_tokens"):
+            return super()._image_features_and_tokens(pixels)
+        visual.output_tokens = True
+        try:
+            pooled, tokens = visual(pixels)
+        finally:
+            visual.output_tokens = False
+        return pooled, tokens
+
     def _text_features(self, texts: Sequence[str]) -> torch.Tensor:
         tokens = self.tokenizer(list(texts))
         # a full row is either an exact fit or a cut: re-count only those (+2 for start/end tokens)
@@ -199,6 +225,10 @@ class HFClipEncoder(ClipEncoder):
     def _image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         return _pooled(self.model.get_image_features(pixel_values=pixels))
 
+    def _image_features_and_tokens(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model.vision_model(pixel_values=pixels)
+        return self.model.visual_projection(out.pooler_output), out.last_hidden_state[:, 1:]  # drop the class token
+
     def _text_features(self, texts: Sequence[str]) -> torch.Tensor:
         enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self._max_len, return_tensors="pt")
         full = (enc["attention_mask"].sum(1) >= self._max_len).nonzero().flatten().tolist()
@@ -213,6 +243,19 @@ class _HFImageTransform:
 
     def __call__(self, image) -> torch.Tensor:
         return self.image_processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+def pool_grid(tokens: torch.Tensor, grid: int) -> torch.Tensor:
+    """[B, N, W] patch tokens of a square patch layout (N = n * n, row-major) -> [B, grid * grid, W]
+    by adaptive average pooling (grid >= n keeps them as they are)."""
+    b, n_tokens, width = tokens.shape
+    side = int(round(math.sqrt(n_tokens)))
+    if side * side != n_tokens:
+        raise InputError(f"{n_tokens} patch tokens do not form a square layout: cannot pool them to a {grid}x{grid} grid")
+    if grid < 1:
+        raise ValueError(f"grid must be >= 1, got {grid}")
+    maps = tokens.transpose(1, 2).reshape(b, width, side, side)
+    return F.adaptive_avg_pool2d(maps, min(grid, side)).flatten(2).transpose(1, 2).contiguous()
 
 
 def _pooled(out) -> torch.Tensor:

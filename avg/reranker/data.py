@@ -73,6 +73,21 @@ def candidate_lists(records, k: int, *, insert_positive: bool) -> list[dict]:
     return [candidate_list(r, k, insert_positive=insert_positive) for r in records]
 
 
+def shorten_list(lst: dict, k: int) -> dict:
+    """A training list cut to its first k candidates, still holding the positive: when the cut drops
+    it, it takes the last kept place and the list is marked ``inserted`` (as candidate_list does)."""
+    if k < 1:
+        raise InputError(f"a list must keep at least one candidate, got k = {k}")
+    if len(lst["candidates"]) <= k:
+        return lst
+    cands, scores = list(lst["candidates"][:k]), list(lst["scores"][:k])
+    pos = positive_index(lst)
+    inserted = bool(lst.get("inserted"))
+    if pos >= k:
+        cands[-1], scores[-1], inserted = lst["candidates"][pos], None, True
+    return {**lst, "candidates": cands, "scores": scores, "inserted": inserted}
+
+
 def list_stats(lists: Sequence[dict]) -> dict:
     n = len(lists)
     found = sum(x["gold_rank"] is not None for x in lists)
@@ -140,7 +155,7 @@ class ListDataset(torch.utils.data.Dataset):
 
     def __init__(self, lists: Sequence[dict], tokenizer, image_token_ids: dict, prompt_format, *,
                  max_length: int = 64, source: str = "reranker_data", image_prefix: int = 0, features=None,
-                 wrap: tuple = ((), ())):
+                 wrap: tuple = ((), ()), image_grid: bool = False):
         self.lists = list(lists)
         self.image_ids = image_token_ids  # image id -> [token ids]
         self.image_prefix = int(image_prefix)
@@ -156,6 +171,9 @@ class ListDataset(torch.utils.data.Dataset):
         self.pad = int(tokenizer.pad_token_id)
         self.labels = [positive_index(x) for x in self.lists]
         self.features = features
+        if image_grid and features is None:
+            raise ValueError("image_grid needs the feature store")
+        self.image_grid = bool(image_grid)
         self.text_rows = self.image_rows = None
         if features is not None:
             self.text_rows = np.array([features.text_row(x["gold"], x["query"], f"{source}: record {n}")
@@ -184,7 +202,7 @@ class ListCollator:
     ``valid`` marks real entries): ``retriever_scores`` [B, K] (0 where unknown), ``known`` [B, K],
     ``labels`` [B] (positive index, -1 if absent) and ``inserted`` [B]; with features,
     ``query_features`` [B, D], ``candidate_features`` [B, K, D] (L2-normalised, 0 past a list's end)
-    and ``cosine`` [B, K]."""
+    and ``cosine`` [B, K]; with image grids, ``candidate_grid`` [B, K, cells, W] (0 past a list's end)."""
 
     def __init__(self, dataset: ListDataset, padding_side: str = "right"):
         self.ds, self.side = dataset, padding_side
@@ -232,7 +250,15 @@ class ListCollator:
         for b, i in enumerate(idx):
             rows = ds.image_rows[i]
             v[b, : len(rows)] = torch.from_numpy(l2_normalize(store.emb.image_features[rows]))
-        return {"query_features": t, "candidate_features": v, "cosine": (v * t[:, None, :]).sum(-1)}
+        out = {"query_features": t, "candidate_features": v, "cosine": (v * t[:, None, :]).sum(-1)}
+        if ds.image_grid:
+            grid = store.emb.image_grid
+            g = torch.zeros((len(idx), k, grid.shape[1], grid.shape[2]))
+            for b, i in enumerate(idx):
+                rows = ds.image_rows[i]
+                g[b, : len(rows)] = torch.from_numpy(np.asarray(grid[rows], dtype=np.float32))
+            out["candidate_grid"] = g
+        return out
 
 
 def unflatten(pair_scores: torch.Tensor, batch: dict) -> torch.Tensor:
@@ -247,5 +273,5 @@ def lists_per_batch(n_lists: int, batch_size: int) -> int:
     return math.ceil(n_lists / batch_size) if n_lists else 0
 
 
-__all__ = ["clip_lists", "candidate_list", "candidate_lists", "list_stats", "load_lists", "positive_index", "pack", "ListDataset",
+__all__ = ["clip_lists", "candidate_list", "candidate_lists", "shorten_list", "list_stats", "load_lists", "positive_index", "pack", "ListDataset",
            "ListCollator", "unflatten", "seeded_subset", "lists_per_batch"]

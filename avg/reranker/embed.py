@@ -49,6 +49,13 @@ class FeatureStore:
     def dim(self) -> int:
         return int(self.emb.image_features.shape[1])
 
+    def grid_shape(self, source: str = "emb/") -> tuple[int, int]:
+        """(cells, width) of the image grids; an error naming the folder when emb/ has none."""
+        if self.emb.image_grid is None:
+            raise InputError(f"{source}: no image_grid.npy: run prepare_emb with --image-grid G (EMB_IMAGE_GRID) "
+                             "for a reranker with --grid-head")
+        return int(self.emb.image_grid.shape[1]), int(self.emb.image_grid.shape[2])
+
     def image_rows(self, image_ids: Sequence[str], source: str = "candidates") -> np.ndarray:
         try:
             return np.array([self.image_row[str(i)] for i in image_ids], dtype=np.int64)

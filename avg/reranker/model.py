@@ -16,7 +16,13 @@ What the reranker sees of a candidate image (besides the query's words):
   candidate's and the query's CLIP features and their product;
 * ``candidate_tokens=False`` (late interaction): the LM reads the query prompt once and the head
   scores every candidate from the query state and the candidate's features (needs
-  ``feature_head``): k times cheaper than a cross-encoder, for CPU budgets.
+  ``feature_head``): k times cheaper than a cross-encoder, for CPU budgets;
+* ``grid_slots`` S (late interaction, :class:`GridHead`): the candidate's *layout* -- the CLIP ViT's
+  patch tokens pooled to a g x g grid (``emb/image_grid.npy``). S learned slots summarise the
+  query's token states once; per candidate they cross-attend the grid cells (with a learned
+  position per cell) and an MLP scores what they found. The pooled CLIP feature keeps little of
+  where things are or what shape they have (a linear probe of the demo's features finds neither),
+  the grid keeps it; the cost per candidate is S x g^2 attention, still independent of the gallery.
 
 Fusion: ``s = head + u * cos(t, v) + w * (s_ret - max s_ret in the list)``. ``u`` (the embedding
 score's weight, ``embed_fusion``: none, fixed or learned from ``embed_weight``) starts the reranker
@@ -156,6 +162,41 @@ class ScoreHead(nn.Module):
         return self.net(h).squeeze(-1)
 
 
+class GridHead(nn.Module):
+    """Query slots x image grid cells (module docstring): [P, S, d] slots and [P, cells, W] grids ->
+    [P] scores. The last layer starts at zero, so an untrained grid head adds nothing."""
+
+    def __init__(self, hidden_size: int, grid_width: int, cells: int, *, slots: int = 8, width: int = 256):
+        super().__init__()
+        heads = 4 if width % 4 == 0 else 1
+        self.config = dict(hidden_size=int(hidden_size), grid_width=int(grid_width), cells=int(cells),
+                               slots=int(slots), width=int(width))
+        self.text = nn.Linear(hidden_size, width)
+        self.slots = nn.Parameter(torch.randn(1, slots, width) * 0.02)
+        self.summarise_attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.image = nn.Sequential(nn.LayerNorm(grid_width), nn.Linear(grid_width, width))
+        self.position = nn.Parameter(torch.randn(cells, width) * 0.02)
+        self.norm = nn.LayerNorm(width)
+        self.attend = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.score = nn.Sequential(nn.Linear(3 * width, width), nn.GELU(), nn.Linear(width, 1))
+        nn.init.zeros_(self.score[-1].weight)
+        nn.init.zeros_(self.score[-1].bias)
+
+    def summarise(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, T, H] query token states, [B, T] attention mask -> [B, S, width] slots (once per query)."""
+        keys = self.text(states.to(self.text.weight.dtype))
+        slots = self.slots.expand(states.shape[0], -1, -1)
+        out, _ = self.summarise_attn(slots, keys, keys, key_padding_mask=~mask.bool(), need_weights=False)
+        return out
+
+    def forward(self, slots: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        if grid.shape[1] != self.position.shape[0]:
+            raise ValueError(f"the grid head was built for {self.position.shape[0]} cells, the features have {grid.shape[1]}")
+        cells = self.image(grid.to(self.position.dtype)) + self.position
+        found, _ = self.attend(self.norm(slots), cells, cells, need_weights=False)
+        return self.score(torch.cat([slots, found, slots * found], dim=-1)).squeeze(-1).mean(1).float()
+
+
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last non-pad position of each row (left or right padding)."""
     width = attention_mask.shape[1]
@@ -166,7 +207,7 @@ class Reranker(nn.Module):
     def __init__(self, lm, *, head_inner: int = 256, head_dropout: float = 0.1, fusion: str = "learned",
                  fusion_weight: float = 1.0, feature_dim: int = 0, image_prefix: int = 0, feature_head: bool = False,
                  candidate_tokens: bool = True, embed_fusion: str = "none", embed_weight: float = 10.0,
-                 query_pooling: str = "last"):
+                 query_pooling: str = "last", grid_slots: int = 0, grid_width: int = 0, grid_cells: int = 0):
         super().__init__()
         if fusion not in FUSION_MODES:
             raise ValueError(f"fusion must be one of {FUSION_MODES}")
@@ -174,8 +215,10 @@ class Reranker(nn.Module):
             raise ValueError(f"embed_fusion must be one of {EMBED_FUSION_MODES}")
         if (image_prefix or feature_head or embed_fusion != "none") and feature_dim < 1:
             raise ValueError("image_prefix, feature_head and embed_fusion need the CLIP feature_dim")
-        if not candidate_tokens and not feature_head:
-            raise ValueError("candidate_tokens=False (late interaction) needs feature_head: the head must see the candidate")
+        if not candidate_tokens and not (feature_head or grid_slots):
+            raise ValueError("candidate_tokens=False (late interaction) needs feature_head or grid_slots: the head must see the candidate")
+        if grid_slots and (candidate_tokens or grid_width < 1 or grid_cells < 1):
+            raise ValueError("grid_slots needs late interaction (candidate_tokens=False) and the grid's width and cells")
         self.lm = lm
         cfg = L.search_model(lm).config
         hidden = int(getattr(cfg, "hidden_size", None) or cfg.get_text_config().hidden_size)
@@ -187,6 +230,7 @@ class Reranker(nn.Module):
         self.image_proj = nn.Linear(self.feature_dim, self.image_prefix * hidden) if self.image_prefix else None
         self.head = ScoreHead(hidden + (3 * self.feature_dim if self.feature_head else 0), inner=head_inner,
                               dropout=head_dropout)
+        self.grid_head = GridHead(hidden, grid_width, grid_cells, slots=grid_slots, width=head_inner) if grid_slots else None
         if embed_fusion != "none":  # start exactly at the CLIP order of the list: the head adds 0 until trained
             nn.init.zeros_(self.head.net[-1].weight)
             nn.init.zeros_(self.head.net[-1].bias)
@@ -268,10 +312,10 @@ class Reranker(nn.Module):
         return self._head(out.last_hidden_state[:, -1], pair_t, pair_v)
 
     def score_query_only(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, list_index: torch.Tensor,
-                         pair_t: torch.Tensor, pair_v: torch.Tensor) -> torch.Tensor:
+                         pair_t: torch.Tensor, pair_v: torch.Tensor, pair_grid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Late interaction: the LM reads each prompt once; every pair is scored by the head from the
         prompt's state (its last token's, or the mean over its tokens: ``query_pooling``) and the
-        pair's features."""
+        pair's features, plus the grid head's score of the pair's image grid when there is one."""
         positions = (prompt_mask.long().cumsum(-1) - 1).clamp_min(0)
         out = self.body()(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, use_cache=False)
         h = out.last_hidden_state
@@ -280,7 +324,12 @@ class Reranker(nn.Module):
             pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
         else:
             pooled = h[torch.arange(h.shape[0], device=h.device), last_token_index(prompt_mask)]
-        return self._head(pooled[list_index], pair_t, pair_v)
+        score = self._head(pooled[list_index], pair_t, pair_v)
+        if self.grid_head is not None:
+            if pair_grid is None:
+                raise ValueError("this reranker reads image grids: pass candidate_grid")
+            score = score + self.grid_head(self.grid_head.summarise(h, prompt_mask)[list_index], pair_grid)
+        return score
 
     def can_share_prefix(self) -> bool:
         """Gradient checkpointing drops the KV cache in training: use the flat path then."""
@@ -295,7 +344,8 @@ class Reranker(nn.Module):
                 prompt_mask: Optional[torch.Tensor] = None, candidate_ids: Optional[torch.Tensor] = None,
                 list_index: Optional[torch.Tensor] = None, share_prefix: bool = True,
                 soft_start: Optional[torch.Tensor] = None, query_features: Optional[torch.Tensor] = None,
-                candidate_features: Optional[torch.Tensor] = None, cosine: Optional[torch.Tensor] = None):
+                candidate_features: Optional[torch.Tensor] = None, cosine: Optional[torch.Tensor] = None,
+                candidate_grid: Optional[torch.Tensor] = None):
         """Pair scores [P]; with ``valid`` [B, K] (the fields of avg.reranker.data.ListCollator),
         (base, fused) scores per list [B, K] (-inf past a list's end): ``base`` = head + u * cos,
         ``fused`` = base + w * retriever score. Uses the shared-prefix path when the prompt fields are
@@ -306,8 +356,9 @@ class Reranker(nn.Module):
                 raise ValueError("this reranker reads CLIP features: pass query_features, candidate_features and valid")
             pair_t = query_features[list_index]
             pair_v = candidate_features[valid.to(candidate_features.device)]
+        pair_grid = candidate_grid[valid.to(candidate_grid.device)] if candidate_grid is not None else None
         if not self.candidate_tokens:
-            pair = self.score_query_only(prompt_ids, prompt_mask, list_index, pair_t, pair_v)
+            pair = self.score_query_only(prompt_ids, prompt_mask, list_index, pair_t, pair_v, pair_grid)
         elif share_prefix and prompt_ids is not None and candidate_ids is not None and self.can_share_prefix():
             pair = self.score_shared_prefix(prompt_ids, prompt_mask, candidate_ids, list_index, pair_t, pair_v)
         else:
@@ -330,7 +381,10 @@ class Reranker(nn.Module):
                 "image_prefix": self.image_prefix, "feature_head": self.feature_head,
                 "candidate_tokens": self.candidate_tokens, "query_pooling": self.query_pooling,
                 "embed_fusion": self.embed_fusion,
-                "embed_weight": float(self.embed_weight.detach())}
+                "embed_weight": float(self.embed_weight.detach()),
+                "grid_slots": self.grid_head.config["slots"] if self.grid_head is not None else 0,
+                "grid_width": self.grid_head.config["grid_width"] if self.grid_head is not None else 0,
+                "grid_cells": self.grid_head.config["cells"] if self.grid_head is not None else 0}
 
 
 def relative_retriever_scores(retriever_scores: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
@@ -360,9 +414,10 @@ def save_reranker(reranker: Reranker, tokenizer, tokens: ImageTokens, out: str |
             lm.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         state = {f"head.{k}": v.detach().float().cpu().contiguous() for k, v in reranker.head.state_dict().items()}
-        if reranker.image_proj is not None:
-            state.update({f"image_proj.{k}": v.detach().float().cpu().contiguous()
-                          for k, v in reranker.image_proj.state_dict().items()})
+        for name in ("image_proj", "grid_head"):
+            module = getattr(reranker, name)
+            if module is not None:
+                state.update({f"{name}.{k}": v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()})
         state["fusion_weight"] = reranker.fusion_weight.detach().float().cpu().reshape(1)
         state["embed_weight"] = reranker.embed_weight.detach().float().cpu().reshape(1)
         save_file(state, str(tmp / HEAD_FILE))
@@ -415,22 +470,23 @@ def load_reranker(path: str | os.PathLike, *, base_model: Optional[str] = None, 
                         feature_head=bool(meta.get("feature_head", False)),
                         candidate_tokens=bool(meta.get("candidate_tokens", True)),
                         embed_fusion=meta.get("embed_fusion", "none"), embed_weight=float(meta.get("embed_weight", 0.0)),
-                        query_pooling=meta.get("query_pooling", "last"))
+                        query_pooling=meta.get("query_pooling", "last"), grid_slots=int(meta.get("grid_slots", 0)),
+                        grid_width=int(meta.get("grid_width", 0)), grid_cells=int(meta.get("grid_cells", 0)))
     state = load_file(str(path / HEAD_FILE))
     try:
-        reranker.head.load_state_dict({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")})
-        if reranker.image_proj is not None:
-            reranker.image_proj.load_state_dict({k[len("image_proj."):]: v for k, v in state.items()
-                                                 if k.startswith("image_proj.")})
+        for name in ("head", "image_proj", "grid_head"):
+            module = getattr(reranker, name)
+            if module is not None:
+                module.load_state_dict({k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")})
     except RuntimeError as e:
         raise InputError(f"{path / HEAD_FILE}: does not match {path / META_FILE} ({e})") from None
     with torch.no_grad():
         reranker.fusion_weight.copy_(state["fusion_weight"].reshape(()))
         if "embed_weight" in state:
             reranker.embed_weight.copy_(state["embed_weight"].reshape(()))
-    reranker.head.to(dtype=torch.float32)
-    if reranker.image_proj is not None:
-        reranker.image_proj.to(dtype=torch.float32)
+    for module in (reranker.head, reranker.image_proj, reranker.grid_head):
+        if module is not None:
+            module.to(dtype=torch.float32)
     if device is not None:
         reranker = reranker.to(device)
     reranker.eval()
@@ -445,7 +501,7 @@ def image_token_ids(tokens: ImageTokens, token_ids: torch.Tensor) -> dict:
 
 # ---------------------------------------------------------------------------- batched scoring
 MODEL_KEYS = ("input_ids", "attention_mask", "valid", "retriever_scores", "known", "prompt_ids", "prompt_mask",
-              "candidate_ids", "list_index", "soft_start", "query_features", "candidate_features", "cosine")
+              "candidate_ids", "list_index", "soft_start", "query_features", "candidate_features", "cosine", "candidate_grid")
 
 
 def model_inputs(batch: dict, device) -> dict:
@@ -523,6 +579,6 @@ def reranked_records(lists: Sequence[dict], scores: dict) -> list[dict]:
 
 
 __all__ = ["META_FILE", "HEAD_FILE", "DEFAULT_PROMPT_TEMPLATE", "FUSION_MODES", "image_token_capacity",
-           "ensure_image_tokens", "add_lora", "ScoreHead", "last_token_index", "Reranker", "save_reranker",
+           "ensure_image_tokens", "add_lora", "ScoreHead", "GridHead", "last_token_index", "Reranker", "save_reranker",
            "load_reranker", "image_token_ids", "score_lists", "reranked_records", "relative_retriever_scores",
            "fuse_parts", "choose_fusion_weight", "FUSION_GRID", "EMBED_FUSION_MODES"]

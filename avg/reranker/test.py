@@ -88,9 +88,15 @@ def main(argv=None) -> dict:
         if not emb_dir:
             raise InputError(f"{Path(args.reranker_dir) / RM.META_FILE}: the reranker reads CLIP features; pass --emb-dir")
         store = FeatureStore.load(emb_dir)
+        if int(rmeta.get("grid_slots", 0)):
+            cells, width = store.grid_shape(emb_dir)
+            if (cells, width) != (int(rmeta["grid_cells"]), int(rmeta["grid_width"])):
+                raise InputError(f"{emb_dir}: image grids of {cells} cells x {width}, but the reranker "
+                                 f"{Path(args.reranker_dir) / RM.META_FILE} was trained on {rmeta['grid_cells']} x {rmeta['grid_width']}")
     ds = ListDataset(lists, tokenizer, RM.image_token_ids(tokens, ids), L.prompt_formatter(rmeta["prompt_template"]),
                      max_length=int(rmeta.get("max_length", 64)), source=str(data_dir / f"{args.split}.jsonl"),
-                     image_prefix=int(rmeta.get("image_prefix", 0)), features=store, wrap=RM.image_wrap_ids(tokenizer))
+                     image_prefix=int(rmeta.get("image_prefix", 0)), features=store, wrap=RM.image_wrap_ids(tokenizer),
+                     image_grid=bool(rmeta.get("grid_slots", 0)))
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     logger.info("%s: reranking %d of %d %s lists (top-%d) on %s, fusion %s (w=%.3f)", args.reranker_dir, len(lists),
                 n_total, args.split, max(len(x["candidates"]) for x in lists), device, rmeta["fusion"],

@@ -33,7 +33,7 @@ from transformers import get_linear_schedule_with_warmup
 from avg.eval.metrics import format_metrics, retrieval_metrics
 from avg.eval.runfiles import write_run
 from avg.reranker import model as RM
-from avg.reranker.data import ListCollator, ListDataset, load_lists, seeded_subset
+from avg.reranker.data import ListCollator, ListDataset, load_lists, seeded_subset, shorten_list
 from avg.reranker.embed import FeatureStore
 from avg.reranker.image_tokens import ImageTokens
 from avg.reranker.losses import listwise_loss, pointwise_loss
@@ -62,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="text before the image tokens; must contain {query}")
     g.add_argument("--max-length", type=int, default=64, help="max prompt tokens (truncated from the left)")
     g.add_argument("--max-train-lists", type=int, default=0, help="a seeded subset of N training lists (0: all)")
+    g.add_argument("--train-topk", type=int, default=0,
+                   help="train on the first N candidates of each training list, the positive kept (0: the whole list; "
+                        "val and test lists are never cut)")
     g.add_argument("--max-eval-lists", type=int, default=0, help="a seeded subset of N val lists for model selection (0: all)")
     g = p.add_argument_group("model")
     g.add_argument("--full-finetune", action="store_true", help="train every weight, no LoRA (small or random models)")
@@ -78,7 +81,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the head reads [h, v, t*v, t]: the LM state and the CLIP features of candidate and query")
     g.add_argument("--late-interaction", action="store_true",
                    help="the LM reads the query only, once; the head scores each candidate from it and the candidate's "
-                        "features (implies --feature-head; k times cheaper than the cross-encoder)")
+                        "features (implies --feature-head unless --grid-head sees the candidate; k times cheaper than "
+                        "the cross-encoder)")
+    g.add_argument("--grid-head", type=int, default=0, metavar="S",
+                   help="late interaction: S query slots cross-attend each candidate's image grid (emb/image_grid.npy, "
+                        "from prepare_emb --image-grid) and add their score (0: off)")
     g.add_argument("--query-pooling", choices=RM.QUERY_POOLING, default="last",
                    help="late interaction: the query's state is the LM's last token's, or the mean over the prompt's tokens")
     g.add_argument("--embed-fusion", choices=RM.EMBED_FUSION_MODES, default="none",
@@ -143,9 +150,10 @@ def build_model(args, tokens: ImageTokens, device):
     torch.manual_seed(args.seed)
     reranker = RM.Reranker(lm, head_inner=args.head_inner, head_dropout=args.head_dropout, fusion=args.fusion,
                            fusion_weight=args.fusion_weight, feature_dim=args.feature_dim, image_prefix=args.image_prefix,
-                           feature_head=args.feature_head or args.late_interaction,
+                           feature_head=args.feature_head or (args.late_interaction and not args.grid_head),
                            candidate_tokens=not args.late_interaction, embed_fusion=args.embed_fusion,
-                           embed_weight=args.embed_weight, query_pooling=args.query_pooling)
+                           embed_weight=args.embed_weight, query_pooling=args.query_pooling,
+                           grid_slots=args.grid_head, grid_width=args.grid_width, grid_cells=args.grid_cells)
     return tokenizer, reranker, ids, added, dtype
 
 
@@ -161,11 +169,15 @@ def main(argv=None) -> dict:
     tokens = ImageTokens.load(args.tokens_dir)
     meta = read_json(data_dir / "meta.json") if (data_dir / "meta.json").is_file() else {}
     val_gallery = (meta.get("splits", {}).get("val") or {}).get("gallery_size")
+    if args.grid_head and not args.late_interaction:
+        raise InputError("--grid-head scores candidates by late interaction: add --late-interaction")
     uses_features = args.image_prefix > 0 or args.feature_head or args.late_interaction or args.embed_fusion != "none"
     if uses_features and not args.emb_dir:
-        raise InputError("--image-prefix, --feature-head, --late-interaction and --embed-fusion read CLIP features: pass --emb-dir")
+        raise InputError("--image-prefix, --feature-head, --late-interaction, --grid-head and --embed-fusion read CLIP "
+                         "features: pass --emb-dir")
     store = FeatureStore.load(args.emb_dir) if uses_features else None
     args.feature_dim = store.dim if store is not None else 0
+    args.grid_cells, args.grid_width = store.grid_shape(args.emb_dir) if args.grid_head else (0, 0)
     out_dir = Path(args.out_dir)
     stage = begin_stage(out_dir, STAGE, vars(args), inputs=[args.data_dir, args.tokens_dir, args.model, args.emb_dir],
                         force=args.force, ignore=("stop_after_steps", "save_every_steps", "no_shared_prefix"),
@@ -201,9 +213,11 @@ def main(argv=None) -> dict:
     id_table = RM.image_token_ids(tokens, ids)
     fmt = L.prompt_formatter(args.prompt_template)
     train_lists = seeded_subset(train_lists, args.max_train_lists, args.seed, 1)
+    if args.train_topk:
+        train_lists = [shorten_list(x, args.train_topk) for x in train_lists]
     val_lists = seeded_subset(val_lists, args.max_eval_lists, args.seed, 2)
     ds_kwargs = dict(max_length=args.max_length, image_prefix=args.image_prefix, features=store,
-                     wrap=RM.image_wrap_ids(tokenizer))
+                     wrap=RM.image_wrap_ids(tokenizer), image_grid=bool(args.grid_head))
     train_ds = ListDataset(train_lists, tokenizer, id_table, fmt, source=str(data_dir / "train.jsonl"), **ds_kwargs)
     val_ds = ListDataset(val_lists, tokenizer, id_table, fmt, source=str(val_path), **ds_kwargs) if val_lists else None
     collate = ListCollator(train_ds)

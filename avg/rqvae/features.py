@@ -3,6 +3,8 @@
 Layout (written by ``avg.rqvae.prepare_emb``):
   emb/image_features.npy  [n_images, dim]   row i <-> index["images"][i]
   emb/text_features.npy   [n_captions, dim] row j <-> index["captions"][j]
+  emb/image_grid.npy      [n_images, g * g, width]  optional (``--image-grid g``): the ViT's patch
+                          tokens average-pooled to a g x g grid, row-major; index["encoder"]["grid"] = g
   emb/index.json          {"encoder": {backend, model, pretrained, dim, normalized, dtype},
                            "images": [{image_id, file, split}],
                            "captions": [{text, image_row, split}],
@@ -23,6 +25,7 @@ from avg.utils.io import InputError, atomic_dir, read_json, save_npy, write_json
 
 IMAGE_FEATURES = "image_features.npy"
 TEXT_FEATURES = "text_features.npy"
+IMAGE_GRID = "image_grid.npy"
 INDEX = "index.json"
 
 
@@ -31,6 +34,7 @@ class Embeddings:
     image_features: np.ndarray  # memory-mapped when loaded with mmap=True
     text_features: np.ndarray
     index: dict
+    image_grid: Optional[np.ndarray] = None  # [n_images, g * g, width] when written with --image-grid
 
     @property
     def images(self) -> list:
@@ -104,7 +108,15 @@ def load_emb(emb_dir: str | os.PathLike, mmap: bool = True) -> Embeddings:
     for j, c in enumerate(index["captions"]):
         if not 0 <= c["image_row"] < img.shape[0]:
             raise InputError(f"{emb_dir / INDEX}: captions[{j}] points at image row {c['image_row']}, outside 0..{img.shape[0] - 1}")
-    return Embeddings(img, txt, index)
+    grid = None
+    if (emb_dir / IMAGE_GRID).is_file():
+        try:
+            grid = np.load(emb_dir / IMAGE_GRID, mmap_mode=mode)
+        except ValueError as e:
+            raise InputError(f"{emb_dir / IMAGE_GRID}: not a .npy array ({e})") from None
+        if grid.ndim != 3 or grid.shape[0] != img.shape[0]:
+            raise InputError(f"{emb_dir / IMAGE_GRID}: shape {grid.shape}, expected [{img.shape[0]}, cells, width]")
+    return Embeddings(img, txt, index, grid)
 
 
 def save_emb(
@@ -115,11 +127,16 @@ def save_emb(
     captions: Sequence[dict],
     encoder: dict,
     extra: Optional[dict[str, Any]] = None,
+    image_grid: Optional[np.ndarray] = None,
 ) -> Path:
     """Write a complete ``emb/`` directory atomically (built under a temp name, then renamed)."""
     if image_features.shape[0] != len(images) or text_features.shape[0] != len(captions):
         raise ValueError("save_emb: row counts disagree with the index")
-    index = {"encoder": {**encoder, "dim": int(image_features.shape[1]), "dtype": str(image_features.dtype)}, "images": list(images), "captions": list(captions)}
+    if image_grid is not None and (image_grid.ndim != 3 or image_grid.shape[0] != len(images)):
+        raise ValueError(f"save_emb: image_grid of shape {image_grid.shape} for {len(images)} images")
+    grid = {"grid": int(round(image_grid.shape[1] ** 0.5)), "grid_width": int(image_grid.shape[2])} if image_grid is not None else {}
+    index = {"encoder": {**encoder, "dim": int(image_features.shape[1]), "dtype": str(image_features.dtype), **grid},
+             "images": list(images), "captions": list(captions)}
     index.setdefault("skipped_images", [])
     if extra:
         index.update(extra)
@@ -127,5 +144,7 @@ def save_emb(
     with atomic_dir(out_dir) as tmp:
         save_npy(image_features, tmp / IMAGE_FEATURES)
         save_npy(text_features, tmp / TEXT_FEATURES)
+        if image_grid is not None:
+            save_npy(image_grid, tmp / IMAGE_GRID)
         write_json(index, tmp / INDEX, indent=None)
     return out_dir

@@ -72,10 +72,12 @@ class EmbResult:
     captions: list
     skipped: list = field(default_factory=list)
     truncated_captions: int = 0  # longer than the text encoder's context: cut by its tokenizer
+    image_grid: Optional[np.ndarray] = None  # [n_images, g * g, width] with grid=g
 
 
-def encode_dataset(dataset, encoder, *, batch_size: int = 64, num_workers: int = 2, skip_bad_images: bool = False, text_batch_size: int = 256, progress: bool = True) -> EmbResult:
-    """Encode all images (every split) and then the captions of the images that loaded.
+def encode_dataset(dataset, encoder, *, batch_size: int = 64, num_workers: int = 2, skip_bad_images: bool = False, text_batch_size: int = 256, progress: bool = True, grid: int = 0) -> EmbResult:
+    """Encode all images (every split) and then the captions of the images that loaded; with
+    ``grid`` > 0 also each image's patch tokens pooled to a grid x grid layout.
 
     `dataset` is an ``avg.data.karpathy.CaptionDataset``; `encoder` a ``ClipEncoder``.
     Raises InputError on the first unreadable image unless `skip_bad_images`.
@@ -87,6 +89,7 @@ def encode_dataset(dataset, encoder, *, batch_size: int = 64, num_workers: int =
         persistent_workers=False, pin_memory=encoder.device.type == "cuda",
     )
     feats: list[Optional[np.ndarray]] = [None] * len(records)
+    grids: list[Optional[np.ndarray]] = [None] * len(records)
     skipped = []
     bar = tqdm(total=len(records), desc="images", unit="img", disable=not progress)
     for idx, ok_idx, pixels, errors in loader:
@@ -95,7 +98,14 @@ def encode_dataset(dataset, encoder, *, batch_size: int = 64, num_workers: int =
                 raise InputError(f"{err} (record images[{i}] of {dataset.source}; pass --skip-bad-images to leave such images out)")
             skipped.append({"image_id": records[i].image_id, "file": records[i].rel_path, "split": records[i].split, "error": err})
         if pixels is not None:
-            out = encoder.encode_images(pixels).numpy()
+            if grid:
+                out, cells = encoder.encode_images_and_grid(pixels, grid)
+                cells = cells.numpy().astype(np.float16)
+                for row, i in enumerate(ok_idx):
+                    grids[i] = cells[row]
+            else:
+                out = encoder.encode_images(pixels)
+            out = out.numpy()
             for row, i in enumerate(ok_idx):
                 feats[i] = out[row]
         bar.update(len(idx))
@@ -123,7 +133,8 @@ def encode_dataset(dataset, encoder, *, batch_size: int = 64, num_workers: int =
     if truncated:
         log.warning("%d caption(s) longer than the text encoder's context were truncated by its tokenizer "
                     "(only their first tokens are encoded; counted in index.json 'truncated_captions')", truncated)
-    return EmbResult(image_features, text_features, images, captions, skipped, truncated)
+    image_grid = np.stack([grids[i] for i in kept]) if grid else None
+    return EmbResult(image_features, text_features, images, captions, skipped, truncated, image_grid)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("auto", "fp32", "fp16"), default="auto", help="auto = fp16 autocast on CUDA, fp32 on the CPU")
     p.add_argument("--skip-bad-images", action="store_true", help="leave unreadable images (and their captions) out instead of stopping")
     p.add_argument("--no-normalize", action="store_true", help="store raw projections instead of L2-normalised features")
+    p.add_argument("--image-grid", type=int, default=0,
+                   help="also store each image's ViT patch tokens pooled to a G x G grid (image_grid.npy, fp16; "
+                        "what the LM reranker's --grid-head reads; 0: off)")
     p.add_argument("--max-images", type=int, default=None, help="encode only the first N images of the json (quick runs)")
     p.add_argument("--seed", type=int, default=0, help="seed (the encoder is frozen; this only pins any randomness in loading)")
     p.add_argument("--no-progress", action="store_true", help="hide tqdm bars")
@@ -179,7 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
 
     encoder = load_clip(args.backend, args.clip_model, pretrained, device=args.device, precision=args.precision, normalize=not args.no_normalize)
     log.info("encoder %s %s (pretrained=%s) on %s, %s", args.backend, args.clip_model, pretrained, encoder.device, encoder.precision)
-    res = encode_dataset(dataset, encoder, batch_size=args.batch_size, num_workers=args.num_workers, skip_bad_images=args.skip_bad_images, text_batch_size=args.text_batch_size, progress=not args.no_progress)
+    res = encode_dataset(dataset, encoder, batch_size=args.batch_size, num_workers=args.num_workers, skip_bad_images=args.skip_bad_images, text_batch_size=args.text_batch_size, progress=not args.no_progress, grid=args.image_grid)
     out = save_emb(
         args.out_dir,
         res.image_features.astype(np.float16),
@@ -187,6 +201,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
         res.images,
         res.captions,
         encoder=encoder.describe(),
+        image_grid=res.image_grid,
         extra={"skipped_images": res.skipped, "truncated_captions": res.truncated_captions, "source": {"annotations": str(args.annotations), "image_root": str(args.image_root), "max_images": args.max_images}},
     )
     run.complete({"num_images": len(res.images), "num_captions": len(res.captions),

@@ -1,0 +1,109 @@
+"""What do the demo's CLIP features know about a scene? Linear probes, trained on TRAIN images and
+scored on TEST images, from the pooled image feature (``emb/image_features.npy``) and from the
+patch grid (``emb/image_grid.npy``, written by ``prepare_emb --image-grid``) to the scene's facts
+recorded by the demo generator: which shapes, which colours, which of the 3 x 3 cells are
+occupied, the background colour, and (shape, colour) and (cell, colour) pairs.
+
+Each fact is a binary label; the table gives the F1 of the positive class on TEST (a probe that
+says "absent" everywhere scores 0), next to the label's base rate. Used to find where the demo's
+recall is lost (README, "Reranking"): a reranker can only use what its inputs carry.
+
+    python tools/probe_demo_features.py --emb-dir outputs/demo/emb --annotations data/demo/dataset_demo.json
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from avg.data.demo import BG_COLOURS, COLOURS, SHAPES  # noqa: E402
+from avg.rqvae.features import load_emb  # noqa: E402
+from avg.utils.cli import run_main  # noqa: E402
+from avg.utils.io import InputError, read_json  # noqa: E402
+
+CELLS = [(r, c) for r in range(3) for c in range(3)]
+
+
+def scene_labels(scene: dict) -> dict[str, list[bool]]:
+    """Binary facts of one generated scene, grouped."""
+    objs = scene["objects"]
+    return {
+        "shape present": [any(o["shape"] == s for o in objs) for s in SHAPES],
+        "colour present": [any(o["colour"] == c for o in objs) for c in COLOURS],
+        "cell occupied": [any(tuple(o["cell"]) == cell for o in objs) for cell in CELLS],
+        "background colour": [b in scene["background"]["colours"] for b in BG_COLOURS],
+        "(shape, colour)": [any(o["shape"] == s and o["colour"] == c for o in objs) for s in SHAPES for c in COLOURS],
+        "(cell, colour)": [any(tuple(o["cell"]) == cell and o["colour"] == c for o in objs) for cell in CELLS for c in COLOURS],
+    }
+
+
+def linear_probe(x_train, y_train, x_test, *, steps: int, lr: float, seed: int) -> torch.Tensor:
+    """Logistic regression per label (full batch Adam on standardised inputs) -> test predictions."""
+    torch.manual_seed(seed)
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-3
+    xtr, xte = (x_train - mean) / std, (x_test - mean) / std
+    probe = torch.nn.Linear(xtr.shape[1], y_train.shape[1])
+    opt = torch.optim.Adam(probe.parameters(), lr=lr, weight_decay=1e-4)
+    for _ in range(steps):
+        loss = F.binary_cross_entropy_with_logits(probe(xtr), y_train)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return (probe(xte) > 0).float()
+
+
+def f1(pred: torch.Tensor, gold: torch.Tensor) -> float:
+    return float(2 * (pred * gold).sum() / (pred.sum() + gold.sum()).clamp_min(1))
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--emb-dir", required=True, help="emb/ folder of the demo dataset")
+    p.add_argument("--annotations", required=True, help="the demo's dataset_demo.json (it records every scene)")
+    p.add_argument("--steps", type=int, default=300, help="full-batch optimisation steps per probe")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    emb = load_emb(args.emb_dir)
+    scenes = {im["filename"]: im.get("scene") for im in read_json(args.annotations)["images"]}
+    rows = []
+    for n, im in enumerate(emb.images):
+        scene = scenes.get(im["image_id"])
+        if scene is None:
+            raise InputError(f"{args.annotations}: no scene recorded for image {im['image_id']!r} (emb/ images[{n}]): "
+                             "probes need the demo generator's json")
+        rows.append(scene_labels(scene))
+    groups = list(rows[0])
+    split = np.array([im["split"] for im in emb.images])
+    train, test = torch.from_numpy(split == "train"), torch.from_numpy(split == "test")
+    inputs = {"pooled feature": torch.from_numpy(np.asarray(emb.image_features, dtype=np.float32))}
+    if emb.image_grid is not None:
+        inputs[f"patch grid ({emb.image_grid.shape[1]} cells)"] = torch.from_numpy(
+            np.asarray(emb.image_grid, dtype=np.float32)).flatten(1)
+    out: dict = {}
+    print(f"linear probes, TEST F1 of the positive class ({int(train.sum())} train / {int(test.sum())} test images)")
+    print("| fact | base rate | " + " | ".join(inputs) + " |")
+    print("|---|---|" + "---|" * len(inputs))
+    for g in groups:
+        y = torch.tensor([r[g] for r in rows], dtype=torch.float32)
+        scores = {}
+        for name, x in inputs.items():
+            pred = linear_probe(x[train], y[train], x[test], steps=args.steps, lr=args.lr, seed=args.seed)
+            scores[name] = f1(pred, y[test])
+        out[g] = {"base_rate": float(y[test].mean()), **scores}
+        print(f"| {g} | {out[g]['base_rate']:.3f} | " + " | ".join(f"{scores[n]:.3f}" for n in inputs) + " |")
+    return out
+
+
+if __name__ == "__main__":
+    run_main(main)
