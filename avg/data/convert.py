@@ -13,7 +13,7 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Any, Iterator
 
-from avg.data.karpathy import (MAX_REPORTED_PROBLEMS, SPLIT_ALIASES, DatasetError, _Problems, path_escape,
+from avg.data.karpathy import (MAX_REPORTED_PROBLEMS, SPLIT_ALIASES, DatasetError, Problems, path_escape,
                                tokenize_caption, validate_karpathy)
 from avg.utils.io import write_json
 
@@ -46,7 +46,7 @@ def _csv_rows(path: Path, text: str) -> Iterator[tuple[int, dict]]:
         line = reader.line_num + 1
 
 
-def _jsonl_rows(path: Path, text: str, problems: _Problems) -> Iterator[tuple[int, dict]]:
+def _jsonl_rows(path: Path, text: str, problems: Problems) -> Iterator[tuple[int, dict]]:
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -70,7 +70,7 @@ def table_to_karpathy(input_path: str | os.PathLike, *, image_root: str | os.Pat
     """Parse and validate a caption table; return the Karpathy dict. Raises DatasetError listing all problems."""
     path = Path(input_path)
     text = _read_text(path)
-    problems = _Problems(str(path), cap=MAX_REPORTED_PROBLEMS)
+    problems = Problems(str(path), cap=MAX_REPORTED_PROBLEMS)
     suffix = path.suffix.lower()
     if suffix == ".csv":
         rows = _csv_rows(path, text)

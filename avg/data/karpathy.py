@@ -72,7 +72,7 @@ class CaptionDataset:
         return len(self.images)
 
 
-class _Problems:
+class Problems:
     """Collects validation problems; keeps the first `cap` messages and counts the rest."""
 
     def __init__(self, source: str, cap: int = MAX_REPORTED_PROBLEMS):
@@ -139,7 +139,7 @@ def validate_karpathy(data: Any, source: str | os.PathLike, image_root: str | os
                       check_files: bool = True) -> CaptionDataset:
     """Validate an already-parsed Karpathy dict; `source` names the file in error messages."""
     source, image_root = Path(source), Path(image_root)
-    problems = _Problems(str(source))
+    problems = Problems(str(source))
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         got = type(data).__name__ if not isinstance(data, dict) else (
             "no 'images' key" if "images" not in data else f"'images' is a {type(data['images']).__name__}")

@@ -26,8 +26,8 @@ from avg.reranker import model as RM
 from avg.reranker.data import ListDataset, load_lists, seeded_subset
 from avg.reranker.embed import FeatureStore
 from avg.retriever import llama as L
-from avg.retriever.test_llama import _device
 from avg.utils.cli import run_main
+from avg.utils.devices import process_device
 from avg.utils.io import InputError, read_json, write_json
 from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
 from avg.utils.tracking import RunLogger
@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
                       ignore=("batch_size", "no_shared_prefix"))
     if run.up_to_date and skip_if_done():
         return run.previous.get("summary") or {}
-    device = _device(args.cpu)
+    device = process_device(args.cpu)
     logger = RunLogger(out_dir, project=args.wandb_project, run_name=args.run_name or f"reranker-{args.split}",
                        config=vars(args), log_name="eval.log")
     dtype = L.resolve_dtype(args.model_dtype, lora=True, device=device)

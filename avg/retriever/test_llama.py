@@ -28,6 +28,7 @@ from avg.retriever import llama as L
 from avg.retriever.evaluate import evaluate_split
 from avg.retriever.training import check_data_matches_vocab, load_split
 from avg.retriever.train_llama import SYSTEM, subset
+from avg.utils.devices import process_device
 from avg.retriever.vocab import VokenVocab
 from avg.utils.io import InputError, write_json
 from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
@@ -63,24 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _device(cpu: bool) -> torch.device:
-    """One device per process; torchrun's LOCAL_RANK picks the GPU and starts the process group."""
-    import os
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = torch.cuda.is_available() and not cpu
-    if world > 1 and not (dist.is_available() and dist.is_initialized()):
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local)
-    return torch.device("cpu")
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = _device(args.cpu)
+    device = process_device(args.cpu)
     if args.fast_search and args.no_merge:
         raise InputError("--fast-search needs a merged model (drop --no-merge)")
     # inputs are checked before anything under --out-dir is written
