@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--lora-alpha", type=int, default=16, help="LoRA scaling alpha")
     g.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input")
     g.add_argument("--lora-target-modules", default=L.DEFAULT_LORA_TARGETS, help="comma-separated module names, or 'all-linear'")
-    g.add_argument("--head-inner", type=int, default=256, help="hidden width of the MLP scoring head")
+    g.add_argument("--head-inner", type=int, default=256, help="hidden width of the MLP scoring head (and of the grid head)")
     g.add_argument("--head-dropout", type=float, default=0.1, help="dropout inside the MLP head")
     g.add_argument("--emb-dir", default=None, help="emb/ folder: the CLIP features the options below read")
     g.add_argument("--image-prefix", type=int, default=0,
