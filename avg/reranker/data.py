@@ -247,18 +247,15 @@ class ListCollator:
         store = ds.features
         t = torch.from_numpy(l2_normalize(store.emb.text_features[ds.text_rows[list(idx)]]))
         v = torch.zeros((len(idx), k, t.shape[1]))
+        grid = store.emb.image_grid if ds.image_grid else None
+        g = torch.zeros((len(idx), k, *grid.shape[1:])) if grid is not None else None
         for b, i in enumerate(idx):
             rows = ds.image_rows[i]
             v[b, : len(rows)] = torch.from_numpy(l2_normalize(store.emb.image_features[rows]))
-        out = {"query_features": t, "candidate_features": v, "cosine": (v * t[:, None, :]).sum(-1)}
-        if ds.image_grid:
-            grid = store.emb.image_grid
-            g = torch.zeros((len(idx), k, grid.shape[1], grid.shape[2]))
-            for b, i in enumerate(idx):
-                rows = ds.image_rows[i]
+            if g is not None:
                 g[b, : len(rows)] = torch.from_numpy(np.asarray(grid[rows], dtype=np.float32))
-            out["candidate_grid"] = g
-        return out
+        out = {"query_features": t, "candidate_features": v, "cosine": (v * t[:, None, :]).sum(-1)}
+        return {**out, "candidate_grid": g} if g is not None else out
 
 
 def unflatten(pair_scores: torch.Tensor, batch: dict) -> torch.Tensor:

@@ -21,8 +21,8 @@ What the reranker sees of a candidate image (besides the query's words):
   patch tokens pooled to a g x g grid (``emb/image_grid.npy``). S learned slots summarise the
   query's token states once; per candidate they cross-attend the grid cells (with a learned
   position per cell) and an MLP scores what they found. The pooled CLIP feature keeps little of
-  where things are or what shape they have (a linear probe of the demo's features finds neither),
-  the grid keeps it; the cost per candidate is S x g^2 attention, still independent of the gallery.
+  where things are (linear probes of the demo's features, tools/probe_demo_features.py), the grid
+  keeps it; the cost per candidate is S x g^2 attention, still independent of the gallery.
 
 Fusion: ``s = head + u * cos(t, v) + w * (s_ret - max s_ret in the list)``. ``u`` (the embedding
 score's weight, ``embed_fusion``: none, fixed or learned from ``embed_weight``) starts the reranker
@@ -169,8 +169,6 @@ class GridHead(nn.Module):
     def __init__(self, hidden_size: int, grid_width: int, cells: int, *, slots: int = 8, width: int = 256):
         super().__init__()
         heads = 4 if width % 4 == 0 else 1
-        self.config = dict(hidden_size=int(hidden_size), grid_width=int(grid_width), cells=int(cells),
-                               slots=int(slots), width=int(width))
         self.text = nn.Linear(hidden_size, width)
         self.slots = nn.Parameter(torch.randn(1, slots, width) * 0.02)
         self.summarise_attn = nn.MultiheadAttention(width, heads, batch_first=True)
@@ -181,6 +179,11 @@ class GridHead(nn.Module):
         self.score = nn.Sequential(nn.Linear(3 * width, width), nn.GELU(), nn.Linear(width, 1))
         nn.init.zeros_(self.score[-1].weight)
         nn.init.zeros_(self.score[-1].bias)
+
+    def shape(self) -> dict:
+        """The sizes that rebuild it (saved in reranker.json)."""
+        return {"grid_slots": int(self.slots.shape[1]), "grid_cells": int(self.position.shape[0]),
+                "grid_width": int(self.image[0].normalized_shape[0])}
 
     def summarise(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """[B, T, H] query token states, [B, T] attention mask -> [B, S, width] slots (once per query)."""
@@ -382,9 +385,8 @@ class Reranker(nn.Module):
                 "candidate_tokens": self.candidate_tokens, "query_pooling": self.query_pooling,
                 "embed_fusion": self.embed_fusion,
                 "embed_weight": float(self.embed_weight.detach()),
-                "grid_slots": self.grid_head.config["slots"] if self.grid_head is not None else 0,
-                "grid_width": self.grid_head.config["grid_width"] if self.grid_head is not None else 0,
-                "grid_cells": self.grid_head.config["cells"] if self.grid_head is not None else 0}
+                **(self.grid_head.shape() if self.grid_head is not None else
+                   {"grid_slots": 0, "grid_cells": 0, "grid_width": 0})}
 
 
 def relative_retriever_scores(retriever_scores: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
@@ -413,8 +415,8 @@ def save_reranker(reranker: Reranker, tokenizer, tokens: ImageTokens, out: str |
             L.deterministic_generation_config(lm, tokenizer)
             lm.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        state = {f"head.{k}": v.detach().float().cpu().contiguous() for k, v in reranker.head.state_dict().items()}
-        for name in ("image_proj", "grid_head"):
+        state = {}
+        for name in ("head", "image_proj", "grid_head"):
             module = getattr(reranker, name)
             if module is not None:
                 state.update({f"{name}.{k}": v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()})
