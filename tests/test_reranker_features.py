@@ -345,3 +345,4 @@ def test_feature_reranker_stages_end_to_end(tmp_path, stage_inputs):
     with pytest.raises(InputError, match="image_grid.npy"):  # the same reranker pointed at features without grids
         rerank_test.main(["--reranker-dir", str(tmp_path / "grid" / "best"), "--data-dir", str(data), "--emb-dir",
                           str(tmp_path / "emb"), "--out-dir", str(tmp_path / "grid_test2"), "--retriever-name", "toy"])
+    assert not (tmp_path / "grid_test2").exists()  # refused before the stage wrote anything

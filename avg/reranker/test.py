@@ -58,6 +58,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _feature_store(rmeta: dict, emb_dir: str | None, meta_file: Path) -> FeatureStore | None:
+    """The CLIP features a reranker reads (None when it reads none), checked against what it was trained on."""
+    if not int(rmeta.get("feature_dim", 0)):
+        return None
+    emb_dir = emb_dir or rmeta.get("emb_dir")
+    if not emb_dir:
+        raise InputError(f"{meta_file}: the reranker reads CLIP features; pass --emb-dir")
+    store = FeatureStore.load(emb_dir)
+    if int(rmeta.get("grid_slots", 0)):
+        cells, width = store.grid_shape(emb_dir)
+        if (cells, width) != (int(rmeta["grid_cells"]), int(rmeta["grid_width"])):
+            raise InputError(f"{emb_dir}: image grids of {cells} cells x {width}, but the reranker "
+                             f"{meta_file} was trained on {rmeta['grid_cells']} x {rmeta['grid_width']}")
+    return store
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     data_dir, out_dir = Path(args.data_dir), Path(args.out_dir)
@@ -67,8 +83,10 @@ def main(argv=None) -> dict:
     gallery_size = split_meta.get("gallery_size")
     if args.split == "train" and split_meta.get("inserted"):
         raise InputError(f"{data_dir / 'train.jsonl'}: training lists hold inserted positives; evaluate val or test")
-    if not (Path(args.reranker_dir) / RM.META_FILE).is_file():
-        raise InputError(f"{Path(args.reranker_dir) / RM.META_FILE}: not found (run scripts/finetune_reranker_llama.sh first)")
+    meta_file = Path(args.reranker_dir) / RM.META_FILE
+    if not meta_file.is_file():
+        raise InputError(f"{meta_file}: not found (run scripts/finetune_reranker_llama.sh first)")
+    store = _feature_store(read_json(meta_file), args.emb_dir, meta_file)  # checked before the stage starts writing
     run = begin_stage(out_dir, "test_reranker", vars(args), inputs=[args.reranker_dir, args.data_dir, args.emb_dir], force=args.force,
                       ignore=("batch_size", "no_shared_prefix"))
     if run.up_to_date and skip_if_done():
@@ -82,17 +100,6 @@ def main(argv=None) -> dict:
     ids = torch.tensor(tokenizer.convert_tokens_to_ids([f"<img_{i:05d}>" for i in range(tokens.mapping.num_tokens)]))
     n_total = len(lists)
     lists = seeded_subset(lists, args.max_queries, args.seed, 3)
-    store = None
-    if int(rmeta.get("feature_dim", 0)):
-        emb_dir = args.emb_dir or rmeta.get("emb_dir")
-        if not emb_dir:
-            raise InputError(f"{Path(args.reranker_dir) / RM.META_FILE}: the reranker reads CLIP features; pass --emb-dir")
-        store = FeatureStore.load(emb_dir)
-        if int(rmeta.get("grid_slots", 0)):
-            cells, width = store.grid_shape(emb_dir)
-            if (cells, width) != (int(rmeta["grid_cells"]), int(rmeta["grid_width"])):
-                raise InputError(f"{emb_dir}: image grids of {cells} cells x {width}, but the reranker "
-                                 f"{Path(args.reranker_dir) / RM.META_FILE} was trained on {rmeta['grid_cells']} x {rmeta['grid_width']}")
     ds = ListDataset(lists, tokenizer, RM.image_token_ids(tokens, ids), L.prompt_formatter(rmeta["prompt_template"]),
                      max_length=int(rmeta.get("max_length", 64)), source=str(data_dir / f"{args.split}.jsonl"),
                      image_prefix=int(rmeta.get("image_prefix", 0)), features=store, wrap=RM.image_wrap_ids(tokenizer),
