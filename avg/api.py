@@ -215,13 +215,13 @@ def _load_gallery(root: Path, gallery: Union[str, PathLike], seed: int, stage_cf
 
 
 def _load_emb(root: Path):
-    from avg.rqvae.features import load_emb
+    from avg.artifacts.emb import load_emb
 
     return load_emb(root / "emb") if (root / "emb" / "index.json").is_file() else None
 
 
 def _image_paths(emb, image_root: Optional[PathLike]) -> dict:
-    from avg.eval.wandb_samples import image_paths_from_index
+    from avg.data.sample_tables import image_paths_from_index
 
     return image_paths_from_index(emb.index, str(image_root) if image_root else None) if emb is not None else {}
 

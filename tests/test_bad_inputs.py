@@ -28,7 +28,7 @@ from PIL import Image
 # stream that pytest closes after one test must not become their console.
 from avg.retriever import prepare_dataset, train_t5
 from avg.rqvae import prepare_emb, train as train_rqvae
-from avg.rqvae.features import load_emb, save_emb
+from avg.artifacts.emb import load_emb, save_emb
 from avg.utils.cli import run_main
 from conftest import load_tool
 
@@ -255,7 +255,7 @@ def test_huge_image_is_downscaled_with_bounded_memory(tmp_path, clip_ckpt):
     long side right after decoding, and encoded. Memory stays bounded by that one image's decoded
     copies: the extra peak RSS it costs prepare_emb (same process, against a warm-up run on small
     images) is under 400 MB. Measured: ~150 MB, as a greyscale scan is shrunk before it is turned
-    into RGB (converting first cost ~700 MB). Images above avg.rqvae.images.MAX_PIXELS are refused
+    into RGB (converting first cost ~700 MB). Images above avg.data.images.MAX_PIXELS are refused
     by name (next test)."""
     ckpt = clip_ckpt
     root = tmp_path / "images"
@@ -289,7 +289,7 @@ def test_decompression_bomb_is_refused_by_name(tmp_path, clip_ckpt):
     """An image above MAX_PIXELS (here 20000x20000 = 4e8 pixels, under 2 MB as a PNG) is refused
     before its pixels are decoded: a clear error naming the file and the limit (or a counted skip
     with --skip-bad-images), never an out-of-memory kill."""
-    from avg.rqvae.images import MAX_PIXELS
+    from avg.data.images import MAX_PIXELS
 
     json_path, root, entries = small_dataset(tmp_path)
     one_colour_png(root / "bomb.png", 20000, 20000)

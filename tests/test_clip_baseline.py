@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from avg.eval.clip_baseline import exact_search, main
-from avg.eval.runfiles import read_run
-from avg.rqvae.features import save_emb
+from avg.search.exact import exact_search, main
+from avg.artifacts.runfiles import read_run
+from avg.artifacts.emb import save_emb
 
 
 def _naive_topk(text, image, k):

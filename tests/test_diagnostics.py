@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from avg.eval.metrics import recall_ks
+from avg.metrics import recall_ks
 from avg.retriever.diagnostics import code_diagnostics, run_diagnostics
 from avg.retriever.gallery import Gallery
 
@@ -84,7 +84,7 @@ def test_code_diagnostics_positions_against_a_hand_computation():
 def test_tokenizer_ceiling_against_a_naive_ranking(tmp_path):
     """Decoded codes and raw image features rank a split's captions like a plain cosine ranking."""
     from avg.models.rqvae import RQVAE, RQVAEConfig
-    from avg.rqvae.features import load_emb, save_emb
+    from avg.artifacts.emb import load_emb, save_emb
     from avg.rqvae.generate_codes import tokenizer_ceiling
 
     rng = np.random.default_rng(0)

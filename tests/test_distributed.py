@@ -76,7 +76,7 @@ from test_train_t5 import assets, common, stage1  # noqa: E402,F401 (fixtures)
 
 @pytest.mark.slow
 def test_t5_stage2_trains_on_two_processes_and_sharded_evaluation_equals_one(assets, stage1, tmp_path):  # noqa: F811
-    from avg.eval.runfiles import read_run
+    from avg.artifacts.runfiles import read_run
     from avg.retriever import train_t5
 
     best = stage1[0] / "best"

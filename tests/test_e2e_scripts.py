@@ -97,7 +97,7 @@ def _search_cli(root, *args, stdin=None):
 
 def test_api_ranks_test_queries_exactly_as_the_stage_did(pipeline):
     from avg import Hit, Retriever
-    from avg.eval.runfiles import read_run
+    from avg.artifacts.runfiles import read_run
 
     root, _ = pipeline
     r = Retriever.from_run(root)

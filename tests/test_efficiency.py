@@ -11,7 +11,7 @@ import torch
 
 from avg.eval import efficiency as eff
 from avg.retriever.t5 import T5Retriever
-from avg.rqvae.features import save_emb
+from avg.artifacts.emb import save_emb
 from avg.utils.io import write_json
 from conftest import load_tool
 

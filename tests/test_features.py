@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from avg.rqvae.features import INDEX, load_emb, save_emb
+from avg.artifacts.emb import INDEX, load_emb, save_emb
 from avg.utils.io import InputError, read_json, write_json
 
 

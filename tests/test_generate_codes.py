@@ -8,8 +8,8 @@ import torch
 from avg.models.rqvae import RQVAE, RQVAEConfig
 from avg.rqvae import generate_codes as gc
 from avg.rqvae import train as train_mod
-from avg.rqvae.codes import load_codebook, load_codes
-from avg.rqvae.features import save_emb
+from avg.artifacts.codes import collision_stats, load_codebook, load_codes
+from avg.artifacts.emb import save_emb
 from avg.utils.io import InputError
 
 
@@ -36,7 +36,7 @@ def test_disambiguate_orders_groups_by_error_then_id():
 
 
 def test_collision_stats_by_hand():
-    s = gc.collision_stats(np.array([[0, 1], [0, 1], [0, 1], [2, 1]]), codebook_size=4)
+    s = collision_stats(np.array([[0, 1], [0, 1], [0, 1], [2, 1]]), codebook_size=4)
     assert s["collision_rate"] == pytest.approx(0.5) and s["num_colliding_images"] == 3 and s["largest_group"] == 3
     assert s["levels"][0]["usage"] == 0.5 and s["levels"][1]["usage"] == 0.25
     assert s["levels"][0]["perplexity"] == pytest.approx(np.exp(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25))))

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from avg.rqvae.features import save_emb
+from avg.artifacts.emb import save_emb
 from avg.utils.stages import MANIFEST, begin_stage
 from avg.utils.tracking import RunLogger
 

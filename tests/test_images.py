@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from avg.rqvae.images import load_rgb
+from avg.data.images import load_rgb
 from avg.utils.io import InputError
 
 

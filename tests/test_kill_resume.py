@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from avg.eval.runfiles import read_run
-from avg.rqvae.features import save_emb
+from avg.artifacts.runfiles import read_run
+from avg.artifacts.emb import save_emb
 from avg.utils.stages import read_manifest
 from conftest import load_tool
 

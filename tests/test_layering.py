@@ -1,12 +1,11 @@
 """Import rules of the package, read from the source with ``ast`` (function-level imports included):
 
+* dependencies run one way: every module belongs to a unit (a subpackage, or a top-level module
+  such as ``avg.metrics``), units sit in the layers of ``LAYERS``, and a module imports only its
+  own unit or units of lower layers -- so the package has no import cycles between units;
 * no module imports another module's private name (``from avg.x import _name``) or reaches one
   through a module alias (``M._name``) -- a private helper that two modules need is public;
 * the library does not import the test suite or the tools.
-
-The full layer order of the re-layering issue (core < artifacts < models < train < stages <
-experiments) is not enforced yet: the package still has upward edges; this file is where that
-rule will live.
 """
 from __future__ import annotations
 
@@ -34,6 +33,50 @@ def _imports(tree: ast.AST):
         elif isinstance(node, ast.Import):
             for a in node.names:
                 yield a.name, [], node.lineno
+
+
+# lowest first; a unit imports only from its own unit or from units of lower layers
+LAYERS = (
+    ("avg.utils",),                                       # io, manifests, tracking, cli, seeds, devices
+    ("avg.artifacts", "avg.metrics", "avg.search.exact"),  # files stages hand each other; R@K; exact search
+    ("avg.data",),                                        # caption datasets, images, demo scenes, sample tables
+    ("avg.models",),                                      # RQ-VAE, k-means, CLIP loaders, the demo CLIP
+    ("avg.retriever",),                                   # voken vocabulary, T5/LLaMA retrievers, search, training
+    ("avg.rqvae",),                                       # tokenizer stages: features, RQ-VAE training, codes
+    ("avg.reranker",),                                    # reranker lists, models and stages
+    ("avg.eval",),                                        # CLIP baseline, benchmarks, grid, report, seeds, pages
+    ("avg.api",),                                         # the Python API over a trained run
+    ("avg.search",),                                      # its command line (avg.search.cli, python -m avg.search)
+    ("avg",),                                             # the package's own __init__
+)
+
+
+def _unit(module: str) -> str:
+    """The most specific unit of LAYERS that holds ``module``."""
+    best = max((u for layer in LAYERS for u in layer if module == u or module.startswith(u + ".")), key=len, default=None)
+    if best is None:
+        raise AssertionError(f"{module}: in no unit of LAYERS (add it to its layer)")
+    return best
+
+
+def _layer(unit: str) -> int:
+    return next(i for i, layer in enumerate(LAYERS) if unit in layer)
+
+
+def _upward_edges(modules: dict) -> list:
+    """(importer, imported, line) for every import of a unit of the same or a higher layer (other than itself)."""
+    bad = []
+    for me, tree in modules.items():
+        mine = _unit(me)
+        for module, names, line in _imports(tree):
+            if not module.startswith("avg"):
+                continue
+            targets = [module] + ([f"{module}.{n}" for n in names] if module in ("avg", "avg.search") else [])
+            for t in targets:
+                unit = _unit(t)
+                if unit != mine and _layer(unit) >= _layer(mine) and not (t in ("avg", "avg.search") and len(targets) > 1):
+                    bad.append((me, t, line))
+    return bad
 
 
 def _modules():
@@ -66,6 +109,25 @@ def test_no_module_imports_another_modules_private_names():
                 bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.value.id}.{node.attr} "
                            f"({aliases[node.value.id]})")
     assert not bad, "private names used across modules:\n" + "\n".join(bad)
+
+
+def test_dependencies_run_one_way():
+    modules = {_module_name(p): ast.parse(p.read_text(), filename=str(p)) for p in _modules()}
+    bad = [f"{me} (layer {_layer(_unit(me))}) line {line} imports {t} (layer {_layer(_unit(t))})"
+           for me, t, line in _upward_edges(modules)]
+    assert not bad, "imports against the layer order of LAYERS:\n" + "\n".join(bad)
+
+
+def test_the_layer_rule_catches_an_upward_edge():
+    """A function-level import of a higher layer is found; imports within a unit and downward are not."""
+    modules = {
+        "avg.metrics": ast.parse("def f():\n    from avg.retriever.gallery import Gallery\n"),
+        "avg.retriever.search": ast.parse("from avg.retriever.gallery import Gallery\nfrom avg.metrics import recall_ks\n"),
+        "avg.data.karpathy": ast.parse("from avg.artifacts.emb import load_emb\nimport avg.reranker.model as RM\n"),
+    }
+    assert sorted(_upward_edges(modules)) == [("avg.data.karpathy", "avg.reranker.model", 2),
+                                              ("avg.metrics", "avg.retriever.gallery", 2)]
+    assert _unit("avg.search.exact") == "avg.search.exact" and _unit("avg.search.cli") == "avg.search"
 
 
 def test_the_library_does_not_import_tests_or_tools():

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from avg.eval.runfiles import read_run
+from avg.artifacts.runfiles import read_run
 from avg.retriever import llama as L
 from avg.retriever import prepare_dataset, test_llama, train_llama
 from avg.retriever.data import load_queries, read_codes

@@ -5,7 +5,7 @@ import sys
 import numpy as np
 
 from avg.data.pseudo_queries import caption_transfer
-from avg.rqvae.features import load_emb, save_emb
+from avg.artifacts.emb import load_emb, save_emb
 
 
 def _emb(tmp_path):

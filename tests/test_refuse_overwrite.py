@@ -19,7 +19,7 @@ from avg.eval import clip_baseline
 from avg.retriever import prepare_dataset
 from avg.rqvae import generate_codes, prepare_emb
 from avg.rqvae import train as train_rqvae
-from avg.rqvae.features import save_emb
+from avg.artifacts.emb import save_emb
 from avg.utils.cli import run_main
 from avg.utils.io import InputError
 from avg.utils.stages import MANIFEST, SKIP_ENV, read_manifest

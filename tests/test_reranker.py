@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from avg.eval.runfiles import write_run
+from avg.artifacts.runfiles import write_run
 from avg.reranker import model as RM
 from avg.reranker import prepare_dataset, test as rerank_test, train
 from avg.reranker.data import ListCollator, ListDataset, candidate_list, candidate_lists, load_lists, unflatten

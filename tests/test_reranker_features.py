@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from avg.eval.runfiles import write_run
+from avg.artifacts.runfiles import write_run
 from avg.reranker import model as RM
 from avg.reranker import prepare_dataset, rerank_embed, test as rerank_test, train
 from avg.reranker.data import ListCollator, ListDataset, candidate_lists, clip_lists, load_lists, shorten_list
@@ -19,7 +19,7 @@ from avg.reranker.embed import FeatureStore, choose_weight, fused_scores, rerank
 from avg.reranker.image_tokens import ImageTokenMap, build_image_tokens, image_token
 from avg.retriever import llama as L
 from avg.retriever.gallery import Gallery
-from avg.rqvae.features import save_emb
+from avg.artifacts.emb import save_emb
 from avg.utils.io import InputError
 from test_reranker import (codes_data, fake_records, make_llama, make_tokenizer, one_thread,  # noqa: F401 (fixtures)
                            prepare_args, stage_inputs, train_args)

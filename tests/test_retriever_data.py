@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from avg.eval.metrics import first_hit_rank, retrieval_metrics
+from avg.metrics import first_hit_rank, retrieval_metrics
 from avg.retriever import prepare_dataset
 from avg.retriever.data import EpochBatchSampler, load_queries, read_codes
 from avg.retriever.gallery import Gallery

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from avg.eval.runfiles import read_run
+from avg.artifacts.runfiles import read_run
 from avg.retriever import prepare_dataset, train_t5
 from conftest import load_tool
 
@@ -141,7 +141,7 @@ def test_evaluate_split_ranks_images_not_codes(assets, stage1):
     """Two test images given the same code: both are listed, each at its own rank, never a double hit."""
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from avg.eval.metrics import recall_ks, retrieval_metrics
+    from avg.metrics import recall_ks, retrieval_metrics
     from avg.retriever.data import load_queries
     from avg.retriever.evaluate import evaluate_split
     from avg.retriever.gallery import Gallery
@@ -174,7 +174,7 @@ def test_query_prefix_retriever_reads_the_clip_feature_end_to_end(assets, stage1
     and diagnostics are those of the children score; data without feature rows is refused by name."""
     from avg.retriever.prefix import PREFIX_CONFIG, PREFIX_WEIGHTS
     from avg.retriever.t5 import load_t5_retriever
-    from avg.rqvae.features import save_emb
+    from avg.artifacts.emb import save_emb
     from avg.utils.io import InputError
 
     images = json.loads((assets / "dataset.json").read_text())["images"]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from avg.eval.wandb_samples import log_sample_table, pick_samples, resolve_image_paths
+from avg.data.sample_tables import log_sample_table, pick_samples, resolve_image_paths
 from avg.utils.tracking import RunLogger
 
 

@@ -16,7 +16,7 @@ import argparse
 import sys
 
 from avg.data.pseudo_queries import caption_transfer
-from avg.rqvae.features import load_emb
+from avg.artifacts.emb import load_emb
 from avg.utils.io import InputError, write_jsonl
 from avg.utils.tracking import get_logger
 

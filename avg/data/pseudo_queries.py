@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from avg.eval.clip_baseline import exact_search
-from avg.rqvae.features import Embeddings
+from avg.search.exact import exact_search
+from avg.artifacts.emb import Embeddings
 
 TRANSDUCTIVE_SPLITS = ("val", "test")
 

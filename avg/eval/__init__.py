@@ -1,1 +1,1 @@
-"""Metrics, run files, baselines, benchmarks and reports."""
+"""The CLIP baseline stage, benchmarks, the experiment grid, reports over runs and seeds, results pages."""

@@ -2,7 +2,7 @@
 
 Every caption of a split queries the images of that split by inner product (cosine similarity
 when the features are L2-normalised, as ``emb/index.json`` records). The result is a run file
-scored by ``avg.eval.metrics.retrieval_metrics``, exactly like the generative retriever, so the
+scored by ``avg.metrics.retrieval_metrics``, exactly like the generative retriever, so the
 two are compared under one protocol.
 
     python -m avg.eval.clip_baseline --emb-dir out/demo/emb --split test --out-dir out/demo/eval
@@ -20,59 +20,14 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from avg.utils.progress import tqdm
 
-from avg.eval.metrics import DEFAULT_KS, format_metrics, retrieval_metrics
-from avg.eval.runfiles import RunRecord, write_run
+from avg.metrics import DEFAULT_KS, format_metrics, retrieval_metrics
+from avg.artifacts.runfiles import RunRecord, write_run
+from avg.search.exact import exact_search
 from avg.utils.io import InputError, write_json
 from avg.utils.cli import run_main
 from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
 from avg.utils.tracking import get_logger
-
-
-def exact_search(
-    text_feats,
-    image_feats,
-    k: int = 10,
-    batch_size: int = 1024,
-    device: str = "auto",
-    progress: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top-`k` images per query by inner product, batched over queries.
-
-    Returns ``(top_idx [Q, k] int64, top_scores [Q, k] float32)``, best first; ties go to the
-    lower image row (a stable, documented rule). Runs in fp16 on a GPU, float32 on the CPU.
-    """
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device))
-    dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    images = torch.as_tensor(np.asarray(image_feats), dtype=torch.float32).to(dev, dtype)
-    n_queries, n_images = len(text_feats), images.shape[0]
-    if n_images == 0:
-        raise ValueError("exact_search: empty gallery")
-    k = min(int(k), n_images)
-    top_idx = np.empty((n_queries, k), dtype=np.int64)
-    top_scores = np.empty((n_queries, k), dtype=np.float32)
-    starts = range(0, n_queries, batch_size)
-    for start in tqdm(starts, desc="exact search", disable=not progress, unit="batch"):
-        q = torch.as_tensor(np.asarray(text_feats[start:start + batch_size]), dtype=torch.float32).to(dev, dtype)
-        scores = (q @ images.T).float()
-        order = _stable_topk(scores, k)
-        top_idx[start:start + len(q)] = order.cpu().numpy()
-        top_scores[start:start + len(q)] = torch.gather(scores, 1, order).cpu().numpy()
-    return top_idx, top_scores
-
-
-def _stable_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """topk, then order equal scores by image row (topk alone leaves tie order unspecified)."""
-    vals, idx = torch.topk(scores, k, dim=1)
-    # the k-th value may be shared with rows outside the top-k: fall back to a full stable sort
-    kth = vals[:, -1:]
-    if bool(((scores == kth).sum(1) > (vals == kth).sum(1)).any()):
-        return torch.sort(-scores, dim=1, stable=True).indices[:, :k]
-    # order by (-score, row): sort by row, then stably by score
-    order = torch.sort(idx, dim=1, stable=True).indices
-    idx, vals = torch.gather(idx, 1, order), torch.gather(vals, 1, order)
-    return torch.gather(idx, 1, torch.sort(-vals, dim=1, stable=True).indices)
 
 
 def search_split(emb, split: str, k: int = 100, batch_size: int = 1024, device: str = "auto", progress: bool = True) -> tuple[list[RunRecord], int]:
@@ -105,7 +60,7 @@ def search_split(emb, split: str, k: int = 100, batch_size: int = 1024, device: 
 
 def evaluate_clip_baseline(emb_dir: str | os.PathLike, split: str, out_dir: str | os.PathLike, *, k: int = 100, batch_size: int = 1024, device: str = "auto", ks: Sequence[int] = DEFAULT_KS, progress: bool = True) -> dict:
     """Write ``run_clip_<split>.jsonl`` and ``metrics_clip_<split>.json`` under `out_dir`; return the metrics."""
-    from avg.rqvae.features import load_emb
+    from avg.artifacts.emb import load_emb
 
     emb = load_emb(emb_dir)
     import time
@@ -139,7 +94,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     from avg.utils.tracking import RunLogger
 
     args = build_parser().parse_args(argv)
-    from avg.rqvae.features import load_emb
+    from avg.artifacts.emb import load_emb
     load_emb(args.emb_dir)  # a wrong --emb-dir fails before anything is written
     run = begin_stage(args.out_dir, "clip_baseline", vars(args), inputs=[args.emb_dir], force=args.force)
     if run.up_to_date and skip_if_done():

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from avg.utils.progress import tqdm
 
-from avg.eval.metrics import retrieval_metrics
+from avg.metrics import retrieval_metrics
 from avg.eval.plots import plot_curves, plot_throughput
 from avg.utils.io import InputError, atomic_open, write_json
 from avg.utils.seed import set_seed
@@ -453,7 +453,7 @@ def benchmark(systems: Sequence, real: dict, queries: Sequence[dict], sizes: Seq
 # ------------------------------------------------------------------------------------ inputs and outputs
 def load_real_gallery(emb_dir, codes_dir, split: str) -> dict:
     """Real images that have both a feature row and a code; the query split's images first."""
-    from avg.rqvae.features import load_emb
+    from avg.artifacts.emb import load_emb
     from avg.retriever.data import read_codes
 
     emb = load_emb(emb_dir)

@@ -14,7 +14,7 @@ ablations, the trained retriever for the beam study; so nothing is recomputed ne
 is itself a stage (``stage.json`` in its root, :mod:`avg.utils.stages`): a finished, up-to-date
 variant is skipped, a killed one resumes through run_all's skipping of its finished stages.
 
-Each variant's row is scored from its run file by :func:`avg.eval.metrics.retrieval_metrics` and
+Each variant's row is scored from its run file by :func:`avg.metrics.retrieval_metrics` and
 written to ``<variant>/metrics_<system>_test.json`` with ``study``, ``variant``, ``num_beams``; the
 study's table goes to ``grid/<study>/results.md`` and ``results.csv`` (plus the raw collision rate
 for the tokenizer studies). ``--reduced`` (default from the config's ``GRID_REDUCED``; the demo sets
@@ -36,8 +36,8 @@ from typing import Optional, Sequence
 
 import pandas as pd
 
-from avg.eval.metrics import retrieval_metrics
-from avg.eval.runfiles import read_run
+from avg.metrics import retrieval_metrics
+from avg.artifacts.runfiles import read_run
 from avg.utils.io import InputError, atomic_open, read_json, write_json
 from avg.utils.stages import begin_stage
 from avg.utils.cli import run_main

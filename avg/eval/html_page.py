@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from avg.eval.metrics import first_hit_rank, gold_set
+from avg.metrics import first_hit_rank, gold_set
 
 PAGE = "results.html"
 TOP = 5
@@ -50,7 +50,7 @@ def system_runs(metrics: Sequence[tuple[Path, dict]], split: str = "test") -> li
 
 def thumbnail_uri(path: Optional[str], size: int = 96) -> Optional[str]:
     """A JPEG data URI of the image at ``path`` fitted in ``size`` px, or None when it cannot be read."""
-    from avg.eval.wandb_samples import thumbnail
+    from avg.data.sample_tables import thumbnail
 
     im = thumbnail(path, size)
     if im is None:
@@ -146,7 +146,7 @@ def build_page(title: str, metrics_table: str, runs: Sequence[tuple[str, dict]],
 def write_page(root: Path, df, metrics: Sequence[tuple[Path, dict]], plots: Sequence[Path], image_paths: dict, *,
                n: int = 12, seed: int = 0) -> Optional[Path]:
     """``<root>/results.html`` from the test run files of ``metrics`` (None when there are none)."""
-    from avg.eval.runfiles import read_run
+    from avg.artifacts.runfiles import read_run
     from avg.utils.io import atomic_open
 
     found = system_runs(metrics)

@@ -285,7 +285,7 @@ def make_plots(root: Path) -> list[Path]:
 def write_results_page(root: Path, df: pd.DataFrame, plots: list, *, n: int, seed: int) -> Optional[Path]:
     """``results.html`` (avg.eval.html_page) from the test run files under ``root``; None without any."""
     from avg.eval.html_page import write_page
-    from avg.eval.wandb_samples import resolve_image_paths
+    from avg.data.sample_tables import resolve_image_paths
 
     if n <= 0:
         return None

@@ -43,7 +43,7 @@ class DemoClipConfig:
 
 def preload_images(paths: Sequence[os.PathLike], transform, progress: bool = True) -> torch.Tensor:
     """Decode and preprocess every image once; fp16 storage halves memory (~25 KB per 64 px image)."""
-    from avg.rqvae.images import load_rgb
+    from avg.data.images import load_rgb
 
     first = transform(load_rgb(paths[0]))
     out = torch.empty((len(paths), *first.shape), dtype=torch.float16)
@@ -156,9 +156,9 @@ def zero_shot_test(checkpoint: os.PathLike, json_path: os.PathLike, image_root: 
     ``run_<split>.jsonl`` (top 100) and returns retrieval_metrics of it.
     """
     from avg.data.karpathy import load_karpathy
-    from avg.eval.clip_baseline import exact_search
-    from avg.eval.metrics import retrieval_metrics
-    from avg.eval.runfiles import RunRecord, write_run
+    from avg.search.exact import exact_search
+    from avg.metrics import retrieval_metrics
+    from avg.artifacts.runfiles import RunRecord, write_run
     from avg.models.clip import load_clip
 
     encoder = load_clip("open_clip", model_name, str(checkpoint), device="cpu", normalize=True)

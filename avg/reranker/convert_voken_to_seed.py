@@ -53,7 +53,7 @@ def main(argv=None) -> dict:
     feats = ids = None
     fit_ids: list = []
     if args.rich_levels:
-        from avg.rqvae.features import load_emb
+        from avg.artifacts.emb import load_emb
         emb = load_emb(args.emb_dir)
         feats = np.asarray(emb.image_features, dtype=np.float32)
         ids = [str(im["image_id"]) for im in emb.images]

@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from avg.eval.metrics import recall_ks, retrieval_metrics
+from avg.metrics import recall_ks, retrieval_metrics
 from avg.utils.io import InputError
 
 DEFAULT_WEIGHTS = (0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, math.inf)
@@ -41,7 +41,7 @@ class FeatureStore:
 
     @classmethod
     def load(cls, emb_dir) -> "FeatureStore":
-        from avg.rqvae.features import load_emb
+        from avg.artifacts.emb import load_emb
 
         return cls(load_emb(emb_dir))
 

@@ -118,7 +118,7 @@ def residual_kmeans_codes(features: np.ndarray, fit_rows: np.ndarray, *, levels:
                           iters: int = 20, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Residual k-means: level r quantises what levels < r left. Fitted on ``fit_rows`` only (train
     images), applied to every row. Returns (codes [n, levels] int64, centroids [levels, size, d])."""
-    from avg.rqvae.kmeans import assign, kmeans
+    from avg.models.kmeans import assign, kmeans
 
     x = torch.from_numpy(np.asarray(features, dtype=np.float32))
     residual = x.clone()

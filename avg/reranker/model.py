@@ -559,7 +559,7 @@ def choose_fusion_weight(lists: Sequence[dict], parts: dict, *, weights: Sequenc
                          gallery_size: Optional[int] = None) -> tuple[float, list[dict]]:
     """The retriever-score weight with the best R@1 on these (val) lists, ties by R@5, R@10, then
     the smaller weight; returns (weight, one metrics row per weight)."""
-    from avg.eval.metrics import retrieval_metrics
+    from avg.metrics import retrieval_metrics
 
     rows = []
     for w in weights:

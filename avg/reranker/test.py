@@ -4,7 +4,7 @@
         --data-dir outputs/demo/reranker_data --split test --out-dir outputs/demo/reranker/test
     torchrun --nproc_per_node 4 -m avg.reranker.test ...   # lists sharded over processes
 
-Both rankings of the same lists are scored by avg.eval.metrics.retrieval_metrics with the
+Both rankings of the same lists are scored by avg.metrics.retrieval_metrics with the
 split's gallery size (a gold image outside the top-k is a miss before and after, at rank =
 gallery size for the mean rank). Writes ``run_<split>.jsonl`` (reranked), ``metrics_<split>.json``
 (system "avg_reranker", with the before-reranking metrics under "before"),
@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from avg.eval.metrics import format_metrics, recall_ks, retrieval_metrics
-from avg.eval.runfiles import write_run
+from avg.metrics import format_metrics, recall_ks, retrieval_metrics
+from avg.artifacts.runfiles import write_run
 from avg.reranker import model as RM
 from avg.reranker.data import ListDataset, load_lists, seeded_subset
 from avg.reranker.embed import FeatureStore

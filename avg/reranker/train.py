@@ -30,8 +30,8 @@ import torch
 from accelerate import Accelerator, DistributedType
 from transformers import get_linear_schedule_with_warmup
 
-from avg.eval.metrics import format_metrics, retrieval_metrics
-from avg.eval.runfiles import write_run
+from avg.metrics import format_metrics, retrieval_metrics
+from avg.artifacts.runfiles import write_run
 from avg.reranker import model as RM
 from avg.reranker.data import ListCollator, ListDataset, load_lists, seeded_subset, shorten_list
 from avg.reranker.embed import FeatureStore
@@ -39,7 +39,7 @@ from avg.reranker.image_tokens import ImageTokens
 from avg.reranker.losses import listwise_loss, pointwise_loss
 from avg.retriever import llama as L
 from avg.retriever.data import EpochBatchSampler
-from avg.retriever.train_llama import check_checkpoint, trainable_only_hooks
+from avg.retriever.training import check_checkpoint, trainable_only_hooks
 from avg.retriever.training import (STATE_FILE, describe_batch, per_process_batch, resolve_mixed_precision,
                                     resume_from, select_best, train_epochs)
 from avg.utils.cli import run_main

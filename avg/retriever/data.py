@@ -29,12 +29,12 @@ class CodesData:
 
 
 def read_codes(codes_dir: str | os.PathLike, *, with_codebook: bool = True) -> CodesData:
-    """Read ``codes/`` with avg.rqvae.codes (the one reader of that artifact) into a plain record.
+    """Read ``codes/`` with avg.artifacts.codes (the one reader of that artifact) into a plain record.
 
     `codebook` is None when ``with_codebook`` is False or codebook.npy is absent (the
     ``--no-voken-embedding`` ablation needs no codebook). Errors name the file and the image.
     """
-    from avg.rqvae.codes import CODEBOOK, load_codebook, load_codes
+    from avg.artifacts.codes import CODEBOOK, load_codebook, load_codes
 
     codes = load_codes(codes_dir)
     path = Path(codes_dir) / "codes.json"

@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from avg.eval.metrics import first_hit_rank
+from avg.metrics import first_hit_rank
 from avg.retriever.prefix import prefixed_inputs
 
 

@@ -4,7 +4,7 @@ Shared by the T5 and LLaMA retrievers and the reranker's data preparation. Queri
 by token length (less padding), sharded across processes when torch.distributed is running and
 gathered back in query order; memory is bounded by ``batch_size`` queries x ``num_beams`` beams.
 Every returned image list is over images, not codes (see avg.retriever.gallery), and the one
-metrics function, avg.eval.metrics.retrieval_metrics, scores it.
+metrics function, avg.metrics.retrieval_metrics, scores it.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from avg.utils.progress import tqdm
 
-from avg.eval.metrics import recall_ks, retrieval_metrics
+from avg.metrics import recall_ks, retrieval_metrics
 from avg.retriever.gallery import Gallery
 from avg.retriever.prefix import prefixed_inputs
 from avg.retriever.search import constrained_beam_search
@@ -53,7 +53,7 @@ def evaluate_split(model, tokenizer, vocab, queries: Sequence[dict], gallery: Ga
     continuations (avg.retriever.search; the voken-only head is then used, same result, faster).
     `prefix` (avg.retriever.prefix.QueryPrefix) with `query_features` [len(queries), D] puts each
     query's CLIP text feature in front of its words. Metrics include R@K up to the beam
-    (``avg.eval.metrics.recall_ks``): R@beam is the recall of the returned list.
+    (``avg.metrics.recall_ks``): R@beam is the recall of the returned list.
     """
     rank, world = _dist()
     texts = [format_query(q["query"]) if format_query else q["query"] for q in queries]

@@ -126,7 +126,7 @@ def query_features(text_features: np.ndarray, queries, source: str = "queries") 
 def text_features_for(data_dir: str | os.PathLike, emb_dir: Optional[str | os.PathLike] = None) -> tuple[np.ndarray, dict]:
     """(memory-mapped ``emb/text_features.npy``, the text encoder's record) for the queries of a
     retriever_data folder: ``emb_dir``, or the emb/ folder its meta.json was built from."""
-    from avg.rqvae.features import load_emb
+    from avg.artifacts.emb import load_emb
 
     meta_path = Path(data_dir) / "meta.json"
     if emb_dir is None:

@@ -25,7 +25,7 @@ import numpy as np
 
 from avg.data.karpathy import load_karpathy
 from avg.retriever.data import SPLITS, CodesData, read_codes
-from avg.rqvae.features import load_emb
+from avg.artifacts.emb import load_emb
 from avg.utils.io import InputError, atomic_dir, read_jsonl, write_json, write_jsonl
 from avg.utils.tracking import get_logger
 from avg.utils.cli import run_main
@@ -51,7 +51,7 @@ def build_retriever_data(images, codes: CodesData, pseudo: Sequence[tuple[str, l
     """Pure core: Karpathy ImageRecords + codes (+ pseudo queries) -> split files and meta.
 
     ``text_rows`` ((image_id, caption) -> feature row) adds each
-    caption's ``text_row`` (``Embeddings.caption_row_map`` of avg.rqvae.features); a caption missing
+    caption's ``text_row`` (``Embeddings.caption_row_map`` of avg.artifacts.emb); a caption missing
     from it is an error (emb/ from other annotations).
     Pseudo queries get ``text_row`` null (no feature was computed for them).
     Returns {"queries": {split: [rows]}, "galleries": {split: {image_id: code}}, "meta": {...}}.

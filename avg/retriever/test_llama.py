@@ -19,11 +19,10 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
-from avg.eval.metrics import format_metrics
-from avg.eval.runfiles import write_run
+from avg.metrics import format_metrics
+from avg.artifacts.runfiles import write_run
 from avg.retriever import llama as L
 from avg.retriever.evaluate import evaluate_split
 from avg.retriever.training import check_data_matches_vocab, load_split
@@ -112,7 +111,7 @@ def main(argv=None) -> dict:
         write_run(records, out_dir / f"run_{args.split}.jsonl")
         write_json(metrics, out_dir / f"metrics_{args.split}.json")
         if args.sample_queries > 0:
-            from avg.eval.wandb_samples import log_sample_table, resolve_image_paths
+            from avg.data.sample_tables import log_sample_table, resolve_image_paths
 
             paths = resolve_image_paths(image_root=args.image_root, annotations=args.annotations, data_dir=args.data_dir)
             log_sample_table(logger, records, paths, n=args.sample_queries, seed=args.seed, out_dir=out_dir, name=args.split)

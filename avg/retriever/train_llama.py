@@ -33,17 +33,16 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DistributedType
-from safetensors import safe_open
 from transformers import get_linear_schedule_with_warmup
 
-from avg.eval.runfiles import write_run
+from avg.artifacts.runfiles import write_run
 from avg.retriever import llama as L
 from avg.retriever.data import EpochBatchSampler, read_codes, seeded_subset
 from avg.retriever.evaluate import evaluate_split
 from avg.retriever.gallery import Gallery
-from avg.retriever.training import (STATE_FILE, add_eval_and_checkpoint_args, check_data_matches_vocab, describe_batch,
-                                    load_split, per_process_batch, resolve_mixed_precision, resume_from, select_best,
-                                    train_epochs)
+from avg.retriever.training import (STATE_FILE, add_eval_and_checkpoint_args, check_checkpoint, check_data_matches_vocab,
+                                    describe_batch, load_split, per_process_batch, resolve_mixed_precision, resume_from, select_best,
+                                    train_epochs, trainable_only_hooks)
 from avg.retriever.vocab import VokenVocab
 from avg.utils.io import InputError, read_json, write_json
 from avg.utils.seed import set_seed
@@ -101,39 +100,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def subset(queries: list, n: int, seed: int, salt: int) -> list:
     """A seeded random subset of N queries in their original order, each tagged with its qid."""
     return seeded_subset([dict(q, qid=q.get("qid", i)) for i, q in enumerate(queries)], n, seed, salt)
-
-
-def _plain_name(name: str) -> str:
-    """Parameter name without DDP's ``module.`` prefix (accelerate saves DDP models unwrapped)."""
-    return name[len("module."):] if name.startswith("module.") else name
-
-
-def trainable_names(model) -> set[str]:
-    return {_plain_name(n) for n, p in model.named_parameters() if p.requires_grad}
-
-
-def trainable_only_hooks(accelerator: Accelerator) -> None:
-    """Checkpoint only what trains (LoRA + voken rows): a 7B base model is not rewritten every epoch."""
-
-    def on_save(models, weights, output_dir):
-        for i, (model, state) in enumerate(zip(models, weights)):
-            keep = trainable_names(model)
-            weights[i] = {k: v for k, v in state.items() if _plain_name(k) in keep}
-
-    accelerator.register_save_state_pre_hook(on_save)
-
-
-def check_checkpoint(ckpt_dir: Path, model) -> None:
-    """The partial checkpoint holds every trainable weight (load_state runs with strict=False)."""
-    path = ckpt_dir / "model.safetensors"
-    if not path.is_file():
-        raise InputError(f"{path}: missing from the checkpoint (was it written by this trainer?)")
-    with safe_open(str(path), framework="pt") as f:
-        have = {_plain_name(k) for k in f.keys()}
-    missing = sorted(trainable_names(model) - have)
-    if missing:
-        raise InputError(f"{path}: lacks {len(missing)} trainable weights (e.g. {missing[0]}); "
-                         "was it written with other --lora-* settings?")
 
 
 def main(argv=None) -> dict:

@@ -64,7 +64,7 @@ from avg.retriever.training import (STATE_FILE, add_eval_and_checkpoint_args, ch
                                     describe_batch, load_split, per_process_batch, resolve_mixed_precision,
                                     resume_from, select_best, train_epochs)
 from avg.retriever.vocab import VOCAB_FILE, VokenVocab
-from avg.eval.runfiles import write_run
+from avg.artifacts.runfiles import write_run
 from avg.utils.io import InputError, read_json, write_json
 from avg.utils.seed import set_seed
 from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
@@ -414,7 +414,7 @@ def main(argv=None) -> dict:
             write_json(diagnostics, eval_dir / "diagnostics_test.json")
             write_json(metrics, eval_dir / "metrics_test.json")
             if args.sample_queries > 0:
-                from avg.eval.wandb_samples import log_sample_table, resolve_image_paths
+                from avg.data.sample_tables import log_sample_table, resolve_image_paths
 
                 paths = resolve_image_paths(image_root=args.image_root, annotations=args.annotations, data_dir=args.data_dir)
                 log_sample_table(logger, records, paths, n=args.sample_queries, seed=args.seed, out_dir=eval_dir, name="test")

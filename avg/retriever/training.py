@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from accelerate import Accelerator
+from safetensors import safe_open
+
 from avg.utils.progress import tqdm
 
 from avg.retriever.data import load_queries
@@ -284,3 +287,36 @@ def train_epochs(accelerator, args, state: dict, *, sampler, micro_per_epoch: in
     return {"global_step": state["global_step"], "steps_this_run": steps_this_run, "train_seconds": train_seconds,
             "wall_seconds": time.time() - t_start,
             "s_per_step": train_seconds / steps_this_run if steps_this_run else None, "stopped": stopped}
+
+
+def _plain_name(name: str) -> str:
+    """Parameter name without DDP's ``module.`` prefix (accelerate saves DDP models unwrapped)."""
+    return name[len("module."):] if name.startswith("module.") else name
+
+
+def trainable_names(model) -> set[str]:
+    return {_plain_name(n) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def trainable_only_hooks(accelerator: Accelerator) -> None:
+    """Checkpoint only what trains (LoRA + voken rows): a 7B base model is not rewritten every epoch."""
+
+    def on_save(models, weights, output_dir):
+        for i, (model, state) in enumerate(zip(models, weights)):
+            keep = trainable_names(model)
+            weights[i] = {k: v for k, v in state.items() if _plain_name(k) in keep}
+
+    accelerator.register_save_state_pre_hook(on_save)
+
+
+def check_checkpoint(ckpt_dir: Path, model) -> None:
+    """The partial checkpoint holds every trainable weight (load_state runs with strict=False)."""
+    path = ckpt_dir / "model.safetensors"
+    if not path.is_file():
+        raise InputError(f"{path}: missing from the checkpoint (was it written by this trainer?)")
+    with safe_open(str(path), framework="pt") as f:
+        have = {_plain_name(k) for k in f.keys()}
+    missing = sorted(trainable_names(model) - have)
+    if missing:
+        raise InputError(f"{path}: lacks {len(missing)} trainable weights (e.g. {missing[0]}); "
+                         "was it written with other --lora-* settings?")

@@ -27,9 +27,9 @@ import torch
 from avg.utils.progress import tqdm
 
 from avg.models.rqvae import RQVAE
-from avg.rqvae.codes import CODEBOOK, CODES, STATS, write_codes_json
+from avg.artifacts.codes import CODEBOOK, CODES, STATS, collision_stats, write_codes_json
 from avg.rqvae.data import iter_feature_batches
-from avg.rqvae.features import INDEX, load_emb
+from avg.artifacts.emb import INDEX, load_emb
 from avg.utils.io import InputError, save_npy, write_json
 from avg.utils.tracking import get_logger
 from avg.utils.cli import run_main
@@ -58,27 +58,6 @@ def encode_features(model: RQVAE, features: np.ndarray, batch_size: int = 4096, 
         bar.update(len(block))
     bar.close()
     return codes, errors
-
-
-def collision_stats(codes: np.ndarray, codebook_size: int) -> dict:
-    """Collision rate (1 - unique codes / images), images in colliding groups, largest group, and
-    per-level codebook usage (fraction of N used) and perplexity (exp of the code entropy)."""
-    n = int(codes.shape[0])
-    if n == 0:
-        return {"num_images": 0, "collision_rate": 0.0, "num_colliding_images": 0, "largest_group": 0, "levels": []}
-    _, counts = np.unique(codes, axis=0, return_counts=True)
-    levels = []
-    for d in range(codes.shape[1]):
-        hist = np.bincount(codes[:, d], minlength=codebook_size).astype(np.float64)
-        p = hist[hist > 0] / n
-        levels.append({"usage": float((hist > 0).sum() / codebook_size), "perplexity": float(np.exp(-(p * np.log(p)).sum()))})
-    return {
-        "num_images": n,
-        "collision_rate": float(1.0 - len(counts) / n),
-        "num_colliding_images": int(counts[counts > 1].sum()),
-        "largest_group": int(counts.max()),
-        "levels": levels,
-    }
 
 
 def disambiguate(codes: np.ndarray, errors: np.ndarray, image_ids: Sequence[str]) -> tuple[np.ndarray, int]:
@@ -111,7 +90,7 @@ def tokenizer_ceiling(model: RQVAE, emb, raw: np.ndarray, image_ids: Sequence[st
                       device: str = "cpu", depth: int = 100, batch_size: int = 1024) -> Optional[dict]:
     """R@K of ``split``'s caption features against (a) the decoded codes and (b) the raw image
     features of the split's images (module docstring); None when the split has no captions."""
-    from avg.eval.metrics import retrieval_metrics
+    from avg.metrics import retrieval_metrics
     from avg.retriever.gallery import Gallery
 
     img_rows = emb.image_rows(split)

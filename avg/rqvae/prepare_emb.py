@@ -1,6 +1,6 @@
 """Stage 1: encode every image and caption of a Karpathy-format dataset with a frozen CLIP.
 
-Writes the ``emb/`` artifact (``avg.rqvae.features``): float16 image and caption feature arrays
+Writes the ``emb/`` artifact (``avg.artifacts.emb``): float16 image and caption feature arrays
 plus an index that maps caption rows to image rows and records the encoder. The RQ-VAE, the CLIP
 baseline and the pseudo-query tool all read it.
 
@@ -49,7 +49,7 @@ class _ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from avg.rqvae.images import load_rgb
+        from avg.data.images import load_rgb
 
         try:
             return i, self.transform(load_rgb(self.paths[i])), None
@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> Path:
     from avg.data.karpathy import load_karpathy
     from avg.models.clip import load_clip
-    from avg.rqvae.features import save_emb
+    from avg.artifacts.emb import save_emb
     from avg.utils.seed import set_seed
 
     args = build_parser().parse_args(argv)

@@ -30,9 +30,9 @@ from avg.utils.progress import tqdm
 
 from avg.models.rqvae import RQVAE, RQVAEConfig
 from avg.rqvae.data import FeatureBatchSampler, FeatureDataset, gather_rows, iter_feature_batches, passthrough_collate, training_rows
-from avg.rqvae.features import INDEX, load_emb
-from avg.rqvae.generate_codes import collision_stats
-from avg.rqvae.kmeans import DeadCodeTracker, init_codebooks
+from avg.artifacts.emb import INDEX, load_emb
+from avg.artifacts.codes import collision_stats
+from avg.models.kmeans import DeadCodeTracker, init_codebooks
 from avg.utils.io import InputError, atomic_path, write_json
 from avg.utils.seed import set_seed
 from avg.utils.stages import add_force_arg, begin_stage, config_diff, skip_if_done
@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     km = p.add_argument_group("codebook initialisation and dead codes")
     km.add_argument("--kmeans-init", action=argparse.BooleanOptionalAction, default=True, help="initialise codebooks by k-means on encoder latents of a training sample")
     km.add_argument("--kmeans-samples", type=int, default=20000, help="training images sampled for the k-means initialisation")
-    km.add_argument("--kmeans-shared-init", choices=["levels", "latents"], default="levels", help="data for a shared codebook's k-means: 'levels' fits N/M entries to each level's residuals, 'latents' fits all N to level-1 latents (see avg/rqvae/kmeans.py)")
+    km.add_argument("--kmeans-shared-init", choices=["levels", "latents"], default="levels", help="data for a shared codebook's k-means: 'levels' fits N/M entries to each level's residuals, 'latents' fits all N to level-1 latents (see avg/models/kmeans.py)")
     km.add_argument("--kmeans-iters", type=int, default=25, help="Lloyd iterations for the k-means initialisation")
     km.add_argument("--dead-code-threshold", type=int, default=100, help="reset codes unused for this many optimizer steps to random current residuals; 0 disables")
     add_force_arg(p)

@@ -133,3 +133,24 @@ def write_codes_json(path: str | os.PathLike, header: dict, entries: Iterable[tu
             n += 1
         f.write("\n  }\n}\n")
     return n
+
+
+def collision_stats(codes: np.ndarray, codebook_size: int) -> dict:
+    """Collision rate (1 - unique codes / images), images in colliding groups, largest group, and
+    per-level codebook usage (fraction of N used) and perplexity (exp of the code entropy)."""
+    n = int(codes.shape[0])
+    if n == 0:
+        return {"num_images": 0, "collision_rate": 0.0, "num_colliding_images": 0, "largest_group": 0, "levels": []}
+    _, counts = np.unique(codes, axis=0, return_counts=True)
+    levels = []
+    for d in range(codes.shape[1]):
+        hist = np.bincount(codes[:, d], minlength=codebook_size).astype(np.float64)
+        p = hist[hist > 0] / n
+        levels.append({"usage": float((hist > 0).sum() / codebook_size), "perplexity": float(np.exp(-(p * np.log(p)).sum()))})
+    return {
+        "num_images": n,
+        "collision_rate": float(1.0 - len(counts) / n),
+        "num_colliding_images": int(counts[counts > 1].sum()),
+        "largest_group": int(counts.max()),
+        "levels": levels,
+    }

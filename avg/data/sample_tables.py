@@ -21,7 +21,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from avg.eval.metrics import first_hit_rank
+from avg.metrics import first_hit_rank
 from avg.utils.io import InputError, atomic_open, read_json, write_json
 
 

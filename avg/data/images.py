@@ -126,7 +126,7 @@ def load_rgb(path: str | os.PathLike, max_side: Optional[int] = DEFAULT_MAX_SIDE
     except UnidentifiedImageError:
         raise InputError(f"{path}: not a readable image (unknown or corrupt format)") from None
     except Image.DecompressionBombError:
-        raise InputError(f"{path}: image has more than MAX_PIXELS={MAX_PIXELS:,} pixels (avg.rqvae.images); refused "
+        raise InputError(f"{path}: image has more than MAX_PIXELS={MAX_PIXELS:,} pixels (avg.data.images); refused "
                          "as a possible decompression bomb: downscale it, or leave it out with --skip-bad-images") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise InputError(f"{path}: cannot decode image ({e})") from None
