@@ -82,3 +82,24 @@ def test_fingerprint_dir_ignores_hidden_and_manifest(tmp_path):
     (tmp_path / MANIFEST).write_text(json.dumps({"status": "running", "config": {}}))
     assert fingerprint(tmp_path) == fp
     assert fingerprint(tmp_path / "nope") == "missing"
+
+
+def test_hub_models_are_fingerprinted_by_their_cached_commit(tmp_path, monkeypatch):
+    """A hub id is identified by the commit its cache resolves main to; downloading it during the
+    stage is recorded at completion, so the next run with the same commit is up to date."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    assert fingerprint("org/tiny-model") == "hub:org/tiny-model@not-cached"
+    assert fingerprint("t5-small") == "hub:t5-small@not-cached"
+    assert fingerprint("outputs/demo/missing") == "missing"  # a path, not an id
+    (tmp_path / "local").mkdir()
+    assert fingerprint("local").startswith("dir:")  # a local folder wins over the id reading
+    run = begin_stage(tmp_path / "out", "s", {"a": 1}, inputs=["org/tiny-model"])
+    ref = tmp_path / "hub" / "models--org--tiny-model" / "refs" / "main"
+    ref.parent.mkdir(parents=True)
+    ref.write_text("abc123\n")  # the stage downloaded it
+    run.complete()
+    assert read_manifest(tmp_path / "out")["inputs"] == {"org/tiny-model": "hub:org/tiny-model@abc123"}
+    assert begin_stage(tmp_path / "out", "s", {"a": 1}, inputs=["org/tiny-model"]).up_to_date
+    ref.write_text("def456\n")  # a new commit upstream, pulled into the cache
+    assert not begin_stage(tmp_path / "out", "s", {"a": 1}, inputs=["org/tiny-model"]).up_to_date

@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
         raise InputError(f"{args.data_dir}: no {args.split}.jsonl / gallery_{args.split}.json")
     out_dir = Path(args.out_dir)
     run = begin_stage(out_dir, "test_llama", vars(args), force=args.force, mark_running=False,
-                      inputs=[args.retriever_dir, args.data_dir, args.base_model if args.base_model and Path(args.base_model).exists() else None])
+                      inputs=[args.retriever_dir, args.data_dir, args.base_model])
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # every rank has read the manifest before the main process rewrites it
     if run.up_to_date and skip_if_done():

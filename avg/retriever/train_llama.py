@@ -125,7 +125,7 @@ def main(argv=None) -> dict:
     ckpt_dir = out_dir / "checkpoints" / "last"
     # every rank reads the manifest before the main process rewrites it, so all take the same decision
     run = begin_stage(out_dir, "train_llama", vars(args), force=args.force, mark_running=False,
-                      inputs=[args.data_dir, args.codes_dir, args.model if Path(args.model).exists() else None],
+                      inputs=[args.data_dir, args.codes_dir, args.model],
                       ignore=("save_every_steps", "stop_after_steps"))
     accelerator.wait_for_everyone()
     if run.up_to_date and skip_if_done():

@@ -188,7 +188,7 @@ def main(argv=None) -> dict:
     text_features, encoder = text_features_for(data_dir, args.emb_dir) if uses_prefix else (None, None)
     args.feature_dim = int(text_features.shape[1]) if text_features is not None else 0
     # every rank reads the manifest before the main process rewrites it, so all take the same decision
-    base = args.model if args.init_from is None and Path(args.model).exists() else None
+    base = args.model if args.init_from is None else None  # a local folder, or a hub id fingerprinted by its commit
     run = begin_stage(out_dir, "train_t5", vars(args), force=args.force, mark_running=False,
                       inputs=[args.data_dir, args.codes_dir if args.init_from is None else None, args.init_from, base,
                               args.emb_dir],

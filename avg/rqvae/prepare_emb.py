@@ -181,6 +181,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     counts = {s: sum(im.split == s for im in dataset.images) for s in ("train", "val", "test")}
     log.info("dataset %s: %d images (%s)", args.annotations, len(dataset.images), ", ".join(f"{k} {v}" for k, v in counts.items()))
     weights = [w for w in (pretrained, args.clip_model) if w and Path(w).exists()]  # local checkpoints are inputs
+    if args.backend == "hf" and not Path(args.clip_model).exists():
+        weights.append(args.clip_model)  # a hub id: fingerprinted by the commit of its cached copy
     # emb/ is swapped in whole at the end (save_emb), so a killed or failed run leaves the old dir as it
     # was and nothing is claimed before then: the manifest is written only by complete()
     if args.num_workers is None:

@@ -16,7 +16,9 @@ It serves two rules:
   that is itself a stage output is fingerprinted by its manifest's ``run_id`` (a new one is drawn
   each time a stage completes), so re-running an upstream stage makes everything downstream stale;
   other files by size and modification time; other folders by the names, sizes and modification
-  times of their top-level entries. ``scripts/run_all.sh`` sets ``AVG_SKIP_DONE=1`` so that up-to-date
+  times of their top-level entries; a model named by its hub id (``t5-base``, ``org/name``) by the
+  commit its local hub cache resolves ``main`` to (``hub:org/name@<sha>``; re-read when the stage
+  completes, since the stage itself may have downloaded it). ``scripts/run_all.sh`` sets ``AVG_SKIP_DONE=1`` so that up-to-date
   stages return at once (:func:`skip_if_done`); run directly, a stage always runs.
 
 Only the main process writes manifests.
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 import uuid
 from pathlib import Path
@@ -72,8 +75,36 @@ def normalise_config(config: Mapping[str, Any], ignore: Iterable[str] = ()) -> d
     return {k: _plain(v) for k, v in sorted(config.items()) if k not in drop}
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache as huggingface_hub finds it (HF_HUB_CACHE, else HF_HOME/hub)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def hub_fingerprint(name: str, revision: str = "main") -> Optional[str]:
+    """``hub:<id>@<commit>`` for a hub model id that is not a local path (``@not-cached`` before its
+    first download); None for anything that is not a hub id."""
+    if Path(name).exists() or not _HUB_ID.fullmatch(name):
+        return None
+    ref = hub_cache_dir() / f"models--{name.replace('/', '--')}" / "refs" / revision
+    try:
+        commit = ref.read_text(encoding="utf-8").strip()
+    except OSError:
+        commit = "not-cached"
+    return f"hub:{name}@{commit}"
+
+
 def fingerprint(path: str | os.PathLike) -> str:
-    """A cheap identity of an input: its stage run_id, else size+mtime of the file or folder entries."""
+    """A cheap identity of an input: its stage run_id, else size+mtime of the file or folder entries,
+    else the hub commit of a model id."""
+    hub = hub_fingerprint(os.fspath(path)) if isinstance(path, str) else None
+    if hub is not None:
+        return hub
     p = Path(path)
     manifest = p / MANIFEST
     if manifest.is_file():
@@ -157,7 +188,9 @@ class StageRun:
         self._write("running")
 
     def complete(self, summary: Optional[Mapping] = None) -> None:
-        """Mark the outputs complete; a new run_id makes downstream stages stale."""
+        """Mark the outputs complete; a new run_id makes downstream stages stale. Hub models are
+        fingerprinted again: the stage may have downloaded them since it began."""
+        self.inputs = {k: fingerprint(k) if v.startswith("hub:") else v for k, v in self.inputs.items()}
         self._write("complete", summary, run_id=uuid.uuid4().hex)
 
 
@@ -191,4 +224,4 @@ def begin_stage(out_dir: str | os.PathLike, stage: str, config: Mapping[str, Any
 
 
 __all__ = ["MANIFEST", "SKIP_ENV", "VOLATILE_KEYS", "StageRun", "add_force_arg", "begin_stage", "config_diff",
-           "fingerprint", "normalise_config", "read_manifest", "skip_if_done"]
+           "fingerprint", "hub_cache_dir", "hub_fingerprint", "normalise_config", "read_manifest", "skip_if_done"]
