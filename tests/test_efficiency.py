@@ -128,6 +128,15 @@ def test_both_systems_return_ranked_ids_and_the_timing_loop_runs():
         assert cos == sorted(cos, reverse=True)
     with pytest.raises(ValueError, match="CLIP text encoder"):
         eff.GenerativeSystem(T5Retriever(model, tok, vocab, None, "vocab"), cpu, rerank_k=4)
+    assert gen.precision == "fp32" and eff.retriever_dtype("auto", cpu) == torch.float32
+    # bf16 weights (the GPU default): the same search runs, and the rows say which precision was timed
+    model16, tok16, vocab16 = _tiny_retriever()
+    gen16 = eff.GenerativeSystem(T5Retriever(model16, tok16, vocab16, None, "vocab"), cpu, num_beams=4, dtype=torch.bfloat16)
+    gen16.set_gallery(g.image_ids, g.codes, g.features)
+    assert gen16.precision == "bf16" and next(gen16.model.parameters()).dtype == torch.bfloat16
+    assert all(len(r) == 4 and set(r) <= set(g.image_ids) for r in gen16.search(texts))
+    with pytest.raises(ValueError, match="retriever dtype"):
+        eff.GenerativeSystem(T5Retriever(model16, tok16, vocab16, None, "vocab"), cpu, dtype=torch.float16)
 
 
 def test_benchmark_rows_cover_sizes_systems_modes():

@@ -6,7 +6,9 @@
 Two systems answer the same seeded sample of caption queries on the same device, in one run:
 
 * ``avg``  -- the generative retriever: tokenise the query, constrained beam search (``--num-beams``)
-  over the gallery's ``CodeIndex``, generated codes -> image ids (avg.retriever.gallery).
+  over the gallery's ``CodeIndex``, generated codes -> image ids (avg.retriever.gallery); weights in
+  ``--retriever-dtype`` (auto: bf16 on a GPU that has it, like the CLIP tower's fp16 autocast there;
+  fp32 on the CPU), so neither side is timed at a precision the other is spared.
 * ``clip_fp32`` / ``clip_fp16`` -- the CLIP two-tower: encode the query with the CLIP text tower
   named in ``emb/index.json``, exact inner-product search over the gallery's feature matrix
   (stored and multiplied in that precision, already on the device), ``torch.topk`` -> image ids.
@@ -57,6 +59,16 @@ from avg.metrics import retrieval_metrics
 from avg.eval.plots import plot_curves, plot_throughput
 from avg.utils.io import InputError, atomic_open, write_json
 from avg.utils.seed import set_seed
+
+PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+
+
+def retriever_dtype(name: str, device: torch.device) -> torch.dtype:
+    """--retriever-dtype: 'auto' is bf16 on a GPU that supports it (T5 overflows in fp16), else fp32."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
 
 CSV_COLUMNS = ["gallery_size", "num_real", "system", "precision", "mode", "batch_size", "depth", "knob", "knob_value",
                "default_knob", "queries_timed", "seconds", "queries_per_s", "latency_ms", "latency_ms_p90", "time_boxed",
@@ -166,13 +178,15 @@ class GenerativeSystem:
     cosine of query and candidate (the embedding rerank, weight ``rerank_weight`` on the retriever's
     score) -- the whole AVG pipeline as it answers a query, one text encoding shared by both."""
 
-    precision = "model"
-
     def __init__(self, retriever, device, *, num_beams: int = 20, score_eos: bool = True, fast_search: bool = False,
-                 text_encoder=None, rerank_k: int = 0, rerank_weight: float = 0.0) -> None:
+                 text_encoder=None, rerank_k: int = 0, rerank_weight: float = 0.0,
+                 dtype: torch.dtype = torch.float32) -> None:
         from avg.retriever.evaluate import logits_vocab_size
 
-        self.model, self.tokenizer, self.vocab = retriever.model.to(device).eval(), retriever.tokenizer, retriever.vocab
+        if dtype not in PRECISION_NAMES:
+            raise ValueError(f"retriever dtype {dtype}: one of {sorted(map(str, PRECISION_NAMES))}")
+        self.precision = PRECISION_NAMES[dtype]  # the query prefix stays fp32; its output is cast to the model's
+        self.model, self.tokenizer, self.vocab = retriever.model.to(device, dtype).eval(), retriever.tokenizer, retriever.vocab
         self.prefix = retriever.prefix.to(device) if retriever.prefix is not None else None
         self.device, self.num_beams, self.max_length = device, num_beams, retriever.max_length
         self.normalize = retriever.normalize
@@ -581,6 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-seconds", type=float, default=20.0, help="time box of one point (system x mode x size) in timed seconds")
     p.add_argument("--warmup", type=int, default=2, help="untimed calls before each point")
     p.add_argument("--noise-std", type=float, default=0.1, help="norm of the Gaussian perturbation of a synthetic image's feature")
+    p.add_argument("--retriever-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="weights of the generative retriever while timed (auto: bf16 on a bf16-capable GPU, fp32 elsewhere)")
     p.add_argument("--fast-search", action="store_true", help="generative search over voken logits only (see avg.retriever.search)")
     p.add_argument("--no-eos-score", action="store_true", help="do not add log p(EOS | code) to code scores")
     p.add_argument("--rerank-topk", type=int, default=0,
@@ -652,7 +668,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if vocab.code_len != real["codes"].shape[1]:
         raise InputError(f"{args.codes_dir}/codes.json: codes have length {real['codes'].shape[1]}, "
                          f"{args.retriever_dir}/voken_vocab.json expects {vocab.code_len}")
-    kw = dict(num_beams=args.num_beams, score_eos=not args.no_eos_score, fast_search=args.fast_search, text_encoder=encoder)
+    kw = dict(num_beams=args.num_beams, score_eos=not args.no_eos_score, fast_search=args.fast_search, text_encoder=encoder,
+              dtype=retriever_dtype(args.retriever_dtype, device))
     systems = [GenerativeSystem(retriever, device, **kw)]
     if args.rerank_topk:
         systems.append(GenerativeSystem(retriever, device, rerank_k=args.rerank_topk, rerank_weight=args.rerank_weight, **kw))
