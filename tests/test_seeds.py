@@ -27,6 +27,8 @@ def test_mean_std_and_paired_differences(tmp_path, capsys):
         _write(root / "reranker" / "test" / "metrics_test.json",
                {"system": "avg_reranker", "split": "test", "R@1": b + 3, "R@5": 35.0, "R@10": 45.0, "list_recall": 70.0,
                 "topk": 50})
+        _write(root / "reranker" / "test" / "metrics_retriever_top50_test.json",  # the lists' own order
+               {"system": "retriever_top50", "split": "test", "R@1": b - 0.5 * int(s), "R@5": 31.0, "R@10": 41.0})
     assert S.main([str(tmp_path), "--dataset", "demo", "--seeds", "0", "1", "2"]) == 0
     summary = {r["system"]: r for r in pd.read_csv(tmp_path / "demo" / "results_seeds.csv").to_dict(orient="records")}
     assert summary["avg_t5_stage1"]["R@1 mean"] == pytest.approx(11.0)
@@ -36,6 +38,8 @@ def test_mean_std_and_paired_differences(tmp_path, capsys):
     # stage 2 - stage 1 per seed: +1.0, +0.5, +1.5 -> +1.00 ± 0.50
     assert "| stage 2 − stage 1 | 3 | +1.00 ± 0.50 | +1.00 +0.50 +1.50 |" in md
     assert "| LM reranker − its input | 3 | +3.00 ± 0.00 |" in md
+    # reranker - the order of its lists: +3.0, +3.5, +4.0 -> +3.50 ± 0.50
+    assert "| avg_reranker − its list order (reranker/test) | 3 | +3.50 ± 0.50 | +3.00 +3.50 +4.00 |" in md
     assert "| avg_t5_stage1 | retriever_t5 | test | 3 | 11.00 ± 1.00 |" in capsys.readouterr().out
     assert S.main([str(tmp_path), "--seeds", "0", "9"]) == 2  # a missing seed is an error
 

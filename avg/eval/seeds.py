@@ -8,11 +8,13 @@ with the report's collector (avg.eval.report: one row per metrics file), groups 
 seeds, mean ± sample std (ddof 1) of R@1/5/10/20 and of the list recall of rerankers, and the
 per-seed R@1. Below the table, paired differences of R@1 over the same seeds (stage 2 − stage 1,
 each reranker − the list it reordered), mean ± std: a difference counts only when it exceeds its
-spread.
+spread. Every reranker is also paired with the retriever order of the lists it reordered (the
+``<retriever>_top<k>`` metrics file its test stage writes beside its own).
 """
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -65,11 +67,24 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _list_order_pairs(d: pd.DataFrame) -> list:
+    """(name, minuend, subtrahend) for each reranker against the retriever order of the very lists it
+    reordered: the ``<retriever>_top<k>`` file its test stage writes next to its own."""
+    out = []
+    for stage in dict.fromkeys(d["stage"]):
+        systems = list(dict.fromkeys(d.loc[d["stage"] == stage, "system"]))
+        orders = [x for x in systems if re.search(r"_top\d+$", str(x))]
+        if len(orders) == 1:
+            out += [(f"{x} − its list order ({stage})", (x, stage), (orders[0], stage)) for x in systems if x != orders[0]]
+    return out
+
+
 def paired_differences(df: pd.DataFrame, split: str = "test") -> list[dict]:
-    """R@1 differences over the seeds that have both systems (PAIRS)."""
+    """R@1 differences over the seeds that have both systems (PAIRS, then every reranker against
+    the retriever order of the lists it reordered)."""
     out = []
     d = df[df["split"] == split]
-    for name, (sys_a, stage_a), (sys_b, stage_b) in PAIRS:
+    for name, (sys_a, stage_a), (sys_b, stage_b) in (*PAIRS, *_list_order_pairs(d)):
         a = d[(d["system"] == sys_a) & (d["stage"] == stage_a)].set_index("seed")["R@1"]
         b = d[(d["system"] == sys_b) & (d["stage"] == stage_b)].set_index("seed")["R@1"]
         common = sorted(set(a.index) & set(b.index))

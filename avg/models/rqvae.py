@@ -1,4 +1,4 @@
-"""RQ-VAE image tokenizer with cross-modal semantic alignment (AVG paper, Sec. 3.2, eqs. 2-6).
+"""RQ-VAE image tokenizer with cross-modal semantic alignment (AVG paper, Sec. 3.1, eqs. 2-6).
 
 An MLP encoder maps a frozen CLIP image vector ``v_i`` to a latent ``z``; M residual quantization
 steps pick M vokens from a visual codebook; an MLP decoder maps the quantized latent back to the

@@ -1,6 +1,6 @@
 """Which voken may come next: the gallery's codes as a prefix tree, for constrained decoding.
 
-Inference (paper Sec. 3.4) generates an image's code token by token, allowing at each step only
+Inference (paper Sec. 3.3) generates an image's code token by token, allowing at each step only
 tokens that continue the code of some gallery image. Two structures answer "what may follow this
 prefix":
 

@@ -1,4 +1,4 @@
-"""Constrained beam search over a gallery's voken codes (paper Sec. 3.4, inference).
+"""Constrained beam search over a gallery's voken codes (paper Sec. 3.3, inference).
 
 The retriever generates an image code token by token; only continuations of gallery codes are
 allowed, and the finished beams, ranked by summed token log-probabilities, are the ranked images.
