@@ -144,7 +144,7 @@ def test_resume_is_bit_for_bit(tmp_path, monkeypatch):
     emb_dir = make_emb(tmp_path / "emb")
     flags = ["--epochs", "2", "--dead-code-threshold", "1"]  # resets in both epochs
     run_train(emb_dir, tmp_path / "straight", *flags)
-    run_train(emb_dir, tmp_path / "resumed", *flags, "--stop-after", "1")
+    run_train(emb_dir, tmp_path / "resumed", *flags, "--stop-after-epochs", "1")
     assert not (tmp_path / "resumed" / "model.safetensors").exists()
     ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["step"] == 3
@@ -178,3 +178,11 @@ def test_training_logs_every_term_and_learns(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "train.log").read_text().count("train/total") == 4
     with pytest.raises(InputError, match="no checkpoint"):
         run_train(emb_dir, tmp_path / "fresh", "--resume")
+
+
+def test_old_flag_names_are_aliases_of_the_shared_ones():
+    """--max-grad-norm / --stop-after-epochs are the names the other trainers use; the old ones still work."""
+    base = ["--emb-dir", "e", "--out-dir", "o"]
+    new = train_mod.build_parser().parse_args([*base, "--max-grad-norm", "0.5", "--stop-after-epochs", "2"])
+    old = train_mod.build_parser().parse_args([*base, "--grad-clip", "0.5", "--stop-after", "2"])
+    assert (new.grad_clip, new.stop_after) == (old.grad_clip, old.stop_after) == (0.5, 2)

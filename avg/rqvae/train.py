@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes gathering batches from the memmaps")
     io.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoints/last.pt (same flags as the interrupted run); "
                     "not needed after a kill: re-running the same command resumes an interrupted run automatically")
-    io.add_argument("--stop-after", type=int, default=0, help="stop after this many epochs of this invocation (time-limited jobs); --resume continues; 0: run to --epochs")
+    io.add_argument("--stop-after-epochs", "--stop-after", dest="stop_after", type=int, default=0,
+                    help="stop after this many epochs of this invocation (time-limited jobs); --resume continues; 0: run to "
+                         "--epochs (--stop-after: the old name, kept for one release)")
     io.add_argument("--save-every", type=int, default=0, help="also keep checkpoints/epoch_XXXX.pt every N epochs (last.pt is written every epoch); 0: only last.pt")
     io.add_argument("--eval-every", type=int, default=1, help="log eval-split losses every N epochs; 0 disables")
     io.add_argument("--run-name", default=None, help="run name for logs and wandb (default: out-dir's name)")
@@ -73,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on encoder/decoder weight matrices (never on codebooks or biases)")
     opt.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine", help="learning-rate schedule after warm-up")
     opt.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps")
-    opt.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this value; 0 disables")
+    opt.add_argument("--max-grad-norm", "--grad-clip", dest="grad_clip", type=float, default=1.0,
+                     help="clip the gradient norm to this value; 0 disables (the retrievers' and reranker's flag name; "
+                          "--grad-clip: the old name, kept for one release)")
     opt.add_argument("--seed", type=int, default=42, help="seed for init, k-means, batch order, caption sampling and dead-code resets")
     m = p.add_argument_group("model")
     m.add_argument("--num-levels", type=int, default=4, help="M: residual quantization steps = vokens per image (paper: 4)")
@@ -345,7 +349,7 @@ def train(args) -> dict:
 
     final = dict(metrics)
     if end_epoch < args.epochs:
-        logger.info("stopped after epoch %d of %d (--stop-after); continue with --resume", end_epoch, args.epochs)
+        logger.info("stopped after epoch %d of %d (--stop-after-epochs); continue with --resume", end_epoch, args.epochs)
         logger.finish()
         return final
     if main_proc:
