@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from avg.search.exact import exact_search, main
-from avg.artifacts.runfiles import read_run
 from avg.artifacts.emb import save_emb
+from avg.artifacts.runfiles import read_run
+from avg.search.exact import exact_search, main
 
 
 def _naive_topk(text, image, k):

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
+from avg.artifacts.codes import collision_stats, load_codebook, load_codes
+from avg.artifacts.emb import save_emb
 from avg.models.rqvae import RQVAE, RQVAEConfig
 from avg.rqvae import generate_codes as gc
 from avg.rqvae import train as train_mod
-from avg.artifacts.codes import collision_stats, load_codebook, load_codes
-from avg.artifacts.emb import save_emb
 from avg.utils.io import InputError
 
 

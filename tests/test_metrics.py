@@ -3,8 +3,8 @@ import random
 
 import pytest
 
-from avg.metrics import first_hit_rank, retrieval_metrics
 from avg.artifacts.runfiles import RunRecord, read_run, write_run
+from avg.metrics import first_hit_rank, retrieval_metrics
 from avg.utils.io import InputError
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from avg.data.karpathy import load_karpathy
 from avg.artifacts.emb import load_emb
+from avg.data.karpathy import load_karpathy
 from avg.rqvae.prepare_emb import main as prepare_emb
 from avg.utils.io import InputError
 
@@ -32,8 +32,8 @@ def _args(data, out, *extra):
 
 
 def test_open_clip_custom_config_checkpoint(tiny_demo, demo_ckpt, tmp_path):
-    from avg.models.clip import load_clip
     from avg.data.images import load_rgb
+    from avg.models.clip import load_clip
 
     out = prepare_emb(_args(tiny_demo, tmp_path / "emb", "--backend", "open_clip", "--clip-model", "avg-demo-vit", "--pretrained", str(demo_ckpt), "--num-workers", "1"))
     emb = load_emb(out)
@@ -172,8 +172,8 @@ def test_make_demo_assets_tiny_then_cached(tmp_path):
 
 
 def test_image_grid_is_the_pooled_patch_tokens_and_leaves_the_features_alone(tiny_demo, demo_ckpt, tmp_path):
-    from avg.models.clip import load_clip, pool_grid
     from avg.data.images import load_rgb
+    from avg.models.clip import load_clip, pool_grid
 
     common = ("--clip-model", "avg-demo-vit", "--pretrained", str(demo_ckpt), "--num-workers", "0", "--max-images", "5")
     plain = load_emb(prepare_emb(_args(tiny_demo, tmp_path / "plain", *common)))

@@ -4,8 +4,8 @@ import sys
 
 import numpy as np
 
-from avg.data.pseudo_queries import caption_transfer
 from avg.artifacts.emb import load_emb, save_emb
+from avg.data.pseudo_queries import caption_transfer
 
 
 def _emb(tmp_path):

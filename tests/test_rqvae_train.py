@@ -7,11 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from avg.artifacts.emb import load_emb, save_emb
+from avg.models.kmeans import DeadCodeTracker, init_codebooks, kmeans
 from avg.models.rqvae import RQVAE, RQVAEConfig
 from avg.rqvae import train as train_mod
 from avg.rqvae.data import FeatureBatchSampler, FeatureDataset, training_rows
-from avg.artifacts.emb import load_emb, save_emb
-from avg.models.kmeans import DeadCodeTracker, init_codebooks, kmeans
 from avg.utils.io import InputError
 
 

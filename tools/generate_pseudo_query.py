@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from avg.data.pseudo_queries import caption_transfer
 from avg.artifacts.emb import load_emb
+from avg.data.pseudo_queries import caption_transfer
 from avg.utils.io import InputError, write_jsonl
 from avg.utils.tracking import get_logger
 

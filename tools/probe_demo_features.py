@@ -24,8 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from avg.data.demo import BG_COLOURS, COLOURS, SHAPES  # noqa: E402
 from avg.artifacts.emb import load_emb  # noqa: E402
+from avg.data.demo import BG_COLOURS, COLOURS, SHAPES  # noqa: E402
 from avg.utils.cli import run_main  # noqa: E402
 from avg.utils.io import InputError, read_json  # noqa: E402
 

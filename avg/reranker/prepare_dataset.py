@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from avg.metrics import retrieval_metrics
 from avg.artifacts.runfiles import read_run, retriever_run_files, write_run
+from avg.metrics import retrieval_metrics
 from avg.reranker.data import candidate_lists, clip_lists, list_stats, seeded_subset
 from avg.reranker.embed import FeatureStore
 from avg.retriever.gallery import Gallery

@@ -16,8 +16,8 @@ import math
 import time
 from pathlib import Path
 
-from avg.metrics import recall_ks, retrieval_metrics
 from avg.artifacts.runfiles import read_run, retriever_run_files, write_run
+from avg.metrics import recall_ks, retrieval_metrics
 from avg.reranker.embed import DEFAULT_WEIGHTS, FeatureStore, choose_weight, rerank_records
 from avg.retriever.gallery import Gallery
 from avg.utils.cli import run_main

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from avg.metrics import format_metrics, recall_ks, retrieval_metrics
 from avg.artifacts.runfiles import write_run
+from avg.metrics import format_metrics, recall_ks, retrieval_metrics
 from avg.reranker import model as RM
 from avg.reranker.data import ListDataset, load_lists, seeded_subset
 from avg.reranker.embed import FeatureStore
