@@ -38,10 +38,12 @@ def pipeline(tiny_demo, tmp_path_factory):
         logs[script] = res.stdout + res.stderr
     report = _run([sys.executable, "-m", "avg.eval.report", str(work / "out" / "demo")], env)
     PIPELINE_LOGS.update(logs)
+    PIPELINE_ENV.update(env, WORK=str(work))
     return work / "out" / "demo", report.stdout
 
 
 PIPELINE_LOGS: dict = {}  # each stage script's output, captured (not a terminal) as under CI or nohup
+PIPELINE_ENV: dict = {}  # the fixture's environment, for tests that run further scripts on its outputs
 
 
 def test_every_stage_writes_its_contract(pipeline):
@@ -202,3 +204,39 @@ def test_results_page_renders_in_a_headless_browser(pipeline, tmp_path):
     assert pixels.shape == (900, 1200) and pixels.std() > 10  # text, tables and thumbnails, not a blank page
     dom = subprocess.run([browser, *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=180)
     assert _page_counts(dom.stdout) == _page_counts(page.read_text()) and _page_counts(dom.stdout)[0] == 12
+
+
+def test_reranker_seeds_runner_trains_each_seed_and_tables_them(pipeline):
+    """scripts/run_reranker_seeds.sh on the tiny run: lists once, a reranker per seed, the CLIP baseline
+    linked in, mean ± std and the reranker against the order of its lists."""
+    root, _ = pipeline
+    work = Path(PIPELINE_ENV["WORK"])
+    env = dict(PIPELINE_ENV, SEEDS="0 1", SEEDS_DIR=str(work / "rseeds"), RERANK_MODEL=str(work / "llama-demo"),
+               RERANK_EPOCHS="1", RERANK_BATCH_SIZE="8", RERANK_ARGS="--late-interaction --embed-fusion learned")
+    missing = _run_fail(["bash", "scripts/run_reranker_seeds.sh"], env)
+    assert missing.returncode == 2 and "reranker_tokens is missing" in missing.stderr
+    _run(["bash", "scripts/convert_voken_to_seed.sh"], env)
+    res = _run(["bash", "scripts/run_reranker_seeds.sh"], env, timeout=900)
+    lists = root / "reranker_data_seeds"
+    meta = json.loads((lists / "meta.json").read_text())
+    assert "CLIP features" in meta["splits"]["train"]["source"] and "run file" in meta["splits"]["test"]["source"]
+    for s in ("0", "1"):
+        seed_root = work / "rseeds" / f"seed_{s}" / "demo"
+        assert json.loads((seed_root / "reranker" / "stage.json").read_text())["config"]["seed"] == int(s)
+        assert (seed_root / "reranker" / "test" / "metrics_test.json").is_file()
+    md = (work / "rseeds" / "demo" / "results_seeds.md").read_text()
+    assert "| clip_two_tower | clip_baseline | test | 2 |" in md and "| avg_reranker | reranker/test | test | 2 |" in md
+    assert "avg_reranker − its list order (reranker/test) | 2 |" in md and "results_seeds.md" in res.stdout
+    def run_ids():
+        return [json.loads(p.read_text())["run_id"] for p in sorted((work / "rseeds").rglob("stage.json"))]
+
+    before = run_ids()
+    assert len(before) == 4  # reranker and reranker/test per seed
+    _run(["bash", "scripts/run_reranker_seeds.sh"], env)  # finished seeds are skipped: nothing re-runs
+    assert run_ids() == before
+
+
+def _run_fail(cmd, env):
+    import subprocess
+
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -18,8 +18,12 @@ def _write(path, obj):
 
 def test_mean_std_and_paired_differences(tmp_path, capsys):
     r1 = {"0": (10.0, 11.0), "1": (12.0, 12.5), "2": (11.0, 12.5)}  # stage 1, stage 2 per seed
+    shared = tmp_path / "main" / "clip_baseline"  # the shared baseline, linked into every seed as run_seeds.sh does
+    _write(shared / "metrics_test.json", {"system": "clip", "split": "test", "R@1": 14.0, "R@5": 40.0, "R@10": 52.0})
     for s, (a, b) in r1.items():
         root = tmp_path / f"seed_{s}" / "demo"
+        root.mkdir(parents=True)
+        (root / "clip_baseline").symlink_to(os.path.relpath(shared, root))
         _write(root / "retriever_t5" / "eval" / "metrics_test.json",
                {"system": "avg_t5_stage1", "split": "test", "R@1": a, "R@5": 30.0, "R@10": 40.0, "R@20": 50.0})
         _write(root / "retriever_t5_stage2" / "eval" / "metrics_test.json",
@@ -31,6 +35,7 @@ def test_mean_std_and_paired_differences(tmp_path, capsys):
                {"system": "retriever_top50", "split": "test", "R@1": b - 0.5 * int(s), "R@5": 31.0, "R@10": 41.0})
     assert S.main([str(tmp_path), "--dataset", "demo", "--seeds", "0", "1", "2"]) == 0
     summary = {r["system"]: r for r in pd.read_csv(tmp_path / "demo" / "results_seeds.csv").to_dict(orient="records")}
+    assert summary["clip"]["seeds"] == 3 and summary["clip"]["R@1 std"] == 0.0  # read through the links
     assert summary["avg_t5_stage1"]["R@1 mean"] == pytest.approx(11.0)
     assert summary["avg_t5_stage1"]["R@1 std"] == pytest.approx(1.0)  # sample std of 10, 12, 11
     assert summary["avg_reranker"]["list_recall mean"] == pytest.approx(70.0) and summary["avg_t5_stage2"]["seeds"] == 3

@@ -29,7 +29,9 @@ Code statistics from ``codes/stats.json`` are printed below the table.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -54,6 +56,20 @@ def _stage_of(rel: Path) -> str:
     if parts and parts[-1] == "eval":
         parts = parts[:-1]
     return "/".join(parts) or "."
+
+
+def find_files(root: Path, pattern: str) -> list[Path]:
+    """Files named like ``pattern`` under ``root``, sorted, following linked folders (the seed runners
+    link the shared CLIP baseline into every seed's folder) but never the same real folder twice."""
+    seen, out = set(), []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        out += [Path(dirpath) / f for f in filenames if fnmatch.fnmatch(f, pattern)]
+    return sorted(out)
 
 
 def _is_generative(system: str) -> bool:
@@ -87,7 +103,7 @@ def _read_metrics(root: Path, *, grid: bool = False) -> list[tuple[Path, dict]]:
     """Metrics files under ``root``; the experiment grid's (under ``grid/``) only when ``grid``:
     they have their own per-study tables (avg.eval.grid) and would crowd the main one."""
     out = []
-    for path in sorted(root.rglob("metrics*.json")):
+    for path in find_files(root, "metrics*.json"):
         if not _visible(path, root):
             continue
         if not grid and "grid" in path.relative_to(root).parts[:-1]:
@@ -240,7 +256,7 @@ def plot_recall_vs_beam(root: Path, path: Path) -> Optional[Path]:
 def plot_training_curves(root: Path, path: Path) -> Optional[Path]:
     """train/loss and eval/val/R@1 against step, one line per stage's metrics.jsonl."""
     curves: dict[str, dict[str, list]] = {}
-    for f in sorted(root.rglob("metrics.jsonl")):
+    for f in find_files(root, "metrics.jsonl"):
         if not _visible(f, root):
             continue
         stage = _stage_of(f.relative_to(root))
@@ -284,8 +300,8 @@ def make_plots(root: Path) -> list[Path]:
 
 def write_results_page(root: Path, df: pd.DataFrame, plots: list, *, n: int, seed: int) -> Optional[Path]:
     """``results.html`` (avg.eval.html_page) from the test run files under ``root``; None without any."""
-    from avg.eval.html_page import write_page
     from avg.data.sample_tables import resolve_image_paths
+    from avg.eval.html_page import write_page
 
     if n <= 0:
         return None
