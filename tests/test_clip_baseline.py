@@ -8,7 +8,8 @@ import pytest
 
 from avg.artifacts.emb import save_emb
 from avg.artifacts.runfiles import read_run
-from avg.search.exact import exact_search, main
+from avg.eval.clip_baseline import main
+from avg.search.exact import exact_search
 
 
 def _naive_topk(text, image, k):
