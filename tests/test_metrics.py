@@ -68,4 +68,12 @@ def test_run_file_round_trip_and_errors(tmp_path):
     bad.write_text('{"qid": 0, "gold": "a", "ranked": ["a"], "scores": [1, 2]}\n')
     with pytest.raises(InputError, match="bad.jsonl: line 1: 1 ranked ids but 2 scores"):
         read_run(bad)
+    bad.write_text('{"qid": 0, "gold": "a", "ranked": ["a"]}\n\n{"qid": 1, "ranked": ["a"]}\n')
+    with pytest.raises(InputError, match=r"bad.jsonl: line 3: not a run record \('gold'\)"):
+        read_run(bad)
+    bad.write_text('{"qid": 0, "gold": "a", "ranked": ["a"]}\n{"qid": 1,\n')
+    with pytest.raises(InputError, match="bad.jsonl: line 2: malformed JSON"):
+        read_run(bad)
+    with pytest.raises(InputError, match="missing.jsonl: run file not found"):
+        read_run(tmp_path / "missing.jsonl")
     assert not math.isnan(retrieval_metrics(back)["mean_rank"])

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence, Union
 
-from avg.utils.io import InputError, atomic_open
+from avg.utils.io import InputError, atomic_open, iter_jsonl
 
 Gold = Union[str, Sequence[str]]
 
@@ -39,22 +39,16 @@ def write_run(records: Iterable[Union[RunRecord, dict]], path: Union[str, os.Pat
 
 
 def read_run(path: Union[str, os.PathLike]) -> list[RunRecord]:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: run file not found")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                rec = RunRecord(qid=obj["qid"], query=obj.get("query", ""), gold=obj["gold"], ranked=list(obj["ranked"]), scores=list(obj.get("scores", [])))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise InputError(f"{path}: line {lineno}: not a run record ({e})") from None
-            if rec.scores and len(rec.scores) != len(rec.ranked):
-                raise InputError(f"{path}: line {lineno}: {len(rec.ranked)} ranked ids but {len(rec.scores)} scores")
-            out.append(rec)
+    for lineno, obj in iter_jsonl(path, "run file"):
+        try:
+            rec = RunRecord(qid=obj["qid"], query=obj.get("query", ""), gold=obj["gold"], ranked=list(obj["ranked"]),
+                            scores=list(obj.get("scores", [])))
+        except (KeyError, TypeError) as e:
+            raise InputError(f"{path}: line {lineno}: not a run record ({e})") from None
+        if rec.scores and len(rec.scores) != len(rec.ranked):
+            raise InputError(f"{path}: line {lineno}: {len(rec.ranked)} ranked ids but {len(rec.scores)} scores")
+        out.append(rec)
     return out
 
 

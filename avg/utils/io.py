@@ -125,17 +125,22 @@ def read_json(path: str | os.PathLike) -> Any:
         raise InputError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
+def iter_jsonl(path: str | os.PathLike, what: str = "file"):
+    """(line number, object) of each non-blank line; a missing file or malformed line is an
+    InputError naming the file (``what`` names it: "run file", ...) and the line."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"{path}: file not found")
-    out = []
+        raise InputError(f"{path}: {what} not found")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                out.append(json.loads(line))
+                obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise InputError(f"{path}: line {lineno}: malformed JSON: {e.msg}") from None
-    return out
+            yield lineno, obj
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    return [obj for _, obj in iter_jsonl(path)]
