@@ -226,7 +226,7 @@ def test_reranker_seeds_runner_trains_each_seed_and_tables_them(pipeline):
         assert (seed_root / "reranker" / "test" / "metrics_test.json").is_file()
     md = (work / "rseeds" / "demo" / "results_seeds.md").read_text()
     assert "| clip_two_tower | clip_baseline | test | 2 |" in md and "| avg_reranker | reranker/test | test | 2 |" in md
-    assert "avg_reranker − its list order (reranker/test) | 2 |" in md and "results_seeds.md" in res.stdout
+    assert "| LM reranker − its input | 2 |" in md and "results_seeds.md" in res.stdout
     def run_ids():
         return [json.loads(p.read_text())["run_id"] for p in sorted((work / "rseeds").rglob("stage.json"))]
 

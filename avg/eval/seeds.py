@@ -8,8 +8,8 @@ with the report's collector (avg.eval.report: one row per metrics file), groups 
 seeds, mean ± sample std (ddof 1) of R@1/5/10/20 and of the list recall of rerankers, and the
 per-seed R@1. Below the table, paired differences of R@1 over the same seeds (stage 2 − stage 1,
 each reranker − the list it reordered), mean ± std: a difference counts only when it exceeds its
-spread. Every reranker is also paired with the retriever order of the lists it reordered (the
-``<retriever>_top<k>`` metrics file its test stage writes beside its own).
+spread. A reranker that no pair above covers is paired with the retriever order of the lists it
+reordered (the ``<retriever>_top<k>`` metrics file its test stage writes beside its own).
 """
 from __future__ import annotations
 
@@ -80,17 +80,21 @@ def _list_order_pairs(d: pd.DataFrame) -> list:
 
 
 def paired_differences(df: pd.DataFrame, split: str = "test") -> list[dict]:
-    """R@1 differences over the seeds that have both systems (PAIRS, then every reranker against
-    the retriever order of the lists it reordered)."""
+    """R@1 differences over the seeds that have both systems (PAIRS, then each reranker not yet
+    paired against the retriever order of the lists it reordered)."""
     out = []
     d = df[df["split"] == split]
+    done = set()  # a reranker already paired with its input by PAIRS is not paired again with its list order
     for name, (sys_a, stage_a), (sys_b, stage_b) in (*PAIRS, *_list_order_pairs(d)):
+        if (sys_a, stage_a) in done:
+            continue
         a = d[(d["system"] == sys_a) & (d["stage"] == stage_a)].set_index("seed")["R@1"]
         b = d[(d["system"] == sys_b) & (d["stage"] == stage_b)].set_index("seed")["R@1"]
         common = sorted(set(a.index) & set(b.index))
         if not common:
             continue
         diff = np.array([float(a[s]) - float(b[s]) for s in common])
+        done.add((sys_a, stage_a))
         out.append({"pair": name, "seeds": len(common), "mean": float(diff.mean()),
                     "std": float(diff.std(ddof=1)) if len(diff) > 1 else 0.0,
                     "per_seed": " ".join(f"{x:+.2f}" for x in diff)})
