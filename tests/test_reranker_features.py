@@ -15,7 +15,7 @@ from avg.artifacts.runfiles import write_run
 from avg.reranker import model as RM
 from avg.reranker import prepare_dataset, rerank_embed, test as rerank_test, train
 from avg.reranker.data import ListCollator, ListDataset, candidate_lists, clip_lists, load_lists, shorten_list
-from avg.reranker.embed import FeatureStore, choose_weight, fused_scores, rerank_list, rerank_records
+from avg.reranker.embed import FeatureStore, choose_weight, fit_embed_weight, fused_scores, rerank_list, rerank_records
 from avg.reranker.image_tokens import ImageTokenMap, build_image_tokens, image_token
 from avg.retriever import llama as L
 from avg.retriever.gallery import Gallery
@@ -217,6 +217,39 @@ def test_grid_head_scores_each_candidate_grid_from_the_query_slots(tmp_path):
         plain.grid_shape("plain")
 
 
+def listwise_cosine_loss(cosines, labels, u):
+    """The naive mean of -log softmax(u * cos)[positive], one list at a time."""
+    out = []
+    for c, y in zip(cosines, labels):
+        z = u * np.asarray(c, dtype=np.float64)
+        out.append(np.log(np.exp(z - z.max()).sum()) + z.max() - z[y])
+    return float(np.mean(out))
+
+
+def test_embed_weight_fit_minimises_the_cosine_listwise_loss_and_datasets_give_the_batch_cosines(tmp_path):
+    rng = np.random.default_rng(3)
+    cosines = [rng.uniform(-0.2, 0.5, size=n) for n in rng.integers(2, 9, size=40)]
+    labels = [int(np.argmax(c + rng.normal(scale=0.15, size=len(c)))) for c in cosines]  # the cosine mostly right
+    u = fit_embed_weight(cosines, labels)
+    grid = np.exp(np.linspace(np.log(0.1), np.log(1000), 4001))
+    naive = grid[int(np.argmin([listwise_cosine_loss(cosines, labels, g) for g in grid]))]
+    assert u == pytest.approx(naive, rel=3e-3)
+    assert listwise_cosine_loss(cosines, labels, u) <= min(listwise_cosine_loss(cosines, labels, u * f) for f in (0.9, 1.1))
+    assert fit_embed_weight(cosines, labels, temperature=2.0) == pytest.approx(2 * u, rel=1e-6)  # u / T is what counts
+    wrong = [int(np.argmin(c)) for c in cosines]  # the positive always least similar: the smallest u allowed
+    assert fit_embed_weight(cosines, wrong, lo=0.5) == 0.5
+    sure = [np.array([1.0, 0.0]), np.array([0.0, 1.0])]  # perfectly separable: the largest u allowed
+    assert fit_embed_weight(sure, [0, 1], hi=50.0) == 50.0
+    with pytest.raises(ValueError, match="one positive per list"):
+        fit_embed_weight(cosines, labels[:-1])
+    with pytest.raises(ValueError, match="outside its list"):
+        fit_embed_weight([np.array([0.1, 0.2])], [2])
+    _, ds, _ = feature_setup(tmp_path)
+    batch = ListCollator(ds)(list(range(len(ds))))
+    for i, c in enumerate(ds.cosines()):
+        assert np.allclose(c, batch["cosine"][i, : len(c)].numpy(), atol=1e-6)
+
+
 def test_shortened_training_lists_keep_their_positive():
     lst = {"qid": 1, "query": "q", "gold": "g", "candidates": ["a", "b", "c", "g", "d"], "scores": [5.0, 4.0, 3.0, 2.0, 1.0],
            "gold_rank": 4, "inserted": False}
@@ -334,8 +367,18 @@ def test_feature_reranker_stages_end_to_end(tmp_path, stage_inputs):
         train.main(train_args(root, data, tmp_path / "nolate", *feats, "--grid-head", "2"))
     write_emb(tmp_path / "emb_grid", ids, lambda i: list(dict.fromkeys(captions.get(i, []))), grid=True)
     gridded = ["--emb-dir", str(tmp_path / "emb_grid")]
+    with pytest.raises(InputError, match="--embed-fusion"):
+        train.main(train_args(root, data, tmp_path / "nofit", *gridded, "--late-interaction", "--grid-head", "2",
+                              "--fit-embed-weight"))
     train.main(train_args(root, data, tmp_path / "grid", *gridded, "--late-interaction", "--grid-head", "2",
-                          "--embed-fusion", "learned", "--epochs", "1", "--train-topk", "2"))
+                          "--embed-fusion", "learned", "--epochs", "1", "--train-topk", "2",
+                          "--train-lists", "found", "--fit-embed-weight"))
+    short = [shorten_list(x, 2) for x in load_lists(data / "train.jsonl")]
+    found = [x for x in short if not x["inserted"]]
+    assert 0 < len(found) < len(short)  # the toy lists have both kinds
+    log = (tmp_path / "grid" / "train.log").read_text()
+    assert f"--train-lists found: {len(found)} of {len(short)} training lists" in log
+    assert "embed weight u fitted on the %d training lists" % len(found) in log
     saved = json.loads((tmp_path / "grid" / "best" / RM.META_FILE).read_text())
     assert saved["feature_head"] is False  # the grid head sees the candidate: no feature head unless asked
     assert (saved["grid_slots"], saved["grid_cells"], saved["grid_width"]) == (2, GRID_CELLS, GRID_WIDTH)

@@ -155,7 +155,7 @@ class ListDataset(torch.utils.data.Dataset):
 
     def __init__(self, lists: Sequence[dict], tokenizer, image_token_ids: dict, prompt_format, *,
                  max_length: int = 64, source: str = "reranker_data", image_prefix: int = 0, features=None,
-                 wrap: tuple = ((), ()), image_grid: bool = False):
+                 wrap: tuple = ((), ()), image_grid: bool = False, query_features=None):
         self.lists = list(lists)
         self.image_ids = image_token_ids  # image id -> [token ids]
         self.image_prefix = int(image_prefix)
@@ -174,12 +174,33 @@ class ListDataset(torch.utils.data.Dataset):
         if image_grid and features is None:
             raise ValueError("image_grid needs the feature store")
         self.image_grid = bool(image_grid)
-        self.text_rows = self.image_rows = None
+        self.text_rows = self.image_rows = self.query_features = None
+        if query_features is not None:  # queries typed at search time: their features, one row per list
+            if features is None:
+                raise ValueError("query_features need the feature store (the candidates' image features)")
+            if len(query_features) != len(self.lists):
+                raise ValueError(f"{len(query_features)} query features for {len(self.lists)} lists")
+            self.query_features = l2_normalize(query_features)
         if features is not None:
-            self.text_rows = np.array([features.text_row(x["gold"], x["query"], f"{source}: record {n}")
-                                       for n, x in enumerate(self.lists, 1)], dtype=np.int64)
+            if self.query_features is None:
+                self.text_rows = np.array([features.text_row(x["gold"], x["query"], f"{source}: record {n}")
+                                           for n, x in enumerate(self.lists, 1)], dtype=np.int64)
             self.image_rows = [features.image_rows(x["candidates"], f"{source}: record {n}")
                                for n, x in enumerate(self.lists, 1)]
+
+    def cosines(self) -> list[np.ndarray]:
+        """Per list, the CLIP cosine of the query with each candidate (the ``cosine`` of every batch)."""
+        if self.features is None:
+            raise ValueError("cosines need the feature store")
+        emb = self.features.emb
+        text = self.query_texts(range(len(self.lists)))
+        return [l2_normalize(emb.image_features[rows]) @ t for rows, t in zip(self.image_rows, text)]
+
+    def query_texts(self, idx) -> np.ndarray:
+        """The lists' query features, unit norm: given at search time, or the captions' rows of emb/."""
+        if self.query_features is not None:
+            return self.query_features[list(idx)]
+        return l2_normalize(self.features.emb.text_features[self.text_rows[list(idx)]])
 
     def candidate_tokens(self, image_id: str) -> list[int]:
         """The candidate's part of the sequence: placeholders, wrapped image tokens, EOS."""
@@ -245,7 +266,7 @@ class ListCollator:
     def _features(self, idx, k: int) -> dict:
         ds = self.ds
         store = ds.features
-        t = torch.from_numpy(l2_normalize(store.emb.text_features[ds.text_rows[list(idx)]]))
+        t = torch.from_numpy(ds.query_texts(idx))
         v = torch.zeros((len(idx), k, t.shape[1]))
         grid = store.emb.image_grid if ds.image_grid else None
         g = torch.zeros((len(idx), k, *grid.shape[1:])) if grid is not None else None

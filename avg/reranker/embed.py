@@ -141,5 +141,46 @@ def choose_weight(records: Sequence[dict], store: FeatureStore, k: int, weights:
     return best["weight"], rows
 
 
+def fit_embed_weight(cosines: Sequence[np.ndarray], labels: Sequence[int], *, temperature: float = 1.0,
+                     lo: float = 1e-2, hi: float = 1e4, iters: int = 60) -> float:
+    """The weight u of the cosine that minimises the mean listwise loss ``-log softmax(u * cos / T)[positive]``
+    of the cosine alone over these lists (one array of cosines per list, the positive's index in each).
+
+    The loss is convex in u (a log-sum-exp of terms linear in u), so its derivative
+    ``(E_softmax[cos] - cos_positive) / T`` grows with u: bisection on it, in log space, within [lo, hi]
+    (a bound when the optimum lies outside). The reranker starts from this u, the best scale of the
+    CLIP score on its own training lists, so its learned parts add to a calibrated cosine."""
+    if len(cosines) != len(labels) or not len(cosines):
+        raise ValueError(f"need one positive per list and at least one list, got {len(cosines)} lists and {len(labels)} labels")
+    if not 0 < lo < hi:
+        raise ValueError(f"need 0 < lo < hi, got lo={lo}, hi={hi}")
+    width = max(len(c) for c in cosines)
+    cos = np.full((len(cosines), width), -np.inf)
+    for i, c in enumerate(cosines):
+        cos[i, : len(c)] = np.asarray(c, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if (labels < 0).any() or (labels >= np.array([len(c) for c in cosines])).any():
+        raise ValueError("a positive index lies outside its list")
+    valid = np.isfinite(cos)
+    pos = cos[np.arange(len(labels)), labels]
+    filled = np.where(valid, cos, 0.0)
+
+    def slope(u: float) -> float:
+        z = np.where(valid, u * filled / temperature, -np.inf)
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        return float(((p * filled).sum(axis=1) - pos).mean() / temperature)
+
+    if slope(lo) >= 0:
+        return float(lo)
+    if slope(hi) <= 0:
+        return float(hi)
+    a, b = math.log(lo), math.log(hi)
+    for _ in range(iters):
+        m = 0.5 * (a + b)
+        a, b = (m, b) if slope(math.exp(m)) < 0 else (a, m)
+    return float(math.exp(0.5 * (a + b)))
+
+
 __all__ = ["l2_normalize", "DEFAULT_WEIGHTS", "FeatureStore", "fused_scores", "rerank_list", "candidate_cosines",
-           "rerank_records", "choose_weight"]
+           "rerank_records", "choose_weight", "fit_embed_weight"]

@@ -34,7 +34,7 @@ from avg.metrics import format_metrics, retrieval_metrics
 from avg.artifacts.runfiles import write_run
 from avg.reranker import model as RM
 from avg.reranker.data import ListCollator, ListDataset, load_lists, seeded_subset, shorten_list
-from avg.reranker.embed import FeatureStore
+from avg.reranker.embed import FeatureStore, fit_embed_weight
 from avg.reranker.image_tokens import ImageTokens
 from avg.reranker.losses import listwise_loss, pointwise_loss
 from avg.retriever import llama as L
@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--train-topk", type=int, default=0,
                    help="train on the first N candidates of each training list, the positive kept (0: the whole list; "
                         "val and test lists are never cut)")
+    g.add_argument("--train-lists", choices=("all", "found"), default="all",
+                   help="all: every training list; found: only lists whose miner found the positive in the first "
+                        "--train-topk (lists with an inserted positive teach the head to overrule the cosine)")
     g.add_argument("--max-eval-lists", type=int, default=0, help="a seeded subset of N val lists for model selection (0: all)")
     g = p.add_argument_group("model")
     g.add_argument("--full-finetune", action="store_true", help="train every weight, no LoRA (small or random models)")
@@ -91,6 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--embed-fusion", choices=RM.EMBED_FUSION_MODES, default="none",
                    help="add u * cos(query, candidate) of the CLIP features to the score (u fixed or learned)")
     g.add_argument("--embed-weight", type=float, default=10.0, help="u (the initial value when learned)")
+    g.add_argument("--fit-embed-weight", action="store_true",
+                   help="start u at the value that minimises the listwise loss of the cosine alone on the training "
+                        "lists (instead of --embed-weight)")
     g.add_argument("--reuse-seed-image-rows", action="store_true",
                    help="a model with <img_*> tokens (SEED-LLaMA): keep its rows for the vokens' tokens (meaning-free: "
                         "SEED code k is not voken k) instead of initialising them from the codebook")
@@ -169,6 +175,8 @@ def main(argv=None) -> dict:
     tokens = ImageTokens.load(args.tokens_dir)
     meta = read_json(data_dir / "meta.json") if (data_dir / "meta.json").is_file() else {}
     val_gallery = (meta.get("splits", {}).get("val") or {}).get("gallery_size")
+    if args.fit_embed_weight and args.embed_fusion == "none":
+        raise InputError("--fit-embed-weight sets the weight of the fused cosine: add --embed-fusion fixed or learned")
     if args.grid_head and not args.late_interaction:
         raise InputError("--grid-head scores candidates by late interaction: add --late-interaction")
     uses_features = args.image_prefix > 0 or args.feature_head or args.late_interaction or args.embed_fusion != "none"
@@ -215,11 +223,24 @@ def main(argv=None) -> dict:
     train_lists = seeded_subset(train_lists, args.max_train_lists, args.seed, 1)
     if args.train_topk:
         train_lists = [shorten_list(x, args.train_topk) for x in train_lists]
+    if args.train_lists == "found":
+        n_all = len(train_lists)
+        train_lists = [x for x in train_lists if not x.get("inserted")]
+        logger.info("--train-lists found: %d of %d training lists hold their positive without insertion",
+                    len(train_lists), n_all)
+        if not train_lists:
+            raise InputError(f"{data_dir / 'train.jsonl'}: no training list found its positive (--train-lists found)")
     val_lists = seeded_subset(val_lists, args.max_eval_lists, args.seed, 2)
     ds_kwargs = dict(max_length=args.max_length, image_prefix=args.image_prefix, features=store,
                      wrap=RM.image_wrap_ids(tokenizer), image_grid=bool(args.grid_head))
     train_ds = ListDataset(train_lists, tokenizer, id_table, fmt, source=str(data_dir / "train.jsonl"), **ds_kwargs)
     val_ds = ListDataset(val_lists, tokenizer, id_table, fmt, source=str(val_path), **ds_kwargs) if val_lists else None
+    if args.fit_embed_weight and not resuming:
+        u = fit_embed_weight(train_ds.cosines(), train_ds.labels, temperature=args.temperature)
+        with torch.no_grad():
+            reranker.embed_weight.fill_(u)
+        logger.info("embed weight u fitted on the %d training lists: %.2f (the cosine's best scale alone)",
+                    len(train_ds), u)
     collate = ListCollator(train_ds)
     sampler = EpochBatchSampler(len(train_ds), per_process_batch(args.batch_size, accelerator.num_processes),
                                 seed=args.seed, rank=accelerator.process_index,
