@@ -4,13 +4,15 @@
     r = Retriever.from_run("outputs/demo")                  # the run's best T5 retriever, test gallery
     hits = r.search(["a tiny blue hexagon"], k=5)           # per query: [Hit(image_id, image_path, score)]
     hits = r.search(["a tiny blue hexagon"], k=5, rerank="embed")   # + the embedding rerank
+    hits = r.search(["a tiny blue hexagon"], k=5, rerank="lm")      # + the trained LM reranker
 
 ``from_run`` reads the stage folders a run wrote (DESIGN.md's layout under ``outputs/<dataset>/``):
 the model (``retriever_t5_stage2/best``, else ``retriever_t5/best``, or a ``best/`` folder given
 directly), its stage's search settings (beam, batch, collision seed from ``config.json``), the
 gallery (``retriever_data/gallery_<split>.json``; or any codes folder / gallery json, optionally cut
-to a list of image ids), the image files and CLIP features (``emb/``) and the embedding rerank's
-fusion weight chosen on val (``rerank_embed/fusion.json``).
+to a list of image ids), the image files and CLIP features (``emb/``), the embedding rerank's
+fusion weight chosen on val (``rerank_embed/fusion.json``) and the trained LM reranker
+(``reranker/best``, loaded on first use; it reranks the depth of its own lists, ``reranker_data/meta.json``).
 
 A query is ranked exactly as the stage's evaluation ranks it (the same search,
 avg.retriever.evaluate.rank_queries, batched by token length): a retriever that reads the query's
@@ -71,7 +73,8 @@ class Retriever:
     def __init__(self, model, gallery, *, num_beams: int = 20, batch_size: int = 32, device=None,
                  image_paths: Optional[dict] = None, emb=None, text_encoder=None,
                  rerank_weight: Optional[float] = None, rerank_k: Optional[int] = None,
-                 fast_search: bool = False) -> None:
+                 fast_search: bool = False, lm_reranker: Optional[PathLike] = None,
+                 lm_rerank_k: Optional[int] = None, emb_dir: Optional[PathLike] = None) -> None:
         from avg.retriever.evaluate import logits_vocab_size
 
         self.model, self.gallery = model, gallery
@@ -80,16 +83,20 @@ class Retriever:
         self.image_paths = dict(image_paths or {})
         self.emb, self._text_encoder, self._store = emb, text_encoder, None
         self.rerank_weight, self.rerank_k = rerank_weight, rerank_k
+        self.lm_reranker, self.lm_rerank_k, self.emb_dir = lm_reranker, lm_rerank_k, emb_dir
+        self._lm_step = None
         self.index = gallery.build_index(model.vocab, logits_vocab_size(model.model), device=self.device)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_run(cls, run: PathLike, *, stage: Optional[str] = None, gallery: Union[str, PathLike] = "test",
                  image_ids: Optional[Sequence[str]] = None, device: str = "auto", num_beams: Optional[int] = None,
-                 batch_size: Optional[int] = None, image_root: Optional[PathLike] = None) -> "Retriever":
+                 batch_size: Optional[int] = None, image_root: Optional[PathLike] = None,
+                 reranker: Optional[PathLike] = None) -> "Retriever":
         """The retriever a run trained, over ``gallery``: a split name (that split's gallery, as the
         stage evaluated it), a codes folder (``codes.json``: every image in it) or a gallery json
-        ({image_id: code}); ``image_ids`` keeps a subset of it."""
+        ({image_id: code}); ``image_ids`` keeps a subset of it. ``reranker``: a saved LM reranker
+        for ``rerank="lm"`` (default: the run's ``reranker/best``)."""
         from avg.models.clip import resolve_device
         from avg.retriever.t5 import load_t5_retriever
 
@@ -108,11 +115,15 @@ class Retriever:
             g = g.subset([row[str(i)] for i in image_ids], name=f"{g.name}[{len(image_ids)} images]")
         emb = _load_emb(root)
         fusion = _read_fusion(root)
+        lm_dir = Path(reranker) if reranker is not None else root / "reranker" / "best"
+        lists_meta = root / "reranker_data" / "meta.json"
         return cls(model, g, num_beams=num_beams or int(stage_cfg.get("num_beams", 20)),
                    batch_size=batch_size or int(stage_cfg.get("eval_batch_size", 32)), device=dev,
                    image_paths=_image_paths(emb, image_root), emb=emb,
                    rerank_weight=fusion.get("chosen_weight"), rerank_k=fusion.get("topk"),
-                   fast_search=bool(stage_cfg.get("fast_search", False)))
+                   fast_search=bool(stage_cfg.get("fast_search", False)), lm_reranker=lm_dir,
+                   lm_rerank_k=int(read_json(lists_meta).get("topk") or 0) or None if lists_meta.is_file() else None,
+                   emb_dir=root / "emb" if emb is not None else None)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -139,7 +150,9 @@ class Retriever:
                show_progress: bool = False) -> list[list[Hit]]:
         """Top-``k`` gallery images per query, best first. ``rerank="embed"``: the retriever's top
         ``rerank_k`` re-scored with the CLIP cosine fused at the weight the ``rerank_embed`` stage
-        chose on val (scores are then the fused scores). At most as many images as the beam returns
+        chose on val (scores are then the fused scores). ``rerank="lm"``: the top ``lm_rerank_k``
+        reordered by the trained LM reranker's score fused with the retriever's (avg.reranker.step),
+        as its test stage ranks the same lists. At most as many images as the beam returns
         (the search widens its beam to ``k`` when ``k`` exceeds it)."""
         from avg.retriever.evaluate import rank_queries
 
@@ -149,8 +162,9 @@ class Retriever:
                 raise InputError(f"query {n}: empty query (a query is a non-empty caption)")
         if int(k) < 1:
             raise InputError(f"k={k}: ask for at least one image")
-        if rerank not in (None, "embed"):
-            raise InputError(f"rerank={rerank!r}: expected None or 'embed'")
+        if rerank not in (None, "embed", "lm"):
+            raise InputError(f"rerank={rerank!r}: expected None, 'embed' or 'lm'")
+        step = self.lm_step() if rerank == "lm" else None
         if rerank == "embed" and self.rerank_weight is None:
             raise InputError("no fusion weight (rerank_embed/fusion.json): run scripts/rerank_embed.sh on this run first")
         if rerank == "embed" and self.emb is None:
@@ -161,7 +175,7 @@ class Retriever:
             self._store = FeatureStore(self.emb)
         if not texts:
             return []
-        need_feats = self.model.prefix is not None or rerank == "embed"
+        need_feats = self.model.prefix is not None or rerank == "embed" or (step is not None and step.needs_features)
         feats = self.encode(texts) if need_feats else None
         beams = max(self.num_beams, int(k))
         ranked = rank_queries(self.model.model, self.model.tokenizer, self.model.vocab, texts, self.gallery, beams,
@@ -171,7 +185,23 @@ class Retriever:
                               query_features=feats if self.model.prefix is not None else None)
         if rerank == "embed":
             ranked = [self._embed_rerank(ids, scores, feats[n].numpy()) for n, (ids, scores) in enumerate(ranked)]
+        if step is not None:
+            depth = int(self.lm_rerank_k or beams)
+            ranked = step.rerank(texts, [ids[:depth] for ids, _ in ranked], [s[:depth] for _, s in ranked], feats)
         return [[Hit(i, self.image_paths.get(i), float(s)) for i, s in zip(ids[:k], scores[:k])] for ids, scores in ranked]
+
+    def lm_step(self):
+        """The trained LM reranker as a pipeline step (loaded on first use)."""
+        if self._lm_step is None:
+            from avg.reranker.model import META_FILE
+            from avg.reranker.step import LmRerankStep
+
+            if self.lm_reranker is None or not (Path(self.lm_reranker) / META_FILE).is_file():
+                raise InputError(f"no trained LM reranker in {self.lm_reranker}: run scripts/finetune_reranker_llama.sh "
+                                 "on this run first (or pass reranker=... to from_run)")
+            self._lm_step = LmRerankStep.load(self.lm_reranker, device=self.device,
+                                              emb_dir=str(self.emb_dir) if self.emb_dir is not None else None)
+        return self._lm_step
 
     def _embed_rerank(self, ids: list, scores: list, text: np.ndarray) -> tuple[list, list]:
         from avg.reranker.embed import l2_normalize, rerank_list

@@ -18,6 +18,8 @@ BENCH_DEVICE=${BENCH_DEVICE:-auto}
 BENCH_ANN=${BENCH_ANN-ivf_flat,ivf_pq,hnsw}   # '' for none (they need faiss-cpu, in the dev and ann extras)
 # the whole pipeline too: AVG + embedding rerank of RERANK_TOPK candidates, with the weight rerank_embed chose on val
 # ('inf': the retriever's order); without that stage's fusion.json the pipeline row is left out, saying so
+# and AVG + the trained LM reranker on the same top RERANK_TOPK (BENCH_LM_RERANKER, default ${STAGE_ROOT}/reranker/best
+# when it exists; '' for none), timed at the gallery sizes of real images (synthetic ones have no reranker inputs)
 FUSION="$STAGE_ROOT/rerank_embed/fusion.json"
 RERANK_K=${RERANK_TOPK:-0}
 RERANK_W=0
@@ -29,7 +31,16 @@ if [ "$RERANK_K" -gt 0 ]; then
     RERANK_K=0
   fi
 fi
-python -m avg.eval.efficiency --rerank-topk "$RERANK_K" --rerank-weight "$RERANK_W" --retriever-dir "$RETRIEVER_DIR" --emb-dir "$STAGE_ROOT/emb" \
+BENCH_LM_RERANKER=${BENCH_LM_RERANKER-$STAGE_ROOT/reranker/best}
+LM_ARGS=()
+if [ "$RERANK_K" -gt 0 ] && [ -n "$BENCH_LM_RERANKER" ]; then
+  if [ -f "$BENCH_LM_RERANKER/reranker.json" ]; then
+    LM_ARGS=(--lm-reranker-dir "$BENCH_LM_RERANKER")
+  else
+    echo "[benchmark_efficiency] no trained reranker in $BENCH_LM_RERANKER: timing without the avg+lm_rerank row" >&2
+  fi
+fi
+python -m avg.eval.efficiency "${LM_ARGS[@]}" --rerank-topk "$RERANK_K" --rerank-weight "$RERANK_W" --retriever-dir "$RETRIEVER_DIR" --emb-dir "$STAGE_ROOT/emb" \
   --codes-dir "$STAGE_ROOT/codes" --out-dir "$STAGE_ROOT/efficiency" --gallery-sizes "$GALLERY_SIZES" \
   --num-beams "$BEAM" --num-queries "$BENCH_QUERIES" --batch-size "$BENCH_BATCH_SIZE" \
   --max-seconds "$BENCH_MAX_SECONDS" --device "$BENCH_DEVICE" --ann "$BENCH_ANN" --seed "$SEED" "$@"

@@ -227,6 +227,24 @@ def test_reranker_seeds_runner_trains_each_seed_and_tables_them(pipeline):
     md = (work / "rseeds" / "demo" / "results_seeds.md").read_text()
     assert "| clip_two_tower | clip_baseline | test | 2 |" in md and "| avg_reranker | reranker/test | test | 2 |" in md
     assert "| LM reranker − its input | 2 |" in md and "results_seeds.md" in res.stdout
+    # the API's rerank="lm": a trained reranker at query time ranks as its test stage ranked the same lists
+    from avg import Retriever
+    from avg.artifacts.runfiles import read_run
+
+    seed0 = work / "rseeds" / "seed_0" / "demo" / "reranker"
+    stage_run = read_run(seed0 / "test" / "run_test.jsonl")
+    r = Retriever.from_run(root, reranker=seed0 / "best")
+    hits = r.search([x.query for x in stage_run], k=5, rerank="lm")
+    for rec, hs in zip(stage_run, hits):
+        assert [h.image_id for h in hs] == list(rec.ranked[:5]), rec.query
+        assert [h.score for h in hs] == pytest.approx(list(rec.scores[:5]), abs=1e-4)
+    from avg.utils.io import InputError
+
+    with pytest.raises(InputError, match="no trained LM reranker"):
+        Retriever.from_run(root).search("a circle", rerank="lm")  # this run's own reranker/ was never trained
+    cli = _search_cli(root, "--rerank", "lm", "a circle")
+    assert cli.returncode == 2 and "no trained LM reranker" in cli.stderr
+
     def run_ids():
         return [json.loads(p.read_text())["run_id"] for p in sorted((work / "rseeds").rglob("stage.json"))]
 

@@ -139,6 +139,53 @@ def test_both_systems_return_ranked_ids_and_the_timing_loop_runs():
         eff.GenerativeSystem(T5Retriever(model16, tok16, vocab16, None, "vocab"), cpu, dtype=torch.float16)
 
 
+class _ReverseStep:
+    """A stand-in LM reranking step (the real one is tested against the reranker's test stage in
+    test_reranker_features): reverses each list; covers only the images it was told about."""
+
+    def __init__(self, known):
+        self.known, self.calls = set(known), []
+
+    def covers(self, image_ids):
+        return all(i in self.known for i in image_ids)
+
+    def rerank(self, queries, candidates, scores, query_features=None):
+        self.calls.append((list(queries), [list(c) for c in candidates], [list(x) for x in scores], query_features))
+        return [(list(c)[::-1], list(x)[::-1]) for c, x in zip(candidates, scores)]
+
+
+def test_lm_rerank_step_gets_the_top_k_and_is_skipped_where_it_lacks_inputs():
+    ids, feats, codes = _real()
+    g = eff.scale_gallery(ids, feats, codes, 30, seed=0)
+    model, tok, vocab = _tiny_retriever()
+    cpu = torch.device("cpu")
+    texts = ["a red cube", "two stars"]
+    gen = eff.GenerativeSystem(T5Retriever(model, tok, vocab, None, "vocab"), cpu, num_beams=4)
+    gen.set_gallery(g.image_ids, g.codes, g.features)
+    step = _ReverseStep(ids)
+    lm = eff.GenerativeSystem(T5Retriever(model, tok, vocab, None, "vocab"), cpu, num_beams=4,
+                              text_encoder=_HashEncoder(), rerank_k=3, lm_step=step)
+    assert lm.name == "avg+lm_rerank" and lm.knob == "rerank_k"
+    assert lm.supports(ids) and not lm.supports(g.image_ids)  # the synthetic images have no reranker inputs
+    lm.set_gallery(ids, codes, feats)
+    gen.set_gallery(ids, codes, feats)
+    got = lm.search(texts)
+    queries, cands, scores, q = step.calls[-1]
+    assert queries == texts and [c for c in cands] == [r[:3] for r in gen.search(texts)]
+    assert all(len(x) == 3 for x in scores) and q.shape == (2, DIM)  # the retriever's scores and the CLIP query
+    assert got == [c[::-1] for c in cands]
+    with pytest.raises(ValueError, match="rerank_k"):
+        eff.GenerativeSystem(T5Retriever(model, tok, vocab, None, "vocab"), cpu, text_encoder=_HashEncoder(),
+                             lm_step=step)
+    queries = [{"query": "a red cube", "gold": "img0"}, {"query": "two stars", "gold": "img1"}]
+    rows = eff.benchmark([gen, lm], {"image_ids": ids, "features": feats, "codes": codes, "first": 4}, queries,
+                         [10, len(ids) + 5], batch_size=2, max_seconds=30, warmup=0, noise_std=0.1, seed=0, device=cpu,
+                         progress=False)
+    timed = {(r["gallery_size"], r["system"]) for r in rows}
+    assert (10, "avg+lm_rerank") in timed and (len(ids) + 5, "avg+lm_rerank") not in timed
+    assert (len(ids) + 5, "avg") in timed
+
+
 def test_benchmark_rows_cover_sizes_systems_modes():
     ids, feats, codes = _real()
     model, tok, vocab = _tiny_retriever()
@@ -212,3 +259,5 @@ def test_main_end_to_end(tmp_path, monkeypatch):
 
     with pytest.raises(InputError, match="stage.json"):
         eff.main(args[:-3] + ["--num-beams", "2", "--no-progress"])
+    with pytest.raises(InputError, match="--rerank-topk"):
+        eff.main(args[:-2] + ["--lm-reranker-dir", str(tmp_path / "retriever")])

@@ -17,6 +17,7 @@ from avg.reranker import prepare_dataset, rerank_embed, test as rerank_test, tra
 from avg.reranker.data import ListCollator, ListDataset, candidate_lists, clip_lists, load_lists, shorten_list
 from avg.reranker.embed import FeatureStore, choose_weight, fit_embed_weight, fused_scores, rerank_list, rerank_records
 from avg.reranker.image_tokens import ImageTokenMap, build_image_tokens, image_token
+from avg.reranker.step import LmRerankStep
 from avg.retriever import llama as L
 from avg.retriever.gallery import Gallery
 from avg.artifacts.emb import save_emb
@@ -385,6 +386,20 @@ def test_feature_reranker_stages_end_to_end(tmp_path, stage_inputs):
     m4 = rerank_test.main(["--reranker-dir", str(tmp_path / "grid" / "best"), "--data-dir", str(data),
                            "--out-dir", str(tmp_path / "grid_test"), "--retriever-name", "toy"])
     assert m4["late_interaction"] and 0.0 <= m4["R@1"] <= m4["list_recall"]
+    # the same reranker as a step of the pipeline (API, efficiency benchmark): typed queries with their
+    # CLIP features, lists made at query time -> the test stage's ranking and scores
+    step = LmRerankStep.load(tmp_path / "grid" / "best", device="cpu", emb_dir=str(tmp_path / "emb_grid"))
+    lists = load_lists(data / "test.jsonl")
+    feats_q = FeatureStore.load(tmp_path / "emb_grid").texts(lists)
+    got = step.rerank([x["query"] for x in lists], [x["candidates"] for x in lists], [x["scores"] for x in lists],
+                      torch.from_numpy(feats_q))
+    stage_run = [json.loads(line) for line in open(tmp_path / "grid_test" / "run_test.jsonl")]
+    assert [ids for ids, _ in got] == [r["ranked"] for r in stage_run]
+    assert np.allclose([s for _, sc in got for s in sc], [s for r in stage_run for s in r["scores"]], atol=1e-5)
+    assert step.covers(lists[0]["candidates"]) and not step.covers(["not_an_image"])
+    assert step.rerank(["q"], [[]], [[]], feats_q[:1]) == [([], [])]
+    with pytest.raises(ValueError, match="query_features"):
+        step.rerank([lists[0]["query"]], [lists[0]["candidates"]], [lists[0]["scores"]])
     with pytest.raises(InputError, match="image_grid.npy"):  # the same reranker pointed at features without grids
         rerank_test.main(["--reranker-dir", str(tmp_path / "grid" / "best"), "--data-dir", str(data), "--emb-dir",
                           str(tmp_path / "emb"), "--out-dir", str(tmp_path / "grid_test2"), "--retriever-name", "toy"])

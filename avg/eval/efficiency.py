@@ -176,10 +176,12 @@ class GenerativeSystem:
     A retriever that reads the query's CLIP text feature (avg.retriever.prefix) gets it from
     ``text_encoder`` inside the timed call. With ``rerank_k`` the top-k are re-scored by the CLIP
     cosine of query and candidate (the embedding rerank, weight ``rerank_weight`` on the retriever's
-    score) -- the whole AVG pipeline as it answers a query, one text encoding shared by both."""
+    score) -- the whole AVG pipeline as it answers a query, one text encoding shared by both. With
+    ``lm_step`` as well (avg.reranker.step.LmRerankStep) the top-k go to the trained LM reranker
+    instead; it runs on galleries whose images all have its inputs (:meth:`supports`)."""
 
     def __init__(self, retriever, device, *, num_beams: int = 20, score_eos: bool = True, fast_search: bool = False,
-                 text_encoder=None, rerank_k: int = 0, rerank_weight: float = 0.0,
+                 text_encoder=None, rerank_k: int = 0, rerank_weight: float = 0.0, lm_step=None,
                  dtype: torch.dtype = torch.float32) -> None:
         from avg.retriever.evaluate import logits_vocab_size
 
@@ -197,8 +199,11 @@ class GenerativeSystem:
         self.tokenizer.padding_side = "right" if self.is_enc_dec else "left"
         if (self.prefix is not None or rerank_k) and text_encoder is None:
             raise ValueError("this generative system needs the CLIP text encoder (query prefix or embedding rerank)")
+        if lm_step is not None and not rerank_k:
+            raise ValueError("the LM reranking step needs the depth it reranks (rerank_k)")
         self.text_encoder, self.rerank_k, self.rerank_weight = text_encoder, int(rerank_k), float(rerank_weight)
-        self.name = "avg+embed_rerank" if self.rerank_k else "avg"
+        self.lm_step = lm_step
+        self.name = "avg+lm_rerank" if lm_step is not None else "avg+embed_rerank" if self.rerank_k else "avg"
         self.gallery = self.index = self.features = self.row_of = None
         # the curve's knob: the beam for AVG alone, the reranked depth for the pipeline (beam fixed)
         self.knob = "rerank_k" if self.rerank_k else "beam"
@@ -215,13 +220,17 @@ class GenerativeSystem:
         else:
             self.num_beams = int(value)
 
+    def supports(self, image_ids: Sequence[str]) -> bool:
+        """Whether this system can answer over the gallery (the LM reranker needs every image's inputs)."""
+        return self.lm_step is None or self.lm_step.covers(image_ids)
+
     def set_gallery(self, image_ids: Sequence[str], codes: np.ndarray, features=None) -> float:
         from avg.retriever.gallery import Gallery
 
         t0 = time.perf_counter()
         self.gallery = Gallery(image_ids, codes, name="benchmark gallery")
         self.index = self.gallery.build_index(self.vocab, self.vsize, device=self.device)
-        if self.rerank_k:  # the candidates' features are looked up, never searched
+        if self.rerank_k and self.lm_step is None:  # the candidates' features are looked up, never searched
             self.features = torch.from_numpy(np.ascontiguousarray(features)).to(self.device, torch.float32)
             self.row_of = {i: r for r, i in enumerate(image_ids)}
         _sync(self.device)
@@ -253,6 +262,10 @@ class GenerativeSystem:
         ranked = [self.gallery.rank(codes[r, :k], scores[r, :k]) for r, k in enumerate(valid)]
         if not self.rerank_k:
             return [ids for ids, _ in ranked]
+        if self.lm_step is not None:
+            k = self.rerank_k
+            lists = self.lm_step.rerank(list(texts), [ids[:k] for ids, _ in ranked], [s[:k] for _, s in ranked], q)
+            return [ids for ids, _ in lists]
         from avg.reranker.embed import rerank_list
 
         out_ids = []
@@ -431,6 +444,8 @@ def benchmark(systems: Sequence, real: dict, queries: Sequence[dict], sizes: Seq
                           noise_std=noise_std, seed=seed)
         point, first, ranked_of = {}, len(rows), []
         for system in systems:
+            if not getattr(system, "supports", lambda ids: True)(g.image_ids):
+                continue  # e.g. the LM reranker beyond the real images: no image tokens or grids to read
             build_s = system.set_gallery(g.image_ids, g.codes, g.features)
             default = system.default_knob
             runs = [("batch1", 1, default, max_seconds)]
@@ -603,6 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time AVG + embedding rerank of this many candidates (the whole pipeline; 0: off)")
     p.add_argument("--rerank-weight", type=float, default=0.0,
                    help="weight of the retriever's score in the embedding rerank (the rerank_embed stage's chosen weight)")
+    p.add_argument("--lm-reranker-dir", default=None,
+                   help="also time AVG + this trained LM reranker (finetune_reranker's out-dir/best) on the top "
+                        "--rerank-topk; timed at the gallery sizes whose images all have its inputs (the real ones)")
     p.add_argument("--ann", default="ivf_flat,ivf_pq,hnsw",
                    help="approximate-index baselines over the same features (avg.eval.ann; needs faiss-cpu; '' for none)")
     p.add_argument("--ann-nlist", type=int, default=0, help="IVF lists (0: 4 sqrt(gallery), at most gallery / 39)")
@@ -641,11 +659,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     bad = [s for s in precisions if s not in ("fp32", "fp16")]
     if bad or not sizes or min(sizes) < 1:
         raise InputError(f"bad --precisions {bad} or --gallery-sizes {args.gallery_sizes!r}")
-    for d in (args.retriever_dir, args.emb_dir, args.codes_dir):
+    if args.lm_reranker_dir and not args.rerank_topk:
+        raise InputError("--lm-reranker-dir reranks the top --rerank-topk candidates: pass --rerank-topk K")
+    for d in (args.retriever_dir, args.emb_dir, args.codes_dir, *([args.lm_reranker_dir] if args.lm_reranker_dir else [])):
         if not Path(d).is_dir():
             raise InputError(f"{d}: directory not found")
     out_dir = Path(args.out_dir)
-    run = begin_stage(out_dir, "efficiency", vars(args), inputs=[args.retriever_dir, args.emb_dir, args.codes_dir],
+    run = begin_stage(out_dir, "efficiency", vars(args), inputs=[args.retriever_dir, args.emb_dir, args.codes_dir,
+                                                                 args.lm_reranker_dir],
                       force=args.force, ignore=("threads", "no_progress"))
     if run.up_to_date and skip_if_done():
         return run.previous.get("summary") or {}
@@ -673,6 +694,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     systems = [GenerativeSystem(retriever, device, **kw)]
     if args.rerank_topk:
         systems.append(GenerativeSystem(retriever, device, rerank_k=args.rerank_topk, rerank_weight=args.rerank_weight, **kw))
+    if args.lm_reranker_dir:
+        from avg.reranker.step import LmRerankStep
+
+        step = LmRerankStep.load(args.lm_reranker_dir, device=device, emb_dir=args.emb_dir,
+                                 dtype=retriever_dtype(args.retriever_dtype, device))
+        systems.append(GenerativeSystem(retriever, device, rerank_k=args.rerank_topk, lm_step=step, **kw))
     systems += [TwoTowerSystem(encoder, device, k=args.num_beams, precision=p) for p in precisions]
     from avg.eval.ann import KINDS
 
@@ -694,6 +721,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                          curves=not args.no_curves, curve_max_seconds=args.curve_max_seconds, sweep=sweep)
         model_mb = {"avg": sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20,
                     "clip": sum(p.numel() * p.element_size() for p in encoder.model.parameters()) / 2**20}
+        if args.lm_reranker_dir:
+            model_mb["lm_reranker"] = sum(p.numel() * p.element_size() for p in step.reranker.parameters()) / 2**20
+            skipped = [n for n in sizes if not any(r["system"] == "avg+lm_rerank" and r["gallery_size"] == n for r in rows)]
+            if skipped:
+                logger.info("avg+lm_rerank not timed at %s: synthetic images have no image tokens or grids for the "
+                            "reranker (its cost per query depends on the depth reranked, not on the gallery)", skipped)
         config = {**{k: v for k, v in vars(args).items()}, "gallery_sizes": sizes, "model_mb": model_mb,
                   "num_real_images": len(real["image_ids"]), "dim": int(real["features"].shape[1])}
         paths = write_outputs(rows, out_dir, config, info)

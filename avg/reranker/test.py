@@ -24,7 +24,7 @@ from avg.artifacts.runfiles import write_run
 from avg.metrics import format_metrics, recall_ks, retrieval_metrics
 from avg.reranker import model as RM
 from avg.reranker.data import ListDataset, load_lists, seeded_subset
-from avg.reranker.embed import FeatureStore
+from avg.reranker.step import reranker_feature_store
 from avg.retriever import llama as L
 from avg.utils.cli import run_main
 from avg.utils.devices import process_device
@@ -58,22 +58,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _feature_store(rmeta: dict, emb_dir: str | None, meta_file: Path) -> FeatureStore | None:
-    """The CLIP features a reranker reads (None when it reads none), checked against what it was trained on."""
-    if not int(rmeta.get("feature_dim", 0)):
-        return None
-    emb_dir = emb_dir or rmeta.get("emb_dir")
-    if not emb_dir:
-        raise InputError(f"{meta_file}: the reranker reads CLIP features; pass --emb-dir")
-    store = FeatureStore.load(emb_dir)
-    if int(rmeta.get("grid_slots", 0)):
-        cells, width = store.grid_shape(emb_dir)
-        if (cells, width) != (int(rmeta["grid_cells"]), int(rmeta["grid_width"])):
-            raise InputError(f"{emb_dir}: image grids of {cells} cells x {width}, but the reranker "
-                             f"{meta_file} was trained on {rmeta['grid_cells']} x {rmeta['grid_width']}")
-    return store
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     data_dir, out_dir = Path(args.data_dir), Path(args.out_dir)
@@ -86,7 +70,7 @@ def main(argv=None) -> dict:
     meta_file = Path(args.reranker_dir) / RM.META_FILE
     if not meta_file.is_file():
         raise InputError(f"{meta_file}: not found (run scripts/finetune_reranker_llama.sh first)")
-    store = _feature_store(read_json(meta_file), args.emb_dir, meta_file)  # checked before the stage starts writing
+    store = reranker_feature_store(read_json(meta_file), args.emb_dir, meta_file)  # checked before the stage starts writing
     run = begin_stage(out_dir, "test_reranker", vars(args), inputs=[args.reranker_dir, args.data_dir, args.emb_dir], force=args.force,
                       ignore=("batch_size", "no_shared_prefix"))
     if run.up_to_date and skip_if_done():

@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=10, help="images per query")
     p.add_argument("--gallery", default="test", help="a split (train/val/test), a codes folder or a gallery json")
     p.add_argument("--queries-file", default=None, help="one query per line ('-': stdin)")
-    p.add_argument("--rerank", choices=("embed",), default=None, help="re-score the top-k with the embedding rerank (rerank_embed stage)")
+    p.add_argument("--rerank", choices=("embed", "lm"), default=None,
+                   help="re-score the top-k: embed (the rerank_embed stage's CLIP cosine) or lm (the trained LM reranker)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--num-beams", type=int, default=None, help="beam width (default: the one the stage evaluated with)")
