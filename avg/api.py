@@ -150,10 +150,11 @@ class Retriever:
                show_progress: bool = False) -> list[list[Hit]]:
         """Top-``k`` gallery images per query, best first. ``rerank="embed"``: the retriever's top
         ``rerank_k`` re-scored with the CLIP cosine fused at the weight the ``rerank_embed`` stage
-        chose on val (scores are then the fused scores). ``rerank="lm"``: the top ``lm_rerank_k``
-        reordered by the trained LM reranker's score fused with the retriever's (avg.reranker.step),
-        as its test stage ranks the same lists. At most as many images as the beam returns
-        (the search widens its beam to ``k`` when ``k`` exceeds it)."""
+        chose on val (scores are then the fused scores). ``rerank="lm"``: the top of the depth the
+        reranker was trained and validated on (its ``list_depth``; else ``lm_rerank_k``) reordered by
+        the trained LM reranker's score fused with the retriever's (avg.reranker.step), as its test
+        stage ranks the same lists. At most as many images as the beam returns, and with a rerank at
+        most its depth (the search widens its beam to ``k`` and to the LM reranker's depth)."""
         from avg.retriever.evaluate import rank_queries
 
         texts = [queries] if isinstance(queries, str) else list(queries)
@@ -177,7 +178,8 @@ class Retriever:
             return []
         need_feats = self.model.prefix is not None or rerank == "embed" or (step is not None and step.needs_features)
         feats = self.encode(texts) if need_feats else None
-        beams = max(self.num_beams, int(k))
+        depth = int(step.meta.get("list_depth") or self.lm_rerank_k or 0) if step is not None else 0
+        beams = max(self.num_beams, int(k), depth)
         ranked = rank_queries(self.model.model, self.model.tokenizer, self.model.vocab, texts, self.gallery, beams,
                               self.batch_size, self.device, index=self.index, max_length=self.model.max_length,
                               desc="search", show_progress=show_progress, restrict_to_vokens=self.fast_search,
@@ -186,7 +188,7 @@ class Retriever:
         if rerank == "embed":
             ranked = [self._embed_rerank(ids, scores, feats[n].numpy()) for n, (ids, scores) in enumerate(ranked)]
         if step is not None:
-            depth = int(self.lm_rerank_k or beams)
+            depth = depth or beams
             ranked = step.rerank(texts, [ids[:depth] for ids, _ in ranked], [s[:depth] for _, s in ranked], feats)
         return [[Hit(i, self.image_paths.get(i), float(s)) for i, s in zip(ids[:k], scores[:k])] for ids, scores in ranked]
 
@@ -198,7 +200,7 @@ class Retriever:
 
             if self.lm_reranker is None or not (Path(self.lm_reranker) / META_FILE).is_file():
                 raise InputError(f"no trained LM reranker in {self.lm_reranker}: run scripts/finetune_reranker_llama.sh "
-                                 "on this run first (or pass reranker=... to from_run)")
+                                 "on this run first, or name one (from_run(reranker=...), --reranker)")
             self._lm_step = LmRerankStep.load(self.lm_reranker, device=self.device,
                                               emb_dir=str(self.emb_dir) if self.emb_dir is not None else None)
         return self._lm_step

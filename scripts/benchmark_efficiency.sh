@@ -27,7 +27,7 @@ if [ "$RERANK_K" -gt 0 ]; then
   if [ -f "$FUSION" ]; then
     RERANK_W=$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['chosen_weight'])" "$FUSION")
   else
-    echo "[benchmark_efficiency] no $FUSION (run scripts/rerank_embed.sh): timing without the avg+embed_rerank row" >&2
+    echo "[benchmark_efficiency] no $FUSION (run scripts/rerank_embed.sh): timing without the avg+embed_rerank and avg+lm_rerank rows" >&2
     RERANK_K=0
   fi
 fi

@@ -143,6 +143,8 @@ class _ReverseStep:
     """A stand-in LM reranking step (the real one is tested against the reranker's test stage in
     test_reranker_features): reverses each list; covers only the images it was told about."""
 
+    needs_features = True  # it reads the query's CLIP feature, so the system encodes the query
+
     def __init__(self, known):
         self.known, self.calls = set(known), []
 

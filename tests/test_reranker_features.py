@@ -241,8 +241,11 @@ def test_embed_weight_fit_minimises_the_cosine_listwise_loss_and_datasets_give_t
     assert fit_embed_weight(cosines, wrong, lo=0.5) == 0.5
     sure = [np.array([1.0, 0.0]), np.array([0.0, 1.0])]  # perfectly separable: the largest u allowed
     assert fit_embed_weight(sure, [0, 1], hi=50.0) == 50.0
-    with pytest.raises(ValueError, match="one positive per list"):
+    assert fit_embed_weight(cosines + [np.array([0.9, 0.1])], labels + [-1]) == u  # a list without its positive: left out
+    with pytest.raises(ValueError, match="one positive index per list"):
         fit_embed_weight(cosines, labels[:-1])
+    with pytest.raises(ValueError, match="no list holds its positive"):
+        fit_embed_weight(cosines[:2], [-1, -1])
     with pytest.raises(ValueError, match="outside its list"):
         fit_embed_weight([np.array([0.1, 0.2])], [2])
     _, ds, _ = feature_setup(tmp_path)

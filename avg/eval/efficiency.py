@@ -247,8 +247,9 @@ class GenerativeSystem:
         from avg.retriever.search import constrained_beam_search
 
         enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
-        q = self.text_encoder.encode_texts(list(texts)).to(self.device, torch.float32) if self.text_encoder is not None \
-            and (self.prefix is not None or self.rerank_k) else None
+        needs_q = self.prefix is not None or (self.rerank_k and (self.lm_step is None or self.lm_step.needs_features))
+        q = self.text_encoder.encode_texts(list(texts)).to(self.device, torch.float32) \
+            if self.text_encoder is not None and needs_q else None
         start = self.model.config.decoder_start_token_id if self.is_enc_dec else None
         inputs = prefixed_inputs(self.model, self.prefix, enc["input_ids"].to(self.device),
                                  enc["attention_mask"].to(self.device), q if self.prefix is not None else None)
@@ -664,6 +665,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     for d in (args.retriever_dir, args.emb_dir, args.codes_dir, *([args.lm_reranker_dir] if args.lm_reranker_dir else [])):
         if not Path(d).is_dir():
             raise InputError(f"{d}: directory not found")
+    if args.lm_reranker_dir and not (Path(args.lm_reranker_dir) / "reranker.json").is_file():
+        raise InputError(f"{Path(args.lm_reranker_dir) / 'reranker.json'}: not found (a finetune_reranker out-dir/best)")
     out_dir = Path(args.out_dir)
     run = begin_stage(out_dir, "efficiency", vars(args), inputs=[args.retriever_dir, args.emb_dir, args.codes_dir,
                                                                  args.lm_reranker_dir],

@@ -141,17 +141,25 @@ def choose_weight(records: Sequence[dict], store: FeatureStore, k: int, weights:
     return best["weight"], rows
 
 
+EMBED_FIT_BOUNDS = (1e-2, 1e4)
+
+
 def fit_embed_weight(cosines: Sequence[np.ndarray], labels: Sequence[int], *, temperature: float = 1.0,
-                     lo: float = 1e-2, hi: float = 1e4, iters: int = 60) -> float:
+                     lo: float = EMBED_FIT_BOUNDS[0], hi: float = EMBED_FIT_BOUNDS[1], iters: int = 60) -> float:
     """The weight u of the cosine that minimises the mean listwise loss ``-log softmax(u * cos / T)[positive]``
-    of the cosine alone over these lists (one array of cosines per list, the positive's index in each).
+    of the cosine alone over these lists (one array of cosines per list, the positive's index in each;
+    a list without a positive, index -1, is left out as the listwise loss leaves it out).
 
     The loss is convex in u (a log-sum-exp of terms linear in u), so its derivative
     ``(E_softmax[cos] - cos_positive) / T`` grows with u: bisection on it, in log space, within [lo, hi]
     (a bound when the optimum lies outside). The reranker starts from this u, the best scale of the
     CLIP score on its own training lists, so its learned parts add to a calibrated cosine."""
-    if len(cosines) != len(labels) or not len(cosines):
-        raise ValueError(f"need one positive per list and at least one list, got {len(cosines)} lists and {len(labels)} labels")
+    if len(cosines) != len(labels):
+        raise ValueError(f"need one positive index per list, got {len(cosines)} lists and {len(labels)} labels")
+    kept = [(c, y) for c, y in zip(cosines, labels) if y >= 0]
+    if not kept:
+        raise ValueError("no list holds its positive: nothing to fit the cosine's weight on")
+    cosines, labels = [c for c, _ in kept], [y for _, y in kept]
     if not 0 < lo < hi:
         raise ValueError(f"need 0 < lo < hi, got lo={lo}, hi={hi}")
     width = max(len(c) for c in cosines)
@@ -159,7 +167,7 @@ def fit_embed_weight(cosines: Sequence[np.ndarray], labels: Sequence[int], *, te
     for i, c in enumerate(cosines):
         cos[i, : len(c)] = np.asarray(c, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
-    if (labels < 0).any() or (labels >= np.array([len(c) for c in cosines])).any():
+    if (labels >= np.array([len(c) for c in cosines])).any():
         raise ValueError("a positive index lies outside its list")
     valid = np.isfinite(cos)
     pos = cos[np.arange(len(labels)), labels]
@@ -183,4 +191,4 @@ def fit_embed_weight(cosines: Sequence[np.ndarray], labels: Sequence[int], *, te
 
 
 __all__ = ["l2_normalize", "DEFAULT_WEIGHTS", "FeatureStore", "fused_scores", "rerank_list", "candidate_cosines",
-           "rerank_records", "choose_weight", "fit_embed_weight"]
+           "rerank_records", "choose_weight", "fit_embed_weight", "EMBED_FIT_BOUNDS"]

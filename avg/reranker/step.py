@@ -4,9 +4,10 @@
 ``emb/``. The search API and the efficiency benchmark have typed queries instead: their CLIP text
 features come from the text tower at query time, and the candidates are the retriever's top-k of
 that moment. :class:`LmRerankStep` takes both and returns each list reordered by the reranker's
-score fused with the retriever's (the weight the reranker chose on val), exactly as the test stage
-scores the same lists (tests/test_reranker_features.py checks it). Its cost per query is k
-sequences of the LM -- independent of the gallery's size.
+score fused with the retriever's at the reranker's own fusion weight (learned, fixed, or chosen on
+val), exactly as the test stage scores the same lists (tests/test_reranker_features.py and the
+API test in tests/test_e2e_scripts.py check it). Its cost per query is k sequences of the LM --
+independent of the gallery's size.
 """
 from __future__ import annotations
 
@@ -53,14 +54,17 @@ class LmRerankStep:
 
     @classmethod
     def load(cls, reranker_dir, *, device, emb_dir: Optional[str] = None, base_model: Optional[str] = None,
-             dtype: torch.dtype = torch.float32, batch_size: int = 16) -> "LmRerankStep":
+             dtype: Optional[torch.dtype] = None, batch_size: int = 16) -> "LmRerankStep":
+        """``dtype`` None: as the test stage, bf16 weights on a bf16-capable GPU, float32 elsewhere."""
         meta_file = Path(reranker_dir) / RM.META_FILE
         if not meta_file.is_file():
             raise InputError(f"{meta_file}: not found (run scripts/finetune_reranker_llama.sh first)")
         store = reranker_feature_store(read_json(meta_file), emb_dir, meta_file)
+        dev = torch.device(device)
+        if dtype is None:
+            dtype = L.resolve_dtype("auto", lora=True, device=dev)
         tokenizer, reranker, tokens, meta = RM.load_reranker(reranker_dir, base_model=base_model, dtype=dtype,
                                                              device=device)
-        dev = torch.device(device)
         autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) \
             if dev.type == "cuda" and dtype == torch.bfloat16 else None
         return cls(reranker, tokenizer, tokens, meta, store, dev, batch_size=batch_size, autocast=autocast)
@@ -79,6 +83,11 @@ class LmRerankStep:
         when the reranker reads CLIP features."""
         if not (len(queries) == len(candidates) == len(scores)):
             raise ValueError(f"{len(queries)} queries, {len(candidates)} candidate lists, {len(scores)} score lists")
+        for n, (c, s) in enumerate(zip(candidates, scores), 1):
+            if len(c) != len(s):
+                raise ValueError(f"query {n}: {len(c)} candidates but {len(s)} retriever scores")
+        if query_features is not None and len(query_features) != len(queries):
+            raise ValueError(f"{len(query_features)} query features for {len(queries)} queries")
         keep = [n for n, c in enumerate(candidates) if len(c)]
         out: list = [([], []) for _ in queries]
         if not keep:

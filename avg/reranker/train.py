@@ -34,7 +34,7 @@ from avg.metrics import format_metrics, retrieval_metrics
 from avg.artifacts.runfiles import write_run
 from avg.reranker import model as RM
 from avg.reranker.data import ListCollator, ListDataset, load_lists, seeded_subset, shorten_list
-from avg.reranker.embed import FeatureStore, fit_embed_weight
+from avg.reranker.embed import EMBED_FIT_BOUNDS, FeatureStore, fit_embed_weight
 from avg.reranker.image_tokens import ImageTokens
 from avg.reranker.losses import listwise_loss, pointwise_loss
 from avg.retriever import llama as L
@@ -67,7 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "val and test lists are never cut)")
     g.add_argument("--train-lists", choices=("all", "found"), default="all",
                    help="all: every training list; found: only lists whose miner found the positive in the first "
-                        "--train-topk (lists with an inserted positive teach the head to overrule the cosine)")
+                        "--train-topk (lists with an inserted positive teach the head to overrule the cosine); "
+                        "applied after --max-train-lists, so fewer lists remain")
     g.add_argument("--max-eval-lists", type=int, default=0, help="a seeded subset of N val lists for model selection (0: all)")
     g = p.add_argument_group("model")
     g.add_argument("--full-finetune", action="store_true", help="train every weight, no LoRA (small or random models)")
@@ -95,8 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="add u * cos(query, candidate) of the CLIP features to the score (u fixed or learned)")
     g.add_argument("--embed-weight", type=float, default=10.0, help="u (the initial value when learned)")
     g.add_argument("--fit-embed-weight", action="store_true",
-                   help="start u at the value that minimises the listwise loss of the cosine alone on the training "
-                        "lists (instead of --embed-weight)")
+                   help="set u (the start of a learned u, the value of a fixed one) to the value that minimises the "
+                        "listwise loss of the cosine alone on the training lists, instead of --embed-weight")
     g.add_argument("--reuse-seed-image-rows", action="store_true",
                    help="a model with <img_*> tokens (SEED-LLaMA): keep its rows for the vokens' tokens (meaning-free: "
                         "SEED code k is not voken k) instead of initialising them from the codebook")
@@ -224,10 +225,10 @@ def main(argv=None) -> dict:
     if args.train_topk:
         train_lists = [shorten_list(x, args.train_topk) for x in train_lists]
     if args.train_lists == "found":
-        n_all = len(train_lists)
+        n_lists = len(train_lists)
         train_lists = [x for x in train_lists if not x.get("inserted")]
         logger.info("--train-lists found: %d of %d training lists hold their positive without insertion",
-                    len(train_lists), n_all)
+                    len(train_lists), n_lists)
         if not train_lists:
             raise InputError(f"{data_dir / 'train.jsonl'}: no training list found its positive (--train-lists found)")
     val_lists = seeded_subset(val_lists, args.max_eval_lists, args.seed, 2)
@@ -235,12 +236,15 @@ def main(argv=None) -> dict:
                      wrap=RM.image_wrap_ids(tokenizer), image_grid=bool(args.grid_head))
     train_ds = ListDataset(train_lists, tokenizer, id_table, fmt, source=str(data_dir / "train.jsonl"), **ds_kwargs)
     val_ds = ListDataset(val_lists, tokenizer, id_table, fmt, source=str(val_path), **ds_kwargs) if val_lists else None
-    if args.fit_embed_weight and not resuming:
+    if args.fit_embed_weight:  # also on resume: a fixed u is a buffer, not in LoRA checkpoints (a learned one is restored)
         u = fit_embed_weight(train_ds.cosines(), train_ds.labels, temperature=args.temperature)
         with torch.no_grad():
             reranker.embed_weight.fill_(u)
         logger.info("embed weight u fitted on the %d training lists: %.2f (the cosine's best scale alone)",
                     len(train_ds), u)
+        if u in (EMBED_FIT_BOUNDS[0], EMBED_FIT_BOUNDS[1]):
+            logger.warning("the fitted u is at its bound %g: the cosine alone %s on these lists", u,
+                           "orders them perfectly" if u == EMBED_FIT_BOUNDS[1] else "never prefers the positive")
     collate = ListCollator(train_ds)
     sampler = EpochBatchSampler(len(train_ds), per_process_batch(args.batch_size, accelerator.num_processes),
                                 seed=args.seed, rank=accelerator.process_index,
@@ -272,7 +276,9 @@ def main(argv=None) -> dict:
 
     eval_dir, best_dir = out_dir / "eval", out_dir / "best"
     save_kwargs = dict(base_model=args.model, prompt_template=args.prompt_template, max_length=args.max_length,
-                       image_tokens_added=added, extra_meta={"emb_dir": args.emb_dir})
+                       image_tokens_added=added,
+                       extra_meta={"emb_dir": args.emb_dir, "list_depth": max(len(x["candidates"]) for x in val_lists)
+                                   if val_lists else meta.get("topk")})
 
     def run_eval(epoch: int) -> None:
         metrics_all = {"epoch": epoch}

@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries-file", default=None, help="one query per line ('-': stdin)")
     p.add_argument("--rerank", choices=("embed", "lm"), default=None,
                    help="re-score the top-k: embed (the rerank_embed stage's CLIP cosine) or lm (the trained LM reranker)")
+    p.add_argument("--reranker", default=None, help="a saved LM reranker for --rerank lm (default: the run's reranker/best)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--num-beams", type=int, default=None, help="beam width (default: the one the stage evaluated with)")
@@ -96,7 +97,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes, not the user's concern
     retriever = Retriever.from_run(args.run, stage=args.stage, gallery=args.gallery, device=args.device,
-                                   num_beams=args.num_beams, batch_size=args.batch_size, image_root=args.image_root)
+                                   num_beams=args.num_beams, batch_size=args.batch_size, image_root=args.image_root,
+                                   reranker=args.reranker)
     hits = retriever.search(queries, k=args.k, rerank=args.rerank, show_progress=len(queries) > 100 and sys.stderr.isatty())
     if args.json:
         json.dump(to_json(queries, hits), sys.stdout, indent=1)
