@@ -10,7 +10,7 @@
 # Finished seeds are skipped (the stages' manifests); a killed seed resumes from its last checkpoint.
 # The grid-head study of the README:
 #   RERANK_EPOCHS=5 RERANK_BATCH_SIZE=128 RERANK_LR=5e-4 \
-#   RERANK_ARGS="--head-lr 5e-4 --head-inner 128 --late-interaction --query-pooling mean --embed-fusion learned --grid-head 8 --train-topk 16" \
+#   RERANK_ARGS="--head-lr 5e-4 --head-inner 128 --late-interaction --query-pooling mean --embed-fusion learned --grid-head 8 --train-topk 16 --train-lists found --fit-embed-weight" \
 #   SEEDS="42 1 2" bash scripts/run_reranker_seeds.sh
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
