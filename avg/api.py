@@ -12,7 +12,7 @@ directly), its stage's search settings (beam, batch, collision seed from ``confi
 gallery (``retriever_data/gallery_<split>.json``; or any codes folder / gallery json, optionally cut
 to a list of image ids), the image files and CLIP features (``emb/``), the embedding rerank's
 fusion weight chosen on val (``rerank_embed/fusion.json``) and the trained LM reranker
-(``reranker/best``, loaded on first use; it reranks the depth of its own lists, ``reranker_data/meta.json``).
+(``reranker/best``, loaded on first use; it reranks the depth of the lists it was validated on).
 
 A query is ranked exactly as the stage's evaluation ranks it (the same search,
 avg.retriever.evaluate.rank_queries, batched by token length): a retriever that reads the query's
@@ -74,7 +74,7 @@ class Retriever:
                  image_paths: Optional[dict] = None, emb=None, text_encoder=None,
                  rerank_weight: Optional[float] = None, rerank_k: Optional[int] = None,
                  fast_search: bool = False, lm_reranker: Optional[PathLike] = None,
-                 lm_rerank_k: Optional[int] = None, emb_dir: Optional[PathLike] = None) -> None:
+                 emb_dir: Optional[PathLike] = None) -> None:
         from avg.retriever.evaluate import logits_vocab_size
 
         self.model, self.gallery = model, gallery
@@ -83,7 +83,7 @@ class Retriever:
         self.image_paths = dict(image_paths or {})
         self.emb, self._text_encoder, self._store = emb, text_encoder, None
         self.rerank_weight, self.rerank_k = rerank_weight, rerank_k
-        self.lm_reranker, self.lm_rerank_k, self.emb_dir = lm_reranker, lm_rerank_k, emb_dir
+        self.lm_reranker, self.emb_dir = lm_reranker, emb_dir
         self._lm_step = None
         self.index = gallery.build_index(model.vocab, logits_vocab_size(model.model), device=self.device)
 
@@ -116,13 +116,11 @@ class Retriever:
         emb = _load_emb(root)
         fusion = _read_fusion(root)
         lm_dir = Path(reranker) if reranker is not None else root / "reranker" / "best"
-        lists_meta = root / "reranker_data" / "meta.json"
         return cls(model, g, num_beams=num_beams or int(stage_cfg.get("num_beams", 20)),
                    batch_size=batch_size or int(stage_cfg.get("eval_batch_size", 32)), device=dev,
                    image_paths=_image_paths(emb, image_root), emb=emb,
                    rerank_weight=fusion.get("chosen_weight"), rerank_k=fusion.get("topk"),
                    fast_search=bool(stage_cfg.get("fast_search", False)), lm_reranker=lm_dir,
-                   lm_rerank_k=int(read_json(lists_meta).get("topk") or 0) or None if lists_meta.is_file() else None,
                    emb_dir=root / "emb" if emb is not None else None)
 
     # ------------------------------------------------------------------ queries
@@ -151,7 +149,7 @@ class Retriever:
         """Top-``k`` gallery images per query, best first. ``rerank="embed"``: the retriever's top
         ``rerank_k`` re-scored with the CLIP cosine fused at the weight the ``rerank_embed`` stage
         chose on val (scores are then the fused scores). ``rerank="lm"``: the top of the depth the
-        reranker was trained and validated on (its ``list_depth``; else ``lm_rerank_k``) reordered by
+        reranker was validated on (its ``list_depth``; the beam for rerankers that predate it) reordered by
         the trained LM reranker's score fused with the retriever's (avg.reranker.step), as its test
         stage ranks the same lists. At most as many images as the beam returns, and with a rerank at
         most its depth (the search widens its beam to ``k`` and to the LM reranker's depth)."""
@@ -178,7 +176,7 @@ class Retriever:
             return []
         need_feats = self.model.prefix is not None or rerank == "embed" or (step is not None and step.needs_features)
         feats = self.encode(texts) if need_feats else None
-        depth = int(step.meta.get("list_depth") or self.lm_rerank_k or 0) if step is not None else 0
+        depth = int(step.meta.get("list_depth") or 0) if step is not None else 0
         beams = max(self.num_beams, int(k), depth)
         ranked = rank_queries(self.model.model, self.model.tokenizer, self.model.vocab, texts, self.gallery, beams,
                               self.batch_size, self.device, index=self.index, max_length=self.model.max_length,

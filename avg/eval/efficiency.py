@@ -665,8 +665,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     for d in (args.retriever_dir, args.emb_dir, args.codes_dir, *([args.lm_reranker_dir] if args.lm_reranker_dir else [])):
         if not Path(d).is_dir():
             raise InputError(f"{d}: directory not found")
-    if args.lm_reranker_dir and not (Path(args.lm_reranker_dir) / "reranker.json").is_file():
-        raise InputError(f"{Path(args.lm_reranker_dir) / 'reranker.json'}: not found (a finetune_reranker out-dir/best)")
+    lm_store = None
+    if args.lm_reranker_dir:  # the reranker and its features checked before the stage writes anything
+        from avg.reranker.step import LmRerankStep
+
+        lm_store = LmRerankStep.check(args.lm_reranker_dir, args.emb_dir)
     out_dir = Path(args.out_dir)
     run = begin_stage(out_dir, "efficiency", vars(args), inputs=[args.retriever_dir, args.emb_dir, args.codes_dir,
                                                                  args.lm_reranker_dir],
@@ -698,9 +701,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.rerank_topk:
         systems.append(GenerativeSystem(retriever, device, rerank_k=args.rerank_topk, rerank_weight=args.rerank_weight, **kw))
     if args.lm_reranker_dir:
-        from avg.reranker.step import LmRerankStep
-
-        step = LmRerankStep.load(args.lm_reranker_dir, device=device, emb_dir=args.emb_dir,
+        step = LmRerankStep.load(args.lm_reranker_dir, device=device, emb_dir=args.emb_dir, store=lm_store,
                                  dtype=retriever_dtype(args.retriever_dtype, device))
         systems.append(GenerativeSystem(retriever, device, rerank_k=args.rerank_topk, lm_step=step, **kw))
     systems += [TwoTowerSystem(encoder, device, k=args.num_beams, precision=p) for p in precisions]

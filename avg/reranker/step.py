@@ -1,13 +1,13 @@
 """A saved LM reranker as one step of the pipeline, for lists made at query time.
 
-``avg.reranker.test`` reranks the lists of a run file, whose queries are captions with features in
-``emb/``. The search API and the efficiency benchmark have typed queries instead: their CLIP text
-features come from the text tower at query time, and the candidates are the retriever's top-k of
-that moment. :class:`LmRerankStep` takes both and returns each list reordered by the reranker's
-score fused with the retriever's at the reranker's own fusion weight (learned, fixed, or chosen on
-val), exactly as the test stage scores the same lists (tests/test_reranker_features.py and the
-API test in tests/test_e2e_scripts.py check it). Its cost per query is k sequences of the LM --
-independent of the gallery's size.
+:class:`LmRerankStep` loads a saved reranker once and builds its lists' datasets. The test stage
+(``avg.reranker.test``) uses it on the lists of a run file, whose queries are captions with features
+in ``emb/``; the search API and the efficiency benchmark (:meth:`LmRerankStep.rerank`) on typed
+queries, whose CLIP text features come from the text tower at query time, with the retriever's
+top-k of that moment. Either way each list is reordered by the reranker's score fused with the
+retriever's at the reranker's own fusion weight (learned, fixed, or chosen on val); the API test in
+tests/test_e2e_scripts.py checks that both give the same ids and scores. Its cost per query is k
+sequences of the LM -- independent of the gallery's size.
 """
 from __future__ import annotations
 
@@ -52,14 +52,23 @@ class LmRerankStep:
         self.format = L.prompt_formatter(meta["prompt_template"])
         self.needs_features = store is not None
 
-    @classmethod
-    def load(cls, reranker_dir, *, device, emb_dir: Optional[str] = None, base_model: Optional[str] = None,
-             dtype: Optional[torch.dtype] = None, batch_size: int = 16) -> "LmRerankStep":
-        """``dtype`` None: as the test stage, bf16 weights on a bf16-capable GPU, float32 elsewhere."""
+    @staticmethod
+    def check(reranker_dir, emb_dir: Optional[str] = None) -> Optional[FeatureStore]:
+        """A saved reranker's folder and the CLIP features it reads (None when none), checked and loaded
+        without loading the model: what a stage does before it writes anything."""
         meta_file = Path(reranker_dir) / RM.META_FILE
         if not meta_file.is_file():
             raise InputError(f"{meta_file}: not found (run scripts/finetune_reranker_llama.sh first)")
-        store = reranker_feature_store(read_json(meta_file), emb_dir, meta_file)
+        return reranker_feature_store(read_json(meta_file), emb_dir, meta_file)
+
+    @classmethod
+    def load(cls, reranker_dir, *, device, emb_dir: Optional[str] = None, base_model: Optional[str] = None,
+             dtype: Optional[torch.dtype] = None, batch_size: int = 16, store=None) -> "LmRerankStep":
+        """``dtype`` None: bf16 weights on a bf16-capable GPU, float32 elsewhere (the LoRA rule of
+        avg.retriever.llama.resolve_dtype). ``store``: the features :meth:`check` returned, if the
+        caller checked already (else checked and loaded here)."""
+        if store is None:
+            store = cls.check(reranker_dir, emb_dir)
         dev = torch.device(device)
         if dtype is None:
             dtype = L.resolve_dtype("auto", lora=True, device=dev)
@@ -74,6 +83,15 @@ class LmRerankStep:
         if any(i not in self.token_ids for i in image_ids):
             return False
         return self.store is None or all(i in self.store.image_row for i in image_ids)
+
+    def dataset(self, lists: Sequence[dict], source: str, query_features=None) -> ListDataset:
+        """The reranker's inputs for these lists (the prompt format, image tokens, prefix, grids it was
+        trained with); ``query_features`` one row per list for queries that are not captions of emb/."""
+        return ListDataset(lists, self.tokenizer, self.token_ids, self.format,
+                           max_length=int(self.meta.get("max_length", 64)), source=source,
+                           image_prefix=int(self.meta.get("image_prefix", 0)), features=self.store,
+                           wrap=RM.image_wrap_ids(self.tokenizer), image_grid=bool(self.meta.get("grid_slots", 0)),
+                           query_features=query_features)
 
     @torch.no_grad()
     def rerank(self, queries: Sequence[str], candidates: Sequence[Sequence[str]],
@@ -100,11 +118,7 @@ class LmRerankStep:
                 raise ValueError("this reranker reads CLIP features: pass the queries' query_features")
             feats = np.asarray(query_features.detach().float().cpu() if torch.is_tensor(query_features)
                                else query_features, dtype=np.float32)[keep]
-        ds = ListDataset(lists, self.tokenizer, self.token_ids, self.format,
-                         max_length=int(self.meta.get("max_length", 64)), source="query-time lists",
-                         image_prefix=int(self.meta.get("image_prefix", 0)), features=self.store,
-                         wrap=RM.image_wrap_ids(self.tokenizer), image_grid=bool(self.meta.get("grid_slots", 0)),
-                         query_features=feats)
+        ds = self.dataset(lists, "query-time lists", query_features=feats)
         fused = RM.score_lists(self.reranker, ds, self.batch_size, self.device, desc="rerank", autocast=self.autocast,
                                show_progress=False)
         for rec in RM.reranked_records(ds.lists, fused):

@@ -17,14 +17,13 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 from avg.artifacts.runfiles import write_run
 from avg.metrics import format_metrics, recall_ks, retrieval_metrics
 from avg.reranker import model as RM
-from avg.reranker.data import ListDataset, load_lists, seeded_subset
-from avg.reranker.step import reranker_feature_store
+from avg.reranker.data import load_lists, seeded_subset
+from avg.reranker.step import LmRerankStep
 from avg.retriever import llama as L
 from avg.utils.cli import run_main
 from avg.utils.devices import process_device
@@ -67,10 +66,7 @@ def main(argv=None) -> dict:
     gallery_size = split_meta.get("gallery_size")
     if args.split == "train" and split_meta.get("inserted"):
         raise InputError(f"{data_dir / 'train.jsonl'}: training lists hold inserted positives; evaluate val or test")
-    meta_file = Path(args.reranker_dir) / RM.META_FILE
-    if not meta_file.is_file():
-        raise InputError(f"{meta_file}: not found (run scripts/finetune_reranker_llama.sh first)")
-    store = reranker_feature_store(read_json(meta_file), args.emb_dir, meta_file)  # checked before the stage starts writing
+    store = LmRerankStep.check(args.reranker_dir, args.emb_dir)  # before the stage starts writing
     run = begin_stage(out_dir, "test_reranker", vars(args), inputs=[args.reranker_dir, args.data_dir, args.emb_dir], force=args.force,
                       ignore=("batch_size", "no_shared_prefix"))
     if run.up_to_date and skip_if_done():
@@ -78,23 +74,18 @@ def main(argv=None) -> dict:
     device = process_device(args.cpu)
     logger = RunLogger(out_dir, project=args.wandb_project, run_name=args.run_name or f"reranker-{args.split}",
                        config=vars(args), log_name="eval.log")
-    dtype = L.resolve_dtype(args.model_dtype, lora=True, device=device)
-    tokenizer, reranker, tokens, rmeta = RM.load_reranker(args.reranker_dir, base_model=args.base_model, dtype=dtype,
-                                                          device=device)
-    ids = torch.tensor(tokenizer.convert_tokens_to_ids([f"<img_{i:05d}>" for i in range(tokens.mapping.num_tokens)]))
+    step = LmRerankStep.load(args.reranker_dir, device=device, base_model=args.base_model, store=store,
+                             dtype=L.resolve_dtype(args.model_dtype, lora=True, device=device))
+    reranker, rmeta = step.reranker, step.meta
     n_total = len(lists)
     lists = seeded_subset(lists, args.max_queries, args.seed, 3)
-    ds = ListDataset(lists, tokenizer, RM.image_token_ids(tokens, ids), L.prompt_formatter(rmeta["prompt_template"]),
-                     max_length=int(rmeta.get("max_length", 64)), source=str(data_dir / f"{args.split}.jsonl"),
-                     image_prefix=int(rmeta.get("image_prefix", 0)), features=store, wrap=RM.image_wrap_ids(tokenizer),
-                     image_grid=bool(rmeta.get("grid_slots", 0)))
+    ds = step.dataset(lists, str(data_dir / f"{args.split}.jsonl"))
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     logger.info("%s: reranking %d of %d %s lists (top-%d) on %s, fusion %s (w=%.3f)", args.reranker_dir, len(lists),
                 n_total, args.split, max(len(x["candidates"]) for x in lists), device, rmeta["fusion"],
                 float(reranker.fusion_weight.detach()))
     t0 = time.time()
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" and dtype == torch.bfloat16 else None
-    scores = RM.score_lists(reranker, ds, args.batch_size, device, desc=f"rerank {args.split}", autocast=autocast,
+    scores = RM.score_lists(reranker, ds, args.batch_size, device, desc=f"rerank {args.split}", autocast=step.autocast,
                             indices=range(rank, len(ds), world), share_prefix=not args.no_shared_prefix,
                             show_progress=rank == 0)
     if world > 1:
