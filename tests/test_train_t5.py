@@ -168,14 +168,10 @@ def test_evaluate_split_ranks_images_not_codes(assets, stage1):
     assert [r["qid"] for r in records] == list(range(len(queries)))
 
 
-def test_query_prefix_retriever_reads_the_clip_feature_end_to_end(assets, stage1):
-    """prepare_dataset --emb-dir records each caption's feature row; --query-prefix trains a retriever that
-    reads it, saves the prefix beside the model, tests with it and continues into stage 2; the scores
-    and diagnostics are those of the children score; data without feature rows is refused by name."""
-    from avg.retriever.prefix import PREFIX_CONFIG, PREFIX_WEIGHTS
-    from avg.retriever.t5 import load_t5_retriever
+@pytest.fixture(scope="module")
+def emb_data(assets):
+    """Random CLIP-like features for every image and caption (emb/) and retriever data that points into them."""
     from avg.artifacts.emb import save_emb
-    from avg.utils.io import InputError
 
     images = json.loads((assets / "dataset.json").read_text())["images"]
     caps, rng = [], np.random.default_rng(1)
@@ -187,6 +183,18 @@ def test_query_prefix_retriever_reads_the_clip_feature_end_to_end(assets, stage1
     data = assets / "data_q"
     prepare_dataset.main(["--annotations", str(assets / "dataset.json"), "--codes-dir", str(assets / "codes"),
                           "--emb-dir", str(assets / "emb"), "--out-dir", str(data)])
+    return data, caps
+
+
+def test_query_prefix_retriever_reads_the_clip_feature_end_to_end(assets, stage1, emb_data):
+    """prepare_dataset --emb-dir records each caption's feature row; --query-prefix trains a retriever that
+    reads it, saves the prefix beside the model, tests with it and continues into stage 2; the scores
+    and diagnostics are those of the children score; data without feature rows is refused by name."""
+    from avg.retriever.prefix import PREFIX_CONFIG, PREFIX_WEIGHTS
+    from avg.retriever.t5 import load_t5_retriever
+    from avg.utils.io import InputError
+
+    data, caps = emb_data
     rows = [json.loads(x) for x in (data / "test.jsonl").read_text().splitlines()]
     assert all(caps[r["text_row"]]["text"] == r["query"] for r in rows)
     out = assets / "run_q"
@@ -211,6 +219,39 @@ def test_query_prefix_retriever_reads_the_clip_feature_end_to_end(assets, stage1
         train_t5.main(["--stage", "2", "--init-from", str(stage1[0] / "best"), "--data-dir", str(data), "--out-dir",
                        str(assets / "run_q4"), "--epochs", "1", "--query-prefix", "2"])
 
+
+
+def test_clip_teacher_in_both_stages_end_to_end(assets, emb_data):
+    """--gen-teacher-mix trains stage 1 (no query prefix: the teacher reads emb/ on its own) and stage 2 with
+    --dis-teacher-mix too; the teacher changes the trained weights; bad settings are refused before writing."""
+    from avg.utils.io import InputError
+
+    data, _ = emb_data
+    base = ["--data-dir", str(data), "--codes-dir", str(assets / "codes"), "--model", str(assets / "t5"), "--epochs", "1",
+            "--batch-size", "8", "--lr", "3e-3", "--num-beams", "5", "--eval-batch-size", "8", "--eval-train-queries", "0",
+            "--seed", "0", "--sample-queries", "0"]
+    plain = train_t5.main([*base, "--out-dir", str(assets / "run_t0")])
+    taught = train_t5.main([*base, "--out-dir", str(assets / "run_t1"), "--gen-teacher-mix", "0.5", "--teacher-scale", "5"])
+    assert "CLIP teacher" not in (assets / "run_t0" / "train.log").read_text()
+    assert "CLIP teacher (scale 5.0, 25 training images)" in (assets / "run_t1" / "train.log").read_text()
+    w0 = load_file(str(assets / "run_t0" / "best" / "model.safetensors"))
+    w1 = load_file(str(assets / "run_t1" / "best" / "model.safetensors"))
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)
+    assert plain["test"]["num_queries"] == taught["test"]["num_queries"] == 10
+    s2 = train_t5.main(["--stage", "2", "--init-from", str(assets / "run_t1" / "best"), "--data-dir", str(data),
+                        "--out-dir", str(assets / "run_t2"), "--epochs", "1", "--batch-size", "8", "--dis-beams", "3",
+                        "--num-beams", "5", "--eval-train-queries", "0", "--seed", "0", "--sample-queries", "0",
+                        "--log-every", "1", "--gen-teacher-mix", "0.5", "--dis-teacher-mix", "0.5"])
+    assert s2["test"]["stage"] == 2
+    logged = [json.loads(x) for x in (assets / "run_t2" / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/teacher_top_is_positive" in m for m in logged)
+    with pytest.raises(InputError, match="needs --score children"):
+        train_t5.main([*base, "--out-dir", str(assets / "run_t3"), "--gen-teacher-mix", "0.5", "--score", "vocab"])
+    with pytest.raises(InputError, match=r"--dis-teacher-mix must be in \[0, 1\]"):
+        train_t5.main([*base, "--out-dir", str(assets / "run_t3"), "--dis-teacher-mix", "2"])
+    with pytest.raises(InputError, match="built without --emb-dir"):
+        train_t5.main([*common(assets, assets / "run_t3"), "--gen-teacher-mix", "0.5"])
+    assert not (assets / "run_t3").exists()
 
 
 def test_mixed_precision_defaults_to_bf16_where_supported_and_refuses_fp16_for_t5():

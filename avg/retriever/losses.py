@@ -90,6 +90,53 @@ def code_log_probs(logits: torch.Tensor, targets: torch.Tensor, index: Optional[
     return torch.stack(out, 1)
 
 
+def distilled_code_loss(logits: torch.Tensor, targets: torch.Tensor, index: CodeIndex, teacher_sim: torch.Tensor,
+                        gallery_tokens: torch.Tensor, mix: float) -> torch.Tensor:
+    """Per-position generative loss [N, L] with a teacher's soft target (``--gen-teacher-mix``).
+
+    At each position t, over the children of the gold prefix ``targets[:, :t]`` in ``index`` (the
+    ``"children"`` score): ``(1 - mix) * -log p(c_t) + mix * CE(q_t, p)``, where the teacher's
+    ``q_t(c)`` is proportional to ``sum exp(teacher_sim[i])`` over the gallery images ``i`` whose code
+    starts with ``targets[:, :t] + [c]``. ``teacher_sim`` [N, G] scores the gallery's G images for
+    each query (e.g. ``scale * cos`` of CLIP features), ``gallery_tokens`` [G, L] are their codes as
+    token ids, the codes ``index`` was built from; ``mix = 0`` is the plain children loss.
+    Sums of exponentials are taken per child in the log domain (any scale is safe).
+    """
+    logits = logits.float()
+    n, length = targets.shape
+    index = index.to(logits.device) if index.device != logits.device else index
+    sim = teacher_sim.detach().float().to(logits.device)
+    gallery_tokens = gallery_tokens.to(logits.device).long()
+    if gallery_tokens.shape != (sim.shape[1], index.code_len) or length > index.code_len:
+        raise ValueError(f"teacher_sim {tuple(sim.shape)} and gallery_tokens {tuple(gallery_tokens.shape)} do not "
+                         f"match targets {tuple(targets.shape)} and an index of codes of length {index.code_len}")
+    vocab = logits.shape[-1]
+    nodes = torch.zeros(n, dtype=torch.long, device=logits.device)
+    match = torch.ones_like(sim, dtype=torch.bool)  # gallery images under the gold prefix
+    out = []
+    for t in range(length):
+        _, tok, valid = index.children(nodes, t)  # [N, C]
+        logp = logits[:, t].gather(1, tok).masked_fill(~valid, float("-inf")).log_softmax(1)
+        gold = (tok == targets[:, t:t + 1]) & valid
+        hard = -logp.masked_fill(~gold, 0.0).sum(1)
+        where = gallery_tokens[:, t].expand(n, -1)
+        under = sim.masked_fill(~match, float("-inf"))
+        peak = torch.full((n, vocab), float("-inf"), device=sim.device).scatter_reduce(1, where, under, "amax")
+        peak_of = peak.gather(1, where)
+        summed = torch.zeros(n, vocab, device=sim.device).scatter_add(
+            1, where, torch.where(match, (under - peak_of).exp(), torch.zeros_like(sim)))
+        log_mass = (summed.gather(1, tok).log() + peak.gather(1, tok)).masked_fill(~valid, float("-inf"))
+        q = log_mass.softmax(1).nan_to_num(0.0)
+        soft = -(q * logp.masked_fill(~valid, 0.0)).sum(1)
+        out.append((1.0 - mix) * hard + mix * soft)
+        nodes = index.find_child(nodes, t, targets[:, t])
+        if bool((nodes < 0).any()):
+            row = int((nodes < 0).nonzero()[0])
+            raise ValueError(f"target row {row} = {targets[row].tolist()} is not a code of the index")
+        match &= gallery_tokens[None, :, t] == targets[:, t:t + 1]
+    return torch.stack(out, 1)
+
+
 def _decoder_inputs(model, codes: torch.Tensor) -> torch.Tensor:
     start = torch.full((codes.shape[0], 1), model.config.decoder_start_token_id, dtype=codes.dtype, device=codes.device)
     return torch.cat([start, codes[:, :-1]], dim=1)
@@ -116,31 +163,51 @@ def candidate_log_probs(model, encoder_hidden: torch.Tensor, attention_mask: tor
 
 
 def discriminative_loss(scores: torch.Tensor, positive_index: torch.Tensor, *, temperature: float = 1.0,
-                        mask: Optional[torch.Tensor] = None, list_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        mask: Optional[torch.Tensor] = None, list_mask: Optional[torch.Tensor] = None,
+                        targets: Optional[torch.Tensor] = None) -> torch.Tensor:
     """eq. 9: -log softmax(s / T)[positive], a cross-entropy over the candidates' logits.
 
     Empty slots (mask False) get -inf so they take no probability mass. ``list_mask`` [B] keeps
-    only some lists (the mean is over those; 0 when none is kept).
+    only some lists (the mean is over those; 0 when none is kept). ``targets`` [B, b] (rows summing
+    to 1, zero on empty slots; :func:`teacher_targets`) replaces the one-hot target by a
+    distribution: ``-sum_j targets_j log softmax(s / T)_j``.
     """
     logits = scores / temperature
     if mask is not None:
         logits = logits.masked_fill(~mask, float("-inf"))
+    if targets is None:
+        per_list = F.cross_entropy(logits, positive_index, reduction="none")
+    else:
+        logp = logits.log_softmax(-1)
+        per_list = -(targets.to(logp.dtype) * logp.masked_fill(targets == 0, 0.0)).sum(-1)
     if list_mask is None:
-        return F.cross_entropy(logits, positive_index)
-    per_list = F.cross_entropy(logits, positive_index, reduction="none")
+        return per_list.mean()
     keep = list_mask.to(per_list.dtype)
     return (per_list * keep).sum() / keep.sum().clamp_min(1.0)
 
 
+def teacher_targets(teacher_scores: torch.Tensor, positive_index: torch.Tensor, mask: torch.Tensor, *,
+                    mix: float, scale: float) -> torch.Tensor:
+    """L_dis's target [B, b]: ``(1 - mix) * onehot(positive) + mix * softmax(scale * teacher)``, the
+    softmax over the real candidates (``mask``) only; ``mix = 0`` is the paper's one-hot target."""
+    if not 0.0 <= mix <= 1.0:
+        raise ValueError(f"mix must be in [0, 1], got {mix}")
+    onehot = F.one_hot(positive_index, teacher_scores.shape[1]).to(torch.float32)
+    soft = (scale * teacher_scores.float()).masked_fill(~mask, float("-inf")).softmax(-1)
+    return (1.0 - mix) * onehot + mix * soft
+
+
 def generative_loss(model, encoder_hidden: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *,
-                    loss: str = "children", index: Optional[CodeIndex] = None, reduction: str = "mean") -> torch.Tensor:
+                    loss: str = "children", index: Optional[CodeIndex] = None, reduction: str = "mean",
+                    teacher: Optional[tuple] = None) -> torch.Tensor:
     """eq. 7 for labels [B, L+1] (voken ids + EOS).
 
     ``loss="vocab"``: cross-entropy over the full vocabulary of the code and EOS; ``"children"``:
     the code's log-probabilities renormalised over ``index``'s children (the training gallery's
     prefix tree), EOS not scored. ``reduction="mean"``: per scored token (the usual LM loss);
     ``"sum"``: summed over a code's tokens, the scale of eq. 7 and of s_j (stage 2), then averaged
-    over the batch.
+    over the batch. ``teacher`` = ``(teacher_sim [B, G], gallery_tokens [G, L], mix)`` mixes a
+    teacher's soft target into the children loss (:func:`distilled_code_loss`).
     """
     if loss not in LOSS_MODES:
         raise ValueError(f"loss must be one of {LOSS_MODES}, got {loss!r}")
@@ -155,7 +222,12 @@ def generative_loss(model, encoder_hidden: torch.Tensor, attention_mask: torch.T
         codes = labels[:, :-1]
         logits = model(encoder_outputs=enc, attention_mask=attention_mask, decoder_input_ids=_decoder_inputs(model, codes),
                        use_cache=False).logits
+        if teacher is not None:
+            nll = distilled_code_loss(logits, codes, index, teacher[0], teacher[1], teacher[2])
+            return nll.mean() if reduction == "mean" else nll.sum(1).mean()
         lp = code_log_probs(logits, codes, index)
+    if teacher is not None:
+        raise ValueError("a teacher's soft target needs loss='children'")
     return -lp.mean() if reduction == "mean" else -lp.sum(1).mean()
 
 
@@ -166,36 +238,46 @@ class RetrievalObjective(torch.nn.Module):
     are what gets saved. Stage 1 (no candidates): L_gen (eq. 7, per-token mean). Stage 2
     (candidates given, eq. 10): ``L_gen + lambda * L_dis`` sharing one encoder pass, with L_gen
     summed over the code's tokens (eq. 7 as written, the scale of s_j) and s_j scored like the
-    search that found the candidates (``candidate_index``: the gallery searched).
+    search that found the candidates (``candidate_index``: the gallery searched). With
+    ``gallery_tokens`` (the codes ``index`` was built from, as token ids) and ``gen_teacher_mix`` > 0,
+    a forward given ``teacher_sim`` [B, G] mixes the teacher's soft target into L_gen
+    (:func:`distilled_code_loss`); ``targets`` [B, b] replaces L_dis's one-hot target.
     """
 
     def __init__(self, model, *, dis_weight: float = 1.0, temperature: float = 1.0, loss: str = "vocab",
-                 index: Optional[CodeIndex] = None, prefix=None, score_len: Optional[int] = None):
+                 index: Optional[CodeIndex] = None, prefix=None, score_len: Optional[int] = None,
+                 gallery_tokens: Optional[torch.Tensor] = None, gen_teacher_mix: float = 0.0):
         super().__init__()
         if loss not in LOSS_MODES:
             raise ValueError(f"loss must be one of {LOSS_MODES}, got {loss!r}")
+        if gen_teacher_mix and (loss != "children" or gallery_tokens is None or index is None):
+            raise ValueError("gen_teacher_mix needs loss='children', the training index and its gallery_tokens")
         self.model, self.prefix = model, prefix
         self.dis_weight, self.temperature = dis_weight, temperature
         self.loss, self.index, self.score_len = loss, index, score_len
+        self.gallery_tokens, self.gen_teacher_mix = gallery_tokens, float(gen_teacher_mix)
 
     def forward(self, input_ids, attention_mask, labels, candidates=None, positive_index=None, candidate_mask=None,
-                query_features=None, candidate_index=None, list_mask=None):
+                query_features=None, candidate_index=None, list_mask=None, targets=None, teacher_sim=None):
         inputs = prefixed_inputs(self.model, self.prefix, input_ids, attention_mask, query_features)
         if candidates is None and self.loss == "vocab":  # the plain HF LM loss (stage 1, paper setting)
             loss = self.model(**inputs, labels=labels, use_cache=False).loss
             return loss, {"gen": loss.detach()}
         hidden = self.model.get_encoder()(**inputs).last_hidden_state
         mask = inputs["attention_mask"]
+        teacher = (teacher_sim, self.gallery_tokens, self.gen_teacher_mix) \
+            if teacher_sim is not None and self.gen_teacher_mix > 0 else None
         if candidates is None:
-            loss = generative_loss(self.model, hidden, mask, labels, loss=self.loss, index=self.index)
+            loss = generative_loss(self.model, hidden, mask, labels, loss=self.loss, index=self.index, teacher=teacher)
             return loss, {"gen": loss.detach()}
-        gen = generative_loss(self.model, hidden, mask, labels, loss=self.loss, index=self.index, reduction="sum")
+        gen = generative_loss(self.model, hidden, mask, labels, loss=self.loss, index=self.index, reduction="sum",
+                              teacher=teacher)
         scores = candidate_log_probs(self.model, hidden, mask, candidates,
                                      index=candidate_index if self.loss == "children" else None, score_len=self.score_len)
         dis = discriminative_loss(scores, positive_index, temperature=self.temperature, mask=candidate_mask,
-                                  list_mask=list_mask)
+                                  list_mask=list_mask, targets=targets)
         return gen + self.dis_weight * dis, {"gen": gen.detach(), "dis": dis.detach()}
 
 
 __all__ = ["LOSS_MODES", "build_candidates", "code_log_probs", "candidate_log_probs", "discriminative_loss",
-           "generative_loss", "RetrievalObjective"]
+           "distilled_code_loss", "generative_loss", "teacher_targets", "RetrievalObjective"]

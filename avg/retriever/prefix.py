@@ -123,9 +123,9 @@ def query_features(text_features: np.ndarray, queries, source: str = "queries") 
     return gather_features(text_features, feature_rows(queries, text_features.shape[0], source))
 
 
-def text_features_for(data_dir: str | os.PathLike, emb_dir: Optional[str | os.PathLike] = None) -> tuple[np.ndarray, dict]:
-    """(memory-mapped ``emb/text_features.npy``, the text encoder's record) for the queries of a
-    retriever_data folder: ``emb_dir``, or the emb/ folder its meta.json was built from."""
+def emb_for(data_dir: str | os.PathLike, emb_dir: Optional[str | os.PathLike] = None):
+    """The emb/ folder (:class:`~avg.artifacts.emb.Embeddings`, memory-mapped) whose captions a
+    retriever_data folder's queries point into: ``emb_dir``, or the one its meta.json was built from."""
     from avg.artifacts.emb import load_emb
 
     meta_path = Path(data_dir) / "meta.json"
@@ -135,9 +135,15 @@ def text_features_for(data_dir: str | os.PathLike, emb_dir: Optional[str | os.Pa
         if not emb_dir or not meta.get("text_rows"):
             raise InputError(f"{meta_path}: built without --emb-dir, so its queries have no CLIP text features; "
                              "rebuild it (scripts/prepare_retriever_dataset.sh passes emb/) or pass --emb-dir")
-    emb = load_emb(emb_dir)
+    return load_emb(emb_dir)
+
+
+def text_features_for(data_dir: str | os.PathLike, emb_dir: Optional[str | os.PathLike] = None) -> tuple[np.ndarray, dict]:
+    """(memory-mapped ``emb/text_features.npy``, the text encoder's record) for the queries of a
+    retriever_data folder: ``emb_dir``, or the emb/ folder its meta.json was built from."""
+    emb = emb_for(data_dir, emb_dir)
     return emb.text_features, dict(emb.index.get("encoder") or {})
 
 
-__all__ = ["feature_rows", "gather_features", "text_features_for", "QueryPrefix", "prefixed_inputs", "save_prefix", "load_prefix", "query_features", "PREFIX_WEIGHTS",
+__all__ = ["emb_for", "feature_rows", "gather_features", "text_features_for", "QueryPrefix", "prefixed_inputs", "save_prefix", "load_prefix", "query_features", "PREFIX_WEIGHTS",
            "PREFIX_CONFIG"]

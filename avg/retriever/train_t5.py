@@ -55,9 +55,10 @@ from avg.retriever.data import Collator, EpochBatchSampler, QueryDataset, read_c
 from avg.retriever.diagnostics import code_diagnostics, format_diagnostics
 from avg.retriever.evaluate import evaluate_split, logits_vocab_size
 from avg.retriever.gallery import Gallery
-from avg.retriever.losses import LOSS_MODES, RetrievalObjective, build_candidates
-from avg.retriever.prefix import (QueryPrefix, feature_rows, gather_features, load_prefix, prefixed_inputs,
-                                  query_features, text_features_for)
+from avg.retriever.losses import LOSS_MODES, RetrievalObjective, build_candidates, teacher_targets
+from avg.retriever.prefix import (QueryPrefix, emb_for, feature_rows, gather_features, load_prefix, prefixed_inputs,
+                                  query_features)
+from avg.retriever.teacher import CodeTeacher, GalleryTeacher
 from avg.retriever.search import constrained_beam_search
 from avg.retriever.t5 import load_t5_retriever, save_t5_retriever
 from avg.retriever.training import (STATE_FILE, add_eval_and_checkpoint_args, check_data_matches_vocab, check_inputs,
@@ -117,6 +118,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--dis-gallery-size", type=int, default=-1,
                    help="search each training query among a chunk of this many train images (-1: the val gallery's "
                         "size; 0: the whole train gallery)")
+    g.add_argument("--dis-teacher-mix", type=float, default=0.0,
+                   help="alpha: L_dis's target is (1 - alpha) one-hot(positive) + alpha softmax(scale * CLIP cosine) over "
+                        "the list, the cosine between the caption's and each candidate's image features in emb/ "
+                        "(avg.retriever.teacher; 0: the paper's one-hot target)")
+    g = p.add_argument_group("CLIP teacher (avg.retriever.teacher; off in the paper's setting)")
+    g.add_argument("--gen-teacher-mix", type=float, default=0.0,
+                   help="beta: each position of L_gen is (1 - beta) -log p(gold voken) + beta CE(q, p) over the vokens "
+                        "that may follow the gold prefix, q the share of softmax(scale * CLIP cosine) over the training "
+                        "gallery's images under each (needs --score children; stages 1 and 2)")
+    g.add_argument("--teacher-scale", type=float, default=25.0,
+                   help="the teacher's inverse temperature on the cosine (25: about the scale the reranker's fit finds "
+                        "for the demo CLIP's cosine on val lists)")
     add_eval_and_checkpoint_args(p, eval_batch_size=32, eval_train_queries=1000, log_every=50,
                                  fast_search_help="score the search over voken logits only (faster; renormalised, see avg.retriever.search)")
     g = p.add_argument_group("sample queries (eval/samples_test.{md,json} and a wandb table)")
@@ -177,6 +190,13 @@ def main(argv=None) -> dict:
     check_inputs(args.data_dir, codes_dir=args.codes_dir if args.init_from is None else None, init_from=args.init_from)
     if args.query_prefix < 0:
         raise InputError(f"--query-prefix must be >= 0, got {args.query_prefix}")
+    for flag, value in (("--dis-teacher-mix", args.dis_teacher_mix), ("--gen-teacher-mix", args.gen_teacher_mix)):
+        if not 0.0 <= value <= 1.0:
+            raise InputError(f"{flag} must be in [0, 1], got {value}")
+    if args.gen_teacher_mix > 0 and args.score != "children":
+        raise InputError("--gen-teacher-mix needs --score children (the soft target is over the allowed vokens)")
+    dis_teacher_on = args.stage == 2 and args.dis_teacher_mix > 0
+    teacher_on = dis_teacher_on or args.gen_teacher_mix > 0
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(args.mixed_precision, cpu=args.cpu, t5=True,
                                                                       allow_fp16=args.allow_fp16), cpu=args.cpu)
     set_seed(args.seed)
@@ -185,8 +205,10 @@ def main(argv=None) -> dict:
     data_dir = Path(args.data_dir)
     # the query features are an input like the data: a wrong emb/ fails here, before anything is written
     uses_prefix = args.query_prefix > 0 or (args.init_from is not None and load_prefix(args.init_from)[0] is not None)
-    text_features, encoder = text_features_for(data_dir, args.emb_dir) if uses_prefix else (None, None)
-    args.feature_dim = int(text_features.shape[1]) if text_features is not None else 0
+    emb = emb_for(data_dir, args.emb_dir) if uses_prefix or teacher_on else None
+    text_features = emb.text_features if emb is not None else None
+    encoder = dict(emb.index.get("encoder") or {}) if uses_prefix else None
+    args.feature_dim = int(text_features.shape[1]) if uses_prefix else 0
     # every rank reads the manifest before the main process rewrites it, so all take the same decision
     base = args.model if args.init_from is None else None  # a local folder, or a hub id fingerprinted by its commit
     run = begin_stage(out_dir, "train_t5", vars(args), force=args.force, mark_running=False,
@@ -237,7 +259,7 @@ def main(argv=None) -> dict:
     device = accelerator.device
     prefix = prefix.to(device) if prefix is not None else None
     train_rows = (feature_rows(train_q, text_features.shape[0], str(data_dir / "train.jsonl"))
-                  if prefix is not None and train_q else None)
+                  if (prefix is not None or teacher_on) and train_q else None)
     vsize = logits_vocab_size(model)
     # the training gallery's prefix tree: the children loss normalises over it
     train_index = train_gallery.build_index(vocab, vsize, device=device) if train_q and train_gallery is not None else None
@@ -251,6 +273,17 @@ def main(argv=None) -> dict:
         groups = np.array([owner[q["image_id"]] for q in train_q], dtype=np.int64)
         logger.info("stage 2: candidates searched among %d chunk(s) of ~%d training images (beam %d)", len(chunks),
                     len(chunks[0]), args.dis_beams)
+    teacher, gen_teacher = None, None
+    image_rows = {str(im["image_id"]): r for r, im in enumerate(emb.images)} if teacher_on else {}
+    if dis_teacher_on and chunks:
+        teacher = CodeTeacher(emb.image_features, image_rows, chunks, vocab)
+        logger.info("stage 2: L_dis target = %.2f one-hot + %.2f softmax(%.1f x CLIP cosine) over each list",
+                    1 - args.dis_teacher_mix, args.dis_teacher_mix, args.teacher_scale)
+    if args.gen_teacher_mix > 0 and train_index is not None:
+        gen_teacher = GalleryTeacher(emb.image_features, image_rows, train_gallery, vocab, scale=args.teacher_scale,
+                                     device=device)
+        logger.info("L_gen target per position = %.2f gold voken + %.2f CLIP teacher (scale %.1f, %d training images)",
+                    1 - args.gen_teacher_mix, args.gen_teacher_mix, args.teacher_scale, len(train_gallery))
 
     train_ds = QueryDataset(train_q, tokenizer, vocab, max_length=args.max_source_length) if train_q else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -263,7 +296,9 @@ def main(argv=None) -> dict:
     total_steps = max(1, steps_per_epoch * args.epochs)
 
     objective = RetrievalObjective(model, dis_weight=args.dis_weight, temperature=args.dis_temperature, loss=args.score,
-                                   index=train_index, prefix=prefix, score_len=vocab.num_levels)
+                                   index=train_index, prefix=prefix, score_len=vocab.num_levels,
+                                   gallery_tokens=gen_teacher.tokens if gen_teacher is not None else None,
+                                   gen_teacher_mix=args.gen_teacher_mix if gen_teacher is not None else 0.0)
     decay, no_decay = [], []
     for name, prm in objective.named_parameters():
         (no_decay if prm.ndim < 2 or "norm" in name.lower() else decay).append(prm)
@@ -338,6 +373,7 @@ def main(argv=None) -> dict:
     def micro_step(idx, epoch: int, micro: int):
         batch = {k: v.to(device) for k, v in collate(idx).items()}
         feats = gather_features(text_features, train_rows[idx]).to(device) if train_rows is not None else None
+        prefix_feats = feats if unwrapped().prefix is not None else None
         extra = {}
         if args.stage == 2:
             # eq. 8: the model's own top-b codes in this batch's gallery chunk, scored like the
@@ -346,7 +382,7 @@ def main(argv=None) -> dict:
             chunk = int(groups[idx[0]])
             with torch.no_grad(), accelerator.autocast():
                 obj.eval()
-                inputs = prefixed_inputs(obj.model, obj.prefix, batch["input_ids"], batch["attention_mask"], feats)
+                inputs = prefixed_inputs(obj.model, obj.prefix, batch["input_ids"], batch["attention_mask"], prefix_feats)
                 out = constrained_beam_search(obj.model, inputs.get("input_ids"), inputs["attention_mask"],
                                               chunk_indexes[chunk], args.dis_beams,
                                               decoder_start_token_id=obj.model.config.decoder_start_token_id,
@@ -359,11 +395,20 @@ def main(argv=None) -> dict:
                                                   generator=_step_generator(args.seed, epoch, micro))
             extra = {"candidates": cands, "positive_index": pidx, "candidate_mask": cmask,
                      "candidate_index": chunk_indexes[chunk], "list_mask": found if args.dis_lists == "found" else None}
-        loss, parts = objective(batch["input_ids"], batch["attention_mask"], batch["labels"], query_features=feats, **extra)
+            if teacher is not None:
+                cos = teacher.scores(chunk, cands, feats)
+                extra["targets"] = teacher_targets(cos, pidx, cmask, mix=args.dis_teacher_mix, scale=args.teacher_scale)
+                teacher_top = cos.masked_fill(~cmask, float("-inf")).argmax(-1)
+        if gen_teacher is not None:
+            extra["teacher_sim"] = gen_teacher.similarity(feats)
+        loss, parts = objective(batch["input_ids"], batch["attention_mask"], batch["labels"], query_features=prefix_feats,
+                                **extra)
         logged = {"gen_loss": float(parts["gen"])}
         if args.stage == 2:
             logged["dis_loss"] = float(parts.get("dis", 0.0))
             logged["positive_found"] = float(found.float().mean())
+            if teacher is not None:  # how often the teacher agrees with the one-hot target
+                logged["teacher_top_is_positive"] = float((teacher_top == pidx).float().mean())
         return loss, logged
 
     result = train_epochs(accelerator, args, state, sampler=sampler, micro_per_epoch=micro_per_epoch, model=objective,
