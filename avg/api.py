@@ -28,10 +28,11 @@ from typing import NamedTuple, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from avg.artifacts.registry import out as stage_out
 from avg.utils.io import InputError, read_json
 
 PathLike = Union[str, os.PathLike]
-RETRIEVER_STAGES = ("retriever_t5_stage2", "retriever_t5")
+RETRIEVER_STAGES = (stage_out("train_retriever_t5_stage2"), stage_out("train_retriever_t5"))
 SPLITS = ("train", "val", "test")
 
 
@@ -115,13 +116,13 @@ class Retriever:
             g = g.subset([row[str(i)] for i in image_ids], name=f"{g.name}[{len(image_ids)} images]")
         emb = _load_emb(root)
         fusion = _read_fusion(root)
-        lm_dir = Path(reranker) if reranker is not None else root / "reranker" / "best"
+        lm_dir = Path(reranker) if reranker is not None else root / stage_out("finetune_reranker_llama") / "best"
         return cls(model, g, num_beams=num_beams or int(stage_cfg.get("num_beams", 20)),
                    batch_size=batch_size or int(stage_cfg.get("eval_batch_size", 32)), device=dev,
                    image_paths=_image_paths(emb, image_root), emb=emb,
                    rerank_weight=fusion.get("chosen_weight"), rerank_k=fusion.get("topk"),
                    fast_search=bool(stage_cfg.get("fast_search", False)), lm_reranker=lm_dir,
-                   emb_dir=root / "emb" if emb is not None else None)
+                   emb_dir=root / stage_out("prepare_emb") if emb is not None else None)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -223,7 +224,7 @@ def _load_gallery(root: Path, gallery: Union[str, PathLike], seed: int, stage_cf
     from avg.retriever.gallery import Gallery
 
     if isinstance(gallery, str) and gallery in SPLITS:
-        data_dir = root / "retriever_data"
+        data_dir = root / stage_out("prepare_retriever_dataset")
         if not data_dir.is_dir() and stage_cfg.get("data_dir"):
             data_dir = Path(stage_cfg["data_dir"])
         path = data_dir / f"gallery_{gallery}.json"
@@ -247,7 +248,8 @@ def _load_gallery(root: Path, gallery: Union[str, PathLike], seed: int, stage_cf
 def _load_emb(root: Path):
     from avg.artifacts.emb import load_emb
 
-    return load_emb(root / "emb") if (root / "emb" / "index.json").is_file() else None
+    emb_dir = root / stage_out("prepare_emb")
+    return load_emb(emb_dir) if (emb_dir / "index.json").is_file() else None
 
 
 def _image_paths(emb, image_root: Optional[PathLike]) -> dict:
@@ -257,7 +259,7 @@ def _image_paths(emb, image_root: Optional[PathLike]) -> dict:
 
 
 def _read_fusion(root: Path) -> dict:
-    path = root / "rerank_embed" / "fusion.json"
+    path = root / stage_out("rerank_embed") / "fusion.json"
     if not path.is_file():
         return {}
     fusion = read_json(path)

@@ -20,6 +20,11 @@ export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
 # (avg.utils.progress); the Hugging Face libraries' own bars are switched off.
 if [ ! -t 2 ]; then export HF_HUB_DISABLE_PROGRESS_BARS=${HF_HUB_DISABLE_PROGRESS_BARS:-1}; fi
 STAGE_ROOT="${OUT_DIR}/${DATASET}"
+# Each stage's output folder (EMB_DIR, CODES_DIR, RETRIEVER_T5_DIR, ...), from the stage registry
+# (avg/artifacts/registry.py), the one place that names them.
+eval "$(python -m avg.artifacts.registry shell "$STAGE_ROOT")"
+# stage_out NAME: the output folder of stage NAME relative to a stage root (for runners that make other roots)
+stage_out() { python -m avg.artifacts.registry out "$1"; }
 # LAUNCH runs python modules; set LAUNCH="torchrun --nproc_per_node 4" or "accelerate launch" for multi-GPU.
 LAUNCH=${LAUNCH:-python}
 # require_path VAR...: stop (status 2) naming the variable and the config when a path it holds does not exist.

@@ -4,5 +4,5 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 python -m avg.reranker.convert_voken_to_seed \
-  --codes-dir "$STAGE_ROOT/codes" --emb-dir "$STAGE_ROOT/emb" --out-dir "$STAGE_ROOT/reranker_tokens" \
+  --codes-dir "$CODES_DIR" --emb-dir "$EMB_DIR" --out-dir "$RERANKER_TOKENS_DIR" \
   --rich-levels "$RERANK_RICH_LEVELS" --rich-size "$RERANK_RICH_SIZE" --seed "$SEED" "$@"

@@ -10,8 +10,8 @@ fi
 FT_ARGS=()
 [ "${RERANK_FULL_FINETUNE:-0}" = "1" ] && FT_ARGS=(--full-finetune)
 $LAUNCH -m avg.reranker.train \
-  --data-dir "$STAGE_ROOT/reranker_data" --tokens-dir "$STAGE_ROOT/reranker_tokens" --model "$RERANK_MODEL" \
-  --out-dir "$STAGE_ROOT/reranker" --epochs "$RERANK_EPOCHS" --batch-size "$RERANK_BATCH_SIZE" --lr "$RERANK_LR" \
+  --data-dir "$RERANKER_DATA_DIR" --tokens-dir "$RERANKER_TOKENS_DIR" --model "$RERANK_MODEL" \
+  --out-dir "$RERANKER_DIR" --epochs "$RERANK_EPOCHS" --batch-size "$RERANK_BATCH_SIZE" --lr "$RERANK_LR" \
   --fusion "$RERANK_FUSION" --lora-r "$LORA_R" --lora-alpha "$LORA_ALPHA" --lora-dropout "$LORA_DROPOUT" \
-  --lora-target-modules "$LORA_TARGETS" --emb-dir "$STAGE_ROOT/emb" --seed "$SEED" --run-name "${DATASET}-reranker" \
+  --lora-target-modules "$LORA_TARGETS" --emb-dir "$EMB_DIR" --seed "$SEED" --run-name "${DATASET}-reranker" \
   "${FT_ARGS[@]}" ${RERANK_ARGS:-} "$@"

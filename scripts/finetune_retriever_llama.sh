@@ -9,8 +9,8 @@ if [[ "$LLAMA_MODEL" == *smollm2-135m && ! -f "$LLAMA_MODEL/materialized.json" ]
   python tools/materialize_smollm2.py --out "$LLAMA_MODEL"
 fi
 $LAUNCH -m avg.retriever.train_llama \
-  --data-dir "$STAGE_ROOT/retriever_data" --codes-dir "$STAGE_ROOT/codes" --model "$LLAMA_MODEL" \
-  --out-dir "$STAGE_ROOT/retriever_llama" --prompt-template "$LLAMA_PROMPT" \
+  --data-dir "$RETRIEVER_DATA_DIR" --codes-dir "$CODES_DIR" --model "$LLAMA_MODEL" \
+  --out-dir "$RETRIEVER_LLAMA_DIR" --prompt-template "$LLAMA_PROMPT" \
   --epochs "$LLAMA_EPOCHS" --batch-size "$LLAMA_BATCH_SIZE" --lr "$LLAMA_LR" \
   --lora-r "$LORA_R" --lora-alpha "$LORA_ALPHA" --lora-dropout "$LORA_DROPOUT" --lora-target-modules "$LORA_TARGETS" \
   --num-beams "$BEAM" --seed "$SEED" ${LLAMA_ARGS:-} "$@"

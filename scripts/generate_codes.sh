@@ -3,5 +3,5 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 python -m avg.rqvae.generate_codes \
-  --rqvae-dir "$STAGE_ROOT/rqvae" --emb-dir "$STAGE_ROOT/emb" --out-dir "$STAGE_ROOT/codes" \
+  --rqvae-dir "$RQVAE_DIR" --emb-dir "$EMB_DIR" --out-dir "$CODES_DIR" \
   --disambiguation "${CODE_DISAMBIGUATION:-none}" "$@"

@@ -7,8 +7,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 REUSE_ARGS=()
 [ "${RERANK_REUSE_RUNS:-1}" = "1" ] && REUSE_ARGS=(--reuse-retriever-runs)
 python -m avg.reranker.prepare_dataset \
-  --data-dir "$STAGE_ROOT/retriever_data" --retriever-dir "$STAGE_ROOT/$RERANK_RETRIEVER/best" \
-  --out-dir "$STAGE_ROOT/reranker_data" --topk "$RERANK_TOPK" --num-beams "$BEAM" \
+  --data-dir "$RETRIEVER_DATA_DIR" --retriever-dir "$STAGE_ROOT/$RERANK_RETRIEVER/best" \
+  --out-dir "$RERANKER_DATA_DIR" --topk "$RERANK_TOPK" --num-beams "$BEAM" \
   --max-train-queries "$RERANK_MAX_TRAIN_QUERIES" --max-val-queries "$RERANK_MAX_VAL_QUERIES" \
   --train-gallery-size "$RERANK_TRAIN_GALLERY_SIZE" --train-candidates "${RERANK_TRAIN_CANDIDATES:-retriever}" \
-  --emb-dir "$STAGE_ROOT/emb" --seed "$SEED" "${REUSE_ARGS[@]}" "$@"
+  --emb-dir "$EMB_DIR" --seed "$SEED" "${REUSE_ARGS[@]}" "$@"

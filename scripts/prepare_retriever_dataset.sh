@@ -9,5 +9,5 @@ PQ_ARGS=()
 MAXQ_ARGS=()
 [ -n "${MAX_TRAIN_QUERIES:-}" ] && MAXQ_ARGS=(--max-train-queries "$MAX_TRAIN_QUERIES")
 python -m avg.retriever.prepare_dataset \
-  --annotations "$ANNOTATIONS" --image-root "$IMAGE_ROOT" --codes-dir "$STAGE_ROOT/codes" \
-  --emb-dir "$STAGE_ROOT/emb" --out-dir "$STAGE_ROOT/retriever_data" --seed "$SEED" "${PQ_ARGS[@]}" "${MAXQ_ARGS[@]}" "$@"
+  --annotations "$ANNOTATIONS" --image-root "$IMAGE_ROOT" --codes-dir "$CODES_DIR" \
+  --emb-dir "$EMB_DIR" --out-dir "$RETRIEVER_DATA_DIR" --seed "$SEED" "${PQ_ARGS[@]}" "${MAXQ_ARGS[@]}" "$@"

@@ -4,5 +4,5 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 python -m avg.reranker.rerank_embed \
-  --retriever-dir "$STAGE_ROOT/$RERANK_RETRIEVER/best" --emb-dir "$STAGE_ROOT/emb" --data-dir "$STAGE_ROOT/retriever_data" \
-  --out-dir "$STAGE_ROOT/rerank_embed" --topk "$RERANK_TOPK" --retriever-name "$RERANK_RETRIEVER" "$@"
+  --retriever-dir "$STAGE_ROOT/$RERANK_RETRIEVER/best" --emb-dir "$EMB_DIR" --data-dir "$RETRIEVER_DATA_DIR" \
+  --out-dir "$RERANK_EMBED_DIR" --topk "$RERANK_TOPK" --retriever-name "$RERANK_RETRIEVER" "$@"

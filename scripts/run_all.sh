@@ -6,12 +6,13 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-# demo_* stages build the synthetic demo's assets (each tool keeps its own cache); they run only
-# when DEMO_TOOLS=1, which configs/demo.sh sets.
-ALL_STAGES=(demo_assets prepare_emb eval_clip_baseline train_rqvae generate_codes prepare_retriever_dataset
-            demo_t5 train_retriever_t5 train_retriever_t5_stage2 rerank_embed demo_llama finetune_retriever_llama
-            test_retriever_llama prepare_reranker_dataset convert_voken_to_seed finetune_reranker_llama
-            test_reranker_llama report)
+# The stages, in pipeline order, and their output folders come from the stage registry
+# (avg/artifacts/registry.py). demo_* stages build the synthetic demo's assets (each tool keeps its
+# own cache); they run only when DEMO_TOOLS=1, which configs/demo.sh sets.
+REGISTRY_PY="$ROOT/.venv/bin/python"; [ -x "$REGISTRY_PY" ] || REGISTRY_PY=python3
+registry() { (cd "$ROOT" && "$REGISTRY_PY" -m avg.artifacts.registry "$@"); }
+mapfile -t ALL_STAGES < <(registry names)
+[ "${#ALL_STAGES[@]}" -gt 0 ] || { echo "error: could not read the stage registry (avg/artifacts/registry.py)" >&2; exit 2; }
 
 usage() {
   cat <<EOF
@@ -72,24 +73,7 @@ stage_def() {
     demo_t5) STAGE_CMD=(python tools/make_demo_t5.py --annotations "$ANNOTATIONS" --out-dir "$RETRIEVER_MODEL" ${DEMO_T5_ARGS:-}); STAGE_OUT=cached ;;
     demo_llama) STAGE_CMD=(python tools/make_demo_llama.py --annotations "$ANNOTATIONS" --out-dir "$LLAMA_MODEL" ${DEMO_LLAMA_ARGS:-}); STAGE_OUT=cached ;;
     report) STAGE_CMD=(python -m avg.eval.report "$STAGE_ROOT"); STAGE_OUT=always ;;
-    *)
-      STAGE_CMD=(bash "scripts/$1.sh" "${FORCE_ARGS[@]}")
-      case "$1" in
-        prepare_emb) STAGE_OUT=emb ;;
-        eval_clip_baseline) STAGE_OUT=clip_baseline ;;
-        train_rqvae) STAGE_OUT=rqvae ;;
-        generate_codes) STAGE_OUT=codes ;;
-        prepare_retriever_dataset) STAGE_OUT=retriever_data ;;
-        train_retriever_t5) STAGE_OUT=retriever_t5 ;;
-        train_retriever_t5_stage2) STAGE_OUT=retriever_t5_stage2 ;;
-        rerank_embed) STAGE_OUT=rerank_embed ;;
-        finetune_retriever_llama) STAGE_OUT=retriever_llama ;;
-        test_retriever_llama) STAGE_OUT=retriever_llama/test ;;
-        prepare_reranker_dataset) STAGE_OUT=reranker_data ;;
-        convert_voken_to_seed) STAGE_OUT=reranker_tokens ;;
-        finetune_reranker_llama) STAGE_OUT=reranker ;;
-        test_reranker_llama) STAGE_OUT=reranker/test ;;
-      esac ;;
+    *) STAGE_CMD=(bash "scripts/$1.sh" "${FORCE_ARGS[@]}"); STAGE_OUT=$(registry out "$1") ;;
   esac
 }
 

@@ -20,7 +20,8 @@ source scripts/common.sh
 SEEDS=${SEEDS:-42 1 2}
 SEEDS_DIR=${SEEDS_DIR:-$OUT_DIR/reranker_seeds}
 LISTS="$STAGE_ROOT/reranker_data_seeds"
-for need in emb clip_baseline "$RERANK_RETRIEVER/best" reranker_tokens; do
+RERANKER_OUT=$(stage_out finetune_reranker_llama)
+for need in "$(stage_out prepare_emb)" "$(stage_out eval_clip_baseline)" "$RERANK_RETRIEVER/best" "$(stage_out convert_voken_to_seed)"; do
   if [ ! -e "$STAGE_ROOT/$need" ]; then
     echo "error: $STAGE_ROOT/$need is missing: run scripts/demo.sh (or scripts/run_all.sh) first" >&2
     exit 2
@@ -34,17 +35,17 @@ RERANK_MAX_TRAIN_QUERIES=0 RERANK_MAX_VAL_QUERIES=0 RERANK_TRAIN_CANDIDATES=clip
 for s in $SEEDS; do
   seed_root="$SEEDS_DIR/seed_$s/$DATASET"
   mkdir -p "$seed_root"
-  for shared in clip_baseline "$RERANK_RETRIEVER" rerank_embed; do  # the same for every seed: rows of the table
+  for shared in "$(stage_out eval_clip_baseline)" "$RERANK_RETRIEVER" "$(stage_out rerank_embed)"; do  # the same for every seed: rows of the table
     if [ -e "$STAGE_ROOT/$shared" ]; then
       ln -sfn "$(realpath --relative-to="$seed_root" "$STAGE_ROOT/$shared")" "$seed_root/$shared"
     fi
   done
-  echo "=== [run_reranker_seeds] seed $s -> $seed_root/reranker"
+  echo "=== [run_reranker_seeds] seed $s -> $seed_root/$RERANKER_OUT"
   t=$(date +%s)
-  SEED=$s bash scripts/finetune_reranker_llama.sh --data-dir "$LISTS" --out-dir "$seed_root/reranker" \
+  SEED=$s bash scripts/finetune_reranker_llama.sh --data-dir "$LISTS" --out-dir "$seed_root/$RERANKER_OUT" \
     --run-name "${DATASET}-reranker-seed$s"
-  SEED=$s bash scripts/test_reranker_llama.sh --data-dir "$LISTS" --reranker-dir "$seed_root/reranker/best" \
-    --out-dir "$seed_root/reranker/test" --run-name "${DATASET}-reranker-test-seed$s"
+  SEED=$s bash scripts/test_reranker_llama.sh --data-dir "$LISTS" --reranker-dir "$seed_root/$RERANKER_OUT/best" \
+    --out-dir "$seed_root/$(stage_out test_reranker_llama)" --run-name "${DATASET}-reranker-test-seed$s"
   echo "=== [run_reranker_seeds] seed $s done in $(( $(date +%s) - t ))s"
 done
 echo "=== [run_reranker_seeds] ${SEEDS// /, } in $(( $(date +%s) - T0 ))s"

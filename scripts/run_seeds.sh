@@ -16,7 +16,8 @@ SEEDS=${SEEDS:-0 1 2}
 SEED_STAGES=${SEED_STAGES:-train_rqvae,generate_codes,prepare_retriever_dataset,train_retriever_t5,train_retriever_t5_stage2,rerank_embed,prepare_reranker_dataset,convert_voken_to_seed,finetune_reranker_llama,test_reranker_llama,report}
 MAIN_ROOT="$STAGE_ROOT"
 SEEDS_DIR=${SEEDS_DIR:-$OUT_DIR/seeds}
-for shared in emb clip_baseline; do
+SHARED=("$(stage_out prepare_emb)" "$(stage_out eval_clip_baseline)")  # CLIP features and the two-tower: one for all seeds
+for shared in "${SHARED[@]}"; do
   if [ ! -f "$MAIN_ROOT/$shared/stage.json" ]; then
     echo "error: $MAIN_ROOT/$shared is missing: run scripts/demo.sh (or run_all.sh --stages prepare_emb,eval_clip_baseline) first" >&2
     exit 2
@@ -26,7 +27,7 @@ T0=$(date +%s)
 for s in $SEEDS; do
   seed_out="$SEEDS_DIR/seed_$s"
   mkdir -p "$seed_out/$DATASET"
-  for shared in emb clip_baseline; do
+  for shared in "${SHARED[@]}"; do
     ln -sfn "$(realpath --relative-to="$seed_out/$DATASET" "$MAIN_ROOT/$shared")" "$seed_out/$DATASET/$shared"
   done
   echo "=== [run_seeds] seed $s -> $seed_out/$DATASET"

@@ -6,5 +6,5 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 SPLIT=${SPLIT:-test}
 $LAUNCH -m avg.reranker.test \
-  --reranker-dir "$STAGE_ROOT/reranker/best" --data-dir "$STAGE_ROOT/reranker_data" --split "$SPLIT" \
-  --out-dir "$STAGE_ROOT/reranker/test" --retriever-name "$RERANK_RETRIEVER" --seed "$SEED" "$@"
+  --reranker-dir "$RERANKER_DIR/best" --data-dir "$RERANKER_DATA_DIR" --split "$SPLIT" \
+  --out-dir "$RERANKER_TEST_DIR" --retriever-name "$RERANK_RETRIEVER" --seed "$SEED" "$@"

@@ -6,5 +6,5 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 SPLIT=${SPLIT:-test}
 $LAUNCH -m avg.retriever.test_llama \
-  --retriever-dir "$STAGE_ROOT/retriever_llama/best" --data-dir "$STAGE_ROOT/retriever_data" --split "$SPLIT" \
-  --out-dir "$STAGE_ROOT/retriever_llama/$SPLIT" --num-beams "$BEAM" --seed "$SEED" ${LLAMA_TEST_ARGS:-} "$@"
+  --retriever-dir "$RETRIEVER_LLAMA_DIR/best" --data-dir "$RETRIEVER_DATA_DIR" --split "$SPLIT" \
+  --out-dir "$RETRIEVER_LLAMA_DIR/$SPLIT" --num-beams "$BEAM" --seed "$SEED" ${LLAMA_TEST_ARGS:-} "$@"

@@ -4,7 +4,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 $LAUNCH -m avg.retriever.train_t5 --stage 1 \
-  --data-dir "$STAGE_ROOT/retriever_data" --codes-dir "$STAGE_ROOT/codes" --model "$RETRIEVER_MODEL" \
-  --out-dir "$STAGE_ROOT/retriever_t5" --epochs "$T5_EPOCHS" --batch-size "$T5_BATCH_SIZE" --lr "$T5_LR" \
+  --data-dir "$RETRIEVER_DATA_DIR" --codes-dir "$CODES_DIR" --model "$RETRIEVER_MODEL" \
+  --out-dir "$RETRIEVER_T5_DIR" --epochs "$T5_EPOCHS" --batch-size "$T5_BATCH_SIZE" --lr "$T5_LR" \
   --score "${T5_SCORE:-children}" --voken-tokens "${VOKEN_TOKENS:-per-level}" --query-prefix "${T5_QUERY_PREFIX:-0}" \
   --num-beams "$BEAM" --seed "$SEED" --run-name "${DATASET}-t5-stage1" ${T5_ARGS:-} "$@"

@@ -4,6 +4,6 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 $LAUNCH -m avg.rqvae.train \
-  --emb-dir "$STAGE_ROOT/emb" --out-dir "$STAGE_ROOT/rqvae" \
+  --emb-dir "$EMB_DIR" --out-dir "$RQVAE_DIR" \
   --num-levels "$CODE_LEN" --codebook-size "$CODEBOOK_SIZE" \
   --epochs "$RQ_EPOCHS" --batch-size "$RQ_BATCH_SIZE" --lr "$RQ_LR" --seed "$SEED" ${RQ_ARGS:-} "$@"

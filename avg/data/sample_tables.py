@@ -21,6 +21,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from avg.artifacts.registry import out as stage_out
 from avg.metrics import first_hit_rank
 from avg.utils.io import InputError, atomic_open, read_json, write_json
 
@@ -43,7 +44,7 @@ def resolve_image_paths(*, image_root: Optional[str] = None, annotations: Option
         ds = load_karpathy(annotations, image_root, check_files=False)
         return {im.image_id: str(im.path) for im in ds.images}
     if data is not None:
-        index_path = data.parent / "emb" / "index.json"
+        index_path = data.parent / stage_out("prepare_emb") / "index.json"
         if index_path.is_file():
             return image_paths_from_index(read_json(index_path), image_root)
     return {}

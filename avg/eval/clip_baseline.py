@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from avg.artifacts.registry import manifest_name
 from avg.metrics import DEFAULT_KS, format_metrics, retrieval_metrics
 from avg.artifacts.runfiles import RunRecord, write_run
 from avg.search.exact import exact_search
@@ -96,7 +97,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     from avg.artifacts.emb import load_emb
     load_emb(args.emb_dir)  # a wrong --emb-dir fails before anything is written
-    run = begin_stage(args.out_dir, "clip_baseline", vars(args), inputs=[args.emb_dir], force=args.force)
+    run = begin_stage(args.out_dir, manifest_name("eval_clip_baseline"), vars(args), inputs=[args.emb_dir], force=args.force)
     if run.up_to_date and skip_if_done():
         get_logger("avg.clip_baseline").info("clip_baseline: outputs in %s are complete and up to date; skipping", args.out_dir)
         return run.previous.get("summary") or {}

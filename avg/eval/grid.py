@@ -37,6 +37,7 @@ from typing import Optional, Sequence
 import pandas as pd
 
 from avg.metrics import retrieval_metrics
+from avg.artifacts.registry import out as stage_out
 from avg.artifacts.runfiles import read_run
 from avg.utils.io import InputError, atomic_open, read_json, write_json
 from avg.utils.stages import begin_stage
@@ -50,9 +51,12 @@ PREFIX = {"beam": "beam", "codebook_size": "N", "code_len": "M"}
 DEFAULT_REDUCED_ENV = "T5_EPOCHS=1 MAX_TRAIN_QUERIES=20000 STAGE2_MAX_TRAIN_QUERIES=2000"
 DEFAULT_REDUCED_T5_ARGS = "--eval-every 0 --eval-train-queries 0"
 DEFAULT_BACKBONES = "t5-small=t5:t5-small t5-base=t5:t5-base t5-large=t5:t5-large llama=llama:$LLAMA_MODEL"
-T5_STAGE1 = "retriever_t5/eval/run_test.jsonl"
-T5_STAGE2 = "retriever_t5_stage2/eval/run_test.jsonl"
-LLAMA_TEST = "retriever_llama/test/run_test.jsonl"
+# output folders, from the stage registry
+EMB, RQVAE, CODES = stage_out("prepare_emb"), stage_out("train_rqvae"), stage_out("generate_codes")
+DATA, T5_1, T5_2 = stage_out("prepare_retriever_dataset"), stage_out("train_retriever_t5"), stage_out("train_retriever_t5_stage2")
+T5_STAGE1 = f"{T5_1}/eval/run_test.jsonl"
+T5_STAGE2 = f"{T5_2}/eval/run_test.jsonl"
+LLAMA_TEST = f"{stage_out('test_retriever_llama')}/run_test.jsonl"
 
 
 @dataclass
@@ -136,14 +140,14 @@ def build_variants(study: str, cfg: dict, *, reduced: bool, beam_model: str = "s
     t5_stages = ["prepare_retriever_dataset", "demo_t5", "train_retriever_t5"]
     tok_stages = ["train_rqvae", "generate_codes"]
     if study == "beam":
-        model_dir = "retriever_t5_stage2" if beam_model == "stage2" else "retriever_t5"
+        model_dir = T5_2 if beam_model == "stage2" else T5_1
         stage = 2 if beam_model == "stage2" else 1
         out = []
         for b in values:
             out.append(Variant(f"beam{b}", f"avg_t5_stage{stage}", f"{model_dir}_eval/eval/run_test.jsonl",
-                               params={"num_beams": b}, links=["retriever_data", model_dir],
+                               params={"num_beams": b}, links=[DATA, model_dir],
                                command=["python", "-m", "avg.retriever.train_t5", "--stage", str(stage), "--epochs", "0",
-                                        "--init-from", f"{model_dir}/best", "--data-dir", "retriever_data",
+                                        "--init-from", f"{model_dir}/best", "--data-dir", DATA,
                                         "--out-dir", f"{model_dir}_eval", "--num-beams", str(b),
                                         "--seed", cfg.get("SEED", "42"), "--run-name",
                                         f"{cfg.get('DATASET', '')}-grid-beam{b}", *shlex.split(cfg.get("T5_ARGS", ""))]))
@@ -151,29 +155,29 @@ def build_variants(study: str, cfg: dict, *, reduced: bool, beam_model: str = "s
     if study in ("codebook_size", "code_len"):
         var = "CODEBOOK_SIZE" if study == "codebook_size" else "CODE_LEN"
         return [Variant(f"{PREFIX[study]}{v}", "avg_t5_stage1", T5_STAGE1, params={study: v}, env={**base, var: str(v)},
-                        stages=tok_stages + t5_stages, links=["emb"], tokenizer=True) for v in values]
+                        stages=tok_stages + t5_stages, links=[EMB], tokenizer=True) for v in values]
     if study == "ablation":
         both = t5_stages + ["train_retriever_t5_stage2"]
         no_vok = dict(base, T5_ARGS=_join_args(base.get("T5_ARGS", ""), "--no-voken-embedding"))
         return [
-            Variant("full", "avg_t5_stage2", T5_STAGE2, env=dict(base), stages=both, links=["emb", "rqvae", "codes"]),
+            Variant("full", "avg_t5_stage2", T5_STAGE2, env=dict(base), stages=both, links=[EMB, RQVAE, CODES]),
             Variant("no_align", "avg_t5_stage2", T5_STAGE2,
                     env=dict(base, RQ_ARGS=_join_args(cfg.get("RQ_ARGS", ""), "--align-weight 0")),
-                    stages=tok_stages + both, links=["emb"], tokenizer=True),
-            Variant("no_voken_emb", "avg_t5_stage2", T5_STAGE2, env=no_vok, stages=both, links=["emb", "rqvae", "codes"]),
+                    stages=tok_stages + both, links=[EMB], tokenizer=True),
+            Variant("no_voken_emb", "avg_t5_stage2", T5_STAGE2, env=no_vok, stages=both, links=[EMB, RQVAE, CODES]),
             # w/o the discriminative stage = the full variant's stage-1 model (nothing to train)
-            Variant("no_dis", "avg_t5_stage1", T5_STAGE1, links=["retriever_t5"], link_from="full"),
+            Variant("no_dis", "avg_t5_stage1", T5_STAGE1, links=[T5_1], link_from="full"),
         ]
     if study == "backbone":
         out = []
         for name, kind, model in parse_backbones(cfg.get("GRID_BACKBONES") or DEFAULT_BACKBONES, cfg):
             if kind == "t5":
                 out.append(Variant(name, "avg_t5_stage1", T5_STAGE1, params={"backbone": model},
-                                   env=dict(base, RETRIEVER_MODEL=model), stages=t5_stages, links=["emb", "rqvae", "codes"]))
+                                   env=dict(base, RETRIEVER_MODEL=model), stages=t5_stages, links=[EMB, RQVAE, CODES]))
             else:
                 out.append(Variant(name, "avg_llama", LLAMA_TEST, params={"backbone": model}, env=dict(base, LLAMA_MODEL=model),
                                    stages=["prepare_retriever_dataset", "demo_llama", "finetune_retriever_llama",
-                                           "test_retriever_llama"], links=["emb", "rqvae", "codes"]))
+                                           "test_retriever_llama"], links=[EMB, RQVAE, CODES]))
         return out
     raise InputError(f"unknown study {study!r} (studies: {', '.join(STUDIES)})")
 
@@ -232,7 +236,7 @@ def score_variant(study: str, v: Variant, stage_root: Path, cfg: dict, seconds: 
            "num_beams": int(v.params.get("num_beams", v.env.get("BEAM", cfg.get("BEAM", 0)) or 0)),
            **{k: val for k, val in v.params.items() if k != "num_beams"}, **metrics,
            "run_file": os.path.relpath(run_file, stage_root.parent), "seconds": round(seconds, 1)}
-    stats_path = stage_root / "codes" / "stats.json"  # its own codes or the main run's (linked)
+    stats_path = stage_root / CODES / "stats.json"  # its own codes or the main run's (linked)
     if stats_path.is_file():
         stats = read_json(stats_path)
         row["raw_collision_rate"] = stats.get("raw_collision_rate")
@@ -379,7 +383,7 @@ def main(argv=None) -> int:
         return 0
     df = results_table(rows)
     md = to_markdown(df)
-    model = f", model: the main run's {'retriever_t5_stage2' if args.beam_model == 'stage2' else 'retriever_t5'}" \
+    model = f", model: the main run's {T5_2 if args.beam_model == 'stage2' else T5_1}" \
         if args.study == "beam" else ""
     head = (f"{args.study} study on {cfg['DATASET']}, test split{model}, {schedule} schedules"
             + (f" ({_join_args(cfg.get('GRID_REDUCED_ENV', DEFAULT_REDUCED_ENV), cfg.get('GRID_REDUCED_T5_ARGS', DEFAULT_REDUCED_T5_ARGS))})"

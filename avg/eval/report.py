@@ -38,6 +38,7 @@ from typing import Optional
 
 import pandas as pd
 
+from avg.artifacts.registry import out as stage_out
 from avg.eval.plots import plot_throughput, pyplot, save_png
 from avg.utils.io import InputError, atomic_open
 
@@ -80,7 +81,7 @@ def nearest_code_stats(path: Path, root: Path) -> Optional[dict]:
     """``codes/stats.json`` next to `path`'s folder or one of its parents up to `root`."""
     d = path.parent
     while True:
-        stats = d / "codes" / "stats.json"
+        stats = d / stage_out("generate_codes") / "stats.json"
         if stats.is_file():
             try:
                 return json.loads(stats.read_text(encoding="utf-8"))
@@ -160,7 +161,7 @@ def setting_of(m: dict) -> str:
 def diagnostics_lines(root: Path) -> list[str]:
     """Markdown: the tokenizer ceiling and each retriever's diagnostics (module docstring)."""
     lines = []
-    stats_path = root / "codes" / "stats.json"
+    stats_path = root / stage_out("generate_codes") / "stats.json"
     ceiling = (json.loads(stats_path.read_text(encoding="utf-8")).get("ceiling") or {}) if stats_path.is_file() else {}
     if ceiling:
         lines += ["", "Tokenizer ceiling (captions ranked against the decoded codes / the raw image features):", "",
@@ -211,7 +212,7 @@ def to_markdown(df: pd.DataFrame) -> str:
 
 
 def code_stats_lines(root: Path) -> list[str]:
-    stats_path = root / "codes" / "stats.json"
+    stats_path = root / stage_out("generate_codes") / "stats.json"
     if not stats_path.is_file():
         return []
     s = json.loads(stats_path.read_text(encoding="utf-8"))
@@ -305,7 +306,7 @@ def write_results_page(root: Path, df: pd.DataFrame, plots: list, *, n: int, see
 
     if n <= 0:
         return None
-    return write_page(root, df, _read_metrics(root), plots, resolve_image_paths(data_dir=str(root / "retriever_data")),
+    return write_page(root, df, _read_metrics(root), plots, resolve_image_paths(data_dir=str(root / stage_out("prepare_retriever_dataset"))),
                       n=n, seed=seed)
 
 

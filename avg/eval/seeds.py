@@ -22,15 +22,16 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from avg.artifacts.registry import out as stage_out
 from avg.eval.report import collect_metrics
 from avg.utils.io import InputError, atomic_open
 
 METRICS = ("R@1", "R@5", "R@10", "R@20")
 # (name, system/stage of the minuend, of the subtrahend): paired differences reported when both exist
-PAIRS = (("stage 2 − stage 1", ("avg_t5_stage2", "retriever_t5_stage2"), ("avg_t5_stage1", "retriever_t5")),
-         ("embedding rerank − its input", ("retriever_t5_stage2+embed_rerank", "rerank_embed"),
-          ("avg_t5_stage2", "retriever_t5_stage2")),
-         ("LM reranker − its input", ("avg_reranker", "reranker/test"), ("avg_t5_stage2", "retriever_t5_stage2")))
+_T5_1, _T5_2 = stage_out("train_retriever_t5"), stage_out("train_retriever_t5_stage2")
+PAIRS = (("stage 2 − stage 1", ("avg_t5_stage2", _T5_2), ("avg_t5_stage1", _T5_1)),
+         ("embedding rerank − its input", (f"{_T5_2}+embed_rerank", stage_out("rerank_embed")), ("avg_t5_stage2", _T5_2)),
+         ("LM reranker − its input", ("avg_reranker", stage_out("test_reranker_llama")), ("avg_t5_stage2", _T5_2)))
 
 
 def collect(seeds_dir: str | Path, dataset: str, seeds: Sequence[str]) -> pd.DataFrame:

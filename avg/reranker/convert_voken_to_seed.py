@@ -14,13 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
+from avg.artifacts.registry import manifest_name
 from avg.reranker.image_tokens import SEED_NUM_IMAGE_TOKENS, TOKENS_FILE, build_image_tokens, image_token
 from avg.retriever.data import read_codes
 from avg.utils.cli import run_main
 from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
 from avg.utils.tracking import get_logger
 
-STAGE = "convert_voken_to_seed"
+STAGE = manifest_name("convert_voken_to_seed")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from avg.artifacts.registry import manifest_name
 from avg.artifacts.runfiles import read_run, retriever_run_files, write_run
 from avg.metrics import retrieval_metrics
 from avg.reranker.data import candidate_lists, clip_lists, list_stats, seeded_subset
@@ -37,7 +38,7 @@ from avg.utils.io import InputError, read_json, write_json, write_jsonl
 from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
 from avg.utils.tracking import get_logger
 
-STAGE = "prepare_reranker_dataset"
+STAGE = manifest_name("prepare_reranker_dataset")
 SALTS = {"train": 11, "val": 12, "test": 13}
 
 

@@ -16,6 +16,7 @@ import math
 import time
 from pathlib import Path
 
+from avg.artifacts.registry import manifest_name
 from avg.artifacts.runfiles import read_run, retriever_run_files, write_run
 from avg.metrics import recall_ks, retrieval_metrics
 from avg.reranker.embed import DEFAULT_WEIGHTS, FeatureStore, choose_weight, rerank_records
@@ -25,7 +26,7 @@ from avg.utils.io import InputError, write_json
 from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
 from avg.utils.tracking import RunLogger
 
-STAGE = "rerank_embed"
+STAGE = manifest_name("rerank_embed")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from avg.artifacts.registry import manifest_name
 from avg.artifacts.runfiles import write_run
 from avg.metrics import format_metrics, recall_ks, retrieval_metrics
 from avg.reranker import model as RM
@@ -67,7 +68,7 @@ def main(argv=None) -> dict:
     if args.split == "train" and split_meta.get("inserted"):
         raise InputError(f"{data_dir / 'train.jsonl'}: training lists hold inserted positives; evaluate val or test")
     store = LmRerankStep.check(args.reranker_dir, args.emb_dir)  # before the stage starts writing
-    run = begin_stage(out_dir, "test_reranker", vars(args), inputs=[args.reranker_dir, args.data_dir, args.emb_dir], force=args.force,
+    run = begin_stage(out_dir, manifest_name("test_reranker_llama"), vars(args), inputs=[args.reranker_dir, args.data_dir, args.emb_dir], force=args.force,
                       ignore=("batch_size", "no_shared_prefix"))
     if run.up_to_date and skip_if_done():
         return run.previous.get("summary") or {}

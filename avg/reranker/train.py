@@ -30,6 +30,7 @@ import torch
 from accelerate import Accelerator, DistributedType
 from transformers import get_linear_schedule_with_warmup
 
+from avg.artifacts.registry import manifest_name
 from avg.metrics import format_metrics, retrieval_metrics
 from avg.artifacts.runfiles import write_run
 from avg.reranker import model as RM
@@ -48,7 +49,7 @@ from avg.utils.seed import set_seed
 from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
 from avg.utils.tracking import RunLogger
 
-STAGE = "finetune_reranker"
+STAGE = manifest_name("finetune_reranker_llama")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from avg.artifacts.registry import manifest_name
 from avg.data.karpathy import load_karpathy
 from avg.retriever.data import SPLITS, CodesData, read_codes
 from avg.artifacts.emb import load_emb
@@ -151,7 +152,7 @@ def main(argv=None) -> dict:
     pseudo = [(str(p), load_pseudo_queries(p)) for p in args.pseudo_queries]
     text_rows = load_emb(args.emb_dir).caption_row_map() if args.emb_dir else None
     # the out dir is swapped in whole at the end, so the manifest is written only by complete()
-    run = begin_stage(args.out_dir, "prepare_retriever_dataset", vars(args), force=args.force, ignore=("image_root",),
+    run = begin_stage(args.out_dir, manifest_name("prepare_retriever_dataset"), vars(args), force=args.force, ignore=("image_root",),
                       inputs=[args.annotations, args.codes_dir, args.emb_dir, *args.pseudo_queries], mark_running=False)
     if run.up_to_date and skip_if_done():
         log.info("prepare_retriever_dataset: outputs in %s are complete and up to date; skipping", args.out_dir)

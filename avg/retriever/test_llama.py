@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from avg.artifacts.registry import manifest_name
 from avg.metrics import format_metrics
 from avg.artifacts.runfiles import write_run
 from avg.retriever import llama as L
@@ -77,7 +78,7 @@ def main(argv=None) -> dict:
     if not queries or gallery is None:
         raise InputError(f"{args.data_dir}: no {args.split}.jsonl / gallery_{args.split}.json")
     out_dir = Path(args.out_dir)
-    run = begin_stage(out_dir, "test_llama", vars(args), force=args.force, mark_running=False,
+    run = begin_stage(out_dir, manifest_name("test_retriever_llama"), vars(args), force=args.force, mark_running=False,
                       inputs=[args.retriever_dir, args.data_dir, args.base_model])
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # every rank has read the manifest before the main process rewrites it

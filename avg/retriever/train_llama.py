@@ -35,6 +35,7 @@ import torch
 from accelerate import Accelerator, DistributedType
 from transformers import get_linear_schedule_with_warmup
 
+from avg.artifacts.registry import manifest_name
 from avg.artifacts.runfiles import write_run
 from avg.retriever import llama as L
 from avg.retriever.data import EpochBatchSampler, read_codes, seeded_subset
@@ -124,7 +125,7 @@ def main(argv=None) -> dict:
     out_dir = Path(args.out_dir)
     ckpt_dir = out_dir / "checkpoints" / "last"
     # every rank reads the manifest before the main process rewrites it, so all take the same decision
-    run = begin_stage(out_dir, "train_llama", vars(args), force=args.force, mark_running=False,
+    run = begin_stage(out_dir, manifest_name("finetune_retriever_llama"), vars(args), force=args.force, mark_running=False,
                       inputs=[args.data_dir, args.codes_dir, args.model],
                       ignore=("save_every_steps", "stop_after_steps"))
     accelerator.wait_for_everyone()

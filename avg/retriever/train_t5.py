@@ -51,6 +51,7 @@ import torch
 from accelerate import Accelerator
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, get_linear_schedule_with_warmup
 
+from avg.artifacts.registry import manifest_name
 from avg.retriever.data import Collator, EpochBatchSampler, QueryDataset, read_codes, seeded_subset
 from avg.retriever.diagnostics import code_diagnostics, format_diagnostics
 from avg.retriever.evaluate import evaluate_split, logits_vocab_size
@@ -211,7 +212,7 @@ def main(argv=None) -> dict:
     args.feature_dim = int(text_features.shape[1]) if uses_prefix else 0
     # every rank reads the manifest before the main process rewrites it, so all take the same decision
     base = args.model if args.init_from is None else None  # a local folder, or a hub id fingerprinted by its commit
-    run = begin_stage(out_dir, "train_t5", vars(args), force=args.force, mark_running=False,
+    run = begin_stage(out_dir, manifest_name("train_retriever_t5"), vars(args), force=args.force, mark_running=False,
                       inputs=[args.data_dir, args.codes_dir if args.init_from is None else None, args.init_from, base,
                               args.emb_dir],
                       ignore=("save_every_steps", "stop_after_steps"))

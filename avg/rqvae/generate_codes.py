@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
+from avg.artifacts.registry import manifest_name
 from avg.utils.progress import tqdm
 
 from avg.models.rqvae import RQVAE
@@ -226,7 +227,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if emb.dim != model.config.input_dim:
         raise InputError(f"{Path(args.emb_dir) / INDEX}: features have dim {emb.dim} but the RQ-VAE expects {model.config.input_dim} (was it trained on another encoder?)")
     del emb
-    run = begin_stage(args.out_dir, "generate_codes", vars(args), inputs=[args.rqvae_dir, args.emb_dir],
+    run = begin_stage(args.out_dir, manifest_name("generate_codes"), vars(args), inputs=[args.rqvae_dir, args.emb_dir],
                       force=args.force, ignore=("batch_size",))
     if run.up_to_date and skip_if_done():
         log.info("generate_codes: outputs in %s are complete and up to date; skipping", args.out_dir)

@@ -27,6 +27,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from avg.artifacts.registry import manifest_name
 from avg.utils.progress import tqdm
 
 from avg.utils.io import InputError
@@ -187,7 +188,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     # was and nothing is claimed before then: the manifest is written only by complete()
     if args.num_workers is None:
         args.num_workers = min(8, os.cpu_count() or 1)
-    run = begin_stage(args.out_dir, "prepare_emb", vars(args), inputs=[args.annotations, args.image_root, *weights],
+    run = begin_stage(args.out_dir, manifest_name("prepare_emb"), vars(args), inputs=[args.annotations, args.image_root, *weights],
                       force=args.force, mark_running=False, ignore=("num_workers",))  # speed only
     if run.up_to_date and skip_if_done():
         log.info("prepare_emb: outputs in %s are complete and up to date; skipping", args.out_dir)

@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+from avg.artifacts.registry import manifest_name
 from avg.utils.progress import tqdm
 
 from avg.models.rqvae import RQVAE, RQVAEConfig
@@ -217,7 +218,7 @@ def train(args) -> dict:
 
     state = load_checkpoint() if args.resume else None  # an explicit --resume is checked like any input
     # every rank reads the manifest before the main process rewrites it, so all take the same decision
-    run = begin_stage(out_dir, "train_rqvae", vars(args), inputs=[emb_dir], force=args.force,
+    run = begin_stage(out_dir, manifest_name("train_rqvae"), vars(args), inputs=[emb_dir], force=args.force,
                       ignore=("eval_every",), mark_running=False)
     accelerator.wait_for_everyone()
     if run.up_to_date and skip_if_done():
