@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from avg.artifacts.runfiles import read_run
 from avg.retriever import llama as L
-from avg.retriever import prepare_dataset, test_llama, train_llama
+from avg.retriever import evaluate_llama, prepare_dataset, train_llama
 from avg.retriever.data import load_queries, read_codes
 from avg.retriever.evaluate import evaluate_split
 from avg.retriever.gallery import Gallery
@@ -322,7 +322,7 @@ def test_train_writes_best_metrics_runs_and_test_entry_point_agrees(assets, trai
     ck = load_file(out / "checkpoints/last/model.safetensors")
     assert ck and all("lora_" in k or "trainable_tokens" in k for k in ck)
 
-    t = test_llama.main(["--retriever-dir", str(out / "best"), "--data-dir", str(assets / "data"), "--split", "test",
+    t = evaluate_llama.main(["--retriever-dir", str(out / "best"), "--data-dir", str(assets / "data"), "--split", "test",
                          "--out-dir", str(tmp_path), "--num-beams", "5", "--batch-size", "3"])
     for k in ("R@1", "R@5", "mean_rank", "num_queries"):
         assert t[k] == m[k]
@@ -330,7 +330,7 @@ def test_train_writes_best_metrics_runs_and_test_entry_point_agrees(assets, trai
     assert [r.ranked for r in read_run(tmp_path / "run_test.jsonl")] == [r.ranked for r in run]
     on_disk = json.loads((tmp_path / "metrics_test.json").read_text())
     assert on_disk["R@1"] == t["R@1"] and on_disk["split"] == "test"
-    fast = test_llama.main(["--retriever-dir", str(out / "best"), "--data-dir", str(assets / "data"),
+    fast = evaluate_llama.main(["--retriever-dir", str(out / "best"), "--data-dir", str(assets / "data"),
                             "--out-dir", str(tmp_path / "fast"), "--num-beams", "5", "--fast-search",
                             "--max-queries", "4"])
     assert fast["num_queries"] == 4 and fast["search"]["fast_search"] is True
@@ -372,7 +372,7 @@ def test_bad_input_leaves_no_output(assets, tmp_path):
     assert not out.exists()
     (tmp_path / "voken_vocab.json").write_text(json.dumps({"num_levels": 2, "codebook_size": 6}))
     with pytest.raises(InputError, match="llama_retriever.json"):
-        test_llama.main(["--retriever-dir", str(tmp_path), "--data-dir", str(assets / "data"), "--out-dir", str(out)])
+        evaluate_llama.main(["--retriever-dir", str(tmp_path), "--data-dir", str(assets / "data"), "--out-dir", str(out)])
     assert not out.exists()
 
 

@@ -13,7 +13,7 @@ import torch
 
 from avg.artifacts.runfiles import write_run
 from avg.reranker import model as RM
-from avg.reranker import prepare_dataset, test as rerank_test, train
+from avg.reranker import evaluate as rerank_test, prepare_dataset, train
 from avg.reranker.data import ListCollator, ListDataset, candidate_list, candidate_lists, load_lists, unflatten
 from avg.reranker.image_tokens import ImageTokenMap, ImageTokens, build_image_tokens, image_token
 from avg.reranker.losses import listwise_loss, pointwise_loss

@@ -13,7 +13,7 @@ import torch
 
 from avg.artifacts.runfiles import write_run
 from avg.reranker import model as RM
-from avg.reranker import prepare_dataset, rerank_embed, test as rerank_test, train
+from avg.reranker import evaluate as rerank_test, prepare_dataset, rerank_embed, train
 from avg.reranker.data import ListCollator, ListDataset, candidate_lists, clip_lists, load_lists, shorten_list
 from avg.reranker.embed import FeatureStore, choose_weight, fit_embed_weight, fused_scores, rerank_list, rerank_records
 from avg.reranker.image_tokens import ImageTokenMap, build_image_tokens, image_token

@@ -66,14 +66,14 @@ STAGES: tuple[Stage, ...] = (
     Stage("rerank_embed", "rerank_embed", "avg.reranker.rerank_embed", "rerank_embed", "RERANK_EMBED_DIR"),
     Stage("demo_llama", None, "tools/make_demo_llama.py"),
     Stage("finetune_retriever_llama", "retriever_llama", "avg.retriever.train_llama", "train_llama", "RETRIEVER_LLAMA_DIR"),
-    Stage("test_retriever_llama", "retriever_llama/test", "avg.retriever.test_llama", "test_llama",
+    Stage("test_retriever_llama", "retriever_llama/test", "avg.retriever.evaluate_llama", "test_llama",
           "RETRIEVER_LLAMA_TEST_DIR"),
     Stage("prepare_reranker_dataset", "reranker_data", "avg.reranker.prepare_dataset", "prepare_reranker_dataset",
           "RERANKER_DATA_DIR"),
     Stage("convert_voken_to_seed", "reranker_tokens", "avg.reranker.convert_voken_to_seed", "convert_voken_to_seed",
           "RERANKER_TOKENS_DIR"),
     Stage("finetune_reranker_llama", "reranker", "avg.reranker.train", "finetune_reranker", "RERANKER_DIR"),
-    Stage("test_reranker_llama", "reranker/test", "avg.reranker.test", "test_reranker", "RERANKER_TEST_DIR"),
+    Stage("test_reranker_llama", "reranker/test", "avg.reranker.evaluate", "test_reranker", "RERANKER_TEST_DIR"),
     Stage("report", None, "avg.eval.report"),
 )
 

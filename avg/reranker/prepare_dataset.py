@@ -84,7 +84,7 @@ def load_any_retriever(path: str | Path, device, data_dir: str | Path | None = N
 
     path = Path(path)
     if (path / L.RETRIEVER_FILE).is_file():
-        # bf16 on a GPU that has it (as test_llama searches with it), float32 elsewhere
+        # bf16 on a GPU that has it (as evaluate_llama searches with it), float32 elsewhere
         dtype = L.resolve_dtype("auto", lora=True, device=torch.device(device) if device is not None else torch.device("cpu"))
         tok, model, vocab, meta = L.load_retriever(path, dtype=dtype, device=device)
         return {"model": L.search_model(model), "tokenizer": tok, "vocab": vocab,

@@ -1,8 +1,8 @@
 """Rerank a split's retriever top-k lists with a saved reranker; R@K before and after, one protocol.
 
-    python -m avg.reranker.test --reranker-dir outputs/demo/reranker/best \\
+    python -m avg.reranker.evaluate --reranker-dir outputs/demo/reranker/best \\
         --data-dir outputs/demo/reranker_data --split test --out-dir outputs/demo/reranker/test
-    torchrun --nproc_per_node 4 -m avg.reranker.test ...   # lists sharded over processes
+    torchrun --nproc_per_node 4 -m avg.reranker.evaluate ...   # lists sharded over processes
 
 Both rankings of the same lists are scored by avg.metrics.retrieval_metrics with the
 split's gallery size (a gold image outside the top-k is a miss before and after, at rank =

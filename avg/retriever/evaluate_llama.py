@@ -1,8 +1,8 @@
 """Evaluate a saved decoder-only retriever: constrained beam search over a split's gallery.
 
-    python -m avg.retriever.test_llama --retriever-dir outputs/demo/retriever_llama/best \\
+    python -m avg.retriever.evaluate_llama --retriever-dir outputs/demo/retriever_llama/best \\
         --data-dir outputs/demo/retriever_data --split test --out-dir outputs/demo/retriever_llama/test
-    torchrun --nproc_per_node 4 -m avg.retriever.test_llama ...   # queries sharded over processes
+    torchrun --nproc_per_node 4 -m avg.retriever.evaluate_llama ...   # queries sharded over processes
 
 The search is avg.retriever.search.constrained_beam_search: deterministic (no sampling), every
 setting explicit (``--num-beams``, EOS scored, full-vocabulary or ``--fast-search`` scores); the
