@@ -86,3 +86,28 @@ def test_discriminative_loss_is_cross_entropy_over_logits_with_mask():
     assert float(got) == pytest.approx((row0 + row1) / 2, abs=1e-6)
     # over logits, not softmaxed values: shifting all scores of a row leaves the loss unchanged
     assert float(discriminative_loss(s + 5.0, pos, temperature=2.0, mask=mask)) == pytest.approx(float(got), abs=1e-5)
+
+
+def test_mine_candidates_is_the_search_plus_the_positive_and_restores_train_mode(tiny_t5):
+    """eq. 8 in one call: the beam's codes in the gallery, the positive put in where the beam missed it
+    (build_candidates with the same generator), searched in eval mode whatever the model's mode."""
+    from avg.retriever.constraints import CodeIndex
+    from avg.retriever.losses import build_candidates, mine_candidates
+    from avg.retriever.search import constrained_beam_search
+
+    codes = torch.tensor([[5, 7, 9], [5, 8, 9], [6, 7, 10], [6, 8, 9], [5, 7, 10]])
+    index = CodeIndex.from_codes(codes, 30)
+    ids = torch.tensor([[3, 4, 1], [11, 12, 1]])
+    mask = torch.ones_like(ids)
+    positive = torch.stack([codes[0], codes[3]])
+    model = tiny_t5.train()
+    got = mine_candidates(model, None, ids, mask, None, index, 2, positive, eos_token_id=1,
+                          generator=torch.Generator().manual_seed(3))
+    assert model.training  # restored
+    ref = constrained_beam_search(model.eval(), ids, mask, index, 2, decoder_start_token_id=0, eos_token_id=1,
+                                  normalize="children")
+    cands, cmask, pidx = build_candidates(ref.sequences, ref.num_valid, positive, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(got[0], cands) and torch.equal(got[1], cmask) and torch.equal(got[2], pidx)
+    found = (ref.sequences == positive[:, None, :]).all(-1).any(-1)
+    assert torch.equal(got[3], found)
+    assert all(torch.equal(got[0][i, int(got[2][i])], positive[i]) for i in range(2))

@@ -63,6 +63,38 @@ def build_candidates(sequences: torch.Tensor, num_valid: torch.Tensor, positive:
     return cands, mask, pos_index
 
 
+@torch.no_grad()
+def mine_candidates(model, prefix, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    query_features: Optional[torch.Tensor], index: CodeIndex, num_beams: int, positive: torch.Tensor, *,
+                    eos_token_id: Optional[int] = None, voken_ids: Optional[torch.Tensor] = None,
+                    normalize: str = "children", generator: Optional[torch.Generator] = None):
+    """eq. 8: each query's candidate list -- the model's own top-``num_beams`` codes in the gallery
+    ``index`` (searched in eval mode, scored like the evaluation search), with the positive code
+    ``positive`` [B, L] put in by :func:`build_candidates` where the beam missed it.
+
+    Returns ``(candidates [B, b, L], mask [B, b], positive_index [B], found [B])``, ``found`` marking
+    the lists whose beam returned the positive itself. The models' train/eval modes are restored.
+    """
+    from avg.retriever.search import constrained_beam_search
+
+    modules = [m for m in (model, prefix) if m is not None]
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        inputs = prefixed_inputs(model, prefix, input_ids, attention_mask, query_features)
+        out = constrained_beam_search(model, inputs.get("input_ids"), inputs["attention_mask"], index, num_beams,
+                                      decoder_start_token_id=model.config.decoder_start_token_id,
+                                      eos_token_id=eos_token_id, voken_ids=voken_ids,
+                                      inputs_embeds=inputs.get("inputs_embeds"), normalize=normalize)
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+    found = (out.sequences == positive[:, None, :].to(out.sequences.device)).all(-1).any(-1)
+    cands, mask, pidx = build_candidates(out.sequences, out.num_valid, positive, generator=generator)
+    return cands, mask, pidx, found
+
+
 def code_log_probs(logits: torch.Tensor, targets: torch.Tensor, index: Optional[CodeIndex] = None) -> torch.Tensor:
     """Per-position log-probabilities [N, L] of the codes ``targets`` [N, L] (token ids) from
     teacher-forced ``logits`` [N, L, V] (position t predicts ``targets[:, t]``).
@@ -279,5 +311,5 @@ class RetrievalObjective(torch.nn.Module):
         return gen + self.dis_weight * dis, {"gen": gen.detach(), "dis": dis.detach()}
 
 
-__all__ = ["LOSS_MODES", "build_candidates", "code_log_probs", "candidate_log_probs", "discriminative_loss",
+__all__ = ["LOSS_MODES", "build_candidates", "mine_candidates", "code_log_probs", "candidate_log_probs", "discriminative_loss",
            "distilled_code_loss", "generative_loss", "teacher_targets", "RetrievalObjective"]

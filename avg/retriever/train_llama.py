@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -41,14 +40,13 @@ from avg.retriever import llama as L
 from avg.retriever.data import EpochBatchSampler, read_codes, seeded_subset
 from avg.retriever.evaluate import evaluate_split
 from avg.retriever.gallery import Gallery
-from avg.retriever.training import (STATE_FILE, add_eval_and_checkpoint_args, check_checkpoint, check_data_matches_vocab,
+from avg.retriever.training import (add_eval_and_checkpoint_args, check_checkpoint, check_data_matches_vocab,
                                     describe_batch, load_split, per_process_batch, resolve_mixed_precision, resume_from, select_best,
-                                    train_epochs, trainable_only_hooks)
+                                    start_training_run, train_epochs, trainable_only_hooks)
 from avg.retriever.vocab import VokenVocab
 from avg.utils.io import InputError, read_json, write_json
 from avg.utils.seed import set_seed
-from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
-from avg.utils.tracking import RunLogger, get_logger
+from avg.utils.stages import add_force_arg
 from avg.utils.cli import run_main
 
 SYSTEM = "avg_llama"
@@ -124,27 +122,12 @@ def main(argv=None) -> dict:
     set_seed(args.seed)
     out_dir = Path(args.out_dir)
     ckpt_dir = out_dir / "checkpoints" / "last"
-    # every rank reads the manifest before the main process rewrites it, so all take the same decision
-    run = begin_stage(out_dir, manifest_name("finetune_retriever_llama"), vars(args), force=args.force, mark_running=False,
-                      inputs=[args.data_dir, args.codes_dir, args.model],
-                      ignore=("save_every_steps", "stop_after_steps"))
-    accelerator.wait_for_everyone()
-    if run.up_to_date and skip_if_done():
-        get_logger("avg.train_llama").info("train_llama: outputs in %s are complete and up to date; skipping", out_dir)
-        return dict(run.previous.get("summary") or {})
-    interrupted = not run.fresh and run.previous.get("status") == "running"
-    resuming = (args.resume or interrupted) and (ckpt_dir / STATE_FILE).is_file()
-    run.running()
-    logger = RunLogger(out_dir, project=args.wandb_project, run_name=args.run_name or "llama-retriever",
-                       config=vars(args), resume=resuming)
-    if args.resume and not resuming:
-        logger.info("--resume: no checkpoint at %s, starting fresh", ckpt_dir)
-    if not resuming and accelerator.is_main_process:
-        for stale in (out_dir / "best", out_dir / "checkpoints", out_dir / "eval"):
-            if stale.exists():  # a fresh run must never report an older run's model or metrics
-                logger.info("fresh run: removing %s from an earlier run", stale)
-                shutil.rmtree(stale)
-    accelerator.wait_for_everyone()
+    started = start_training_run(accelerator, args, out_dir, manifest_name("finetune_retriever_llama"),
+                                 inputs=[args.data_dir, args.codes_dir, args.model],
+                                 run_name=args.run_name or "llama-retriever", logger_name="avg.train_llama")
+    if started.skipped is not None:
+        return started.skipped
+    run, logger, resuming = started.stage, started.logger, started.resuming
     device = accelerator.device
 
     # ---- model: base LM + vokens (+ LoRA)

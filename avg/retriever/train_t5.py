@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
 import time
 from pathlib import Path
 
@@ -56,21 +55,18 @@ from avg.retriever.data import Collator, EpochBatchSampler, QueryDataset, read_c
 from avg.retriever.diagnostics import code_diagnostics, format_diagnostics
 from avg.retriever.evaluate import evaluate_split, logits_vocab_size
 from avg.retriever.gallery import Gallery
-from avg.retriever.losses import LOSS_MODES, RetrievalObjective, build_candidates, teacher_targets
-from avg.retriever.prefix import (QueryPrefix, emb_for, feature_rows, gather_features, load_prefix, prefixed_inputs,
-                                  query_features)
+from avg.retriever.losses import LOSS_MODES, RetrievalObjective, mine_candidates, teacher_targets
+from avg.retriever.prefix import QueryPrefix, emb_for, feature_rows, gather_features, load_prefix, query_features
 from avg.retriever.teacher import CodeTeacher, GalleryTeacher
-from avg.retriever.search import constrained_beam_search
 from avg.retriever.t5 import load_t5_retriever, save_t5_retriever
-from avg.retriever.training import (STATE_FILE, add_eval_and_checkpoint_args, check_data_matches_vocab, check_inputs,
+from avg.retriever.training import (add_eval_and_checkpoint_args, check_data_matches_vocab, check_inputs,
                                     describe_batch, load_split, per_process_batch, resolve_mixed_precision,
-                                    resume_from, select_best, train_epochs)
+                                    resume_from, select_best, start_training_run, train_epochs)
 from avg.retriever.vocab import VOCAB_FILE, VokenVocab
 from avg.artifacts.runfiles import write_run
 from avg.utils.io import InputError, read_json, write_json
 from avg.utils.seed import set_seed
-from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
-from avg.utils.tracking import RunLogger, get_logger
+from avg.utils.stages import add_force_arg
 from avg.utils.cli import run_main
 
 
@@ -210,29 +206,14 @@ def main(argv=None) -> dict:
     text_features = emb.text_features if emb is not None else None
     encoder = dict(emb.index.get("encoder") or {}) if uses_prefix else None
     args.feature_dim = int(text_features.shape[1]) if uses_prefix else 0
-    # every rank reads the manifest before the main process rewrites it, so all take the same decision
     base = args.model if args.init_from is None else None  # a local folder, or a hub id fingerprinted by its commit
-    run = begin_stage(out_dir, manifest_name("train_retriever_t5"), vars(args), force=args.force, mark_running=False,
-                      inputs=[args.data_dir, args.codes_dir if args.init_from is None else None, args.init_from, base,
-                              args.emb_dir],
-                      ignore=("save_every_steps", "stop_after_steps"))
-    accelerator.wait_for_everyone()
-    if run.up_to_date and skip_if_done():
-        get_logger("avg.train_t5").info("train_t5: outputs in %s are complete and up to date; skipping", out_dir)
-        return dict(run.previous.get("summary") or {})
-    interrupted = not run.fresh and run.previous.get("status") == "running"
-    resuming = (args.resume or interrupted) and (ckpt_dir / STATE_FILE).is_file()
-    run.running()
-    logger = RunLogger(out_dir, project=args.wandb_project, run_name=args.run_name or f"t5-stage{args.stage}",
-                       config=vars(args), resume=resuming)
-    if args.resume and not resuming:
-        logger.info("--resume: no checkpoint at %s, starting fresh", ckpt_dir)
-    if not resuming and accelerator.is_main_process:
-        for stale in (out_dir / "best", out_dir / "checkpoints", out_dir / "eval"):
-            if stale.exists():  # a fresh run must never report an older run's model or metrics
-                logger.info("fresh run: removing %s from an earlier run", stale)
-                shutil.rmtree(stale)
-    accelerator.wait_for_everyone()
+    started = start_training_run(accelerator, args, out_dir, manifest_name("train_retriever_t5"),
+                                 inputs=[args.data_dir, args.codes_dir if args.init_from is None else None,
+                                         args.init_from, base, args.emb_dir],
+                                 run_name=args.run_name or f"t5-stage{args.stage}", logger_name="avg.train_t5")
+    if started.skipped is not None:
+        return started.skipped
+    run, logger, resuming = started.stage, started.logger, started.resuming
 
     tokenizer, model, vocab, prefix = load_model_and_vocab(args, logger)
     if prefix is not None and prefix.feature_dim != args.feature_dim:
@@ -381,19 +362,11 @@ def main(argv=None) -> dict:
             # evaluation search; their s_j are recomputed with gradient in the objective
             obj = unwrapped()
             chunk = int(groups[idx[0]])
-            with torch.no_grad(), accelerator.autocast():
-                obj.eval()
-                inputs = prefixed_inputs(obj.model, obj.prefix, batch["input_ids"], batch["attention_mask"], prefix_feats)
-                out = constrained_beam_search(obj.model, inputs.get("input_ids"), inputs["attention_mask"],
-                                              chunk_indexes[chunk], args.dis_beams,
-                                              decoder_start_token_id=obj.model.config.decoder_start_token_id,
-                                              eos_token_id=tokenizer.eos_token_id, voken_ids=voken_ids,
-                                              inputs_embeds=inputs.get("inputs_embeds"), normalize=args.score)
-                obj.train()
-            positive = batch["labels"][:, :-1]
-            found = (out.sequences == positive[:, None, :]).all(-1).any(-1)
-            cands, cmask, pidx = build_candidates(out.sequences, out.num_valid, positive,
-                                                  generator=_step_generator(args.seed, epoch, micro))
+            with accelerator.autocast():
+                cands, cmask, pidx, found = mine_candidates(
+                    obj.model, obj.prefix, batch["input_ids"], batch["attention_mask"], prefix_feats,
+                    chunk_indexes[chunk], args.dis_beams, batch["labels"][:, :-1], eos_token_id=tokenizer.eos_token_id,
+                    voken_ids=voken_ids, normalize=args.score, generator=_step_generator(args.seed, epoch, micro))
             extra = {"candidates": cands, "positive_index": pidx, "candidate_mask": cmask,
                      "candidate_index": chunk_indexes[chunk], "list_mask": found if args.dis_lists == "found" else None}
             if teacher is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -22,6 +23,8 @@ from avg.retriever.data import load_queries
 from avg.retriever.gallery import Gallery
 from avg.retriever.vocab import VOCAB_FILE, VokenVocab
 from avg.utils.io import InputError, read_json, replace_dir, write_json
+from avg.utils.stages import StageRun, begin_stage, skip_if_done
+from avg.utils.tracking import RunLogger, get_logger
 
 STATE_FILE = "train_state.json"
 
@@ -97,6 +100,46 @@ def check_data_matches_vocab(data_dir, vocab, vocab_source) -> None:
         raise InputError(f"{meta_path}: built from codes that disagree with the retriever's vokens ({vocab_source}): "
                          f"{'; '.join(diff)}; rebuild retriever_data from the codes the model was made with, or "
                          "train a retriever on these codes")
+
+
+@dataclass
+class TrainingRun:
+    """What :func:`start_training_run` decided: the claimed stage, its logger and whether it resumes;
+    ``skipped`` is the previous run's summary when its outputs were complete and up to date."""
+    stage: Optional[StageRun]
+    logger: Optional[RunLogger]
+    resuming: bool
+    skipped: Optional[dict] = None
+
+
+def start_training_run(accelerator, args, out_dir: Path, stage: str, *, inputs, run_name: str,
+                       logger_name: str) -> TrainingRun:
+    """The retriever trainers' prelude, on every process: claim ``out_dir`` for ``stage`` with this
+    configuration (:func:`~avg.utils.stages.begin_stage`; every rank reads the manifest before the
+    main process rewrites it, so all take the same decision), return at once when it is up to
+    date and skipping is on, resume from ``checkpoints/last`` when asked (``--resume``) or when the
+    same configuration was interrupted, open the run logger, and on a fresh start remove an older
+    run's ``best/``, ``checkpoints/`` and ``eval/`` (a fresh run never reports an older model)."""
+    ckpt_dir = out_dir / "checkpoints" / "last"
+    run = begin_stage(out_dir, stage, vars(args), force=args.force, mark_running=False, inputs=inputs,
+                      ignore=("save_every_steps", "stop_after_steps"))
+    accelerator.wait_for_everyone()
+    if run.up_to_date and skip_if_done():
+        get_logger(logger_name).info("%s: outputs in %s are complete and up to date; skipping", stage, out_dir)
+        return TrainingRun(run, None, False, dict(run.previous.get("summary") or {}))
+    interrupted = not run.fresh and run.previous.get("status") == "running"
+    resuming = bool((args.resume or interrupted) and (ckpt_dir / STATE_FILE).is_file())
+    run.running()
+    logger = RunLogger(out_dir, project=args.wandb_project, run_name=run_name, config=vars(args), resume=resuming)
+    if args.resume and not resuming:
+        logger.info("--resume: no checkpoint at %s, starting fresh", ckpt_dir)
+    if not resuming and accelerator.is_main_process:
+        for stale in (out_dir / "best", out_dir / "checkpoints", out_dir / "eval"):
+            if stale.exists():  # a fresh run must never report an older run's model or metrics
+                logger.info("fresh run: removing %s from an earlier run", stale)
+                shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+    return TrainingRun(run, logger, resuming)
 
 
 def save_checkpoint(accelerator, ckpt_dir: Path, state: dict) -> None:
