@@ -122,4 +122,17 @@ def test_tokenizer_ceiling_against_a_naive_ranking(tmp_path):
         hits1 += int(ranked[0] == ids[j // 2])
     assert got["decoded_codes"]["R@1"] == pytest.approx(100 * hits1 / 12, abs=0.01)
     assert got["decoded_codes"]["gallery_size"] == 6 and got["decoded_codes"]["num_queries"] == 12
+    # per position: does the best image under the gold prefix carry the gold voken there? (by brute force)
+    vcodes = raw[val]
+    for name, keys in (("image_features", img[val]), ("decoded_codes", dec)):
+        expect = []
+        for t in range(2):
+            hits = 0
+            for j in range(12):
+                g = j // 2
+                under = [i for i in range(6) if tuple(vcodes[i][:t]) == tuple(vcodes[g][:t])]
+                best = max(under, key=lambda i: (float(keys[i] @ q[j]), -i))
+                hits += int(vcodes[best][t] == vcodes[g][t])
+            expect.append(100 * hits / 12)
+        assert got[name]["gold_is_top"] == pytest.approx(expect, abs=0.01), name
     assert tokenizer_ceiling(model, emb, raw, ids, "test") is None

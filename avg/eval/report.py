@@ -169,6 +169,14 @@ def diagnostics_lines(root: Path) -> list[str]:
         for split, c in sorted(ceiling.items()):
             fmt = lambda d: " / ".join(f"{d.get(f'R@{k}', float('nan')):.2f}" for k in (1, 5, 10, 20))  # noqa: E731
             lines.append(f"| {split} | {fmt(c.get('decoded_codes', {}))} | {fmt(c.get('image_features', {}))} |")
+        tops = [(split, c) for split, c in sorted(ceiling.items()) if "gold_is_top" in c.get("image_features", {})]
+        if tops:
+            lines += ["", "The two-tower given the gold prefix: how often the best-scored image under it carries the "
+                          "gold voken, per position (%; compare the retrievers' 'gold is top' below):", "",
+                      "| split | decoded codes | image features |", "|---|---|---|"]
+            for split, c in tops:
+                per = lambda d: " / ".join(f"{x:.1f}" for x in d.get("gold_is_top", []))  # noqa: E731
+                lines.append(f"| {split} | {per(c.get('decoded_codes', {}))} | {per(c['image_features'])} |")
     diag = [(p, m) for p, m in _read_metrics(root) if isinstance(m.get("diagnostics"), dict)]
     if diag:
         lines += ["", "Where the gold code is lost (test): gold voken top among the allowed continuations, given the gold "

@@ -105,23 +105,51 @@ def tokenizer_ceiling(model: RQVAE, emb, raw: np.ndarray, image_ids: Sequence[st
     decoded = torch.nn.functional.normalize(decoded, dim=-1)
     images = torch.nn.functional.normalize(torch.from_numpy(np.asarray(emb.image_features[img_rows], dtype=np.float32)), dim=-1)
     gold = [image_ids[int(emb.captions[r]["image_row"])] for r in cap_rows]
+    row_of = {image_id: i for i, image_id in enumerate(ids)}
+    gold_rows = torch.tensor([row_of[g] for g in gold], dtype=torch.long)
+    image_codes = torch.from_numpy(np.asarray(raw[img_rows], dtype=np.int64))
+    code_row = {tuple(c): u for u, c in enumerate(gallery.unique_codes.tolist())}
+    image_code_row = torch.tensor([code_row[tuple(c)] for c in image_codes.tolist()], dtype=torch.long)
     out = {}
     for name, keys in (("decoded_codes", decoded.cpu()), ("image_features", images)):
         k = min(depth, keys.shape[0])
-        records = []
+        records, top_hits = [], torch.zeros(image_codes.shape[1])
         for lo in range(0, len(cap_rows), batch_size):
             rows = cap_rows[lo:lo + batch_size]
             q = torch.nn.functional.normalize(torch.from_numpy(np.asarray(emb.text_features[rows], dtype=np.float32)), dim=-1)
-            top_s, top_i = (q @ keys.T).topk(k, dim=1)
+            sim = q @ keys.T
+            top_s, top_i = sim.topk(k, dim=1)
             for j in range(len(rows)):
                 if name == "decoded_codes":
                     ranked, _ = gallery.rank(gallery.unique_codes[top_i[j].numpy()], top_s[j].numpy())
                 else:
                     ranked = [ids[i] for i in top_i[j].tolist()]
                 records.append({"ranked": ranked, "gold": gold[lo + j]})
+            per_image = sim[:, image_code_row] if name == "decoded_codes" else sim
+            top_hits += gold_is_top_per_position(per_image, image_codes, gold_rows[lo:lo + len(rows)])
         m = retrieval_metrics(records, ks=CEILING_KS, gallery_size=len(ids))
         out[name] = {key: round(m[key], 2) for key in (*[f"R@{x}" for x in CEILING_KS], "num_queries", "gallery_size")}
+        out[name]["gold_is_top"] = [round(100.0 * float(h) / len(cap_rows), 2) for h in top_hits]
     return out
+
+
+def gold_is_top_per_position(scores: torch.Tensor, codes: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
+    """How many queries, per code position t, have the best-scored image among those whose code
+    starts with the gold image's first t vokens under the gold voken at t: the two-tower's own
+    "gold is top given the gold prefix" (the retriever's per-position diagnostic, avg.retriever.
+    diagnostics), a reference for what a retriever could reach there.
+
+    ``scores`` [Q, G] query-image scores, ``codes`` [G, L] the images' codes, ``gold`` [Q] the gold
+    image's row -> float [L] counts (ties go to the first image of the row).
+    """
+    gold_codes = codes[gold]  # [Q, L]
+    under = torch.ones_like(scores, dtype=torch.bool)
+    hits = []
+    for t in range(codes.shape[1]):
+        best = scores.masked_fill(~under, float("-inf")).argmax(1)
+        hits.append((codes[best, t] == gold_codes[:, t]).sum().float())
+        under &= codes[None, :, t] == gold_codes[:, t:t + 1]
+    return torch.stack(hits)
 
 
 def generate_codes(
