@@ -56,13 +56,13 @@ DIS_LISTS=${DIS_LISTS:-found}
 # val on a seeded 200 queries, then test_retriever_llama on a seeded 500 of the 5,000 test queries:
 # about 2 minutes on 2 cores. The pretrained SmolLM2-135M + LoRA path (see README):
 #   LLAMA_MODEL=data/smollm2-135m LLAMA_BATCH_SIZE=16 LLAMA_LR=3e-4 \
-#   LLAMA_ARGS="--max-train-samples 640 --voken-lr 2e-3 --max-eval-samples 200 --skip-test" bash scripts/finetune_retriever_llama.sh
+#   LLAMA_ARGS="--max-train-queries 640 --voken-lr 2e-3 --max-eval-queries 200 --skip-test" bash scripts/finetune_retriever_llama.sh
 LLAMA_MODEL=${LLAMA_MODEL:-$DATA_DIR/llama-demo}
 LLAMA_PROMPT=${LLAMA_PROMPT:-$'Caption: {query}\nImage:'}
 LLAMA_EPOCHS=${LLAMA_EPOCHS:-1}
 LLAMA_BATCH_SIZE=${LLAMA_BATCH_SIZE:-32}
 LLAMA_LR=${LLAMA_LR:-1e-3}
-LLAMA_ARGS=${LLAMA_ARGS:---full-finetune --max-train-samples 3000 --max-eval-samples 200 --eval-train-queries 0 --skip-test}
+LLAMA_ARGS=${LLAMA_ARGS:---full-finetune --max-train-queries 3000 --max-eval-queries 200 --eval-train-queries 0 --skip-test}
 LLAMA_TEST_ARGS=${LLAMA_TEST_ARGS:---max-queries 500}
 LORA_R=${LORA_R:-8}
 LORA_ALPHA=${LORA_ALPHA:-16}

@@ -43,7 +43,7 @@ def untied_llama(stage_inputs):  # noqa: F811
 def test_reranker_trains_on_two_processes(stage_inputs, prepared, untied_llama, tmp_path, tied, lora):  # noqa: F811
     data, _ = prepared
     out = tmp_path / "rr"
-    args = train_args(stage_inputs, data, out, "--cpu", "--epochs", "1")
+    args = train_args(stage_inputs, data, out, "--device", "cpu", "--epochs", "1")
     if not tied:
         args[args.index("--model") + 1] = str(untied_llama)
     if lora:
@@ -81,7 +81,7 @@ def test_t5_stage2_trains_on_two_processes_and_sharded_evaluation_equals_one(ass
 
     best = stage1[0] / "best"
     res = _torchrun("avg.retriever.train_t5", common(assets, tmp_path / "s2", "--stage", "2", "--init-from", best,
-                                                      "--epochs", "1", "--cpu"), 29400 + os.getpid() % 90)
+                                                      "--epochs", "1", "--device", "cpu"), 29400 + os.getpid() % 90)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     log = (tmp_path / "s2" / "train.log").read_text()
     assert "global batch 8 per optimizer step = 4 per process x 2 process(es)" in log
@@ -89,7 +89,7 @@ def test_t5_stage2_trains_on_two_processes_and_sharded_evaluation_equals_one(ass
     # the same model (stage 1's best, no training) evaluated by one process and by two: the same run file
     train_t5.main(common(assets, tmp_path / "one", "--stage", "2", "--init-from", str(best), "--epochs", "0"))
     res = _torchrun("avg.retriever.train_t5", common(assets, tmp_path / "two", "--stage", "2", "--init-from", best,
-                                                      "--epochs", "0", "--cpu"), 29300 + os.getpid() % 90)
+                                                      "--epochs", "0", "--device", "cpu"), 29300 + os.getpid() % 90)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     one = read_run(tmp_path / "one" / "eval" / "run_test.jsonl")
     two = read_run(tmp_path / "two" / "eval" / "run_test.jsonl")

@@ -159,7 +159,7 @@ def test_t5_killed_mid_epoch_resumes_bit_for_bit(tmp_path):
     root = _t5_assets(tmp_path)
     flags = ["--data-dir", root / "data", "--codes-dir", root / "codes", "--model", root / "t5", "--epochs", "1",
              "--batch-size", "8", "--lr", "3e-3", "--num-beams", "5", "--eval-batch-size", "8",
-             "--eval-train-queries", "0", "--seed", "0", "--log-every", "10", "--save-every-steps", "4", "--cpu"]
+             "--eval-train-queries", "0", "--seed", "0", "--log-every", "10", "--save-every-steps", "4", "--device", "cpu"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     ref = _start(_cmd("avg.retriever.train_t5", *flags, "--out-dir", straight), tmp_path / "straight.log")
     cmd = _cmd("avg.retriever.train_t5", *flags, "--out-dir", killed)

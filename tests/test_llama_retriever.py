@@ -384,7 +384,7 @@ def test_bf16_weights_mixed_precision_and_gradient_checkpointing(assets):
     AcceleratorState._reset_state(reset_partial_state=True)  # one precision per process in accelerate
     try:
         res = train_llama.main(common(assets, out, "--epochs", "1", "--model-dtype", "bfloat16", "--mixed-precision",
-                                      "bf16", "--gradient-checkpointing", "--cpu"))
+                                      "bf16", "--gradient-checkpointing", "--device", "cpu"))
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
     assert res["global_step"] == 7
@@ -410,9 +410,9 @@ def test_smollm2_lora_few_steps_then_constrained_search(assets, tmp_path_factory
     model_dir = smollm2_dir(tmp_path_factory)
     out = assets / "run_smol"
     res = train_llama.main(["--data-dir", str(assets / "data"), "--codes-dir", str(assets / "codes"),
-                            "--model", str(model_dir), "--out-dir", str(out), "--max-train-samples", "20",
+                            "--model", str(model_dir), "--out-dir", str(out), "--max-train-queries", "20",
                             "--epochs", "1", "--batch-size", "4", "--lr", "1e-3", "--voken-lr", "1e-2", "--num-beams", "5",
-                            "--eval-batch-size", "5", "--max-eval-samples", "5", "--seed", "0", "--log-every", "1"])
+                            "--eval-batch-size", "5", "--max-eval-queries", "5", "--seed", "0", "--log-every", "1"])
     assert res["global_step"] == 5
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train/loss"] for r in logged if "train/loss" in r]

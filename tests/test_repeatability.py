@@ -71,7 +71,7 @@ def twice(tiny_demo, tmp_path_factory):
         train_t5.main(_s(["--data-dir", root / "a" / "data", "--codes-dir", root / "a" / "codes", "--model", root / "t5",
                           "--out-dir", d / "t5", "--epochs", "1", "--batch-size", "16", "--lr", "3e-3",
                           "--num-beams", "5", "--eval-batch-size", "8", "--eval-train-queries", "8", "--seed", "0",
-                          "--cpu"]))
+                          "--device", "cpu"]))
     train_rqvae.main(_s(["--emb-dir", root / "a" / "emb", "--out-dir", root / "rqvae_seed6", *rq, "--seed", "6"]))
     yield root
     mp.undo()

@@ -103,3 +103,47 @@ def test_hub_models_are_fingerprinted_by_their_cached_commit(tmp_path, monkeypat
     assert begin_stage(tmp_path / "out", "s", {"a": 1}, inputs=["org/tiny-model"]).up_to_date
     ref.write_text("def456\n")  # a new commit upstream, pulled into the cache
     assert not begin_stage(tmp_path / "out", "s", {"a": 1}, inputs=["org/tiny-model"]).up_to_date
+
+
+def test_outputs_made_before_a_flag_was_renamed_or_added_stay_valid(tmp_path):
+    """A manifest written with --max-train-samples, or before the teacher flags existed, is read in today's
+    names: same meaning -> up to date; another value is still another configuration. Where a run computes
+    (--device, the old --cpu) is not configuration."""
+    from avg.utils.stages import migrate_config
+
+    out = tmp_path / "out"
+    begin_stage(out, "train_llama", {"cpu": True, "max_train_samples": 5, "max_eval_samples": 2, "lr": 1}).complete()
+    assert "cpu" not in read_manifest(out)["config"]
+    now = {"device": "auto", "max_train_queries": 5, "max_eval_queries": 2, "lr": 1}
+    run = begin_stage(out, "train_llama", now)
+    assert run.up_to_date
+    run.complete()
+    assert read_manifest(out)["config"] == {"max_train_queries": 5, "max_eval_queries": 2, "lr": 1}  # today's names
+    with pytest.raises(InputError, match="max_train_queries: 5 -> 6"):
+        begin_stage(out, "train_llama", {**now, "max_train_queries": 6})
+    teacher = {"dis_teacher_mix": 0.0, "gen_teacher_mix": 0.0, "teacher_scale": 25.0}
+    begin_stage(tmp_path / "c", "train_t5", {"lr": 1}).complete()
+    assert begin_stage(tmp_path / "c", "train_t5", {"lr": 1, **teacher}).up_to_date
+    with pytest.raises(InputError, match="gen_teacher_mix: 0.0 -> 0.5"):
+        begin_stage(tmp_path / "c", "train_t5", {"lr": 1, **teacher, "gen_teacher_mix": 0.5})
+    # only keys the current configuration has are migrated
+    assert migrate_config({"max_train_samples": 3}, {"lr": 1}) == {"max_train_samples": 3}
+    assert migrate_config({}, {"lr": 1}) == {}
+
+
+def test_device_flag_and_deprecated_aliases_warn_with_the_new_spelling():
+    import argparse
+
+    from avg.utils.cli import add_deprecated_alias, add_device_arg
+
+    p = argparse.ArgumentParser()
+    add_device_arg(p)
+    p.add_argument("--max-train-queries", type=int, default=0)
+    add_deprecated_alias(p, "--max-train-samples", "--max-train-queries", "max_train_queries", type=int)
+    assert p.parse_args([]).device == "auto" and p.parse_args(["--device", "cpu"]).device == "cpu"
+    with pytest.warns(FutureWarning, match="--cpu is deprecated and will be removed: use --device cpu"):
+        assert p.parse_args(["--cpu"]).device == "cpu"
+    with pytest.warns(FutureWarning, match="use --max-train-queries 7"):
+        assert p.parse_args(["--max-train-samples", "7"]).max_train_queries == 7
+    with pytest.raises(SystemExit):
+        p.parse_args(["--device", "cuda:3"])

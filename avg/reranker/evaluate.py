@@ -26,7 +26,7 @@ from avg.reranker import model as RM
 from avg.reranker.data import load_lists, seeded_subset
 from avg.reranker.step import LmRerankStep
 from avg.retriever import llama as L
-from avg.utils.cli import run_main
+from avg.utils.cli import add_device_arg, run_main
 from avg.utils.devices import process_device
 from avg.utils.io import InputError, read_json, write_json
 from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
@@ -51,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="weights dtype (auto: bf16 on a bf16-capable GPU, else float32)")
     p.add_argument("--retriever-name", default="retriever", help="system name of the retriever in the before-reranking metrics file")
     p.add_argument("--system", default=SYSTEM, help="system name written into the metrics json")
-    p.add_argument("--cpu", action="store_true", help="force CPU even when a GPU is present")
+    add_device_arg(p)
     p.add_argument("--wandb-project", default="avg", help="wandb project (offline unless WANDB_MODE=online)")
     p.add_argument("--run-name", default=None, help="run name for logs and wandb")
     add_force_arg(p)
@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
                       ignore=("batch_size", "no_shared_prefix"))
     if run.up_to_date and skip_if_done():
         return run.previous.get("summary") or {}
-    device = process_device(args.cpu)
+    device = process_device(args.device == "cpu")
     logger = RunLogger(out_dir, project=args.wandb_project, run_name=args.run_name or f"reranker-{args.split}",
                        config=vars(args), log_name="eval.log")
     step = LmRerankStep.load(args.reranker_dir, device=device, base_model=args.base_model, store=store,

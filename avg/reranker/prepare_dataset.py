@@ -33,7 +33,7 @@ from avg.reranker.data import candidate_lists, clip_lists, list_stats, seeded_su
 from avg.reranker.embed import FeatureStore
 from avg.retriever.gallery import Gallery
 from avg.retriever.training import load_split
-from avg.utils.cli import run_main
+from avg.utils.cli import add_device_arg, run_main
 from avg.utils.io import InputError, read_json, write_json, write_jsonl
 from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
 from avg.utils.tracking import get_logger
@@ -68,7 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=0, help="max query tokens for the search (0: the retriever's)")
     p.add_argument("--collision-seed", type=int, default=0, help="seed of the order among images sharing a code")
     p.add_argument("--seed", type=int, default=42, help="seed of the query subsets and train gallery chunks")
-    p.add_argument("--cpu", action="store_true", help="search on the CPU even when a GPU is present")
+    add_device_arg(p)
     add_force_arg(p)
     return p.parse_args(argv)
 
@@ -166,7 +166,7 @@ def main(argv=None) -> dict:
     if run.up_to_date and skip_if_done():
         log.info("%s: up to date, skipping", out_dir)
         return run.previous.get("summary") or {}
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
     retriever = load_any_retriever(args.retriever_dir, device, args.data_dir, args.emb_dir) if need_search else None
     code_len = retriever["vocab"].code_len if retriever else None
     if code_len is None and (data_dir / "meta.json").is_file():

@@ -43,7 +43,7 @@ from avg.retriever.data import EpochBatchSampler
 from avg.retriever.training import check_checkpoint, trainable_only_hooks
 from avg.retriever.training import (STATE_FILE, describe_batch, per_process_batch, resolve_mixed_precision,
                                     resume_from, select_best, train_epochs)
-from avg.utils.cli import run_main
+from avg.utils.cli import add_device_arg, run_main
 from avg.utils.io import InputError, read_json
 from avg.utils.seed import set_seed
 from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
@@ -126,7 +126,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run every (query, candidate) sequence in full instead of computing each prompt once "
                         "(same scores, slower; needed with flash-attention-2)")
     g.add_argument("--seed", type=int, default=42, help="seed for init, data order and dropout")
-    g.add_argument("--cpu", action="store_true", help="force CPU even when a GPU is present")
+    add_device_arg(g)
     g = p.add_argument_group("evaluation, checkpoints and logging")
     g.add_argument("--eval-every", type=int, default=1, help="evaluate on val every N epochs (0: after the last only)")
     g.add_argument("--eval-batch-size", type=int, default=16, help="lists per scoring batch")
@@ -194,8 +194,8 @@ def main(argv=None) -> dict:
                         mark_running=False)
     if stage.up_to_date and skip_if_done():
         return stage.previous.get("summary") or {}
-    mp = resolve_mixed_precision(args.mixed_precision, cpu=args.cpu)
-    accelerator = Accelerator(mixed_precision=mp, cpu=args.cpu)
+    mp = resolve_mixed_precision(args.mixed_precision, cpu=args.device == "cpu")
+    accelerator = Accelerator(mixed_precision=mp, cpu=args.device == "cpu")
     accelerator.wait_for_everyone()  # every rank has read the manifest before the main process rewrites it
     stage.running()
     set_seed(args.seed)

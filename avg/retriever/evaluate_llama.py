@@ -33,7 +33,7 @@ from avg.retriever.vocab import VokenVocab
 from avg.utils.io import InputError, write_json
 from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
 from avg.utils.tracking import RunLogger, get_logger
-from avg.utils.cli import run_main
+from avg.utils.cli import add_device_arg, run_main
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="weights dtype (auto: bf16 on a bf16-capable GPU, else float32)")
     p.add_argument("--collision-seed", type=int, default=0, help="seed of the order among images sharing a code")
     p.add_argument("--system", default=SYSTEM, help="system name written into the metrics json")
-    p.add_argument("--cpu", action="store_true", help="force CPU even when a GPU is present")
+    add_device_arg(p)
     p.add_argument("--wandb-project", default="avg", help="wandb project (offline unless WANDB_MODE=online)")
     p.add_argument("--run-name", default=None, help="run name for logs and wandb")
     p.add_argument("--sample-queries", type=int, default=8, help="seeded queries shown with gold and top-5 images in samples_<split>.md and wandb (0: none)")
@@ -66,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = process_device(args.cpu)
+    device = process_device(args.device == "cpu")
     if args.fast_search and args.no_merge:
         raise InputError("--fast-search needs a merged model (drop --no-merge)")
     # inputs are checked before anything under --out-dir is written

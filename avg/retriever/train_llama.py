@@ -47,7 +47,7 @@ from avg.retriever.vocab import VokenVocab
 from avg.utils.io import InputError, read_json, write_json
 from avg.utils.seed import set_seed
 from avg.utils.stages import add_force_arg
-from avg.utils.cli import run_main
+from avg.utils.cli import add_deprecated_alias, add_device_arg, run_main
 
 SYSTEM = "avg_llama"
 
@@ -62,8 +62,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--prompt-template", default=L.DEFAULT_PROMPT_TEMPLATE, help="model input around the caption; must contain {query} (a real newline: $'...\\n...' in bash)")
     g.add_argument("--max-length", type=int, default=96, help="max prompt tokens (truncated from the left)")
     g.add_argument("--no-voken-embedding", action="store_true", help="ablation: random voken embeddings instead of the codebook")
-    g.add_argument("--max-train-samples", type=int, default=0, help="use a seeded random subset of N training queries (0: all)")
-    g.add_argument("--max-eval-samples", type=int, default=0, help="evaluate val and test on seeded random subsets of N queries (0: all)")
+    g.add_argument("--max-train-queries", type=int, default=0, help="use a seeded random subset of N training queries (0: all)")
+    g.add_argument("--max-eval-queries", type=int, default=0, help="evaluate val and test on seeded random subsets of N queries (0: all)")
+    add_deprecated_alias(g, "--max-train-samples", "--max-train-queries", "max_train_queries", type=int)
+    add_deprecated_alias(g, "--max-eval-samples", "--max-eval-queries", "max_eval_queries", type=int)
     g = p.add_argument_group("LoRA")
     g.add_argument("--full-finetune", action="store_true", help="train every weight, no LoRA (small models)")
     g.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
@@ -88,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="dtype of the loaded weights (auto: bf16 base under LoRA on a bf16 GPU, else float32)")
     g.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in backward (less memory)")
     g.add_argument("--seed", type=int, default=42, help="seed for init, data order and dropout")
-    g.add_argument("--cpu", action="store_true", help="force CPU even when a GPU is present")
+    add_device_arg(g)
     add_eval_and_checkpoint_args(p, eval_batch_size=16, eval_train_queries=0, log_every=10,
                                  fast_search_help="test: score over voken logits only (renormalised, see avg.retriever.search); "
                                                   "the in-training evaluation of a LoRA model always uses the full vocabulary")
@@ -105,7 +107,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     L.check_template(args.prompt_template)
     lora = not args.full_finetune
-    mp = resolve_mixed_precision(args.mixed_precision, cpu=args.cpu)
+    mp = resolve_mixed_precision(args.mixed_precision, cpu=args.device == "cpu")
     # inputs are checked before anything under --out-dir is touched
     codes = read_codes(args.codes_dir, with_codebook=not args.no_voken_embedding)
     vocab = VokenVocab.from_meta(codes.meta, source=str(Path(args.codes_dir) / "codes.json"))
@@ -118,7 +120,7 @@ def main(argv=None) -> dict:
     test_q, test_gallery = load_split(data_dir, "test", vocab.code_len, args.collision_seed)
     if args.epochs > 0 and not train_q:
         raise InputError(f"{data_dir / 'train.jsonl'}: no training queries")
-    accelerator = Accelerator(mixed_precision=mp, cpu=args.cpu)
+    accelerator = Accelerator(mixed_precision=mp, cpu=args.device == "cpu")
     set_seed(args.seed)
     out_dir = Path(args.out_dir)
     ckpt_dir = out_dir / "checkpoints" / "last"
@@ -151,9 +153,9 @@ def main(argv=None) -> dict:
     if meta_path.is_file() and read_json(meta_path).get("transductive"):
         logger.warning("!!! TRANSDUCTIVE training data (%s): pseudo queries on val/test gallery images !!!", meta_path)
     n_test_total = len(test_q)
-    train_q = subset(train_q, args.max_train_samples, args.seed, 1)
-    val_q = subset(val_q, args.max_eval_samples, args.seed, 2)
-    test_q = subset(test_q, args.max_eval_samples, args.seed, 3)
+    train_q = subset(train_q, args.max_train_queries, args.seed, 1)
+    val_q = subset(val_q, args.max_eval_queries, args.seed, 2)
+    test_q = subset(test_q, args.max_eval_queries, args.seed, 3)
     eval_train_q = subset(train_q, args.eval_train_queries, args.seed, 7) if args.eval_train_queries > 0 else []
 
     train_ds = L.prompt_dataset(train_q, tokenizer, vocab, args.prompt_template, max_length=args.max_length) if train_q else None

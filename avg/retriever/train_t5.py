@@ -67,7 +67,7 @@ from avg.artifacts.runfiles import write_run
 from avg.utils.io import InputError, read_json, write_json
 from avg.utils.seed import set_seed
 from avg.utils.stages import add_force_arg
-from avg.utils.cli import run_main
+from avg.utils.cli import add_device_arg, run_main
 
 
 
@@ -104,7 +104,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="autocast precision: auto = bf16 on a GPU that has it, else fp32 (fp16 is refused for T5)")
     g.add_argument("--allow-fp16", action="store_true", help="run T5 in fp16 anyway (it overflows: at your own risk)")
     g.add_argument("--seed", type=int, default=42, help="seed for init, data order, dropout, stage-2 replacement")
-    g.add_argument("--cpu", action="store_true", help="force CPU even when a GPU is present")
+    add_device_arg(g)
     g = p.add_argument_group("stage 2 (eqs. 8-10)")
     g.add_argument("--dis-beams", type=int, default=10, help="b: beam candidates per query for L_dis")
     g.add_argument("--dis-weight", type=float, default=1.0, help="lambda: weight of L_dis (paper: 1)")
@@ -194,8 +194,8 @@ def main(argv=None) -> dict:
         raise InputError("--gen-teacher-mix needs --score children (the soft target is over the allowed vokens)")
     dis_teacher_on = args.stage == 2 and args.dis_teacher_mix > 0
     teacher_on = dis_teacher_on or args.gen_teacher_mix > 0
-    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(args.mixed_precision, cpu=args.cpu, t5=True,
-                                                                      allow_fp16=args.allow_fp16), cpu=args.cpu)
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(args.mixed_precision, cpu=args.device == "cpu", t5=True,
+                                                                      allow_fp16=args.allow_fp16), cpu=args.device == "cpu")
     set_seed(args.seed)
     out_dir = Path(args.out_dir)
     ckpt_dir = out_dir / "checkpoints" / "last"
