@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("faiss", reason="faiss-cpu is part of the dev extra")
 
-from avg.eval import efficiency as eff  # noqa: E402
+from avg.eval import efficiency as eff, scaling, systems as S  # noqa: E402
 from avg.eval.plots import plot_curves  # noqa: E402
 from avg.eval.ann import build_ann, default_nlist, exact_topk, pareto_front  # noqa: E402
 from avg.utils.io import InputError  # noqa: E402
@@ -81,8 +81,8 @@ def test_ann_system_and_curves_in_the_benchmark(tmp_path):
     codes = rng.integers(0, 12, size=(n, 3))  # room for new synthetic codes
     enc = _Enc(feats)
     cpu = torch.device("cpu")
-    systems = [eff.TwoTowerSystem(enc, cpu, k=10), eff.AnnSystem(enc, cpu, "ivf_flat", k=10, nlist=8),
-               eff.AnnSystem(enc, cpu, "hnsw", k=10, sweep=[4, 64])]
+    systems = [S.TwoTowerSystem(enc, cpu, k=10), S.AnnSystem(enc, cpu, "ivf_flat", k=10, nlist=8),
+               S.AnnSystem(enc, cpu, "hnsw", k=10, sweep=[4, 64])]
     queries = [{"query": f"image {i}", "gold": ids[i]} for i in range(0, n, 40)]
     real = {"image_ids": ids, "features": feats, "codes": codes, "first": n}
     rows = eff.benchmark(systems, real, queries, [n], batch_size=5, max_seconds=5, warmup=0, noise_std=0.1, seed=0,
@@ -108,7 +108,7 @@ def test_ann_system_and_curves_in_the_benchmark(tmp_path):
     assert len(df[df["mode"] == "batch1"]) == 3 and df[df["mode"] == "batch1"]["default_knob"].all()
     png = plot_curves(df, tmp_path / "curves.png")
     assert png is not None and png.stat().st_size > 1000
-    scale = eff.scale_rows(rows, d)
+    scale = scaling.scale_rows(rows, d)
     by = {r["system"]: r for r in scale}
     assert by["clip_fp32"]["bytes_per_image"] == pytest.approx(4 * d)
     assert by["clip_fp32"]["GB_at_1e9"] == pytest.approx(4 * d * 1e9 / 2**30, rel=1e-3)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from avg.eval import efficiency as eff
+from avg.eval import efficiency as eff, scaling, systems as S
 from avg.retriever.t5 import T5Retriever
 from avg.artifacts.emb import save_emb
 from avg.utils.io import write_json
@@ -34,7 +34,7 @@ def _real(seed=0):
 @pytest.mark.parametrize("size", [1, 7, 24, 25, 60])
 def test_scale_gallery_sizes_unique_codes_unit_features(size):
     ids, feats, codes = _real()
-    g = eff.scale_gallery(ids, feats, codes, size, first=5, noise_std=0.1, seed=3)
+    g = scaling.scale_gallery(ids, feats, codes, size, first=5, noise_std=0.1, seed=3)
     assert len(g.image_ids) == len(set(g.image_ids)) == size
     assert g.features.shape == (size, DIM) and g.codes.shape == (size, 3)
     assert g.num_real == min(size, N_REAL)
@@ -52,9 +52,9 @@ def test_scale_gallery_sizes_unique_codes_unit_features(size):
 
 def test_scaling_is_seeded():
     ids, feats, codes = _real()
-    a = eff.scale_gallery(ids, feats, codes, 50, seed=1)
-    b = eff.scale_gallery(ids, feats, codes, 50, seed=1)
-    c = eff.scale_gallery(ids, feats, codes, 50, seed=2)
+    a = scaling.scale_gallery(ids, feats, codes, 50, seed=1)
+    b = scaling.scale_gallery(ids, feats, codes, 50, seed=1)
+    c = scaling.scale_gallery(ids, feats, codes, 50, seed=2)
     np.testing.assert_array_equal(a.codes, b.codes)
     np.testing.assert_array_equal(a.features, b.features)
     assert not np.array_equal(a.codes, c.codes)
@@ -63,10 +63,10 @@ def test_scaling_is_seeded():
 def test_new_codes_refuse_an_exhausted_code_space():
     _, _, codes = _real()
     # 6 x 6 x 2 = 72 possible codes, 24 taken: 48 new ones exist, 49 do not
-    new = eff.sample_new_codes(codes, 48, np.random.default_rng(0))
+    new = scaling.sample_new_codes(codes, 48, np.random.default_rng(0))
     assert len({tuple(c) for c in new.tolist()} | {tuple(c) for c in codes.tolist()}) == 72
     with pytest.raises(ValueError, match="only 48 new codes"):
-        eff.sample_new_codes(codes, 49, np.random.default_rng(0))
+        scaling.sample_new_codes(codes, 49, np.random.default_rng(0))
 
 
 class _HashEncoder:
@@ -95,11 +95,11 @@ def _tiny_retriever(path=None):
 
 def test_both_systems_return_ranked_ids_and_the_timing_loop_runs():
     ids, feats, codes = _real()
-    g = eff.scale_gallery(ids, feats, codes, 30, seed=0)
+    g = scaling.scale_gallery(ids, feats, codes, 30, seed=0)
     model, tok, vocab = _tiny_retriever()
     cpu = torch.device("cpu")
-    gen = eff.GenerativeSystem(T5Retriever(model, tok, vocab, None, "vocab"), cpu, num_beams=4)
-    two = eff.TwoTowerSystem(_HashEncoder(), cpu, k=4, precision="fp32")
+    gen = S.GenerativeSystem(T5Retriever(model, tok, vocab, None, "vocab"), cpu, num_beams=4)
+    two = S.TwoTowerSystem(_HashEncoder(), cpu, k=4, precision="fp32")
     texts = ["a red cube", "two stars", "the ball"]
     for system in (gen, two):
         assert system.set_gallery(g.image_ids, g.codes, g.features) >= 0
@@ -117,7 +117,7 @@ def test_both_systems_return_ranked_ids_and_the_timing_loop_runs():
     res, out = eff.time_search(gen.search, texts * 3, 1, max_seconds=0.0, warmup=0, device=cpu)
     assert res["queries_timed"] == 1 and res["time_boxed"] and len(out) == 1  # time box: one call, then stop
     # the whole pipeline: the same beams, re-ordered by the CLIP cosine of query and candidate
-    both = eff.GenerativeSystem(T5Retriever(model, tok, vocab, None, "vocab"), cpu, num_beams=4,
+    both = S.GenerativeSystem(T5Retriever(model, tok, vocab, None, "vocab"), cpu, num_beams=4,
                                 text_encoder=_HashEncoder(), rerank_k=4)
     both.set_gallery(g.image_ids, g.codes, g.features)
     assert both.name == "avg+embed_rerank"
@@ -127,16 +127,16 @@ def test_both_systems_return_ranked_ids_and_the_timing_loop_runs():
         cos = [float(g.features[row[i]] @ qv) for i in rr]
         assert cos == sorted(cos, reverse=True)
     with pytest.raises(ValueError, match="CLIP text encoder"):
-        eff.GenerativeSystem(T5Retriever(model, tok, vocab, None, "vocab"), cpu, rerank_k=4)
-    assert gen.precision == "fp32" and eff.retriever_dtype("auto", cpu) == torch.float32
+        S.GenerativeSystem(T5Retriever(model, tok, vocab, None, "vocab"), cpu, rerank_k=4)
+    assert gen.precision == "fp32" and S.retriever_dtype("auto", cpu) == torch.float32
     # bf16 weights (the GPU default): the same search runs, and the rows say which precision was timed
     model16, tok16, vocab16 = _tiny_retriever()
-    gen16 = eff.GenerativeSystem(T5Retriever(model16, tok16, vocab16, None, "vocab"), cpu, num_beams=4, dtype=torch.bfloat16)
+    gen16 = S.GenerativeSystem(T5Retriever(model16, tok16, vocab16, None, "vocab"), cpu, num_beams=4, dtype=torch.bfloat16)
     gen16.set_gallery(g.image_ids, g.codes, g.features)
     assert gen16.precision == "bf16" and next(gen16.model.parameters()).dtype == torch.bfloat16
     assert all(len(r) == 4 and set(r) <= set(g.image_ids) for r in gen16.search(texts))
     with pytest.raises(ValueError, match="retriever dtype"):
-        eff.GenerativeSystem(T5Retriever(model16, tok16, vocab16, None, "vocab"), cpu, dtype=torch.float16)
+        S.GenerativeSystem(T5Retriever(model16, tok16, vocab16, None, "vocab"), cpu, dtype=torch.float16)
 
 
 class _ReverseStep:
@@ -158,14 +158,14 @@ class _ReverseStep:
 
 def test_lm_rerank_step_gets_the_top_k_and_is_skipped_where_it_lacks_inputs():
     ids, feats, codes = _real()
-    g = eff.scale_gallery(ids, feats, codes, 30, seed=0)
+    g = scaling.scale_gallery(ids, feats, codes, 30, seed=0)
     model, tok, vocab = _tiny_retriever()
     cpu = torch.device("cpu")
     texts = ["a red cube", "two stars"]
-    gen = eff.GenerativeSystem(T5Retriever(model, tok, vocab, None, "vocab"), cpu, num_beams=4)
+    gen = S.GenerativeSystem(T5Retriever(model, tok, vocab, None, "vocab"), cpu, num_beams=4)
     gen.set_gallery(g.image_ids, g.codes, g.features)
     step = _ReverseStep(ids)
-    lm = eff.GenerativeSystem(T5Retriever(model, tok, vocab, None, "vocab"), cpu, num_beams=4,
+    lm = S.GenerativeSystem(T5Retriever(model, tok, vocab, None, "vocab"), cpu, num_beams=4,
                               text_encoder=_HashEncoder(), rerank_k=3, lm_step=step)
     assert lm.name == "avg+lm_rerank" and lm.knob == "rerank_k"
     assert lm.supports(ids) and not lm.supports(g.image_ids)  # the synthetic images have no reranker inputs
@@ -177,7 +177,7 @@ def test_lm_rerank_step_gets_the_top_k_and_is_skipped_where_it_lacks_inputs():
     assert all(len(x) == 3 for x in scores) and q.shape == (2, DIM)  # the retriever's scores and the CLIP query
     assert got == [c[::-1] for c in cands]
     with pytest.raises(ValueError, match="rerank_k"):
-        eff.GenerativeSystem(T5Retriever(model, tok, vocab, None, "vocab"), cpu, text_encoder=_HashEncoder(),
+        S.GenerativeSystem(T5Retriever(model, tok, vocab, None, "vocab"), cpu, text_encoder=_HashEncoder(),
                              lm_step=step)
     queries = [{"query": "a red cube", "gold": "img0"}, {"query": "two stars", "gold": "img1"}]
     rows = eff.benchmark([gen, lm], {"image_ids": ids, "features": feats, "codes": codes, "first": 4}, queries,
@@ -192,9 +192,9 @@ def test_benchmark_rows_cover_sizes_systems_modes():
     ids, feats, codes = _real()
     model, tok, vocab = _tiny_retriever()
     cpu = torch.device("cpu")
-    systems = [eff.GenerativeSystem(T5Retriever(model, tok, vocab, None, "children"), cpu, num_beams=3),
-               eff.TwoTowerSystem(_HashEncoder(), cpu, k=3, precision="fp32"),
-               eff.TwoTowerSystem(_HashEncoder(), cpu, k=3, precision="fp16")]
+    systems = [S.GenerativeSystem(T5Retriever(model, tok, vocab, None, "children"), cpu, num_beams=3),
+               S.TwoTowerSystem(_HashEncoder(), cpu, k=3, precision="fp32"),
+               S.TwoTowerSystem(_HashEncoder(), cpu, k=3, precision="fp16")]
     queries = [{"query": "a red cube", "gold": "img0"}, {"query": "two stars", "gold": "img1"}]
     logged = []
     rows = eff.benchmark(systems, {"image_ids": ids, "features": feats, "codes": codes, "first": 4}, queries, [10, 30],

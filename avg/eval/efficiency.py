@@ -23,16 +23,8 @@ call time). A point stops after ``--max-seconds`` of timed calls (at least one c
 Memory: ``structure_mb`` is the code index (CSR tensors) for ``avg`` and the feature matrix for
 CLIP; the row -> image-id lists/maps of both sides are Python objects and are not counted.
 
-Gallery scaling (sizes beyond the real images are synthetic, seeded by ``--seed``):
-
-* real images first: the query split's images (the queries' own gallery), then the other real
-  images in a seeded random order; a size <= the number of real images takes that prefix;
-* each synthetic image copies a uniformly drawn real image's feature, adds Gaussian noise
-  ``N(0, noise_std^2 / dim)`` per component (a noise vector of norm ~``--noise-std``) and is
-  re-normalised to unit length;
-* its code is drawn position by position from the real codes' per-position value frequencies
-  (independently across positions) and rejected when it equals a real or earlier code, so every
-  synthetic code is new and unique (real codes are kept as they are).
+Gallery scaling (synthetic images beyond the real ones): avg.eval.scaling. The systems timed:
+avg.eval.systems.
 
 Writes ``efficiency.csv`` (one row per gallery size x system x batch mode), ``efficiency.json``
 (config, device, rows) and ``efficiency.png`` (log-scale gallery axis) under ``--out-dir``;
@@ -42,12 +34,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import os
 import platform
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -57,311 +47,14 @@ from avg.utils.progress import tqdm
 
 from avg.metrics import retrieval_metrics
 from avg.eval.plots import plot_curves, plot_throughput
+from avg.eval.scaling import scale_gallery, scale_rows
+from avg.eval.systems import AnnSystem, GenerativeSystem, TwoTowerSystem, retriever_dtype, sync
 from avg.utils.io import InputError, atomic_open, write_json
 from avg.utils.seed import set_seed
-
-PRECISION_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
-
-
-def retriever_dtype(name: str, device: torch.device) -> torch.dtype:
-    """--retriever-dtype: 'auto' is bf16 on a GPU that supports it (T5 overflows in fp16), else fp32."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-
 
 CSV_COLUMNS = ["gallery_size", "num_real", "system", "precision", "mode", "batch_size", "depth", "knob", "knob_value",
                "default_knob", "queries_timed", "seconds", "queries_per_s", "latency_ms", "latency_ms_p90", "time_boxed",
                "structure_mb", "build_s", "R@1", "R@10", "exact_R@10", "curve_recall", "pareto", "device"]
-
-
-# ------------------------------------------------------------------------------------ gallery scaling
-@dataclass
-class ScaledGallery:
-    image_ids: list          # [n] str; synthetic ids are "synthetic_<j>"
-    features: np.ndarray     # [n, dim] float32, unit rows
-    codes: np.ndarray        # [n, L] int64
-    num_real: int
-
-
-def _code_keys(codes: np.ndarray, radix: np.ndarray) -> np.ndarray:
-    """Mixed-radix int64 key of each code row (equal keys <=> equal codes)."""
-    keys = np.zeros(len(codes), dtype=np.int64)
-    for d in range(codes.shape[1]):
-        keys = keys * int(radix[d]) + codes[:, d]
-    return keys
-
-
-def sample_new_codes(real_codes: np.ndarray, n: int, rng: np.random.Generator, *, max_rounds: int = 100) -> np.ndarray:
-    """`n` distinct codes not among `real_codes`, each position drawn from the real per-position frequencies."""
-    real_codes = np.asarray(real_codes, dtype=np.int64)
-    if n <= 0:
-        return np.zeros((0, real_codes.shape[1]), dtype=np.int64)
-    length = real_codes.shape[1]
-    radix = real_codes.max(axis=0) + 1
-    if float(np.prod(radix.astype(np.float64))) >= 2.0 ** 62:
-        raise ValueError("code space too large for int64 keys")
-    probs = [np.bincount(real_codes[:, d], minlength=int(radix[d])) / len(real_codes) for d in range(length)]
-    support = math.prod(int((p > 0).sum()) for p in probs)
-    taken = np.unique(_code_keys(real_codes, radix))
-    if support - len(taken) < n:
-        raise ValueError(f"only {support - len(taken)} new codes can be drawn from the real per-position "
-                         f"values, {n} requested")
-    out, have = [], 0
-    for _ in range(max_rounds):
-        need = n - have
-        m = int(need * 1.2) + 64
-        cand = np.stack([rng.choice(len(p), size=m, p=p) for p in probs], axis=1).astype(np.int64)
-        keys = _code_keys(cand, radix)
-        fresh = ~np.isin(keys, taken)
-        _, first = np.unique(keys, return_index=True)
-        once = np.zeros(m, dtype=bool)
-        once[first] = True
-        keep = np.flatnonzero(fresh & once)[:need]  # draw order kept: the result depends on the seed only
-        out.append(cand[keep])
-        have += len(keep)
-        taken = np.union1d(taken, keys[keep])
-        if have == n:
-            return np.concatenate(out)
-    raise ValueError(f"could not draw {n} unique new codes in {max_rounds} rounds")
-
-
-def scale_gallery(image_ids: Sequence[str], features: np.ndarray, codes: np.ndarray, size: int, *,
-                  first: int = 0, noise_std: float = 0.1, seed: int = 0, chunk: int = 65536) -> ScaledGallery:
-    """A gallery of `size` images from real ones (rows of `features`/`codes`; see the module docstring).
-
-    The first `first` real rows (the query split's images) come first, the rest in a seeded order."""
-    features = np.asarray(features)
-    codes = np.asarray(codes, dtype=np.int64)
-    n_real = len(image_ids)
-    if features.shape[0] != n_real or codes.shape[0] != n_real:
-        raise ValueError(f"{n_real} image ids, {features.shape[0]} feature rows, {codes.shape[0]} code rows")
-    if size < 1:
-        raise ValueError(f"gallery size must be >= 1, got {size}")
-    rng = np.random.default_rng([seed, 1])
-    order = np.concatenate([np.arange(first), first + rng.permutation(n_real - first)])
-    take = order[:min(size, n_real)]
-    feats = np.empty((size, features.shape[1]), dtype=np.float32)
-    feats[:len(take)] = features[take]
-    norms = np.linalg.norm(feats[:len(take)], axis=1, keepdims=True)
-    feats[:len(take)] /= np.maximum(norms, 1e-12)
-    ids = [str(image_ids[i]) for i in take]
-    out_codes = codes[take]
-    n_new = size - len(take)
-    if n_new > 0:
-        rng_f = np.random.default_rng([seed, 2])
-        dim = features.shape[1]
-        src = rng_f.integers(0, n_real, size=n_new)
-        for lo in range(0, n_new, chunk):
-            s = src[lo:lo + chunk]
-            x = np.asarray(features[s], dtype=np.float32)
-            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-            x = x + rng_f.standard_normal(x.shape, dtype=np.float32) * np.float32(noise_std / math.sqrt(dim))
-            feats[n_real + lo:n_real + lo + len(s)] = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-        new_codes = sample_new_codes(codes, n_new, np.random.default_rng([seed, 3]))
-        out_codes = np.concatenate([out_codes, new_codes])
-        ids += [f"synthetic_{j}" for j in range(n_new)]
-    return ScaledGallery(image_ids=ids, features=feats, codes=out_codes, num_real=len(take))
-
-
-# ------------------------------------------------------------------------------------ the two systems
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class GenerativeSystem:
-    """Text -> constrained beam search over the gallery's codes -> ranked image ids.
-
-    A retriever that reads the query's CLIP text feature (avg.retriever.prefix) gets it from
-    ``text_encoder`` inside the timed call. With ``rerank_k`` the top-k are re-scored by the CLIP
-    cosine of query and candidate (the embedding rerank, weight ``rerank_weight`` on the retriever's
-    score) -- the whole AVG pipeline as it answers a query, one text encoding shared by both. With
-    ``lm_step`` as well (avg.reranker.step.LmRerankStep) the top-k go to the trained LM reranker
-    instead; it runs on galleries whose images all have its inputs (:meth:`supports`)."""
-
-    def __init__(self, retriever, device, *, num_beams: int = 20, score_eos: bool = True, fast_search: bool = False,
-                 text_encoder=None, rerank_k: int = 0, rerank_weight: float = 0.0, lm_step=None,
-                 dtype: torch.dtype = torch.float32) -> None:
-        from avg.retriever.evaluate import logits_vocab_size
-
-        if dtype not in PRECISION_NAMES:
-            raise ValueError(f"retriever dtype {dtype}: one of {sorted(map(str, PRECISION_NAMES))}")
-        self.precision = PRECISION_NAMES[dtype]  # the query prefix stays fp32; its output is cast to the model's
-        self.model, self.tokenizer, self.vocab = retriever.model.to(device, dtype).eval(), retriever.tokenizer, retriever.vocab
-        self.prefix = retriever.prefix.to(device) if retriever.prefix is not None else None
-        self.device, self.num_beams, self.max_length = device, num_beams, retriever.max_length
-        self.normalize = retriever.normalize
-        self.eos = self.tokenizer.eos_token_id if score_eos and self.normalize != "children" else None
-        self.voken_ids = self.vocab.voken_ids.to(device) if fast_search or self.normalize == "children" else None
-        self.vsize = logits_vocab_size(self.model)
-        self.is_enc_dec = bool(getattr(self.model.config, "is_encoder_decoder", False))
-        self.tokenizer.padding_side = "right" if self.is_enc_dec else "left"
-        if (self.prefix is not None or rerank_k) and text_encoder is None:
-            raise ValueError("this generative system needs the CLIP text encoder (query prefix or embedding rerank)")
-        if lm_step is not None and not rerank_k:
-            raise ValueError("the LM reranking step needs the depth it reranks (rerank_k)")
-        self.text_encoder, self.rerank_k, self.rerank_weight = text_encoder, int(rerank_k), float(rerank_weight)
-        self.lm_step = lm_step
-        self.name = "avg+lm_rerank" if lm_step is not None else "avg+embed_rerank" if self.rerank_k else "avg"
-        self.gallery = self.index = self.features = self.row_of = None
-        # the curve's knob: the beam for AVG alone, the reranked depth for the pipeline (beam fixed)
-        self.knob = "rerank_k" if self.rerank_k else "beam"
-        self.default_knob = self.rerank_k if self.rerank_k else self.num_beams
-
-    def knob_values(self, sweep: Optional[Sequence[int]] = None) -> list[int]:
-        top = self.num_beams if self.rerank_k else max(self.num_beams, *(sweep or [0]))
-        values = sorted({int(v) for v in (sweep or (10, 20, 50)) if 1 <= int(v) <= top} | {self.default_knob})
-        return values
-
-    def set_knob(self, value: int) -> None:
-        if self.rerank_k:
-            self.rerank_k = int(value)
-        else:
-            self.num_beams = int(value)
-
-    def supports(self, image_ids: Sequence[str]) -> bool:
-        """Whether this system can answer over the gallery (the LM reranker needs every image's inputs)."""
-        return self.lm_step is None or self.lm_step.covers(image_ids)
-
-    def set_gallery(self, image_ids: Sequence[str], codes: np.ndarray, features=None) -> float:
-        from avg.retriever.gallery import Gallery
-
-        t0 = time.perf_counter()
-        self.gallery = Gallery(image_ids, codes, name="benchmark gallery")
-        self.index = self.gallery.build_index(self.vocab, self.vsize, device=self.device)
-        if self.rerank_k and self.lm_step is None:  # the candidates' features are looked up, never searched
-            self.features = torch.from_numpy(np.ascontiguousarray(features)).to(self.device, torch.float32)
-            self.row_of = {i: r for r, i in enumerate(image_ids)}
-        _sync(self.device)
-        return time.perf_counter() - t0
-
-    @property
-    def structure_bytes(self) -> int:
-        """The code index (the features the embedding rerank reads are the two-tower's, not counted again)."""
-        return int(self.index.nbytes)
-
-    @torch.no_grad()
-    def search(self, texts: Sequence[str]) -> list:
-        from avg.retriever.prefix import prefixed_inputs
-        from avg.retriever.search import constrained_beam_search
-
-        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
-        needs_q = self.prefix is not None or (self.rerank_k and (self.lm_step is None or self.lm_step.needs_features))
-        q = self.text_encoder.encode_texts(list(texts)).to(self.device, torch.float32) \
-            if self.text_encoder is not None and needs_q else None
-        start = self.model.config.decoder_start_token_id if self.is_enc_dec else None
-        inputs = prefixed_inputs(self.model, self.prefix, enc["input_ids"].to(self.device),
-                                 enc["attention_mask"].to(self.device), q if self.prefix is not None else None)
-        out = constrained_beam_search(self.model, inputs.get("input_ids"), inputs["attention_mask"], self.index,
-                                      self.num_beams, decoder_start_token_id=start, eos_token_id=self.eos,
-                                      voken_ids=self.voken_ids, inputs_embeds=inputs.get("inputs_embeds"),
-                                      normalize=self.normalize)
-        codes = self.vocab.token_ids_to_codes(out.sequences.cpu()).numpy()
-        scores = out.scores.float().cpu().numpy()
-        valid = out.num_valid.cpu().tolist()
-        ranked = [self.gallery.rank(codes[r, :k], scores[r, :k]) for r, k in enumerate(valid)]
-        if not self.rerank_k:
-            return [ids for ids, _ in ranked]
-        if self.lm_step is not None:
-            k = self.rerank_k
-            lists = self.lm_step.rerank(list(texts), [ids[:k] for ids, _ in ranked], [s[:k] for _, s in ranked], q)
-            return [ids for ids, _ in lists]
-        from avg.reranker.embed import rerank_list
-
-        out_ids = []
-        for r, (ids, s) in enumerate(ranked):
-            ids = ids[: self.rerank_k]
-            cos = (self.features[[self.row_of[i] for i in ids]] @ q[r]).cpu().numpy()
-            out_ids.append(rerank_list(ids, s[: self.rerank_k], cos, self.rerank_weight)[0])
-        return out_ids
-
-
-class TwoTowerSystem:
-    """Text -> CLIP text tower -> exact inner-product search over the features -> ranked image ids."""
-
-    def __init__(self, encoder, device, *, k: int = 20, precision: str = "fp32") -> None:
-        self.encoder, self.device, self.k, self.precision = encoder, device, k, precision
-        self.dtype = {"fp32": torch.float32, "fp16": torch.float16}[precision]
-        self.name = f"clip_{precision}"
-        self.features = self.image_ids = None
-        self.knob, self.default_knob = None, None
-
-    def knob_values(self, sweep=None) -> list:
-        return [None]
-
-    def set_knob(self, value) -> None:
-        pass
-
-    def set_gallery(self, image_ids: Sequence[str], codes, features: np.ndarray) -> float:
-        self.features = None
-        gc.collect()
-        t0 = time.perf_counter()
-        self.image_ids = list(image_ids)
-        self.features = torch.from_numpy(np.ascontiguousarray(features)).to(self.device, self.dtype)
-        _sync(self.device)
-        return time.perf_counter() - t0
-
-    @property
-    def structure_bytes(self) -> int:
-        return int(self.features.numel() * self.features.element_size())
-
-    @torch.no_grad()
-    def search(self, texts: Sequence[str]) -> list:
-        q = self.encoder.encode_texts(list(texts)).to(self.device, self.dtype)
-        _, idx = torch.topk(q @ self.features.T, min(self.k, self.features.shape[0]), dim=1)
-        ids = self.image_ids
-        return [[ids[j] for j in row] for row in idx.cpu().tolist()]
-
-
-class AnnSystem:
-    """Text -> CLIP text tower -> an approximate index (avg.eval.ann: IVF-Flat, IVF-PQ, HNSW) over the
-    same features -> ranked image ids. Built (trained) on each gallery; ``build_s`` includes training."""
-
-    precision = "fp32"
-
-    def __init__(self, encoder, device, kind: str, *, k: int = 20, sweep: Optional[Sequence[int]] = None,
-                 nlist: Optional[int] = None, pq_bytes: Optional[int] = None, hnsw_m: int = 32, seed: int = 0) -> None:
-        from avg.eval.ann import KNOB, require_faiss
-
-        require_faiss()
-        self.encoder, self.device, self.kind, self.k, self.sweep = encoder, device, kind, k, sweep
-        self.build_kwargs = {"nlist": nlist, "pq_bytes": pq_bytes, "hnsw_m": hnsw_m, "seed": seed}
-        self.name, self.knob = kind, KNOB[kind]
-        self.ann = self.image_ids = None
-        self.default_knob = None
-
-    def set_gallery(self, image_ids: Sequence[str], codes, features: np.ndarray) -> float:
-        from avg.eval.ann import build_ann
-
-        self.ann = None
-        gc.collect()
-        t0 = time.perf_counter()
-        self.image_ids = list(image_ids)
-        self.ann = build_ann(np.asarray(features, dtype=np.float32), self.kind, **self.build_kwargs)
-        values = self.ann.knob_values(self.sweep)
-        self.default_knob = values[len(values) // 2]  # the middle of the sweep for the batch-1 point
-        self.set_knob(self.default_knob)
-        build_s = time.perf_counter() - t0
-        self._nbytes = self.ann.nbytes  # serialises the index: once per gallery, not once per timed point
-        return build_s
-
-    def knob_values(self, sweep=None) -> list[int]:
-        return self.ann.knob_values(sweep or self.sweep)
-
-    def set_knob(self, value: int) -> None:
-        self.ann.set_knob(value)
-
-    @property
-    def structure_bytes(self) -> int:
-        return self._nbytes
-
-    @torch.no_grad()
-    def search(self, texts: Sequence[str]) -> list:
-        q = self.encoder.encode_texts(list(texts)).float().cpu().numpy()
-        _, rows = self.ann.search(q, self.k)
-        ids = self.image_ids
-        return [[ids[j] for j in row if j >= 0] for row in rows.tolist()]
 
 
 # ------------------------------------------------------------------------------------ timing
@@ -371,14 +64,14 @@ def time_search(search: Callable[[list], list], texts: Sequence[str], batch_size
     texts = list(texts)
     for i in range(warmup):
         search(texts[(i * batch_size) % len(texts):][:batch_size] or texts[:batch_size])
-    _sync(device)
+    sync(device)
     times, ranked, done = [], [], 0
     for lo in range(0, len(texts), batch_size):
         batch = texts[lo:lo + batch_size]
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         ranked.extend(search(batch))
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
         done += len(batch)
         if sum(times) >= max_seconds:
@@ -540,31 +233,6 @@ def write_outputs(rows: list[dict], out_dir: Path, config: dict, device_info: di
             w.writerows(scale)
         paths["scale"] = str(out_dir / "scale.csv")
     return paths
-
-
-SCALE_SIZES = (10_000_000, 100_000_000, 1_000_000_000)
-
-
-def scale_rows(rows: Sequence[dict], dim: int, sizes: Sequence[int] = SCALE_SIZES) -> list[dict]:
-    """Extrapolated memory per system at ``sizes`` images: bytes per image measured on the largest
-    gallery (the index as built, at its default knob) times the size -- linear extrapolation, labelled
-    as such -- and, for exact search, the multiply-adds per query (d per image)."""
-    largest = {}
-    for r in rows:
-        if r.get("mode") == "batch" and r.get("default_knob", True):
-            if r["system"] not in largest or r["gallery_size"] > largest[r["system"]]["gallery_size"]:
-                largest[r["system"]] = r
-    out = []
-    for system, r in sorted(largest.items()):
-        per_image = r["structure_mb"] * 2**20 / max(int(r["gallery_size"]), 1)
-        row = {"system": system, "measured_at": int(r["gallery_size"]), "bytes_per_image": round(per_image, 2),
-               "queries_per_s_measured": round(float(r["queries_per_s"]), 2)}
-        for n in sizes:
-            row[f"GB_at_{n:.0e}".replace("+0", "")] = round(per_image * n / 2**30, 2)
-        row["exact_macs_per_query_at_1e9"] = int(dim) * sizes[-1] if system.startswith("clip_") and dim else ""
-        row["extrapolated"] = True
-        out.append(row)
-    return out
 
 
 def parse_sweep(specs: Sequence[str]) -> dict:
