@@ -22,7 +22,9 @@ if [ ! -t 2 ]; then export HF_HUB_DISABLE_PROGRESS_BARS=${HF_HUB_DISABLE_PROGRES
 STAGE_ROOT="${OUT_DIR}/${DATASET}"
 # Each stage's output folder (EMB_DIR, CODES_DIR, RETRIEVER_T5_DIR, ...), from the stage registry
 # (avg/artifacts/registry.py), the one place that names them.
-eval "$(python -m avg.artifacts.registry shell "$STAGE_ROOT")"
+STAGE_DIRS=$(python -m avg.artifacts.registry shell "$STAGE_ROOT") \
+  || { echo "error: could not read the stage registry (avg/artifacts/registry.py)" >&2; exit 2; }
+eval "$STAGE_DIRS"
 # stage_out NAME: the output folder of stage NAME relative to a stage root (for runners that make other roots)
 stage_out() { python -m avg.artifacts.registry out "$1"; }
 # LAUNCH runs python modules; set LAUNCH="torchrun --nproc_per_node 4" or "accelerate launch" for multi-GPU.

@@ -20,8 +20,11 @@ source scripts/common.sh
 SEEDS=${SEEDS:-42 1 2}
 SEEDS_DIR=${SEEDS_DIR:-$OUT_DIR/reranker_seeds}
 LISTS="$STAGE_ROOT/reranker_data_seeds"
-RERANKER_OUT=$(stage_out finetune_reranker_llama)
-for need in "$(stage_out prepare_emb)" "$(stage_out eval_clip_baseline)" "$RERANK_RETRIEVER/best" "$(stage_out convert_voken_to_seed)"; do
+# output folders from the stage registry (a failing lookup stops here, under set -e)
+RERANKER_OUT=$(stage_out finetune_reranker_llama); RERANKER_TEST_OUT=$(stage_out test_reranker_llama)
+EMB_OUT=$(stage_out prepare_emb); CLIP_OUT=$(stage_out eval_clip_baseline); TOKENS_OUT=$(stage_out convert_voken_to_seed)
+EMBED_OUT=$(stage_out rerank_embed)
+for need in "$EMB_OUT" "$CLIP_OUT" "$RERANK_RETRIEVER/best" "$TOKENS_OUT"; do
   if [ ! -e "$STAGE_ROOT/$need" ]; then
     echo "error: $STAGE_ROOT/$need is missing: run scripts/demo.sh (or scripts/run_all.sh) first" >&2
     exit 2
@@ -35,7 +38,7 @@ RERANK_MAX_TRAIN_QUERIES=0 RERANK_MAX_VAL_QUERIES=0 RERANK_TRAIN_CANDIDATES=clip
 for s in $SEEDS; do
   seed_root="$SEEDS_DIR/seed_$s/$DATASET"
   mkdir -p "$seed_root"
-  for shared in "$(stage_out eval_clip_baseline)" "$RERANK_RETRIEVER" "$(stage_out rerank_embed)"; do  # the same for every seed: rows of the table
+  for shared in "$CLIP_OUT" "$RERANK_RETRIEVER" "$EMBED_OUT"; do  # the same for every seed: rows of the table
     if [ -e "$STAGE_ROOT/$shared" ]; then
       ln -sfn "$(realpath --relative-to="$seed_root" "$STAGE_ROOT/$shared")" "$seed_root/$shared"
     fi
@@ -45,7 +48,7 @@ for s in $SEEDS; do
   SEED=$s bash scripts/finetune_reranker_llama.sh --data-dir "$LISTS" --out-dir "$seed_root/$RERANKER_OUT" \
     --run-name "${DATASET}-reranker-seed$s"
   SEED=$s bash scripts/test_reranker_llama.sh --data-dir "$LISTS" --reranker-dir "$seed_root/$RERANKER_OUT/best" \
-    --out-dir "$seed_root/$(stage_out test_reranker_llama)" --run-name "${DATASET}-reranker-test-seed$s"
+    --out-dir "$seed_root/$RERANKER_TEST_OUT" --run-name "${DATASET}-reranker-test-seed$s"
   echo "=== [run_reranker_seeds] seed $s done in $(( $(date +%s) - t ))s"
 done
 echo "=== [run_reranker_seeds] ${SEEDS// /, } in $(( $(date +%s) - T0 ))s"

@@ -16,7 +16,8 @@ SEEDS=${SEEDS:-0 1 2}
 SEED_STAGES=${SEED_STAGES:-train_rqvae,generate_codes,prepare_retriever_dataset,train_retriever_t5,train_retriever_t5_stage2,rerank_embed,prepare_reranker_dataset,convert_voken_to_seed,finetune_reranker_llama,test_reranker_llama,report}
 MAIN_ROOT="$STAGE_ROOT"
 SEEDS_DIR=${SEEDS_DIR:-$OUT_DIR/seeds}
-SHARED=("$(stage_out prepare_emb)" "$(stage_out eval_clip_baseline)")  # CLIP features and the two-tower: one for all seeds
+EMB_OUT=$(stage_out prepare_emb); CLIP_OUT=$(stage_out eval_clip_baseline)  # (a failing lookup stops here)
+SHARED=("$EMB_OUT" "$CLIP_OUT")  # CLIP features and the two-tower: one for all seeds
 for shared in "${SHARED[@]}"; do
   if [ ! -f "$MAIN_ROOT/$shared/stage.json" ]; then
     echo "error: $MAIN_ROOT/$shared is missing: run scripts/demo.sh (or run_all.sh --stages prepare_emb,eval_clip_baseline) first" >&2

@@ -5,6 +5,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 SPLIT=${SPLIT:-test}
+OUT="$RETRIEVER_LLAMA_TEST_DIR"; [ "$SPLIT" = test ] || OUT="$RETRIEVER_LLAMA_DIR/$SPLIT"
 $LAUNCH -m avg.retriever.evaluate_llama \
   --retriever-dir "$RETRIEVER_LLAMA_DIR/best" --data-dir "$RETRIEVER_DATA_DIR" --split "$SPLIT" \
-  --out-dir "$RETRIEVER_LLAMA_DIR/$SPLIT" --num-beams "$BEAM" --seed "$SEED" ${LLAMA_TEST_ARGS:-} "$@"
+  --out-dir "$OUT" --num-beams "$BEAM" --seed "$SEED" ${LLAMA_TEST_ARGS:-} "$@"

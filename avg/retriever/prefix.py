@@ -123,19 +123,25 @@ def query_features(text_features: np.ndarray, queries, source: str = "queries") 
     return gather_features(text_features, feature_rows(queries, text_features.shape[0], source))
 
 
+def emb_dir_for(data_dir: str | os.PathLike, emb_dir: Optional[str | os.PathLike] = None) -> str:
+    """The emb/ folder whose captions a retriever_data folder's queries point into: ``emb_dir``, or
+    the one its meta.json was built from (an InputError when it was built without one)."""
+    if emb_dir is not None:
+        return os.fspath(emb_dir)
+    meta_path = Path(data_dir) / "meta.json"
+    meta = read_json(meta_path) if meta_path.is_file() else {}
+    found = (meta.get("sources") or {}).get("emb_dir")
+    if not found or not meta.get("text_rows"):
+        raise InputError(f"{meta_path}: built without --emb-dir, so its queries have no CLIP text features; "
+                         "rebuild it (scripts/prepare_retriever_dataset.sh passes emb/) or pass --emb-dir")
+    return str(found)
+
+
 def emb_for(data_dir: str | os.PathLike, emb_dir: Optional[str | os.PathLike] = None):
-    """The emb/ folder (:class:`~avg.artifacts.emb.Embeddings`, memory-mapped) whose captions a
-    retriever_data folder's queries point into: ``emb_dir``, or the one its meta.json was built from."""
+    """The emb/ folder (:class:`~avg.artifacts.emb.Embeddings`, memory-mapped) of :func:`emb_dir_for`."""
     from avg.artifacts.emb import load_emb
 
-    meta_path = Path(data_dir) / "meta.json"
-    if emb_dir is None:
-        meta = read_json(meta_path) if meta_path.is_file() else {}
-        emb_dir = (meta.get("sources") or {}).get("emb_dir")
-        if not emb_dir or not meta.get("text_rows"):
-            raise InputError(f"{meta_path}: built without --emb-dir, so its queries have no CLIP text features; "
-                             "rebuild it (scripts/prepare_retriever_dataset.sh passes emb/) or pass --emb-dir")
-    return load_emb(emb_dir)
+    return load_emb(emb_dir_for(data_dir, emb_dir))
 
 
 def text_features_for(data_dir: str | os.PathLike, emb_dir: Optional[str | os.PathLike] = None) -> tuple[np.ndarray, dict]:
@@ -145,5 +151,5 @@ def text_features_for(data_dir: str | os.PathLike, emb_dir: Optional[str | os.Pa
     return emb.text_features, dict(emb.index.get("encoder") or {})
 
 
-__all__ = ["emb_for", "feature_rows", "gather_features", "text_features_for", "QueryPrefix", "prefixed_inputs", "save_prefix", "load_prefix", "query_features", "PREFIX_WEIGHTS",
+__all__ = ["emb_dir_for", "emb_for", "feature_rows", "gather_features", "text_features_for", "QueryPrefix", "prefixed_inputs", "save_prefix", "load_prefix", "query_features", "PREFIX_WEIGHTS",
            "PREFIX_CONFIG"]

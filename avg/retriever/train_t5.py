@@ -56,7 +56,8 @@ from avg.retriever.diagnostics import code_diagnostics, format_diagnostics
 from avg.retriever.evaluate import evaluate_split, logits_vocab_size
 from avg.retriever.gallery import Gallery
 from avg.retriever.losses import LOSS_MODES, RetrievalObjective, mine_candidates, teacher_targets
-from avg.retriever.prefix import QueryPrefix, emb_for, feature_rows, gather_features, load_prefix, query_features
+from avg.retriever.prefix import (QueryPrefix, emb_dir_for, emb_for, feature_rows, gather_features, load_prefix,
+                                  query_features)
 from avg.retriever.teacher import CodeTeacher, GalleryTeacher
 from avg.retriever.t5 import load_t5_retriever, save_t5_retriever
 from avg.retriever.training import (add_eval_and_checkpoint_args, check_data_matches_vocab, check_inputs,
@@ -202,14 +203,16 @@ def main(argv=None) -> dict:
     data_dir = Path(args.data_dir)
     # the query features are an input like the data: a wrong emb/ fails here, before anything is written
     uses_prefix = args.query_prefix > 0 or (args.init_from is not None and load_prefix(args.init_from)[0] is not None)
-    emb = emb_for(data_dir, args.emb_dir) if uses_prefix or teacher_on else None
+    # the CLIP features read (query prefix, teacher) are an input: a rebuilt emb/ makes this stage stale
+    emb_used = emb_dir_for(data_dir, args.emb_dir) if uses_prefix or teacher_on else args.emb_dir
+    emb = emb_for(data_dir, emb_used) if uses_prefix or teacher_on else None
     text_features = emb.text_features if emb is not None else None
     encoder = dict(emb.index.get("encoder") or {}) if uses_prefix else None
     args.feature_dim = int(text_features.shape[1]) if uses_prefix else 0
     base = args.model if args.init_from is None else None  # a local folder, or a hub id fingerprinted by its commit
     started = start_training_run(accelerator, args, out_dir, manifest_name("train_retriever_t5"),
                                  inputs=[args.data_dir, args.codes_dir if args.init_from is None else None,
-                                         args.init_from, base, args.emb_dir],
+                                         args.init_from, base, emb_used],
                                  run_name=args.run_name or f"t5-stage{args.stage}", logger_name="avg.train_t5")
     if started.skipped is not None:
         return started.skipped
