@@ -186,3 +186,23 @@ def test_old_flag_names_are_aliases_of_the_shared_ones():
     new = train_mod.build_parser().parse_args([*base, "--max-grad-norm", "0.5", "--stop-after-epochs", "2"])
     old = train_mod.build_parser().parse_args([*base, "--grad-clip", "0.5", "--stop-after", "2"])
     assert (new.grad_clip, new.stop_after) == (old.grad_clip, old.stop_after) == (0.5, 2)
+
+
+def test_training_repeats_bit_for_bit_at_demo_shapes(tmp_path, monkeypatch):
+    """Same seed, same features -> the same weights, at shapes where the CPU kernels run in parallel
+    (batch 512, latent 64, codebook 256): the codebook's gradient is a scatter-add over the batch, whose
+    float sums depend on thread timing unless deterministic kernels are on (they are, on the CPU)."""
+    from avg.rqvae import train as train_mod
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    make_emb(tmp_path / "emb", n=2560, dim=128, caps=1, clusters=40)
+    before = torch.are_deterministic_algorithms_enabled()
+    weights = []
+    for run in ("a", "b"):
+        train_mod.main(["--emb-dir", str(tmp_path / "emb"), "--out-dir", str(tmp_path / run), "--epochs", "2",
+                        "--batch-size", "512", "--latent-dim", "64", "--codebook-size", "256", "--num-levels", "4",
+                        "--kmeans-samples", "1024", "--kmeans-iters", "3", "--seed", "3"])
+        weights.append(load_file(str(tmp_path / run / "model.safetensors")))
+    assert torch.are_deterministic_algorithms_enabled() == before  # the trainer leaves the global switch as it was
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

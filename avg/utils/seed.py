@@ -1,6 +1,7 @@
 """Seeding so that CPU runs repeat exactly."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 
@@ -15,3 +16,22 @@ def set_seed(seed: int, deterministic: bool = False) -> None:
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True):
+    """Deterministic kernels inside the block (a warning where an op has none), the previous global
+    setting restored after it. On the CPU some kernels (e.g. the scatter-add behind an indexed
+    tensor's gradient) split their float sums over threads in an order that varies from run to run;
+    their deterministic versions make a seeded run repeat bit for bit."""
+    before = torch.are_deterministic_algorithms_enabled()
+    before_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    if enabled:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=before_warn)
+
+
+__all__ = ["deterministic_algorithms", "set_seed"]
