@@ -147,3 +147,12 @@ def test_device_flag_and_deprecated_aliases_warn_with_the_new_spelling():
         assert p.parse_args(["--max-train-samples", "7"]).max_train_queries == 7
     with pytest.raises(SystemExit):
         p.parse_args(["--device", "cuda:3"])
+
+
+def test_added_keys_are_the_flags_defaults():
+    """ADDED_KEYS reads an older manifest as if the new flags had their defaults: the two must agree."""
+    from avg.retriever import train_t5
+    from avg.utils.stages import ADDED_KEYS
+
+    args = train_t5.parse_args(["--data-dir", "d", "--out-dir", "o"])
+    assert {k: getattr(args, k) for k in ADDED_KEYS} == ADDED_KEYS

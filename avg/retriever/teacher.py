@@ -26,6 +26,14 @@ import torch
 from avg.utils.io import InputError
 
 
+def _check_rows(gallery, image_rows: Mapping[str, int]) -> None:
+    """Every image of ``gallery`` has a row in emb/ (an InputError naming the gallery and the image)."""
+    missing = [i for i in gallery.image_ids if i not in image_rows]
+    if missing:
+        raise InputError(f"{gallery.name}: image {missing[0]!r} (and {len(missing) - 1} more) has no row in "
+                         "emb/image_features.npy: retriever_data and emb/ come from different runs")
+
+
 class CodeTeacher:
     """Per gallery chunk: token-id code -> the emb/ rows of the images that carry it.
 
@@ -39,10 +47,7 @@ class CodeTeacher:
         self._members: list[torch.Tensor] = []  # per chunk [U, max members] rows of self.features, -1 padded
         used: dict[int, int] = {}  # emb/ row -> row of self.features (only the chunks' images are kept)
         for chunk in chunks:
-            missing = [i for i in chunk.image_ids if i not in image_rows]
-            if missing:
-                raise InputError(f"{chunk.name}: image {missing[0]!r} (and {len(missing) - 1} more) has no row in "
-                                 "emb/image_features.npy: retriever_data and emb/ come from different runs")
+            _check_rows(chunk, image_rows)
             tokens = vocab.code_to_token_ids(chunk.unique_codes).tolist()
             groups = [[used.setdefault(image_rows[i], len(used)) for i in chunk.images_for(code)]
                       for code in chunk.unique_codes.tolist()]
@@ -80,10 +85,7 @@ class GalleryTeacher:
     """
 
     def __init__(self, image_features, image_rows: Mapping[str, int], gallery, vocab, *, scale: float, device=None):
-        missing = [i for i in gallery.image_ids if i not in image_rows]
-        if missing:
-            raise InputError(f"{gallery.name}: image {missing[0]!r} (and {len(missing) - 1} more) has no row in "
-                             "emb/image_features.npy: retriever_data and emb/ come from different runs")
+        _check_rows(gallery, image_rows)
         rows = np.array([image_rows[i] for i in gallery.image_ids], dtype=np.int64)
         feats = torch.from_numpy(np.array(image_features[rows], dtype=np.float32))
         self.features = torch.nn.functional.normalize(feats, dim=-1).to(device)
