@@ -76,6 +76,43 @@ def test_stage2_loss_matches_hand_computation(tiny_t5):
     assert model.shared.weight.grad is not None and model.shared.weight.grad.abs().sum() > 0
 
 
+def test_list_mask_scores_only_kept_lists_with_the_same_loss_and_gradient(tiny_t5):
+    """--dis-lists found: the objective scores only the kept lists; loss and gradient equal scoring every
+    list and masking the others in L_dis (the naive form), and a batch with no kept list is L_gen alone."""
+    model = tiny_t5
+    input_ids = torch.tensor([[5, 6, 7, 1], [8, 9, 1, 0], [4, 7, 9, 1]])
+    mask = (input_ids != 0).long()
+    cands = torch.tensor([[[10, 11, 12], [10, 13, 12], [14, 11, 12]],
+                          [[20, 21, 22], [20, 21, 23], [24, 25, 26]],
+                          [[15, 16, 17], [15, 18, 17], [19, 16, 17]]])
+    pos = torch.tensor([2, 0, 1])
+    cmask = torch.tensor([[True, True, True], [True, True, False], [True, True, True]])
+    labels = torch.cat([cands[torch.arange(3), pos], torch.ones(3, 1, dtype=torch.long)], dim=1)
+    keep = torch.tensor([True, False, True])
+    lam = 0.7
+    obj = RetrievalObjective(model, dis_weight=lam, loss="vocab")
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    loss, parts = obj(input_ids, mask, labels, candidates=cands, positive_index=pos, candidate_mask=cmask, list_mask=keep)
+    got = grads(loss)
+    # naive: every list scored, the dropped one masked out of the mean
+    enc = model.get_encoder()(input_ids=input_ids, attention_mask=mask).last_hidden_state
+    from avg.retriever.losses import generative_loss
+    gen = generative_loss(model, enc, mask, labels, loss="vocab", reduction="sum")
+    dis = discriminative_loss(candidate_log_probs(model, enc, mask, cands), pos, mask=cmask, list_mask=keep)
+    want = grads(gen + lam * dis)
+    assert float(parts["dis"]) == pytest.approx(float(dis), abs=1e-5)
+    assert float(loss) == pytest.approx(float(gen + lam * dis), abs=1e-5)
+    assert len(got) == len(want) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want))
+    none, parts = obj(input_ids, mask, labels, candidates=cands, positive_index=pos, candidate_mask=cmask,
+                      list_mask=torch.zeros(3, dtype=torch.bool))
+    assert float(parts["dis"]) == 0.0 and float(none) == pytest.approx(float(parts["gen"]), abs=1e-6)
+
+
 def test_discriminative_loss_is_cross_entropy_over_logits_with_mask():
     s = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.1, -9.0]])
     pos = torch.tensor([0, 1])

@@ -304,10 +304,20 @@ class RetrievalObjective(torch.nn.Module):
             return loss, {"gen": loss.detach()}
         gen = generative_loss(self.model, hidden, mask, labels, loss=self.loss, index=self.index, reduction="sum",
                               teacher=teacher)
+        if list_mask is not None:
+            # only the kept lists are scored: the others weigh nothing in L_dis (same loss and gradient as
+            # scoring every list and masking), and their b teacher-forced candidates are most of a step's cost
+            keep = list_mask.nonzero().flatten()
+            if keep.numel() == 0:
+                dis = gen.new_zeros(())
+                return gen, {"gen": gen.detach(), "dis": dis}
+            hidden, mask, candidates, positive_index = hidden[keep], mask[keep], candidates[keep], positive_index[keep]
+            candidate_mask = candidate_mask[keep] if candidate_mask is not None else None
+            targets = targets[keep] if targets is not None else None
         scores = candidate_log_probs(self.model, hidden, mask, candidates,
                                      index=candidate_index if self.loss == "children" else None, score_len=self.score_len)
         dis = discriminative_loss(scores, positive_index, temperature=self.temperature, mask=candidate_mask,
-                                  list_mask=list_mask, targets=targets)
+                                  targets=targets)
         return gen + self.dis_weight * dis, {"gen": gen.detach(), "dis": dis.detach()}
 
 
