@@ -126,6 +126,58 @@ def test_stage2_from_stage1_best(assets, stage1):
     assert len(vals) == 2 and best["metrics"]["eval/val/R@1"] == max(vals)
 
 
+def test_stage2_reuses_the_recorded_val_evaluation_of_its_start_only_when_it_is_the_same(assets, stage1):
+    """Stage 1 records in best.json a digest of what its val evaluation depended on; stage 2 with the same
+    val settings takes that evaluation (metrics and run file) as its epoch 0 instead of running it again,
+    and --reeval-start, which runs it, gives the same run file and metrics. Other settings: evaluated."""
+    out1, _ = stage1
+    info = json.loads((out1 / "best/best.json").read_text())
+    assert len(info["val_signature"]) == 40
+    base = ["--stage", "2", "--init-from", str(out1 / "best"), "--data-dir", str(assets / "data"), "--epochs", "1",
+            "--batch-size", "8", "--dis-beams", "4", "--num-beams", "5", "--eval-batch-size", "8",
+            "--eval-train-queries", "0", "--seed", "0", "--skip-test"]
+    reused, again = assets / "run_s2_reuse", assets / "run_s2_reeval"
+    train_t5.main([*base, "--out-dir", str(reused)])
+    train_t5.main([*base, "--out-dir", str(again), "--reeval-start"])
+    assert "the one" in (reused / "train.log").read_text() and "recorded" in (reused / "train.log").read_text()
+    assert "evaluating the starting model (epoch 0)" in (again / "train.log").read_text()
+    start = f"eval/run_val_epoch{info['epoch']}.jsonl"
+    assert (reused / "eval/run_val_epoch0.jsonl").read_bytes() == (out1 / start).read_bytes()
+    assert (again / "eval/run_val_epoch0.jsonl").read_bytes() == (out1 / start).read_bytes()
+
+    def epoch0(out):
+        rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k.startswith("eval/val/")} for r in rows if r.get("epoch") == 0][0]
+    assert epoch0(reused) == epoch0(again) == {k: v for k, v in info["metrics"].items() if k.startswith("eval/val/")}
+    # a different search setting is a different evaluation: run, not reused
+    other = assets / "run_s2_beam4"
+    train_t5.main([*base[:base.index("--num-beams")], "--num-beams", "4", *base[base.index("--num-beams") + 2:],
+                   "--out-dir", str(other)])
+    assert "evaluating the starting model (epoch 0)" in (other / "train.log").read_text()
+
+
+def test_val_signature_follows_queries_gallery_features_and_settings():
+    import argparse
+
+    from avg.retriever.gallery import Gallery
+
+    args = argparse.Namespace(num_beams=5, score="children", fast_search=False, max_source_length=64, eval_batch_size=8)
+    q = [{"query": "a red cube", "image_id": "a"}, {"query": "a blue ball", "image_id": "b"}]
+    g = Gallery(["a", "b"], [[0, 1], [1, 0]])
+    f = torch.ones(2, 3)
+    sig = train_t5.val_signature(args, q, g, f, "no", 1)
+    assert sig == train_t5.val_signature(args, [dict(x) for x in q], Gallery(["a", "b"], [[0, 1], [1, 0]]), f.clone(), "no", 1)
+    changed = [train_t5.val_signature(args, q[:1], g, f, "no", 1),
+               train_t5.val_signature(args, q, Gallery(["a", "b"], [[0, 1], [1, 1]]), f, "no", 1),
+               train_t5.val_signature(args, q, Gallery(["a", "b"], [[0, 1], [1, 0]], seed=3), f, "no", 1),
+               train_t5.val_signature(args, q, g, f * 2, "no", 1),
+               train_t5.val_signature(args, q, g, None, "no", 1),
+               train_t5.val_signature(args, q, g, f, "bf16", 1),
+               train_t5.val_signature(args, q, g, f, "no", 2),
+               train_t5.val_signature(argparse.Namespace(**{**vars(args), "score": "vocab"}), q, g, f, "no", 1)]
+    assert len(set(changed)) == len(changed) and sig not in changed
+
+
 def test_stage2_on_a_seeded_subset_of_training_queries(assets, stage1):
     out1, _ = stage1
     args = ["--stage", "2", "--init-from", str(out1 / "best"), "--data-dir", str(assets / "data"),

@@ -40,10 +40,14 @@ configuration was interrupted; on CPU with a fixed seed the result equals an uni
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -130,6 +134,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "for the demo CLIP's cosine on val lists)")
     add_eval_and_checkpoint_args(p, eval_batch_size=32, eval_train_queries=1000, log_every=50,
                                  fast_search_help="score the search over voken logits only (faster; renormalised, see avg.retriever.search)")
+    p.add_argument("--reeval-start", action="store_true",
+                   help="stage 2: evaluate the starting model on val even when the stage that saved it recorded that "
+                        "evaluation with the same val queries, gallery, features and search settings (by default it is "
+                        "reused: same metrics and run file, one val pass less)")
     g = p.add_argument_group("sample queries (eval/samples_test.{md,json} and a wandb table)")
     g.add_argument("--sample-queries", type=int, default=8, help="seeded test queries shown with gold and top-5 images (0: none)")
     g.add_argument("--image-root", default=None, help="image folder for the thumbnails (default: the one recorded in emb/index.json beside --data-dir)")
@@ -174,6 +182,35 @@ def load_model_and_vocab(args, log):
         torch.manual_seed(args.seed)
         prefix = QueryPrefix(args.feature_dim, model.get_input_embeddings().weight.shape[1], args.query_prefix)
     return tokenizer, model, vocab, prefix
+
+
+def val_signature(args, queries, gallery: Gallery, features, mixed_precision: str, num_processes: int) -> str:
+    """A digest of everything a val evaluation's result depends on besides the model's weights: the
+    queries, the gallery (image order, codes, the tie order's seed), the query features and the search
+    settings. best.json records it next to the val metrics of the weights saved with it, so stage 2
+    can reuse stage 1's evaluation of its starting model instead of running it again."""
+    h = hashlib.sha1()
+    settings = {"num_beams": args.num_beams, "score": args.score, "fast_search": bool(args.fast_search),
+                "max_source_length": args.max_source_length, "eval_batch_size": args.eval_batch_size,
+                "mixed_precision": str(mixed_precision), "num_processes": int(num_processes), "gallery_seed": gallery.seed}
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    h.update(json.dumps([[q["query"], q["image_id"]] for q in queries]).encode())
+    h.update(json.dumps([gallery.image_ids, gallery.codes.tolist()]).encode())
+    if features is not None:
+        h.update(np.ascontiguousarray(features.detach().cpu().float().numpy()).tobytes())
+    return h.hexdigest()
+
+
+def recorded_val_eval(init_from, signature: str) -> Optional[tuple[dict, Path]]:
+    """The starting model's val evaluation as the stage that saved it recorded it -- (its eval/val/*
+    metrics, its run file) -- when best.json's ``val_signature`` equals ``signature``; else None."""
+    info_path = Path(init_from) / "best.json"
+    info = read_json(info_path) if info_path.is_file() else {}
+    metrics = {k: v for k, v in (info.get("metrics") or {}).items() if k.startswith("eval/val/")}
+    run_file = Path(init_from).parent / "eval" / f"run_val_epoch{info.get('epoch')}.jsonl"
+    if info.get("val_signature") != signature or "eval/val/R@1" not in metrics or not run_file.is_file():
+        return None
+    return metrics, run_file
 
 
 def _step_generator(seed: int, epoch: int, micro: int) -> torch.Generator:
@@ -319,11 +356,21 @@ def main(argv=None) -> dict:
     best_dir = out_dir / "best"
     info_base = {"stage": args.stage, "score": args.score, "max_source_length": args.max_source_length}
 
-    def run_eval(epoch: int) -> None:
+    signature = val_signature(args, val_q, val_gallery, eval_feats["val"], accelerator.mixed_precision,
+                              accelerator.num_processes) if val_q and val_gallery is not None else None
+
+    def run_eval(epoch: int, reuse_val: Optional[tuple[dict, Path]] = None) -> None:
         obj = unwrapped()
         metrics_all = {}
+        if reuse_val is not None:  # the same evaluation of the same weights, recorded by the stage that saved them
+            metrics_all.update(reuse_val[0])
+            if accelerator.is_main_process:
+                eval_dir.mkdir(parents=True, exist_ok=True)
+                tmp = eval_dir / f".run_val_epoch{epoch}.jsonl.tmp"
+                shutil.copyfile(reuse_val[1], tmp)
+                os.replace(tmp, eval_dir / f"run_val_epoch{epoch}.jsonl")
         for split, queries, gallery in (("val", val_q, val_gallery), ("train", eval_train_q, fit_gallery)):
-            if not queries or gallery is None:
+            if not queries or gallery is None or (split == "val" and reuse_val is not None):
                 continue
             with accelerator.autocast():
                 records, metrics = evaluate_split(obj.model, tokenizer, vocab, queries, gallery, args.num_beams,
@@ -340,8 +387,8 @@ def main(argv=None) -> dict:
         if improved:
             if accelerator.is_main_process:
                 save_t5_retriever(obj.model, tokenizer, vocab, best_dir,
-                                  {**info_base, "epoch": epoch, "selected_by": key, "metrics": metrics_all},
-                                  prefix=obj.prefix, encoder=encoder)
+                                  {**info_base, "epoch": epoch, "selected_by": key, "metrics": metrics_all,
+                                   "val_signature": signature}, prefix=obj.prefix, encoder=encoder)
             logger.summary({"best/epoch": epoch, **{f"best/{k}": v for k, v in metrics_all.items() if k.startswith("eval/")}})
             logger.info("new best %s=%.2f at epoch %d -> %s", key, score, epoch, best_dir)
         accelerator.wait_for_everyone()
@@ -351,8 +398,14 @@ def main(argv=None) -> dict:
                 f", query prefix {prefix.num_tokens} tokens" if prefix is not None else "")
     logger.info(describe_batch(args.batch_size, accelerator.num_processes, args.grad_accum))
     if args.stage == 2 and args.epochs > 0 and state["global_step"] == 0 and state["best_r1"] is None:
-        logger.info("stage 2: evaluating the starting model (epoch 0): best/ is never worse on val than it")
-        run_eval(0)
+        recorded = None if args.reeval_start or signature is None else recorded_val_eval(args.init_from, signature)
+        if recorded is not None:
+            logger.info("stage 2: the starting model's val evaluation (epoch 0) is the one %s recorded (same val "
+                        "queries, gallery, features and search settings; --reeval-start runs it again): best/ is never "
+                        "worse on val than it", args.init_from)
+        else:
+            logger.info("stage 2: evaluating the starting model (epoch 0): best/ is never worse on val than it")
+        run_eval(0, reuse_val=recorded)
     voken_ids = vocab.voken_ids.to(device)  # the stage-2 candidate search's voken-only head
 
     def micro_step(idx, epoch: int, micro: int):
