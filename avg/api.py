@@ -194,7 +194,7 @@ class Retriever:
     def lm_step(self):
         """The trained LM reranker as a pipeline step (loaded on first use)."""
         if self._lm_step is None:
-            from avg.reranker.model import META_FILE
+            from avg.reranker.saving import META_FILE
             from avg.reranker.step import LmRerankStep
 
             if self.lm_reranker is None or not (Path(self.lm_reranker) / META_FILE).is_file():

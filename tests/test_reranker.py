@@ -13,6 +13,9 @@ import torch
 
 from avg.artifacts.runfiles import write_run
 from avg.reranker import model as RM
+from avg.reranker import lm_setup
+from avg.reranker import saving
+from avg.reranker import scoring
 from avg.reranker import evaluate as rerank_test, prepare_dataset, train
 from avg.reranker.data import ListCollator, ListDataset, candidate_list, candidate_lists, load_lists, unflatten
 from avg.reranker.image_tokens import ImageTokenMap, ImageTokens, build_image_tokens, image_token
@@ -160,16 +163,16 @@ def test_seed_style_vocabulary_is_reused_and_checked_other_models_get_tokens_add
     seed_tok = make_tokenizer(extra=[image_token(i) for i in range(8)])
     lm = make_llama(len(seed_tok))
     before = lm.get_input_embeddings().weight.detach().clone()
-    ids, added = RM.ensure_image_tokens(seed_tok, lm, m, reuse_rows=True)
+    ids, added = lm_setup.ensure_image_tokens(seed_tok, lm, m, reuse_rows=True)
     assert not added and ids.tolist() == seed_tok.convert_tokens_to_ids([image_token(i) for i in range(7)])
     assert torch.equal(lm.get_input_embeddings().weight, before)  # SEED's own rows kept, when asked
     small = make_tokenizer(extra=[image_token(i) for i in range(5)])
     with pytest.raises(InputError, match="only 5 exist"):
-        RM.ensure_image_tokens(small, make_llama(len(small)), m)
+        lm_setup.ensure_image_tokens(small, make_llama(len(small)), m)
     plain = make_tokenizer()
     lm = make_llama(len(plain), tied=False)
     n0 = len(plain)
-    ids, added = RM.ensure_image_tokens(plain, lm, m, build_image_tokens(codes_data()).vectors)
+    ids, added = lm_setup.ensure_image_tokens(plain, lm, m, build_image_tokens(codes_data()).vectors)
     assert added and ids.tolist() == list(range(n0, n0 + 7))
     assert lm.get_input_embeddings().weight.shape[0] == n0 + 7 == lm.get_output_embeddings().weight.shape[0]
     assert plain.tokenize(image_token(3) + image_token(0)) == [image_token(3), image_token(0)]
@@ -181,7 +184,7 @@ def tiny_reranker(tied=True, fusion="learned", seed=0):
     tokens = build_image_tokens(codes)
     tok = L.prepare_tokenizer(make_tokenizer())
     lm = make_llama(len(tok), tied=tied, seed=seed)
-    ids, added = RM.ensure_image_tokens(tok, lm, tokens.mapping, tokens.vectors, seed=seed)
+    ids, added = lm_setup.ensure_image_tokens(tok, lm, tokens.mapping, tokens.vectors, seed=seed)
     torch.manual_seed(seed)
     return tok, RM.Reranker(lm, head_inner=16, head_dropout=0.0, fusion=fusion, fusion_weight=0.7), tokens, ids
 
@@ -191,7 +194,7 @@ def tiny_dataset(tok, tokens, ids, n=6, k=5, seed=3):
     lists = candidate_lists(fake_records(image_ids, n, k, seed), k, insert_positive=False)
     lists[1]["query"] = "a red cube on the table is a red cube on the table"  # prompts of different lengths
     lists[2]["candidates"], lists[2]["scores"] = lists[2]["candidates"][:3], lists[2]["scores"][:3]  # a short list
-    return ListDataset(lists, tok, RM.image_token_ids(tokens, ids), L.prompt_formatter(RM.DEFAULT_PROMPT_TEMPLATE))
+    return ListDataset(lists, tok, saving.image_token_ids(tokens, ids), L.prompt_formatter(RM.DEFAULT_PROMPT_TEMPLATE))
 
 
 @torch.no_grad()
@@ -218,7 +221,7 @@ def test_head_reads_last_non_pad_token_with_left_right_padding_and_shared_prefix
     # pad ids are never read: other pad values, same scores
     junk = right["input_ids"].masked_fill(right["attention_mask"] == 0, 5)
     assert torch.allclose(rr(junk, right["attention_mask"]), ref, atol=1e-5)
-    head, fused = rr(**RM.model_inputs(right, "cpu"))  # shared-prefix path
+    head, fused = rr(**scoring.model_inputs(right, "cpu"))  # shared-prefix path
     assert torch.allclose(head[right["valid"]], ref, atol=1e-5)
     assert torch.isinf(head[2, 3:]).all()
     top = right["retriever_scores"].masked_fill(~right["known"], -1e9).amax(1, keepdim=True)
@@ -233,11 +236,11 @@ def test_gradient_checkpointing_falls_back_to_full_sequences_with_equal_scores()
     batch = ListCollator(ds)(list(range(len(ds))))
     rr.eval()
     with torch.no_grad():
-        ref, _ = rr(**RM.model_inputs(batch, "cpu"))
+        ref, _ = rr(**scoring.model_inputs(batch, "cpu"))
     L.enable_checkpointing(rr.lm)
     rr.train()
     assert not rr.can_share_prefix()
-    head, _ = rr(**RM.model_inputs(batch, "cpu"))
+    head, _ = rr(**scoring.model_inputs(batch, "cpu"))
     head[batch["valid"]].sum().backward()
     assert torch.allclose(head.detach()[batch["valid"]], ref[batch["valid"]], atol=1e-5)
     assert rr.lm.get_input_embeddings().weight.grad is not None
@@ -275,8 +278,8 @@ def test_save_reload_gives_identical_scores(tmp_path, lora):
         make_llama(len(base_tok), tied=False, seed=1).save_pretrained(base)
         base_tok.save_pretrained(base)
         tok, lm = L.load_causal_lm(str(base))
-        ids, _ = RM.ensure_image_tokens(tok, lm, tokens.mapping, tokens.vectors, seed=1)
-        lm = RM.add_lora(lm, ids, r=4, alpha=8, dropout=0.0)
+        ids, _ = lm_setup.ensure_image_tokens(tok, lm, tokens.mapping, tokens.vectors, seed=1)
+        lm = lm_setup.add_lora(lm, ids, r=4, alpha=8, dropout=0.0)
         with torch.no_grad():  # make the adapter and the image-token rows non-trivial
             for n, p in lm.named_parameters():
                 if p.requires_grad:
@@ -286,16 +289,16 @@ def test_save_reload_gives_identical_scores(tmp_path, lora):
         rr.fusion_weight.fill_(0.42)
     rr.eval()
     ds = tiny_dataset(tok, tokens, ids)
-    before = RM.score_lists(rr, ds, 4, "cpu", show_progress=False)
-    RM.save_reranker(rr, tok, tokens, tmp_path / "best", base_model=str(base), prompt_template=RM.DEFAULT_PROMPT_TEMPLATE,
+    before = scoring.score_lists(rr, ds, 4, "cpu", show_progress=False)
+    saving.save_reranker(rr, tok, tokens, tmp_path / "best", base_model=str(base), prompt_template=RM.DEFAULT_PROMPT_TEMPLATE,
                      max_length=64, image_tokens_added=True)
     for merge in ((True, False) if lora else (True,)):
-        tok2, rr2, tokens2, meta = RM.load_reranker(tmp_path / "best", merge=merge)
+        tok2, rr2, tokens2, meta = saving.load_reranker(tmp_path / "best", merge=merge)
         assert meta["lora"] is lora and float(rr2.fusion_weight.detach()) == pytest.approx(0.42)
         ids2 = torch.tensor(tok2.convert_tokens_to_ids([image_token(i) for i in range(tokens2.mapping.num_tokens)]))
         assert torch.equal(ids2, ids)
-        ds2 = ListDataset(ds.lists, tok2, RM.image_token_ids(tokens2, ids2), L.prompt_formatter(meta["prompt_template"]))
-        after = RM.score_lists(rr2, ds2, 4, "cpu", show_progress=False)
+        ds2 = ListDataset(ds.lists, tok2, saving.image_token_ids(tokens2, ids2), L.prompt_formatter(meta["prompt_template"]))
+        after = scoring.score_lists(rr2, ds2, 4, "cpu", show_progress=False)
         for i in before:
             assert np.allclose(before[i], after[i], atol=1e-5), (merge, i)
 
@@ -386,7 +389,7 @@ def test_prepare_bad_input_leaves_no_output(stage_inputs, tmp_path):
 def test_train_test_end_to_end_and_resume_is_exact(stage_inputs, prepared, tmp_path):
     data, _ = prepared
     res = train.main(train_args(stage_inputs, data, tmp_path / "full"))
-    assert res["global_step"] == 12 and (tmp_path / "full" / "best" / RM.META_FILE).is_file()
+    assert res["global_step"] == 12 and (tmp_path / "full" / "best" / saving.META_FILE).is_file()
     lines = [json.loads(x) for x in open(tmp_path / "full" / "metrics.jsonl")]
     assert any("train/listwise" in x for x in lines) and any("eval/val/R@1" in x for x in lines)
     # interrupted after 5 steps, resumed: same final weights as the uninterrupted run

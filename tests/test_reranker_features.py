@@ -13,6 +13,9 @@ import torch
 
 from avg.artifacts.runfiles import write_run
 from avg.reranker import model as RM
+from avg.reranker import lm_setup
+from avg.reranker import saving
+from avg.reranker import scoring
 from avg.reranker import evaluate as rerank_test, prepare_dataset, rerank_embed, train
 from avg.reranker.data import ListCollator, ListDataset, candidate_lists, clip_lists, load_lists, shorten_list
 from avg.reranker.embed import FeatureStore, choose_weight, fit_embed_weight, fused_scores, rerank_list, rerank_records
@@ -132,10 +135,10 @@ def feature_setup(tmp_path, **kw):
         kw = {**kw, "grid_cells": GRID_CELLS, "grid_width": GRID_WIDTH}
     tok = L.prepare_tokenizer(make_tokenizer())
     lm = make_llama(len(tok))
-    ids, _ = RM.ensure_image_tokens(tok, lm, tokens.mapping, tokens.vectors)
+    ids, _ = lm_setup.ensure_image_tokens(tok, lm, tokens.mapping, tokens.vectors)
     torch.manual_seed(0)
     rr = RM.Reranker(lm, head_inner=16, head_dropout=0.0, fusion="fixed", fusion_weight=0.3, feature_dim=DIM, **kw).eval()
-    ds = ListDataset(lists, tok, RM.image_token_ids(tokens, ids), L.prompt_formatter(RM.DEFAULT_PROMPT_TEMPLATE),
+    ds = ListDataset(lists, tok, saving.image_token_ids(tokens, ids), L.prompt_formatter(RM.DEFAULT_PROMPT_TEMPLATE),
                      image_prefix=kw.get("image_prefix", 0), features=store, image_grid=grid)
     return rr, ds, store
 
@@ -163,7 +166,7 @@ def test_soft_image_prefix_scores_equal_under_left_right_padding_and_shared_pref
     flat_r = rr.score_pairs(right["input_ids"], right["attention_mask"], right["soft_start"], pair_t, pair_v)
     flat_l = rr.score_pairs(left["input_ids"], left["attention_mask"], left["soft_start"], pair_t, pair_v)
     assert torch.allclose(flat_r, ref, atol=1e-5) and torch.allclose(flat_l, ref, atol=1e-5)
-    base, fused = rr(**RM.model_inputs(right, "cpu"))  # shared-prefix path
+    base, fused = rr(**scoring.model_inputs(right, "cpu"))  # shared-prefix path
     assert torch.allclose(base[right["valid"]], ref + 2.0 * right["cosine"][right["valid"]], atol=1e-5)
     rel = RM.relative_retriever_scores(right["retriever_scores"], right["known"])
     assert torch.allclose(fused[right["valid"]], (base + 0.3 * rel)[right["valid"]], atol=1e-5)
@@ -175,7 +178,7 @@ def test_soft_image_prefix_scores_equal_under_left_right_padding_and_shared_pref
 def test_late_interaction_reads_the_prompt_once(tmp_path):
     rr, ds, _ = feature_setup(tmp_path, feature_head=True, candidate_tokens=False, query_pooling="mean")
     batch = ListCollator(ds)(list(range(len(ds))))
-    base, _ = rr(**RM.model_inputs(batch, "cpu"))
+    base, _ = rr(**scoring.model_inputs(batch, "cpu"))
     body, p = rr.body(), 0
     for i in range(len(ds)):
         h = body(input_ids=torch.tensor([ds.prompts[i]])).last_hidden_state[0].mean(0)
@@ -195,12 +198,12 @@ def test_grid_head_scores_each_candidate_grid_from_the_query_slots(tmp_path):
     batch = ListCollator(ds)(list(range(len(ds))))
     assert batch["candidate_grid"].shape == (len(ds), 5, GRID_CELLS, GRID_WIDTH)
     assert (batch["candidate_grid"][2, 3:] == 0).all()  # past the short list's end
-    start, _ = rr(**RM.model_inputs(batch, "cpu"))
+    start, _ = rr(**scoring.model_inputs(batch, "cpu"))
     torch.nn.init.normal_(rr.grid_head.score[-1].weight)  # untrained, the grid head adds exactly nothing
     without = {k: v for k, v in batch.items() if k != "candidate_grid"}
     with pytest.raises(ValueError, match="candidate_grid"):
-        rr(**RM.model_inputs(without, "cpu"))
-    base, _ = rr(**RM.model_inputs(batch, "cpu"))
+        rr(**scoring.model_inputs(without, "cpu"))
+    base, _ = rr(**scoring.model_inputs(batch, "cpu"))
     body, gh = rr.body(), rr.grid_head
     for i in range(len(ds)):  # naive: one query, one candidate at a time
         states = body(input_ids=torch.tensor([ds.prompts[i]])).last_hidden_state
@@ -272,10 +275,10 @@ def test_fusion_weight_is_chosen_on_the_given_lists():
     lists = [{"qid": 0, "query": "q", "gold": "b", "candidates": ["a", "b"], "scores": [0.0, -1.0]},
              {"qid": 1, "query": "q", "gold": "a", "candidates": ["a", "b"], "scores": [0.0, -1.0]}]
     parts = {0: ([0.0, 0.5], [0.0, -1.0]), 1: ([0.0, 0.5], [0.0, -1.0])}  # head prefers b; retriever prefers a
-    w, rows = RM.choose_fusion_weight(lists, parts, weights=(0.0, 0.4, 1.0))
+    w, rows = scoring.choose_fusion_weight(lists, parts, weights=(0.0, 0.4, 1.0))
     assert w == 0.0 and [r["R@1"] for r in rows] == [50.0, 50.0, 50.0]  # a tie: the smallest weight
     parts = {0: ([0.0, 0.5], [0.0, -1.0]), 1: ([0.0, 0.3], [0.0, -1.0])}
-    w, rows = RM.choose_fusion_weight(lists, parts, weights=(0.0, 0.4, 1.0))
+    w, rows = scoring.choose_fusion_weight(lists, parts, weights=(0.0, 0.4, 1.0))
     assert w == 0.4 and rows[1]["R@1"] == 100.0  # 0.4 ranks b first for list 0 and a first for list 1
 
 
@@ -285,21 +288,21 @@ def test_seed_rows_are_reinitialised_unless_asked_and_images_are_wrapped():
     lm = make_llama(len(seed_tok))
     before = lm.get_input_embeddings().weight.detach().clone()
     vectors = build_image_tokens(codes_data()).vectors
-    ids, added = RM.ensure_image_tokens(seed_tok, lm, m, vectors)
+    ids, added = lm_setup.ensure_image_tokens(seed_tok, lm, m, vectors)
     assert not added and not torch.equal(lm.get_input_embeddings().weight[ids], before[ids])
     untouched = torch.ones(len(seed_tok), dtype=torch.bool)
     untouched[ids] = False
     assert torch.equal(lm.get_input_embeddings().weight[untouched], before[untouched])
     lm2 = make_llama(len(seed_tok))
     before2 = lm2.get_input_embeddings().weight.detach().clone()
-    RM.ensure_image_tokens(seed_tok, lm2, m, vectors, reuse_rows=True)
+    lm_setup.ensure_image_tokens(seed_tok, lm2, m, vectors, reuse_rows=True)
     assert torch.equal(lm2.get_input_embeddings().weight, before2)  # SEED's own rows, by explicit choice
-    wrap = RM.image_wrap_ids(seed_tok)
+    wrap = lm_setup.image_wrap_ids(seed_tok)
     assert wrap == ([seed_tok.convert_tokens_to_ids("<img>")], [seed_tok.convert_tokens_to_ids("</img>")])
-    assert RM.image_wrap_ids(make_tokenizer()) == ([], [])
+    assert lm_setup.image_wrap_ids(make_tokenizer()) == ([], [])
     tokens = build_image_tokens(codes_data())
     lists = candidate_lists(fake_records(sorted(tokens.images), 2, 3, 0), 3, insert_positive=False)
-    ds = ListDataset(lists, L.prepare_tokenizer(seed_tok), RM.image_token_ids(tokens, ids),
+    ds = ListDataset(lists, L.prepare_tokenizer(seed_tok), saving.image_token_ids(tokens, ids),
                      L.prompt_formatter(RM.DEFAULT_PROMPT_TEMPLATE), wrap=wrap)
     c = lists[0]["candidates"][0]
     assert ds.candidate_tokens(c) == wrap[0] + ds.image_ids[c] + wrap[1] + [ds.eos]
@@ -350,7 +353,7 @@ def test_feature_reranker_stages_end_to_end(tmp_path, stage_inputs):
     res = train.main(train_args(root, data, tmp_path / "late", *feats, "--late-interaction", "--embed-fusion", "learned",
                                 "--fusion", "val", "--query-pooling", "mean"))
     assert res["global_step"] > 0
-    saved = json.loads((tmp_path / "late" / "best" / RM.META_FILE).read_text())
+    saved = json.loads((tmp_path / "late" / "best" / saving.META_FILE).read_text())
     assert saved["candidate_tokens"] is False and saved["emb_dir"] == str(tmp_path / "emb") and saved["fusion"] == "val"
     assert "fusion weight chosen on val" in (tmp_path / "late" / "train.log").read_text()
     m = rerank_test.main(["--reranker-dir", str(tmp_path / "late" / "best"), "--data-dir", str(data),
@@ -383,7 +386,7 @@ def test_feature_reranker_stages_end_to_end(tmp_path, stage_inputs):
     log = (tmp_path / "grid" / "train.log").read_text()
     assert f"--train-lists found: {len(found)} of {len(short)} training lists" in log
     assert "embed weight u fitted on the %d training lists" % len(found) in log
-    saved = json.loads((tmp_path / "grid" / "best" / RM.META_FILE).read_text())
+    saved = json.loads((tmp_path / "grid" / "best" / saving.META_FILE).read_text())
     assert saved["feature_head"] is False  # the grid head sees the candidate: no feature head unless asked
     assert (saved["grid_slots"], saved["grid_cells"], saved["grid_width"]) == (2, GRID_CELLS, GRID_WIDTH)
     m4 = rerank_test.main(["--reranker-dir", str(tmp_path / "grid" / "best"), "--data-dir", str(data),

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from avg.artifacts.registry import manifest_name
 from avg.artifacts.runfiles import write_run
 from avg.metrics import format_metrics, recall_ks, retrieval_metrics
-from avg.reranker import model as RM
+from avg.reranker import scoring
 from avg.reranker.data import load_lists, seeded_subset
 from avg.reranker.step import LmRerankStep
 from avg.retriever import llama as L
@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
                 n_total, args.split, max(len(x["candidates"]) for x in lists), device, rmeta["fusion"],
                 float(reranker.fusion_weight.detach()))
     t0 = time.time()
-    scores = RM.score_lists(reranker, ds, args.batch_size, device, desc=f"rerank {args.split}", autocast=step.autocast,
+    scores = scoring.score_lists(reranker, ds, args.batch_size, device, desc=f"rerank {args.split}", autocast=step.autocast,
                             indices=range(rank, len(ds), world), share_prefix=not args.no_shared_prefix,
                             show_progress=rank == 0)
     if world > 1:
@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
         dist.all_gather_object(parts, scores)
         scores = {i: v for part in parts for i, v in part.items()}
     seconds = time.time() - t0
-    records = RM.reranked_records(lists, scores)
+    records = scoring.reranked_records(lists, scores)
     before_records = [{"qid": x["qid"], "query": x["query"], "gold": x["gold"], "ranked": x["candidates"],
                        "scores": [s if s is not None else float("nan") for s in x["scores"]]} for x in lists]
     k = max(len(x["candidates"]) for x in lists)

@@ -3,7 +3,7 @@
 SEED-LLaMA's vocabulary already holds 8,192 image tokens ``<img_00000>`` ... ``<img_08191>``.
 The reranker shows every candidate image to the LM with those names, so one mapping serves
 SEED-LLaMA (the tokens exist) and any other LLaMA-family model (the same tokens are added; see
-avg.reranker.model.ensure_image_tokens).
+avg.reranker.lm_setup.ensure_image_tokens).
 
 The mapping from a voken to an image-token index is the order of ``VokenVocab.tokens()``:
 

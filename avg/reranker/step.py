@@ -17,7 +17,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from avg.reranker import model as RM
+from avg.reranker import lm_setup
+from avg.reranker import saving
+from avg.reranker import scoring
 from avg.reranker.data import ListDataset
 from avg.reranker.embed import FeatureStore
 from avg.retriever import llama as L
@@ -48,7 +50,7 @@ class LmRerankStep:
         self.reranker, self.tokenizer, self.meta, self.store = reranker.eval(), tokenizer, meta, store
         self.device, self.batch_size, self.autocast = torch.device(device), int(batch_size), autocast
         ids = torch.tensor(tokenizer.convert_tokens_to_ids([f"<img_{i:05d}>" for i in range(tokens.mapping.num_tokens)]))
-        self.token_ids = RM.image_token_ids(tokens, ids)
+        self.token_ids = saving.image_token_ids(tokens, ids)
         self.format = L.prompt_formatter(meta["prompt_template"])
         self.needs_features = store is not None
 
@@ -56,7 +58,7 @@ class LmRerankStep:
     def check(reranker_dir, emb_dir: Optional[str] = None) -> Optional[FeatureStore]:
         """A saved reranker's folder and the CLIP features it reads (None when none), checked and loaded
         without loading the model: what a stage does before it writes anything."""
-        meta_file = Path(reranker_dir) / RM.META_FILE
+        meta_file = Path(reranker_dir) / saving.META_FILE
         if not meta_file.is_file():
             raise InputError(f"{meta_file}: not found (run scripts/finetune_reranker_llama.sh first)")
         return reranker_feature_store(read_json(meta_file), emb_dir, meta_file)
@@ -72,7 +74,7 @@ class LmRerankStep:
         dev = torch.device(device)
         if dtype is None:
             dtype = L.resolve_dtype("auto", lora=True, device=dev)
-        tokenizer, reranker, tokens, meta = RM.load_reranker(reranker_dir, base_model=base_model, dtype=dtype,
+        tokenizer, reranker, tokens, meta = saving.load_reranker(reranker_dir, base_model=base_model, dtype=dtype,
                                                              device=device)
         autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) \
             if dev.type == "cuda" and dtype == torch.bfloat16 else None
@@ -90,7 +92,7 @@ class LmRerankStep:
         return ListDataset(lists, self.tokenizer, self.token_ids, self.format,
                            max_length=int(self.meta.get("max_length", 64)), source=source,
                            image_prefix=int(self.meta.get("image_prefix", 0)), features=self.store,
-                           wrap=RM.image_wrap_ids(self.tokenizer), image_grid=bool(self.meta.get("grid_slots", 0)),
+                           wrap=lm_setup.image_wrap_ids(self.tokenizer), image_grid=bool(self.meta.get("grid_slots", 0)),
                            query_features=query_features)
 
     @torch.no_grad()
@@ -119,9 +121,9 @@ class LmRerankStep:
             feats = np.asarray(query_features.detach().float().cpu() if torch.is_tensor(query_features)
                                else query_features, dtype=np.float32)[keep]
         ds = self.dataset(lists, "query-time lists", query_features=feats)
-        fused = RM.score_lists(self.reranker, ds, self.batch_size, self.device, desc="rerank", autocast=self.autocast,
+        fused = scoring.score_lists(self.reranker, ds, self.batch_size, self.device, desc="rerank", autocast=self.autocast,
                                show_progress=False)
-        for rec in RM.reranked_records(ds.lists, fused):
+        for rec in scoring.reranked_records(ds.lists, fused):
             out[rec["qid"]] = (rec["ranked"], rec["scores"])
         return out
 

@@ -15,7 +15,7 @@ What the model sees of a candidate and how scores are fused: avg.reranker.model 
 ``--feature-head``, ``--late-interaction``, ``--embed-fusion``; ``--fusion val`` trains the head
 without the retriever's score and chooses its weight on val after each epoch).
 
-Outputs under --out-dir: ``best/`` (avg.reranker.model.save_reranker; chosen by reranked val R@1),
+Outputs under --out-dir: ``best/`` (avg.reranker.saving.save_reranker; chosen by reranked val R@1),
 ``checkpoints/last`` (accelerate state, for --resume), ``eval/run_val_epoch<e>.jsonl``,
 ``train.log``, ``metrics.jsonl``, ``stage.json``.
 """
@@ -34,6 +34,9 @@ from avg.artifacts.registry import manifest_name
 from avg.metrics import format_metrics, retrieval_metrics
 from avg.artifacts.runfiles import write_run
 from avg.reranker import model as RM
+from avg.reranker import lm_setup
+from avg.reranker import saving
+from avg.reranker import scoring
 from avg.reranker.data import ListCollator, ListDataset, load_lists, seeded_subset, shorten_list
 from avg.reranker.embed import EMBED_FIT_BOUNDS, FeatureStore, fit_embed_weight
 from avg.reranker.image_tokens import ImageTokens
@@ -145,16 +148,16 @@ def build_model(args, tokens: ImageTokens, device):
     lora = not args.full_finetune
     dtype = L.resolve_dtype(args.model_dtype, lora=lora, device=device)
     tokenizer, lm = L.load_causal_lm(args.model, dtype=dtype)
-    ids, added = RM.ensure_image_tokens(tokenizer, lm, tokens.mapping, tokens.vectors, seed=args.seed, model_name=args.model,
+    ids, added = lm_setup.ensure_image_tokens(tokenizer, lm, tokens.mapping, tokens.vectors, seed=args.seed, model_name=args.model,
                                         reuse_rows=args.reuse_seed_image_rows)
     if args.gradient_checkpointing:
         L.enable_checkpointing(lm)
     lm.config.use_cache = False
     if lora:
-        lm = RM.add_lora(lm, ids, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
+        lm = lm_setup.add_lora(lm, ids, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
                          target_modules=args.lora_target_modules)
     else:
-        RM.freeze_unused_head(lm)
+        lm_setup.freeze_unused_head(lm)
     torch.manual_seed(args.seed)
     reranker = RM.Reranker(lm, head_inner=args.head_inner, head_dropout=args.head_dropout, fusion=args.fusion,
                            fusion_weight=args.fusion_weight, feature_dim=args.feature_dim, image_prefix=args.image_prefix,
@@ -220,7 +223,7 @@ def main(argv=None) -> dict:
     logger.info("%s + %d image tokens (%s), %s, head %d, fusion %s (w=%.2f): %d / %d trainable weights",
                 args.model, len(ids), "added" if added else "the model's own", "LoRA" if lora else "full fine-tuning",
                 args.head_inner, args.fusion, args.fusion_weight, n_train, n_all)
-    id_table = RM.image_token_ids(tokens, ids)
+    id_table = saving.image_token_ids(tokens, ids)
     fmt = L.prompt_formatter(args.prompt_template)
     train_lists = seeded_subset(train_lists, args.max_train_lists, args.seed, 1)
     if args.train_topk:
@@ -234,7 +237,7 @@ def main(argv=None) -> dict:
             raise InputError(f"{data_dir / 'train.jsonl'}: no training list found its positive (--train-lists found)")
     val_lists = seeded_subset(val_lists, args.max_eval_lists, args.seed, 2)
     ds_kwargs = dict(max_length=args.max_length, image_prefix=args.image_prefix, features=store,
-                     wrap=RM.image_wrap_ids(tokenizer), image_grid=bool(args.grid_head))
+                     wrap=lm_setup.image_wrap_ids(tokenizer), image_grid=bool(args.grid_head))
     train_ds = ListDataset(train_lists, tokenizer, id_table, fmt, source=str(data_dir / "train.jsonl"), **ds_kwargs)
     val_ds = ListDataset(val_lists, tokenizer, id_table, fmt, source=str(val_path), **ds_kwargs) if val_lists else None
     if args.fit_embed_weight:  # also on resume: a fixed u is a buffer, not in LoRA checkpoints (a learned one is restored)
@@ -284,17 +287,17 @@ def main(argv=None) -> dict:
     def run_eval(epoch: int) -> None:
         metrics_all = {"epoch": epoch}
         if val_ds is not None and accelerator.is_main_process:
-            scores = RM.score_lists(unwrapped(), val_ds, args.eval_batch_size, device, desc="eval val",
+            scores = scoring.score_lists(unwrapped(), val_ds, args.eval_batch_size, device, desc="eval val",
                                     autocast=accelerator.autocast, share_prefix=not args.no_shared_prefix,
                                     parts=args.fusion == "val")
             if args.fusion == "val":  # the retriever's weight: chosen on these val lists, after training
-                weight, grid = RM.choose_fusion_weight(val_ds.lists, scores, gallery_size=val_gallery)
+                weight, grid = scoring.choose_fusion_weight(val_ds.lists, scores, gallery_size=val_gallery)
                 with torch.no_grad():
                     unwrapped().fusion_weight.fill_(weight)
                 logger.info("fusion weight chosen on val: w=%s (%s)", weight,
                             ", ".join(f"w={r['weight']}: R@1 {r['R@1']:.2f}" for r in grid))
-                scores = RM.fuse_parts(scores, weight)
-            records = RM.reranked_records(val_ds.lists, scores)
+                scores = scoring.fuse_parts(scores, weight)
+            records = scoring.reranked_records(val_ds.lists, scores)
             metrics = retrieval_metrics(records, gallery_size=val_gallery)
             write_run(records, eval_dir / f"run_val_epoch{epoch}.jsonl")
             metrics_all.update({f"eval/val/{k}": v for k, v in metrics.items()})
@@ -303,7 +306,7 @@ def main(argv=None) -> dict:
         logger.log(metrics_all, step=state["global_step"])
         key, score, improved = select_best(state, metrics_all, epoch) if "eval/val/R@1" in metrics_all else ("last", 0.0, True)
         if improved and accelerator.is_main_process:
-            RM.save_reranker(unwrapped(), tokenizer, tokens, best_dir,
+            saving.save_reranker(unwrapped(), tokenizer, tokens, best_dir,
                              info={"epoch": epoch, "selected_by": key, "metrics": metrics_all}, **save_kwargs)
             logger.info("new best %s=%.2f at epoch %d -> %s", key, score, epoch, best_dir)
         accelerator.wait_for_everyone()
@@ -321,7 +324,7 @@ def main(argv=None) -> dict:
     def micro_step(idx, epoch: int, micro: int):
         batch = {k: v.to(device) for k, v in collate(idx).items()}  # pairs flat + prompt/candidate form
         with accelerator.autocast():
-            head, fused = model(**RM.model_inputs(batch, device), share_prefix=not args.no_shared_prefix)
+            head, fused = model(**scoring.model_inputs(batch, device), share_prefix=not args.no_shared_prefix)
         # see module docstring; "head" is the base score (head + u * cos); --fusion val trains without the retriever
         scores = head if args.fusion == "val" else torch.where(batch["inserted"][:, None], head, fused)
         lw = listwise_loss(scores, batch["labels"], args.temperature)
@@ -343,7 +346,7 @@ def main(argv=None) -> dict:
         logger.finish()
         return result
     if not best_dir.is_dir() and accelerator.is_main_process:
-        RM.save_reranker(unwrapped(), tokenizer, tokens, best_dir, info={"epoch": state["epoch"], "selected_by": "last"},
+        saving.save_reranker(unwrapped(), tokenizer, tokens, best_dir, info={"epoch": state["epoch"], "selected_by": "last"},
                          **save_kwargs)
     accelerator.wait_for_everyone()
     result["best_epoch"], result["best_val_R@1"] = state.get("best_epoch"), state.get("best_r1")
