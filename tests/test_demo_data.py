@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from avg.data import load_karpathy
-from avg.data import demo
+from avg.data.demo import captions
 from avg.data.demo import (COLOURS, SHAPE_WORDS, SceneObject, ensure_demo_dataset, generate_demo_dataset,
                            make_captions, sample_scene)
 from conftest import load_tool
@@ -97,8 +97,8 @@ def test_relations_are_spatially_correct():
     rng = random.Random(0)
     a, b = SceneObject("circle", "red", "small", (0, 0)), SceneObject("star", "blue", "large", (0, 1))
     c = SceneObject("cross", "green", "small", (2, 2))
-    assert {demo._relation(rng, a, b) for _ in range(100)} == {"to the left of", "left of", "next to", "beside"}
-    assert {demo._relation(rng, c, a) for _ in range(100)} == {
+    assert {captions._relation(rng, a, b) for _ in range(100)} == {"to the left of", "left of", "next to", "beside"}
+    assert {captions._relation(rng, c, a) for _ in range(100)} == {
         "below", "under", "beneath", "to the right of", "right of", "below and to the right of"}
 
 
