@@ -76,20 +76,12 @@ def load_reranker(path: str | os.PathLike, *, base_model: Optional[str] = None, 
     tokenizer = L.prepare_tokenizer(AutoTokenizer.from_pretrained(path))
     tokens = ImageTokens.load(path)
     if meta["lora"]:
-        from peft import PeftModel
-
         name = base_model or meta["base_model"]
         try:
             lm = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
         except OSError as e:
             raise InputError(f"{path / META_FILE}: cannot load base model {name!r} ({e}); pass --base-model") from None
-        rows = int(meta.get("embedding_rows") or len(tokenizer))
-        if rows != lm.get_input_embeddings().weight.shape[0]:
-            lm.resize_token_embeddings(rows, mean_resizing=False)
-        lm.config.vocab_size = rows
-        lm = PeftModel.from_pretrained(lm, str(path), is_trainable=False)
-        if merge:
-            lm = lm.merge_and_unload()
+        lm = L.load_adapter(lm, path, int(meta.get("embedding_rows") or len(tokenizer)), merge=merge)
     else:
         lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     reranker = Reranker(lm, head_inner=int(meta["head_inner"]), head_dropout=float(meta["head_dropout"]),

@@ -279,6 +279,19 @@ def read_retriever_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
+def load_adapter(model, path: str | os.PathLike, rows: int, *, merge: bool = True):
+    """The peft adapter saved in ``path`` on its base ``model``: the base is resized to the ``rows``
+    embedding rows the adapter was saved with first (added tokens), then the adapter is loaded
+    frozen and, with ``merge``, folded into plain weights."""
+    from peft import PeftModel
+
+    if rows != model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(rows, mean_resizing=False)
+    model.config.vocab_size = rows
+    model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
+    return model.merge_and_unload() if merge else model
+
+
 def load_retriever(path: str | os.PathLike, *, base_model: Optional[str] = None, merge: bool = True,
                    dtype: torch.dtype = torch.float32, device=None):
     """Load a saved retriever -> (tokenizer, model, vocab, meta), model in eval mode.
@@ -295,8 +308,6 @@ def load_retriever(path: str | os.PathLike, *, base_model: Optional[str] = None,
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(path))
     vocab = VokenVocab.load(path, tokenizer)
     if meta["lora"]:
-        from peft import PeftModel
-
         base_name = base_model or meta["base_model"]
         try:
             model = AutoModelForCausalLM.from_pretrained(base_name, dtype=dtype)
@@ -304,12 +315,7 @@ def load_retriever(path: str | os.PathLike, *, base_model: Optional[str] = None,
             raise InputError(f"{path / RETRIEVER_FILE}: cannot load base model {base_name!r} ({e}); "
                              f"pass --base-model") from None
         rows = int(meta.get("embedding_rows") or max(len(tokenizer), model.get_input_embeddings().weight.shape[0]))
-        if rows != model.get_input_embeddings().weight.shape[0]:
-            model.resize_token_embeddings(rows, mean_resizing=False)
-        model.config.vocab_size = rows
-        model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
-        if merge:
-            model = model.merge_and_unload()
+        model = load_adapter(model, path, rows, merge=merge)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     deterministic_generation_config(search_model(model), tokenizer)
@@ -323,4 +329,4 @@ __all__ = ["DEFAULT_PROMPT_TEMPLATE", "DEFAULT_LORA_TARGETS", "RETRIEVER_FILE", 
            "format_prompt", "prompt_formatter", "prepare_tokenizer", "deterministic_generation_config",
            "resolve_dtype", "load_causal_lm", "add_vokens", "enable_checkpointing", "embeddings_tied", "token_row_targets", "lora_config",
            "add_lora", "is_peft", "search_model", "prompt_dataset", "build_causal_batch", "CausalCollator",
-           "save_retriever", "read_retriever_meta", "load_retriever"]
+           "save_retriever", "read_retriever_meta", "load_adapter", "load_retriever"]
