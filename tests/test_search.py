@@ -191,6 +191,21 @@ def test_fast_path_beam_scores_and_head_restored_on_error():
     assert model.get_output_embeddings() is head
 
 
+def test_search_leaves_the_global_rng_alone():
+    """A search (both paths, and the children score) draws nothing from torch's global RNG: an
+    evaluation or a stage-2 candidate mining must not change the dropout of the training after it."""
+    model = tiny_t5(3)
+    codes = gallery(3, 40, 3, 32)
+    ids, mask = queries(3)
+    index = CodeIndex.from_codes(codes, model.config.vocab_size)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    constrained_beam_search(model, ids, mask, index, 5, eos_token_id=EOS, voken_ids=VOKENS)
+    constrained_beam_search(model, ids, mask, index, 5, eos_token_id=EOS)
+    constrained_beam_search(model, ids, mask, index, 5, voken_ids=VOKENS, normalize="children")
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_unconstrained_equals_index_of_all_codes():
     model = tiny_t5(4)
     subset = VOKENS[:4]

@@ -149,6 +149,9 @@ def test_stage2_reuses_the_recorded_val_evaluation_of_its_start_only_when_it_is_
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         return [{k: v for k, v in r.items() if k.startswith("eval/val/")} for r in rows if r.get("epoch") == 0][0]
     assert epoch0(reused) == epoch0(again) == {k: v for k, v in info["metrics"].items() if k.startswith("eval/val/")}
+    # an evaluation draws nothing from the training's RNG: the same weights whether epoch 0 was reused or run
+    wa, wb = (load_file(out / "checkpoints/last/model.safetensors") for out in (reused, again))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     # a different search setting is a different evaluation: run, not reused
     other = assets / "run_s2_beam4"
     train_t5.main([*base[:base.index("--num-beams")], "--num-beams", "4", *base[base.index("--num-beams") + 2:],

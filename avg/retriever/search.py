@@ -163,8 +163,11 @@ def _restricted_head(model, token_ids: torch.Tensor):
     head = model.get_output_embeddings()
     if not isinstance(head, nn.Linear):
         raise TypeError(f"fast path needs an nn.Linear output head, got {type(head).__name__}")
-    sub = nn.Linear(head.in_features, token_ids.numel(), bias=head.bias is not None,
-                    device=head.weight.device, dtype=head.weight.dtype)
+    # skip_init: no random initialisation of weights that are overwritten below -- it would draw from the
+    # global RNG, so that every search (an evaluation, a stage-2 candidate mining) changed the dropout of
+    # the training that follows it
+    sub = nn.utils.skip_init(nn.Linear, head.in_features, token_ids.numel(), bias=head.bias is not None,
+                             device=head.weight.device, dtype=head.weight.dtype)
     with torch.no_grad():
         sub.weight.copy_(head.weight[token_ids])
         if head.bias is not None:
