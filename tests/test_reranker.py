@@ -291,7 +291,7 @@ def test_save_reload_gives_identical_scores(tmp_path, lora):
     ds = tiny_dataset(tok, tokens, ids)
     before = scoring.score_lists(rr, ds, 4, "cpu", show_progress=False)
     saving.save_reranker(rr, tok, tokens, tmp_path / "best", base_model=str(base), prompt_template=RM.DEFAULT_PROMPT_TEMPLATE,
-                     max_length=64, image_tokens_added=True)
+                         max_length=64, image_tokens_added=True)
     for merge in ((True, False) if lora else (True,)):
         tok2, rr2, tokens2, meta = saving.load_reranker(tmp_path / "best", merge=merge)
         assert meta["lora"] is lora and float(rr2.fusion_weight.detach()) == pytest.approx(0.42)

@@ -129,10 +129,10 @@ def test_stage2_objective_scores_candidates_in_their_gallery_and_masks_lists():
     gen = generative_loss(model, hidden, mask, labels, loss="children", index=index, reduction="sum")
     assert float(parts["dis"]) == pytest.approx(float(dis), abs=1e-5)
     assert float(loss) == pytest.approx(float(gen + 0.5 * dis), abs=1e-4)
-    # only the lists kept by list_mask count
-    one = discriminative_loss(s, pos, temperature=2.0, list_mask=torch.tensor([False, True]))
-    assert float(one) == pytest.approx(float(torch.nn.functional.cross_entropy(s[1:] / 2.0, pos[1:])), abs=1e-6)
-    assert float(discriminative_loss(s, pos, list_mask=torch.tensor([False, False]))) == 0.0
+    # only the lists kept by list_mask count (scored against the same chunk)
+    _, one = obj(ids, mask, labels, candidates=cands, positive_index=pos, candidate_index=chunk,
+                 list_mask=torch.tensor([False, True]))
+    assert float(one["dis"]) == pytest.approx(float(torch.nn.functional.cross_entropy(s[1:] / 2.0, pos[1:])), abs=1e-5)
 
 
 def test_query_prefix_inputs_and_round_trip(tmp_path):

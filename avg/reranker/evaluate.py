@@ -87,8 +87,8 @@ def main(argv=None) -> dict:
                 float(reranker.fusion_weight.detach()))
     t0 = time.time()
     scores = scoring.score_lists(reranker, ds, args.batch_size, device, desc=f"rerank {args.split}", autocast=step.autocast,
-                            indices=range(rank, len(ds), world), share_prefix=not args.no_shared_prefix,
-                            show_progress=rank == 0)
+                                 indices=range(rank, len(ds), world), share_prefix=not args.no_shared_prefix,
+                                 show_progress=rank == 0)
     if world > 1:
         parts: list = [None] * world
         dist.all_gather_object(parts, scores)

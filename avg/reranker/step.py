@@ -75,7 +75,7 @@ class LmRerankStep:
         if dtype is None:
             dtype = L.resolve_dtype("auto", lora=True, device=dev)
         tokenizer, reranker, tokens, meta = saving.load_reranker(reranker_dir, base_model=base_model, dtype=dtype,
-                                                             device=device)
+                                                                 device=device)
         autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) \
             if dev.type == "cuda" and dtype == torch.bfloat16 else None
         return cls(reranker, tokenizer, tokens, meta, store, dev, batch_size=batch_size, autocast=autocast)
@@ -122,7 +122,7 @@ class LmRerankStep:
                                else query_features, dtype=np.float32)[keep]
         ds = self.dataset(lists, "query-time lists", query_features=feats)
         fused = scoring.score_lists(self.reranker, ds, self.batch_size, self.device, desc="rerank", autocast=self.autocast,
-                               show_progress=False)
+                                    show_progress=False)
         for rec in scoring.reranked_records(ds.lists, fused):
             out[rec["qid"]] = (rec["ranked"], rec["scores"])
         return out

@@ -149,13 +149,13 @@ def build_model(args, tokens: ImageTokens, device):
     dtype = L.resolve_dtype(args.model_dtype, lora=lora, device=device)
     tokenizer, lm = L.load_causal_lm(args.model, dtype=dtype)
     ids, added = lm_setup.ensure_image_tokens(tokenizer, lm, tokens.mapping, tokens.vectors, seed=args.seed, model_name=args.model,
-                                        reuse_rows=args.reuse_seed_image_rows)
+                                              reuse_rows=args.reuse_seed_image_rows)
     if args.gradient_checkpointing:
         L.enable_checkpointing(lm)
     lm.config.use_cache = False
     if lora:
         lm = lm_setup.add_lora(lm, ids, r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout,
-                         target_modules=args.lora_target_modules)
+                               target_modules=args.lora_target_modules)
     else:
         lm_setup.freeze_unused_head(lm)
     torch.manual_seed(args.seed)
@@ -288,8 +288,8 @@ def main(argv=None) -> dict:
         metrics_all = {"epoch": epoch}
         if val_ds is not None and accelerator.is_main_process:
             scores = scoring.score_lists(unwrapped(), val_ds, args.eval_batch_size, device, desc="eval val",
-                                    autocast=accelerator.autocast, share_prefix=not args.no_shared_prefix,
-                                    parts=args.fusion == "val")
+                                         autocast=accelerator.autocast, share_prefix=not args.no_shared_prefix,
+                                         parts=args.fusion == "val")
             if args.fusion == "val":  # the retriever's weight: chosen on these val lists, after training
                 weight, grid = scoring.choose_fusion_weight(val_ds.lists, scores, gallery_size=val_gallery)
                 with torch.no_grad():
@@ -307,7 +307,7 @@ def main(argv=None) -> dict:
         key, score, improved = select_best(state, metrics_all, epoch) if "eval/val/R@1" in metrics_all else ("last", 0.0, True)
         if improved and accelerator.is_main_process:
             saving.save_reranker(unwrapped(), tokenizer, tokens, best_dir,
-                             info={"epoch": epoch, "selected_by": key, "metrics": metrics_all}, **save_kwargs)
+                                 info={"epoch": epoch, "selected_by": key, "metrics": metrics_all}, **save_kwargs)
             logger.info("new best %s=%.2f at epoch %d -> %s", key, score, epoch, best_dir)
         accelerator.wait_for_everyone()
 
@@ -347,7 +347,7 @@ def main(argv=None) -> dict:
         return result
     if not best_dir.is_dir() and accelerator.is_main_process:
         saving.save_reranker(unwrapped(), tokenizer, tokens, best_dir, info={"epoch": state["epoch"], "selected_by": "last"},
-                         **save_kwargs)
+                             **save_kwargs)
     accelerator.wait_for_everyone()
     result["best_epoch"], result["best_val_R@1"] = state.get("best_epoch"), state.get("best_r1")
     logger.summary({k: v for k, v in result.items() if v is not None})

@@ -195,12 +195,11 @@ def candidate_log_probs(model, encoder_hidden: torch.Tensor, attention_mask: tor
 
 
 def discriminative_loss(scores: torch.Tensor, positive_index: torch.Tensor, *, temperature: float = 1.0,
-                        mask: Optional[torch.Tensor] = None, list_mask: Optional[torch.Tensor] = None,
-                        targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        mask: Optional[torch.Tensor] = None, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
     """eq. 9: -log softmax(s / T)[positive], a cross-entropy over the candidates' logits.
 
-    Empty slots (mask False) get -inf so they take no probability mass. ``list_mask`` [B] keeps
-    only some lists (the mean is over those; 0 when none is kept). ``targets`` [B, b] (rows summing
+    Empty slots (mask False) get -inf so they take no probability mass; the mean is over the lists
+    given (RetrievalObjective passes only the lists ``list_mask`` keeps). ``targets`` [B, b] (rows summing
     to 1, zero on empty slots; :func:`teacher_targets`) replaces the one-hot target by a
     distribution: ``-sum_j targets_j log softmax(s / T)_j``.
     """
@@ -212,10 +211,7 @@ def discriminative_loss(scores: torch.Tensor, positive_index: torch.Tensor, *, t
     else:
         logp = logits.log_softmax(-1)
         per_list = -(targets.to(logp.dtype) * logp.masked_fill(targets == 0, 0.0)).sum(-1)
-    if list_mask is None:
-        return per_list.mean()
-    keep = list_mask.to(per_list.dtype)
-    return (per_list * keep).sum() / keep.sum().clamp_min(1.0)
+    return per_list.mean()
 
 
 def teacher_targets(teacher_scores: torch.Tensor, positive_index: torch.Tensor, mask: torch.Tensor, *,

@@ -9,13 +9,13 @@ import numpy as np
 import torch
 
 
-def set_seed(seed: int, deterministic: bool = False) -> None:
+def set_seed(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators (deterministic kernels:
+    :func:`deterministic_algorithms`)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 @contextlib.contextmanager
