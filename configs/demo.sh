@@ -42,7 +42,7 @@ T5_QUERY_PREFIX=${T5_QUERY_PREFIX:-4}
 # Beam of the evaluation search: its top-50 is what the rerankers reorder
 BEAM=${BEAM:-50}
 STAGE2_EPOCHS=${STAGE2_EPOCHS:-1}
-# Stage 2 over a seeded half of the 50,000 training captions (201 steps): the one-epoch stage-1 T5 is underfit, and
+# Stage 2 over a seeded half of the 50,000 training captions (about 200 steps): the one-epoch stage-1 T5 is underfit, and
 # stage 2 needs this many steps to beat it beyond the seeds' spread (README, "Over seeds"); 10,000 (81 steps) did not
 STAGE2_MAX_TRAIN_QUERIES=${STAGE2_MAX_TRAIN_QUERIES:-25000}
 STAGE2_LR=${STAGE2_LR:-1e-3}
