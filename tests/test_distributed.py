@@ -61,7 +61,7 @@ def test_reranker_trains_on_two_processes(stage_inputs, prepared, untied_llama, 
 
 
 def test_batch_size_is_global_and_must_divide_among_processes():
-    from avg.retriever.training import describe_batch, per_process_batch
+    from avg.train.loop import describe_batch, per_process_batch
     from avg.utils.io import InputError
 
     assert per_process_batch(128, 4) == 32 and per_process_batch(8, 1) == 8

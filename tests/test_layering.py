@@ -41,6 +41,7 @@ LAYERS = (
     ("avg.artifacts", "avg.metrics", "avg.search.exact"),  # files stages hand each other; R@K; exact search
     ("avg.data",),                                        # caption datasets, images, demo scenes, sample tables
     ("avg.models",),                                      # RQ-VAE, k-means, CLIP loaders, the demo CLIP
+    ("avg.train",),                                       # the training loop, checkpoints and resume; seeded batches
     ("avg.retriever",),                                   # voken vocabulary, T5/LLaMA retrievers, search, training
     ("avg.rqvae",),                                       # tokenizer stages: features, RQ-VAE training, codes
     ("avg.reranker",),                                    # reranker lists, models and stages

@@ -10,7 +10,8 @@ import torch
 
 from avg.metrics import first_hit_rank, retrieval_metrics
 from avg.retriever import prepare_dataset
-from avg.retriever.data import EpochBatchSampler, load_queries, read_codes
+from avg.retriever.data import load_queries, read_codes
+from avg.train.batches import EpochBatchSampler
 from avg.retriever.gallery import Gallery
 from avg.retriever.losses import build_candidates
 from avg.utils.io import InputError

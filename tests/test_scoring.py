@@ -194,7 +194,7 @@ def test_level_tokens_give_each_level_its_own_rows_from_the_shared_codebook():
 
 
 def test_gallery_chunks_and_grouped_batches():
-    from avg.retriever.data import EpochBatchSampler
+    from avg.train.batches import EpochBatchSampler
     from avg.retriever.gallery import Gallery
 
     g = Gallery([f"i{k}" for k in range(23)], np.arange(23 * 2).reshape(23, 2))

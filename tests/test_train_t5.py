@@ -310,7 +310,7 @@ def test_clip_teacher_in_both_stages_end_to_end(assets, emb_data):
 
 
 def test_mixed_precision_defaults_to_bf16_where_supported_and_refuses_fp16_for_t5():
-    from avg.retriever.training import choose_precision, resolve_mixed_precision
+    from avg.train.loop import choose_precision, resolve_mixed_precision
     from avg.utils.io import InputError
 
     assert resolve_mixed_precision("auto", cpu=True, t5=True) == "no"  # the CPU trains in fp32

@@ -32,7 +32,6 @@ import numpy as np
 import torch
 
 from avg.reranker.embed import l2_normalize
-from avg.retriever.data import seeded_subset  # noqa: F401 (the reranker stages import it from here)
 from avg.utils.io import InputError, read_jsonl
 
 
@@ -292,4 +291,4 @@ def lists_per_batch(n_lists: int, batch_size: int) -> int:
 
 
 __all__ = ["clip_lists", "candidate_list", "candidate_lists", "shorten_list", "list_stats", "load_lists", "positive_index", "pack", "ListDataset",
-           "ListCollator", "unflatten", "seeded_subset", "lists_per_batch"]
+           "ListCollator", "unflatten", "lists_per_batch"]

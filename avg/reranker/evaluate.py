@@ -23,10 +23,11 @@ from avg.artifacts.registry import manifest_name
 from avg.artifacts.runfiles import write_run
 from avg.metrics import format_metrics, recall_ks, retrieval_metrics
 from avg.reranker import scoring
-from avg.reranker.data import load_lists, seeded_subset
+from avg.reranker.data import load_lists
 from avg.reranker.step import LmRerankStep
 from avg.retriever import llama as L
 from avg.utils.cli import add_device_arg, run_main
+from avg.utils.seed import seeded_subset
 from avg.utils.devices import process_device
 from avg.utils.io import InputError, read_json, write_json
 from avg.utils.stages import add_force_arg, begin_stage, skip_if_done

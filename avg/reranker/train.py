@@ -37,18 +37,17 @@ from avg.reranker import model as RM
 from avg.reranker import lm_setup
 from avg.reranker import saving
 from avg.reranker import scoring
-from avg.reranker.data import ListCollator, ListDataset, load_lists, seeded_subset, shorten_list
+from avg.reranker.data import ListCollator, ListDataset, load_lists, shorten_list
 from avg.reranker.embed import EMBED_FIT_BOUNDS, FeatureStore, fit_embed_weight
 from avg.reranker.image_tokens import ImageTokens
 from avg.reranker.losses import listwise_loss, pointwise_loss
 from avg.retriever import llama as L
-from avg.retriever.data import EpochBatchSampler
-from avg.retriever.training import check_checkpoint, trainable_only_hooks
-from avg.retriever.training import (STATE_FILE, describe_batch, per_process_batch, resolve_mixed_precision,
-                                    resume_from, select_best, train_epochs)
+from avg.train.batches import EpochBatchSampler
+from avg.train.loop import (STATE_FILE, check_checkpoint, describe_batch, per_process_batch, resolve_mixed_precision,
+                            resume_from, select_best, train_epochs, trainable_only_hooks)
 from avg.utils.cli import add_device_arg, run_main
 from avg.utils.io import InputError, read_json
-from avg.utils.seed import set_seed
+from avg.utils.seed import seeded_subset, set_seed
 from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
 from avg.utils.tracking import RunLogger
 

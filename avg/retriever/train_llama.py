@@ -37,12 +37,14 @@ from transformers import get_linear_schedule_with_warmup
 from avg.artifacts.registry import manifest_name
 from avg.artifacts.runfiles import write_run
 from avg.retriever import llama as L
-from avg.retriever.data import EpochBatchSampler, read_codes, seeded_subset
+from avg.retriever.data import read_codes
 from avg.retriever.evaluate import evaluate_split
 from avg.retriever.gallery import Gallery
-from avg.retriever.training import (add_eval_and_checkpoint_args, check_checkpoint, check_data_matches_vocab,
-                                    describe_batch, load_split, per_process_batch, resolve_mixed_precision, resume_from, select_best,
-                                    start_training_run, train_epochs, trainable_only_hooks)
+from avg.retriever.training import add_eval_and_checkpoint_args, check_data_matches_vocab, load_split
+from avg.train.batches import EpochBatchSampler
+from avg.train.loop import (check_checkpoint, describe_batch, per_process_batch, resolve_mixed_precision, resume_from,
+                            select_best, start_training_run, train_epochs, trainable_only_hooks)
+from avg.utils.seed import seeded_subset
 from avg.retriever.vocab import VokenVocab
 from avg.utils.io import InputError, read_json, write_json
 from avg.utils.seed import set_seed

@@ -55,7 +55,7 @@ from accelerate import Accelerator
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, get_linear_schedule_with_warmup
 
 from avg.artifacts.registry import manifest_name
-from avg.retriever.data import Collator, EpochBatchSampler, QueryDataset, read_codes, seeded_subset
+from avg.retriever.data import Collator, QueryDataset, read_codes
 from avg.retriever.diagnostics import code_diagnostics, format_diagnostics
 from avg.retriever.evaluate import evaluate_split, logits_vocab_size
 from avg.retriever.gallery import Gallery
@@ -64,9 +64,11 @@ from avg.retriever.prefix import (QueryPrefix, emb_dir_for, emb_for, feature_row
                                   query_features)
 from avg.retriever.teacher import CodeTeacher, GalleryTeacher
 from avg.retriever.t5 import load_t5_retriever, save_t5_retriever
-from avg.retriever.training import (add_eval_and_checkpoint_args, check_data_matches_vocab, check_inputs,
-                                    describe_batch, load_split, per_process_batch, resolve_mixed_precision,
-                                    resume_from, select_best, start_training_run, train_epochs)
+from avg.retriever.training import add_eval_and_checkpoint_args, check_data_matches_vocab, check_inputs, load_split
+from avg.train.batches import EpochBatchSampler
+from avg.train.loop import (describe_batch, per_process_batch, resolve_mixed_precision, resume_from, select_best,
+                            start_training_run, train_epochs)
+from avg.utils.seed import seeded_subset
 from avg.retriever.vocab import VOCAB_FILE, VokenVocab
 from avg.artifacts.runfiles import write_run
 from avg.utils.io import InputError, read_json, write_json

@@ -1,32 +1,14 @@
-"""The training loop shared by the T5 and LLaMA retrievers and the reranker.
-
-Checkpoints (accelerate state + our counters, swapped in atomically), split loading, gradient
-accumulation bookkeeping, the optimizer step, best-checkpoint selection, the mid-epoch
-checkpoint / stop rules and the epoch loop itself (:func:`train_epochs`) live here once, so every
-trainer resumes, logs and selects models the same way; a trainer supplies only its micro-step.
-"""
+"""What the T5 and LLaMA retriever trainers share beyond the generic loop (:mod:`avg.train.loop`):
+split loading, the check that retriever_data/ matches the model's vokens, their evaluation and
+checkpoint flags, and the up-front input checks."""
 from __future__ import annotations
 
-import contextlib
-import shutil
-import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
-
-from accelerate import Accelerator
-from safetensors import safe_open
-
-from avg.utils.progress import tqdm
 
 from avg.retriever.data import load_queries
 from avg.retriever.gallery import Gallery
 from avg.retriever.vocab import VOCAB_FILE, VokenVocab
-from avg.utils.io import InputError, read_json, replace_dir, write_json
-from avg.utils.stages import StageRun, begin_stage, skip_if_done
-from avg.utils.tracking import RunLogger, get_logger
-
-STATE_FILE = "train_state.json"
+from avg.utils.io import InputError, read_json
 
 
 def load_split(data_dir: Path, split: str, code_len: int, seed: int):
@@ -38,49 +20,6 @@ def load_split(data_dir: Path, split: str, code_len: int, seed: int):
     if len(gallery) and code_len is not None and gallery.code_len != code_len:
         raise InputError(f"{gpath}: codes of length {gallery.code_len}, the vocabulary expects {code_len}")
     return queries, gallery
-
-
-def resolve_mixed_precision(choice: str, *, cpu: bool = False, t5: bool = False, allow_fp16: bool = False) -> str:
-    """accelerate's mixed-precision mode for ``--mixed-precision``: 'auto' is bf16 where the GPU
-    supports it, else 'no' (fp32; the CPU always). fp16 is refused for T5, whose activations overflow
-    fp16's range, unless ``allow_fp16``. On a GPU, float32 matrix multiplies use TF32 tensor cores."""
-    import torch
-
-    cuda = torch.cuda.is_available() and not cpu
-    choice = choose_precision(choice, cuda=cuda, bf16_ok=cuda and torch.cuda.is_bf16_supported(), t5=t5,
-                              allow_fp16=allow_fp16)
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return choice
-
-
-def choose_precision(choice: str, *, cuda: bool, bf16_ok: bool, t5: bool = False, allow_fp16: bool = False) -> str:
-    """The rule of :func:`resolve_mixed_precision`, given what the device supports."""
-    if choice == "auto":
-        choice = "bf16" if cuda and bf16_ok else "no"
-    if choice == "fp16" and t5 and not allow_fp16:
-        raise InputError("--mixed-precision fp16: T5 overflows in fp16 (activations beyond 65504 give inf/nan); "
-                         "use bf16 (the default where the GPU has it), or pass --allow-fp16 to force it")
-    return choice
-
-
-def per_process_batch(batch_size: int, world_size: int, flag: str = "--batch-size") -> int:
-    """``--batch-size`` is the global batch of one micro-step, over all processes: each of
-    ``world_size`` processes takes ``batch_size / world_size`` (so the paper's 128 stays 128 on 4
-    GPUs, with the same learning rate); a size that does not divide is refused."""
-    if batch_size < 1:
-        raise InputError(f"{flag} must be >= 1, got {batch_size}")
-    if batch_size % world_size:
-        raise InputError(f"{flag} {batch_size} is the global batch: it must be a multiple of the {world_size} "
-                         f"processes (e.g. {max(world_size, batch_size // world_size * world_size)})")
-    return batch_size // world_size
-
-
-def describe_batch(batch_size: int, world_size: int, grad_accum: int = 1) -> str:
-    per = batch_size // world_size
-    return (f"global batch {batch_size * grad_accum} per optimizer step = {per} per process x {world_size} "
-            f"process(es) x {grad_accum} accumulation step(s)")
 
 
 VOCAB_KEYS = ("num_levels", "codebook_size", "shared_codebook", "code_len", "disambiguation", "disambiguation_size")
@@ -100,92 +39,6 @@ def check_data_matches_vocab(data_dir, vocab, vocab_source) -> None:
         raise InputError(f"{meta_path}: built from codes that disagree with the retriever's vokens ({vocab_source}): "
                          f"{'; '.join(diff)}; rebuild retriever_data from the codes the model was made with, or "
                          "train a retriever on these codes")
-
-
-@dataclass
-class TrainingRun:
-    """What :func:`start_training_run` decided: the claimed stage, its logger and whether it resumes;
-    ``skipped`` is the previous run's summary when its outputs were complete and up to date."""
-    stage: Optional[StageRun]
-    logger: Optional[RunLogger]
-    resuming: bool
-    skipped: Optional[dict] = None
-
-
-def start_training_run(accelerator, args, out_dir: Path, stage: str, *, inputs, run_name: str,
-                       logger_name: str) -> TrainingRun:
-    """The retriever trainers' prelude, on every process: claim ``out_dir`` for ``stage`` with this
-    configuration (:func:`~avg.utils.stages.begin_stage`; every rank reads the manifest before the
-    main process rewrites it, so all take the same decision), return at once when it is up to
-    date and skipping is on, resume from ``checkpoints/last`` when asked (``--resume``) or when the
-    same configuration was interrupted, open the run logger, and on a fresh start remove an older
-    run's ``best/``, ``checkpoints/`` and ``eval/`` (a fresh run never reports an older model)."""
-    ckpt_dir = out_dir / "checkpoints" / "last"
-    run = begin_stage(out_dir, stage, vars(args), force=args.force, mark_running=False, inputs=inputs,
-                      ignore=("save_every_steps", "stop_after_steps"))
-    accelerator.wait_for_everyone()
-    if run.up_to_date and skip_if_done():
-        get_logger(logger_name).info("%s: outputs in %s are complete and up to date; skipping", stage, out_dir)
-        return TrainingRun(run, None, False, dict(run.previous.get("summary") or {}))
-    interrupted = not run.fresh and run.previous.get("status") == "running"
-    resuming = bool((args.resume or interrupted) and (ckpt_dir / STATE_FILE).is_file())
-    run.running()
-    logger = RunLogger(out_dir, project=args.wandb_project, run_name=run_name, config=vars(args), resume=resuming)
-    if args.resume and not resuming:
-        logger.info("--resume: no checkpoint at %s, starting fresh", ckpt_dir)
-    if not resuming and accelerator.is_main_process:
-        for stale in (out_dir / "best", out_dir / "checkpoints", out_dir / "eval"):
-            if stale.exists():  # a fresh run must never report an older run's model or metrics
-                logger.info("fresh run: removing %s from an earlier run", stale)
-                shutil.rmtree(stale)
-    accelerator.wait_for_everyone()
-    return TrainingRun(run, logger, resuming)
-
-
-def save_checkpoint(accelerator, ckpt_dir: Path, state: dict) -> None:
-    """accelerate save_state (model, optimizer, RNG) + our counters and the LR schedule (``state``,
-    kept current by optimizer_step) as JSON, swapped in atomically."""
-    tmp = ckpt_dir.with_name(f".{ckpt_dir.name}.tmp")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        write_json(state, tmp / STATE_FILE)
-        replace_dir(tmp, ckpt_dir)
-    accelerator.wait_for_everyone()
-
-
-def resume_from(accelerator, ckpt_dir: Path, scheduler, state: dict, models=(), **load_kwargs) -> None:
-    """Restore ``save_checkpoint``'s output into the prepared objects, ``scheduler`` and ``state``.
-
-    Loads are safe: weights from safetensors, optimizer/RNG through accelerate's weights_only torch
-    loads, the schedule from JSON. (The scheduler is never ``register_for_checkpointing``-ed:
-    accelerate unpickles such custom objects with weights_only=False.) Each of ``models`` (the
-    prepared modules) is checked against the checkpoint's tensor shapes first, so a checkpoint of
-    another model size is a clear error, not a size-mismatch traceback."""
-    from safetensors import safe_open
-
-    for i, model in enumerate(models):
-        path = ckpt_dir / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
-        if not path.is_file():
-            continue
-        have = {k: tuple(v.shape) for k, v in accelerator.unwrap_model(model).state_dict().items()}
-        with safe_open(str(path), framework="pt") as f:
-            bad = [f"{k} {tuple(f.get_slice(k).get_shape())} in the checkpoint vs {have[k]} in the model"
-                   for k in f.keys() if k in have and tuple(f.get_slice(k).get_shape()) != have[k]]
-        if bad:
-            raise InputError(f"{path}: checkpoint of another model configuration ({len(bad)} tensor(s) differ, e.g. "
-                             f"{'; '.join(bad[:3])}); resume with the settings it was made with, or start a fresh run")
-    accelerator.load_state(str(ckpt_dir), **load_kwargs)
-    saved = read_json(ckpt_dir / STATE_FILE)
-    if "scheduler" in saved:
-        scheduler.load_state_dict(saved["scheduler"])
-    elif saved.get("global_step", 0):
-        raise InputError(f"{ckpt_dir / STATE_FILE}: no learning-rate schedule in this checkpoint (written by an older "
-                         "version); start a fresh run (--force) instead of resuming")
-    state.update(saved)
 
 
 def add_eval_and_checkpoint_args(p, *, eval_batch_size: int, eval_train_queries: int, log_every: int,
@@ -224,142 +77,3 @@ def check_inputs(data_dir, *, codes_dir=None, init_from=None) -> None:
         raise InputError("; ".join(missing))
     if init_from is not None:  # a saved retriever's vokens are known up front: check before writing anything
         check_data_matches_vocab(data_dir, VokenVocab.load(init_from), Path(init_from) / VOCAB_FILE)
-
-
-def accumulation_group(micro: int, grad_accum: int, micro_per_epoch: int) -> tuple[int, bool]:
-    """(size of the accumulation group holding micro-batch `micro`, whether it is the group's last)."""
-    start = (micro // grad_accum) * grad_accum
-    size = min(grad_accum, micro_per_epoch - start)
-    return size, micro == start + size - 1
-
-
-def optimizer_step(accelerator, params, optimizer, scheduler, max_grad_norm: float, state: dict) -> None:
-    """Clip, step, advance the schedule (unless the step was skipped), clear grads, count the step."""
-    if max_grad_norm > 0:
-        accelerator.clip_grad_norm_(params, max_grad_norm)
-    optimizer.step()
-    if not accelerator.optimizer_step_was_skipped:
-        scheduler.step()
-    state["scheduler"] = scheduler.state_dict()  # checkpointed as JSON with the counters
-    optimizer.zero_grad(set_to_none=True)
-    state["global_step"] += 1
-    state["step_in_epoch"] += 1
-
-
-def select_best(state: dict, metrics: dict, epoch: int) -> tuple[str, float, bool]:
-    """Model selection by val R@1 (train R@1 when there is no val split): (key, score, improved)."""
-    key = "eval/val/R@1" if "eval/val/R@1" in metrics else "eval/train/R@1"
-    score = metrics.get(key, float("-inf"))
-    improved = state["best_r1"] is None or score > state["best_r1"]
-    if improved:
-        state["best_r1"], state["best_epoch"] = score, epoch
-    return key, score, improved
-
-
-def checkpoint_after_step(accelerator, ckpt_dir: Path, state: dict, steps_this_run: int,
-                          save_every_steps: int, stop_after_steps: int) -> bool:
-    """--save-every-steps / --stop-after-steps; True when the run must stop (checkpoint written)."""
-    if stop_after_steps and steps_this_run >= stop_after_steps:
-        save_checkpoint(accelerator, ckpt_dir, state)
-        return True
-    if save_every_steps and state["global_step"] % save_every_steps == 0:
-        save_checkpoint(accelerator, ckpt_dir, state)
-    return False
-
-
-def train_epochs(accelerator, args, state: dict, *, sampler, micro_per_epoch: int, model, params, optimizer,
-                 scheduler, ckpt_dir: Path, logger, micro_step: Callable, run_eval: Callable[[int], None],
-                 log_extra: Optional[Callable[[], dict]] = None,
-                 on_epoch_start: Optional[Callable[[int], None]] = None) -> dict:
-    """Run epochs ``state["epoch"] .. args.epochs - 1``, resuming mid-epoch from ``state``.
-
-    ``micro_step(idx, epoch, micro) -> (loss, parts)`` does one micro-batch's forward pass (the
-    backward pass, gradient accumulation without DDP sync, the optimizer step, logging, mid-epoch
-    checkpoints and --stop-after-steps happen here); ``parts`` are floats averaged into
-    ``train/<name>`` next to ``train/loss``. After each epoch: ``run_eval(epoch)`` every
-    ``args.eval_every`` epochs and after the last, then a checkpoint. ``model`` is the prepared
-    (possibly DDP-wrapped) module, ``params`` what is clipped and stepped. Returns the step counts
-    and timings (``train_seconds`` never counts evaluation) and ``stopped`` (--stop-after-steps).
-    """
-    t_start, steps_this_run, train_seconds, stopped = time.time(), 0, 0.0, False
-    running: dict = {}
-    for epoch in range(state["epoch"], args.epochs):
-        if on_epoch_start is not None:
-            on_epoch_start(epoch)
-        skip = state["step_in_epoch"] * args.grad_accum
-        sampler.set_epoch(epoch, skip_batches=skip)
-        t_epoch = t_log = time.time()
-        steps_at_log = steps_this_run
-        batches = tqdm(list(sampler), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
-                       disable=not accelerator.is_local_main_process)
-        for j, idx in enumerate(batches):
-            micro = skip + j
-            group_size, last_in_group = accumulation_group(micro, args.grad_accum, micro_per_epoch)
-            with accelerator.no_sync(model) if not last_in_group else contextlib.nullcontext():
-                loss, parts = micro_step(idx, epoch, micro)
-                accelerator.backward(loss / group_size)
-            for k, v in {"loss": float(loss.detach()), **parts}.items():
-                running[k] = running.get(k, 0.0) + float(v)
-            running["n"] = running.get("n", 0) + 1
-            if not last_in_group:
-                continue
-            optimizer_step(accelerator, params, optimizer, scheduler, args.max_grad_norm, state)
-            steps_this_run += 1
-            if state["global_step"] % args.log_every == 0:
-                n = max(running.pop("n"), 1)
-                logs = {f"train/{k}": v / n for k, v in running.items()}
-                logs.update({"train/lr": scheduler.get_last_lr()[0], "epoch": epoch + 1,
-                             "train/s_per_step": (time.time() - t_log) / max(steps_this_run - steps_at_log, 1)})
-                if log_extra is not None:
-                    logs.update(log_extra())
-                logger.log(logs, step=state["global_step"])
-                running = {}
-                t_log, steps_at_log = time.time(), steps_this_run
-            if checkpoint_after_step(accelerator, ckpt_dir, state, steps_this_run, args.save_every_steps,
-                                     args.stop_after_steps):
-                stopped = True
-                break
-        train_seconds += time.time() - t_epoch
-        if stopped:
-            break
-        done = epoch + 1
-        state["epoch"], state["step_in_epoch"] = done, 0
-        if (args.eval_every and done % args.eval_every == 0) or done == args.epochs:
-            run_eval(done)
-        save_checkpoint(accelerator, ckpt_dir, state)
-    return {"global_step": state["global_step"], "steps_this_run": steps_this_run, "train_seconds": train_seconds,
-            "wall_seconds": time.time() - t_start,
-            "s_per_step": train_seconds / steps_this_run if steps_this_run else None, "stopped": stopped}
-
-
-def _plain_name(name: str) -> str:
-    """Parameter name without DDP's ``module.`` prefix (accelerate saves DDP models unwrapped)."""
-    return name[len("module."):] if name.startswith("module.") else name
-
-
-def trainable_names(model) -> set[str]:
-    return {_plain_name(n) for n, p in model.named_parameters() if p.requires_grad}
-
-
-def trainable_only_hooks(accelerator: Accelerator) -> None:
-    """Checkpoint only what trains (LoRA + voken rows): a 7B base model is not rewritten every epoch."""
-
-    def on_save(models, weights, output_dir):
-        for i, (model, state) in enumerate(zip(models, weights)):
-            keep = trainable_names(model)
-            weights[i] = {k: v for k, v in state.items() if _plain_name(k) in keep}
-
-    accelerator.register_save_state_pre_hook(on_save)
-
-
-def check_checkpoint(ckpt_dir: Path, model) -> None:
-    """The partial checkpoint holds every trainable weight (load_state runs with strict=False)."""
-    path = ckpt_dir / "model.safetensors"
-    if not path.is_file():
-        raise InputError(f"{path}: missing from the checkpoint (was it written by this trainer?)")
-    with safe_open(str(path), framework="pt") as f:
-        have = {_plain_name(k) for k in f.keys()}
-    missing = sorted(trainable_names(model) - have)
-    if missing:
-        raise InputError(f"{path}: lacks {len(missing)} trainable weights (e.g. {missing[0]}); "
-                         "was it written with other --lora-* settings?")

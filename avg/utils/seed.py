@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -34,4 +35,13 @@ def deterministic_algorithms(enabled: bool = True):
         torch.use_deterministic_algorithms(before, warn_only=before_warn)
 
 
-__all__ = ["deterministic_algorithms", "set_seed"]
+def seeded_subset(items: Sequence, n: int, seed: int, salt: int) -> list:
+    """A seeded random subset of N items in their original order (all when n <= 0 or n >= len): every
+    --max-* option of the trainers and stages draws its subset here (``salt`` keeps their draws apart)."""
+    if n <= 0 or n >= len(items):
+        return list(items)
+    pick = np.sort(np.random.default_rng([seed, salt]).choice(len(items), n, replace=False))
+    return [items[i] for i in pick]
+
+
+__all__ = ["deterministic_algorithms", "seeded_subset", "set_seed"]
