@@ -494,7 +494,7 @@ def test_rqvae_checkpoint_from_another_configuration(tmp_path):
     common = ["--emb-dir", emb_dir, "--out-dir", out, "--epochs", "2", "--batch-size", "8", "--latent-dim", "4",
               "--hidden-dims", "8", "--kmeans-samples", "16", "--num-levels", "2"]
     train.main([str(a) for a in common + ["--codebook-size", "8", "--stop-after-epochs", "1"]])
-    ckpt = out / "checkpoints" / "last.pt"
+    ckpt = out / "checkpoints" / "last" / "train_state.json"
     before = ckpt.read_bytes()
     code, err = run_cli(train.main, common + ["--codebook-size", "16", "--resume"])
     assert_clean_error(code, err, str(ckpt), "codebook_size")

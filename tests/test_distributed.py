@@ -95,3 +95,26 @@ def test_t5_stage2_trains_on_two_processes_and_sharded_evaluation_equals_one(ass
     two = read_run(tmp_path / "two" / "eval" / "run_test.jsonl")
     assert [(r.qid, r.ranked) for r in one] == [(r.qid, r.ranked) for r in two]
     assert all(np.allclose(a.scores, b.scores, atol=1e-5) for a, b in zip(one, two))
+
+
+@pytest.mark.slow
+def test_rqvae_trains_on_two_processes(tmp_path):
+    """The RQ-VAE on the shared loop under DDP: each process takes every other batch (all full, so the
+    dead-code resets gather codes of one shape from both), and a kill-free --stop-after-epochs then
+    the same command continues from the checkpoint both processes wrote."""
+    from test_rqvae_train import make_emb
+
+    emb = make_emb(tmp_path / "emb", n=200)
+    args = ["--emb-dir", emb, "--out-dir", tmp_path / "rq", "--epochs", "2", "--batch-size", "16", "--num-levels", "2",
+            "--codebook-size", "16", "--latent-dim", "4", "--hidden-dims", "16", "--kmeans-samples", "64",
+            "--dead-code-threshold", "1", "--seed", "3", "--device", "cpu"]
+    res = _torchrun("avg.rqvae.train", [*args, "--stop-after-epochs", "1"], 29200 + os.getpid() % 90)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    log = (tmp_path / "rq" / "train.log").read_text()
+    assert "5 steps/epoch, 2 processes" in log  # 160 train images, 16 a process: 10 batches, 5 each
+    res = _torchrun("avg.rqvae.train", args, 29100 + os.getpid() % 90)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    final = json.loads((tmp_path / "rq" / "final_metrics.json").read_text())
+    assert final["step"] == 10 and final["epoch"] == 2 and "resuming from" in (tmp_path / "rq" / "train.log").read_text()
+    epochs = [json.loads(x) for x in open(tmp_path / "rq" / "metrics.jsonl") if '"epoch"' in x]
+    assert sum(e["train/dead_codes_reset"] for e in epochs) > 0

@@ -49,7 +49,7 @@ PIPELINE_ENV: dict = {}  # the fixture's environment, for tests that run further
 def test_every_stage_writes_its_contract(pipeline):
     root, _ = pipeline
     for rel in ("emb/index.json", "emb/image_features.npy", "clip_baseline/metrics_clip_test.json",
-                "rqvae/model.safetensors", "rqvae/config.json", "rqvae/checkpoints/last.pt",
+                "rqvae/model.safetensors", "rqvae/config.json", "rqvae/checkpoints/last/train_state.json",
                 "codes/codes.json", "codes/codebook.npy", "codes/stats.json",
                 "retriever_data/train.jsonl", "retriever_data/gallery_test.json",
                 "retriever_t5/best/voken_vocab.json", "retriever_t5/eval/metrics_test.json",

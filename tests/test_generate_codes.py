@@ -119,7 +119,7 @@ def test_train_then_generate_codes_end_to_end(tmp_path, monkeypatch):
                    {"backend": "synthetic", "model": "none", "pretrained": "", "normalized": True})
     final = train_mod.main(["--emb-dir", str(emb), "--out-dir", str(tmp_path / "rqvae"), "--epochs", "3", "--batch-size", "64",
                             "--num-levels", "3", "--codebook-size", "32", "--latent-dim", "8", "--hidden-dims", "32", "--lr", "2e-3"])
-    for f in ("model.safetensors", "config.json", "train.log", "metrics.jsonl", "final_metrics.json", "checkpoints/last.pt"):
+    for f in ("model.safetensors", "config.json", "train.log", "metrics.jsonl", "final_metrics.json", "checkpoints/last/train_state.json"):
         assert (tmp_path / "rqvae" / f).is_file(), f
     stats = gc.main(["--rqvae-dir", str(tmp_path / "rqvae"), "--emb-dir", str(emb), "--out-dir", str(tmp_path / "codes"), "--device", "cpu"])
     codes = load_codes(tmp_path / "codes")

@@ -107,9 +107,9 @@ def test_rqvae_killed_mid_epoch_resumes_bit_for_bit(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     ref = _start(_cmd("avg.rqvae.train", *flags, "--out-dir", straight), tmp_path / "straight.log")
     cmd = _cmd("avg.rqvae.train", *flags, "--out-dir", killed)
-    _kill_after(cmd, tmp_path / "killed.log", killed / "checkpoints" / "last.pt")  # after epoch 1 of 4
+    _kill_after(cmd, tmp_path / "killed.log", killed / "checkpoints" / "last" / "train_state.json")  # after epoch 1 of 4
     _no_final_outputs(killed, ["model.safetensors", "final_metrics.json"])
-    epoch = torch.load(killed / "checkpoints" / "last.pt", weights_only=True)["epoch"]
+    epoch = json.loads((killed / "checkpoints" / "last" / "train_state.json").read_text())["epoch"]
     assert 1 <= epoch < 4
 
     again = _start(cmd, tmp_path / "again.log")  # the very same command, no --resume

@@ -175,7 +175,7 @@ def test_trainer_refuses_forces_fresh_resumes_interrupted_and_skips(tmp_path, mo
     weights = lambda: (out / "model.safetensors").read_bytes()  # noqa: E731
 
     # interrupted (a time-limited job): the same command without --resume continues from the checkpoint
-    train_rqvae.main([*base, "--stop-after", "1"])
+    train_rqvae.main([*base, "--stop-after-epochs", "1"])
     assert read_manifest(out)["status"] == "running" and not (out / "model.safetensors").exists()
     final = train_rqvae.main(base)
     assert "resuming from" in log() and "(epoch 1, step" in log()

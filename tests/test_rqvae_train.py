@@ -146,8 +146,8 @@ def test_resume_is_bit_for_bit(tmp_path, monkeypatch):
     run_train(emb_dir, tmp_path / "straight", *flags)
     run_train(emb_dir, tmp_path / "resumed", *flags, "--stop-after-epochs", "1")
     assert not (tmp_path / "resumed" / "model.safetensors").exists()
-    ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)
-    assert ckpt["epoch"] == 1 and ckpt["step"] == 3
+    ckpt = json.loads((tmp_path / "resumed" / "checkpoints" / "last" / "train_state.json").read_text())
+    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 3
     run_train(emb_dir, tmp_path / "resumed", *flags, "--resume")
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
@@ -159,6 +159,65 @@ def test_resume_is_bit_for_bit(tmp_path, monkeypatch):
     assert resets[-2] > 0 and resets[-1] > 0  # so the resumed run must restore the dead-code state
     with pytest.raises(InputError, match="differs"):
         run_train(emb_dir, tmp_path / "resumed", "--epochs", "3", "--resume", "--codebook-size", "32")
+
+
+def test_mid_epoch_resume_is_bit_for_bit_and_epochs_are_kept(tmp_path, monkeypatch):
+    """On the shared loop the RQ-VAE also stops mid-epoch (--stop-after-steps 2 of 3 a epoch: the
+    checkpoint holds the sampler position, the dead-code counters and generator, every RNG) and the
+    same command continues to the weights of an uninterrupted run; --keep-every-epochs keeps copies."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    emb_dir = make_emb(tmp_path / "emb")
+    flags = ["--epochs", "2", "--dead-code-threshold", "1", "--dropout", "0.1"]  # resets and dropout draws
+    run_train(emb_dir, tmp_path / "straight", *flags)
+    run_train(emb_dir, tmp_path / "resumed", *flags, "--stop-after-steps", "2", "--keep-every-epochs", "1")
+    state = json.loads((tmp_path / "resumed" / "checkpoints" / "last" / "train_state.json").read_text())
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 2, 2)
+    assert state["dead_code"]["total_reset"] > 0 and not (tmp_path / "resumed" / "model.safetensors").exists()
+    run_train(emb_dir, tmp_path / "resumed", *flags, "--keep-every-epochs", "1")  # the same command, no --resume
+    assert "resuming from" in (tmp_path / "resumed" / "train.log").read_text()
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    kept = sorted(d.name for d in (tmp_path / "resumed" / "checkpoints").iterdir())
+    assert kept == ["epoch_0001", "epoch_0002", "last"]
+    assert json.loads((tmp_path / "resumed" / "checkpoints" / "epoch_0001" / "train_state.json").read_text())["epoch"] == 1
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_sampler_shards_full_batches_over_processes_and_skips(drop_last):
+    """rank r of W takes every W-th batch of the epoch's list; every rank gets the same number of
+    full batches (so gathered codes have one shape), together covering every image; one process is
+    the plain list; skip_batches drops the batches a resumed run already saw."""
+    rows, caps = np.arange(100, 150), [[i] for i in range(50)]
+    one = FeatureBatchSampler(rows, caps, 8, seed=2, drop_last=drop_last)
+    plain = [b for b in one]
+    assert len(plain) == len(one) == (6 if drop_last else 7) and one.batches_per_epoch() == len(one)
+    shards = []
+    for rank in range(3):
+        s = FeatureBatchSampler(rows, caps, 8, seed=2, drop_last=drop_last, rank=rank, world_size=3)
+        shards.append(list(s))
+        assert len(shards[-1]) == len(s) == s.batches_per_epoch() == (2 if drop_last else 3)
+        assert all(len(b) == 8 for b in shards[-1])
+    assert shards[0][0] == plain[0] and shards[1][0] == plain[1] and shards[2][0] == plain[2]
+    seen = {r for shard in shards for b in shard for r, _ in b}
+    assert seen == set(rows.tolist()) if not drop_last else seen <= set(rows.tolist())
+    one.set_epoch(0, skip_batches=2)
+    assert list(one) == plain[2:] and len(one) == len(plain) - 2
+    with pytest.raises(ValueError, match="rank"):
+        FeatureBatchSampler(rows, caps, 8, rank=3, world_size=3)
+
+
+def test_dead_code_state_round_trips_through_json():
+    tracker = DeadCodeTracker(2, 6, 2, threshold=3, seed=4)
+    tracker.update(torch.tensor([[0, 1], [2, 1]]))
+    tracker.reset(RQVAE(RQVAEConfig(input_dim=4, hidden_dims=[4], latent_dim=4, num_levels=2, codebook_size=6,
+                                    shared_codebook=False)), torch.randn(2, 2, 4))
+    copy = DeadCodeTracker(2, 6, 2, threshold=3, seed=0)
+    copy.load_state_dict(json.loads(json.dumps(tracker.state_dict())))
+    assert torch.equal(copy.unused, tracker.unused) and copy.total_reset == tracker.total_reset
+    assert torch.equal(torch.randint(100, (5,), generator=copy.generator), torch.randint(100, (5,), generator=tracker.generator))
+    with pytest.raises(ValueError, match="shape"):
+        DeadCodeTracker(1, 6, 2, threshold=3).load_state_dict(tracker.state_dict())
 
 
 def test_training_logs_every_term_and_learns(tmp_path, monkeypatch):
@@ -181,11 +240,18 @@ def test_training_logs_every_term_and_learns(tmp_path, monkeypatch):
 
 
 def test_old_flag_names_are_aliases_of_the_shared_ones():
-    """--max-grad-norm / --stop-after-epochs are the names the other trainers use; the old ones still work."""
+    """--max-grad-norm / --stop-after-epochs / --keep-every-epochs are the names every trainer uses (the
+    shared loop's flags); the old ones still work and land in the same settings."""
     base = ["--emb-dir", "e", "--out-dir", "o"]
     new = train_mod.build_parser().parse_args([*base, "--max-grad-norm", "0.5", "--stop-after-epochs", "2"])
-    old = train_mod.build_parser().parse_args([*base, "--grad-clip", "0.5", "--stop-after", "2"])
-    assert (new.grad_clip, new.stop_after) == (old.grad_clip, old.stop_after) == (0.5, 2)
+    with pytest.warns(FutureWarning, match="use --max-grad-norm 0.5"):
+        old = train_mod.build_parser().parse_args([*base, "--grad-clip", "0.5", "--stop-after", "2"])
+    assert (new.max_grad_norm, new.stop_after_epochs) == (old.max_grad_norm, old.stop_after_epochs) == (0.5, 2)
+    new = train_mod.build_parser().parse_args([*base, "--keep-every-epochs", "3"])
+    with pytest.warns(FutureWarning, match="use --keep-every-epochs 3"):
+        old = train_mod.build_parser().parse_args([*base, "--save-every", "3"])
+    assert new.keep_every_epochs == old.keep_every_epochs == 3
+    assert "grad_clip" not in vars(old) and "stop_after" not in vars(old) and "save_every" not in vars(old)
 
 
 def test_training_repeats_bit_for_bit_at_demo_shapes(tmp_path, monkeypatch):
@@ -206,3 +272,20 @@ def test_training_repeats_bit_for_bit_at_demo_shapes(tmp_path, monkeypatch):
     assert torch.are_deterministic_algorithms_enabled() == before  # the trainer leaves the global switch as it was
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_outputs_of_the_previous_trainer_stay_up_to_date(tmp_path):
+    """A stage.json written by the RQ-VAE trainer before it ran on the shared loop (gradient clipping
+    recorded as grad_clip, no checkpoint/logging flags of the loop) matches the same settings given
+    today, so existing rqvae/ outputs (and everything downstream) are not re-made."""
+    from avg.utils.stages import begin_stage
+
+    args = vars(train_mod.build_parser().parse_args(["--emb-dir", "e", "--out-dir", str(tmp_path), "--lr", "3e-3"]))
+    loop_flags = ("device", "save_every_steps", "stop_after_steps", "stop_after_epochs", "keep_every_epochs",
+                  "log_every", "wandb_project")
+    before = {k: v for k, v in args.items() if k not in loop_flags and k != "max_grad_norm"}
+    before.update(grad_clip=args["max_grad_norm"], stop_after=0, save_every=0)
+    begin_stage(tmp_path, "train_rqvae", before, ignore=("eval_every",)).complete()
+    assert begin_stage(tmp_path, "train_rqvae", args, ignore=("eval_every",)).up_to_date
+    with pytest.raises(InputError, match="max_grad_norm: 1.0 -> 0.5"):
+        begin_stage(tmp_path, "train_rqvae", {**args, "max_grad_norm": 0.5}, ignore=("eval_every",))

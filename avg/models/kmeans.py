@@ -218,9 +218,14 @@ class DeadCodeTracker:
         return n_dead
 
     def state_dict(self) -> dict:
-        return {"unused": self.unused.clone(), "generator": self.generator.get_state(), "total_reset": self.total_reset, "threshold": self.threshold}
+        """Plain lists and numbers (JSON-able: the trainer checkpoints it with its counters)."""
+        return {"unused": self.unused.tolist(), "generator": self.generator.get_state().tolist(),
+                "total_reset": self.total_reset, "threshold": self.threshold}
 
     def load_state_dict(self, state: dict) -> None:
-        self.unused.copy_(state["unused"])
-        self.generator.set_state(state["generator"])
+        unused = torch.as_tensor(state["unused"], dtype=self.unused.dtype)
+        if unused.shape != self.unused.shape:
+            raise ValueError(f"dead-code state of shape {tuple(unused.shape)}, the codebooks need {tuple(self.unused.shape)}")
+        self.unused.copy_(unused)
+        self.generator.set_state(torch.as_tensor(state["generator"], dtype=torch.uint8))
         self.total_reset = int(state["total_reset"])

@@ -43,8 +43,8 @@ from avg.reranker.image_tokens import ImageTokens
 from avg.reranker.losses import listwise_loss, pointwise_loss
 from avg.retriever import llama as L
 from avg.train.batches import EpochBatchSampler
-from avg.train.loop import (STATE_FILE, check_checkpoint, describe_batch, per_process_batch, resolve_mixed_precision,
-                            resume_from, select_best, train_epochs, trainable_only_hooks)
+from avg.train.loop import (STATE_FILE, add_checkpoint_args, check_checkpoint, describe_batch, per_process_batch,
+                            resolve_mixed_precision, resume_from, select_best, train_epochs, trainable_only_hooks)
 from avg.utils.cli import add_device_arg, run_main
 from avg.utils.io import InputError, read_json
 from avg.utils.seed import seeded_subset, set_seed
@@ -129,15 +129,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(same scores, slower; needed with flash-attention-2)")
     g.add_argument("--seed", type=int, default=42, help="seed for init, data order and dropout")
     add_device_arg(g)
-    g = p.add_argument_group("evaluation, checkpoints and logging")
+    g = p.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=int, default=1, help="evaluate on val every N epochs (0: after the last only)")
     g.add_argument("--eval-batch-size", type=int, default=16, help="lists per scoring batch")
-    g.add_argument("--resume", action="store_true", help="continue from out-dir/checkpoints/last if present")
-    g.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N optimizer steps")
-    g.add_argument("--stop-after-steps", type=int, default=0, help="checkpoint and exit after N optimizer steps (0: off)")
-    g.add_argument("--log-every", type=int, default=10, help="log the training loss every N optimizer steps")
-    g.add_argument("--wandb-project", default="avg", help="wandb project (offline unless WANDB_MODE=online)")
-    g.add_argument("--run-name", default=None, help="run name for logs and wandb")
+    add_checkpoint_args(p, log_every=10)
     add_force_arg(p)
     return p.parse_args(argv)
 
@@ -192,7 +187,7 @@ def main(argv=None) -> dict:
     args.grid_cells, args.grid_width = store.grid_shape(args.emb_dir) if args.grid_head else (0, 0)
     out_dir = Path(args.out_dir)
     stage = begin_stage(out_dir, STAGE, vars(args), inputs=[args.data_dir, args.tokens_dir, args.model, args.emb_dir],
-                        force=args.force, ignore=("stop_after_steps", "save_every_steps", "no_shared_prefix"),
+                        force=args.force, ignore=("no_shared_prefix",),
                         mark_running=False)
     if stage.up_to_date and skip_if_done():
         return stage.previous.get("summary") or {}
@@ -341,7 +336,7 @@ def main(argv=None) -> dict:
     stopped, steps_this_run = result.pop("stopped"), result["steps_this_run"]
     train_seconds = result["train_seconds"]
     if stopped:
-        logger.info("stopped after %d steps (--stop-after-steps); resume with --resume", steps_this_run)
+        logger.info("stopped by %s after %d steps of this run; resume with --resume", stopped, steps_this_run)
         logger.finish()
         return result
     if not best_dir.is_dir() and accelerator.is_main_process:

@@ -449,7 +449,7 @@ def main(argv=None) -> dict:
                           on_epoch_start=lambda epoch: objective.train())
     stopped, steps_this_run = result.pop("stopped"), result["steps_this_run"]
     if stopped:
-        logger.info("stopped after %d steps (--stop-after-steps); resume with --resume", steps_this_run)
+        logger.info("stopped by %s after %d steps of this run; resume with --resume", stopped, steps_this_run)
         logger.finish()
         return result
     if not best_dir.is_dir():

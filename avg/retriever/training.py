@@ -8,6 +8,7 @@ from pathlib import Path
 from avg.retriever.data import load_queries
 from avg.retriever.gallery import Gallery
 from avg.retriever.vocab import VOCAB_FILE, VokenVocab
+from avg.train.loop import add_checkpoint_args
 from avg.utils.io import InputError, read_json
 
 
@@ -52,14 +53,7 @@ def add_eval_and_checkpoint_args(p, *, eval_batch_size: int, eval_train_queries:
     g.add_argument("--fast-search", action="store_true", help=fast_search_help)
     g.add_argument("--collision-seed", type=int, default=0, help="seed of the order among images sharing a code")
     g.add_argument("--skip-test", action="store_true", help="do not evaluate the best model on test")
-    g = p.add_argument_group("checkpoints and logging")
-    g.add_argument("--resume", action="store_true", help="continue from out-dir/checkpoints/last if present; not needed after a "
-                   "kill: re-running the same command resumes an interrupted run of the same configuration automatically")
-    g.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N optimizer steps (0: per epoch only)")
-    g.add_argument("--stop-after-steps", type=int, default=0, help="checkpoint and exit after N optimizer steps (preemptible jobs; 0: off)")
-    g.add_argument("--log-every", type=int, default=log_every, help="log training loss every N optimizer steps")
-    g.add_argument("--wandb-project", default="avg", help="wandb project (offline unless WANDB_MODE=online)")
-    g.add_argument("--run-name", default=None, help="run name for logs and wandb")
+    add_checkpoint_args(p, log_every=log_every)
 
 
 def check_inputs(data_dir, *, codes_dir=None, init_from=None) -> None:

@@ -117,7 +117,14 @@ def gather_rows(features: np.ndarray, rows: np.ndarray) -> torch.Tensor:
 class FeatureBatchSampler(Sampler):
     """Seeded batches of ``(image_row, caption_row)``: each epoch a fresh permutation of the
     images and ONE caption drawn per image, both from ``np.random.default_rng([seed, epoch])`` --
-    independent of global RNG state, so a resumed run sees the same batches."""
+    independent of global RNG state, so a resumed run sees the same batches and can skip the ones
+    it already saw (``set_epoch(epoch, skip_batches)``).
+
+    Over ``world_size`` processes, process ``rank`` takes every ``world_size``-th batch of the
+    epoch's list (``batch_size`` is per process); the list is padded so that every process gets
+    the same number of full batches (the last batch is completed, then whole batches are repeated,
+    from the start of the epoch's order), so collective ops never see unequal shapes.
+    """
 
     def __init__(
         self,
@@ -128,9 +135,13 @@ class FeatureBatchSampler(Sampler):
         seed: int = 0,
         shuffle: bool = True,
         drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} out of range for {world_size} processes")
         self.image_rows = np.asarray(image_rows, dtype=np.int64)
         if not isinstance(captions, CaptionRows):
             captions = CaptionRows.from_lists(captions)
@@ -141,14 +152,20 @@ class FeatureBatchSampler(Sampler):
         self.seed = seed
         self.shuffle = shuffle
         self.drop_last = drop_last
-        self.epoch = 0
+        self.rank, self.world = rank, world_size
+        self.epoch, self.skip = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        self.epoch, self.skip = int(epoch), int(skip_batches)
+
+    def batches_per_epoch(self) -> int:
+        """Batches each process gets in a whole epoch (before ``skip_batches``)."""
+        n = len(self.image_rows)
+        total = n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return -(-total // self.world)
 
     def __len__(self) -> int:
-        n = len(self.image_rows)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        return max(0, self.batches_per_epoch() - self.skip)
 
     def epoch_pairs(self):
         rng = np.random.default_rng([self.seed, self.epoch])
@@ -162,10 +179,16 @@ class FeatureBatchSampler(Sampler):
 
     def __iter__(self) -> Iterator[list]:
         imgs, caps = self.epoch_pairs()
-        for s in range(0, len(imgs), self.batch_size):
-            if self.drop_last and s + self.batch_size > len(imgs):
+        n, b = len(imgs), self.batch_size
+        if self.world > 1 and n:  # every process: the same number of full batches
+            need = self.batches_per_epoch() * self.world * b
+            take = np.arange(need) % n
+            imgs, caps, n = imgs[take], caps[take], need
+        starts = range(0, n, b)
+        for i in list(starts)[self.rank::self.world][self.skip:]:
+            if self.drop_last and i + b > n:
                 break
-            yield list(zip(imgs[s : s + self.batch_size].tolist(), caps[s : s + self.batch_size].tolist()))
+            yield list(zip(imgs[i : i + b].tolist(), caps[i : i + b].tolist()))
 
 
 def iter_feature_batches(features: np.ndarray, batch_size: int, rows: Optional[np.ndarray] = None) -> Iterator[tuple[int, torch.Tensor]]:

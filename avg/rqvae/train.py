@@ -4,11 +4,13 @@
     accelerate launch -m avg.rqvae.train ...      # multi-GPU, same flags
 
 Reads the ``emb/`` memmaps batch by batch; the alignment loss (eq. 5) uses ONE caption per image
-per epoch, drawn with a seeded generator from the captions of *training* images only. Writes
-``out_dir/{model.safetensors, config.json, train_args.json, train.log, metrics.jsonl,
-final_metrics.json, checkpoints/last.pt, stage.json}``. Resuming (on CPU with a fixed seed,
+per epoch, drawn with a seeded generator from the captions of *training* images only. Runs on the
+shared training loop (:func:`avg.train.loop.train_epochs`): the same checkpoints, resume and stop
+flags as the retrievers and the reranker; the dead-code resets run after each optimizer step.
+Writes ``out_dir/{model.safetensors, config.json, train_args.json, train.log, metrics.jsonl,
+final_metrics.json, checkpoints/last/, stage.json}``. Resuming (on CPU with a fixed seed,
 bit-identical to an uninterrupted run) is automatic: re-running the same command after a kill
-continues from ``checkpoints/last.pt`` when ``stage.json`` says a run of this configuration was
+continues from ``checkpoints/last`` when ``stage.json`` says a run of this configuration was
 interrupted. ``--resume`` asks for it explicitly (it also continues a finished run). A different
 configuration is refused unless ``--force``; a forced or repeated finished run starts fresh and
 first deletes the old checkpoints and weights, so nothing stale can be picked up.
@@ -17,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import random
-import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
@@ -26,22 +26,18 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
-from avg.artifacts.registry import manifest_name
-from avg.utils.progress import tqdm
 
+from avg.artifacts.codes import collision_stats
+from avg.artifacts.emb import INDEX, load_emb
+from avg.artifacts.registry import manifest_name
+from avg.models.kmeans import DeadCodeTracker, init_codebooks
 from avg.models.rqvae import RQVAE, RQVAEConfig
 from avg.rqvae.data import FeatureBatchSampler, FeatureDataset, gather_rows, iter_feature_batches, passthrough_collate, training_rows
-from avg.artifacts.emb import INDEX, load_emb
-from avg.artifacts.codes import collision_stats
-from avg.models.kmeans import DeadCodeTracker, init_codebooks
-from avg.utils.io import InputError, atomic_path, write_json
+from avg.train.loop import STATE_FILE, add_checkpoint_args, resume_from, start_training_run, train_epochs
+from avg.utils.cli import add_deprecated_alias, add_device_arg, run_main
+from avg.utils.io import InputError, read_json, write_json
 from avg.utils.seed import deterministic_algorithms, set_seed
-from avg.utils.stages import add_force_arg, begin_stage, config_diff, skip_if_done
-from avg.utils.tracking import RunLogger, get_logger
-from avg.utils.cli import run_main
-
-CHECKPOINT = "last.pt"
-
+from avg.utils.stages import add_force_arg, config_diff
 
 def _hidden_dims(text: str) -> list[int]:
     try:
@@ -61,14 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--train-splits", default="train", help="comma-separated image splits to train on; only their captions enter the alignment loss")
     io.add_argument("--eval-splits", default="val", help="comma-separated splits whose losses are logged every --eval-every epochs (missing splits are skipped)")
     io.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes gathering batches from the memmaps")
-    io.add_argument("--resume", action="store_true", help="continue from out_dir/checkpoints/last.pt (same flags as the interrupted run); "
-                    "not needed after a kill: re-running the same command resumes an interrupted run automatically")
-    io.add_argument("--stop-after-epochs", "--stop-after", dest="stop_after", type=int, default=0,
-                    help="stop after this many epochs of this invocation (time-limited jobs); --resume continues; 0: run to "
-                         "--epochs (--stop-after: the old name, kept for one release)")
-    io.add_argument("--save-every", type=int, default=0, help="also keep checkpoints/epoch_XXXX.pt every N epochs (last.pt is written every epoch); 0: only last.pt")
     io.add_argument("--eval-every", type=int, default=1, help="log eval-split losses every N epochs; 0 disables")
-    io.add_argument("--run-name", default=None, help="run name for logs and wandb (default: out-dir's name)")
+    g = add_checkpoint_args(p, log_every=0, wandb_project="avg-rqvae")
+    add_deprecated_alias(g, "--stop-after", "--stop-after-epochs", "stop_after_epochs", type=int)
+    add_deprecated_alias(g, "--save-every", "--keep-every-epochs", "keep_every_epochs", type=int)
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=50, help="training epochs over the training images")
     opt.add_argument("--batch-size", type=int, default=2048, help="images per batch per process (paper: 2048 per GPU)")
@@ -76,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay on encoder/decoder weight matrices (never on codebooks or biases)")
     opt.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine", help="learning-rate schedule after warm-up")
     opt.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps")
-    opt.add_argument("--max-grad-norm", "--grad-clip", dest="grad_clip", type=float, default=1.0,
-                     help="clip the gradient norm to this value; 0 disables (the retrievers' and reranker's flag name; "
-                          "--grad-clip: the old name, kept for one release)")
+    opt.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this value; 0 disables")
+    add_deprecated_alias(opt, "--grad-clip", "--max-grad-norm", "max_grad_norm", type=float)
+    add_device_arg(opt)
     opt.add_argument("--seed", type=int, default=42, help="seed for init, k-means, batch order, caption sampling and dead-code resets")
     m = p.add_argument_group("model")
     m.add_argument("--num-levels", type=int, default=4, help="M: residual quantization steps = vokens per image (paper: 4)")
@@ -115,30 +107,6 @@ def model_config(args, input_dim: int) -> RQVAEConfig:
         codebook_weight=args.codebook_weight, align_weight=args.align_weight, codebook_update=args.codebook_update,
         ema_decay=args.ema_decay,
     )
-
-
-def _rng_state() -> dict:
-    """Every RNG a run touches, as tensors/lists/numbers (loadable with weights_only=True)."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _lr_lambda(schedule: str, warmup: int, total: int):
@@ -183,97 +151,77 @@ def eval_losses(model: RQVAE, emb, rows: np.ndarray, captions, batch_size: int, 
     return {f"{prefix}/{k}": v / max(1, len(rows)) for k, v in sums.items()}
 
 
+def check_checkpoint_config(ckpt_dir: Path, config: RQVAEConfig) -> None:
+    """A checkpoint of another model configuration is an error naming the settings that differ
+    (checkpoint -> flags), raised before anything is loaded or written."""
+    path = ckpt_dir / STATE_FILE
+    saved = read_json(path)
+    if not isinstance(saved, dict) or "model_config" not in saved:
+        raise InputError(f"{path}: not a train_rqvae checkpoint (no model_config); start a fresh run (--force)")
+    if saved["model_config"] != config.to_dict():
+        diff = "; ".join(config_diff(saved["model_config"], config.to_dict()))
+        raise InputError(f"{path}: the checkpoint's model configuration differs from the flags given ({diff}); "
+                         "resume with the flags it was made with, or start a fresh run in a new --out-dir")
+
+
 def train(args) -> dict:
     from accelerate import Accelerator
 
     out_dir = Path(args.out_dir)
     emb_dir = Path(args.emb_dir)
-    ckpt_path = out_dir / "checkpoints" / CHECKPOINT
+    ckpt_dir = out_dir / "checkpoints" / "last"
     for name in ("epochs", "batch_size", "num_levels", "codebook_size", "latent_dim"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.resume and not ckpt_path.is_file():
-        raise InputError(f"{ckpt_path}: no checkpoint to resume from")
 
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=args.device == "cpu")
     main_proc = accelerator.is_main_process
     set_seed(args.seed)
     emb = load_emb(emb_dir)
     splits = [s for s in args.train_splits.split(",") if s]
     image_rows, captions = training_rows(emb, splits, str(emb_dir / INDEX))
     config = model_config(args, emb.dim)
+    if args.resume:  # an explicit --resume is checked like any input
+        if not (ckpt_dir / STATE_FILE).is_file():
+            raise InputError(f"{ckpt_dir / STATE_FILE}: no checkpoint to resume from")
+        check_checkpoint_config(ckpt_dir, config)
+    started = start_training_run(accelerator, args, out_dir, manifest_name("train_rqvae"), inputs=[emb_dir],
+                                 run_name=args.run_name or out_dir.name, logger_name="avg.rqvae",
+                                 ignore=("eval_every",), stale=("checkpoints", "model.safetensors", "final_metrics.json"))
+    if started.skipped is not None:
+        return started.skipped
+    run, logger, resuming = started.stage, started.logger, started.resuming
+    if resuming:
+        check_checkpoint_config(ckpt_dir, config)
 
-    def load_checkpoint() -> dict:
-        try:  # weights_only: a checkpoint file can never run code
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # truncated file, not a torch file, or pickled objects weights_only refuses
-            raise InputError(f"{ckpt_path}: not a readable train_rqvae checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
-        if not isinstance(ckpt, dict) or not {"config", "model", "epoch"} <= set(ckpt):
-            raise InputError(f"{ckpt_path}: not a train_rqvae checkpoint (expected keys config, model, epoch, ...)")
-        if ckpt["config"] != config.to_dict():
-            diff = "; ".join(config_diff(ckpt["config"], config.to_dict()))  # checkpoint -> flags
-            raise InputError(f"{ckpt_path}: the checkpoint's model configuration differs from the flags given ({diff}); "
-                             "resume with the flags it was made with, or start a fresh run in a new --out-dir")
-        return ckpt
-
-    state = load_checkpoint() if args.resume else None  # an explicit --resume is checked like any input
-    # every rank reads the manifest before the main process rewrites it, so all take the same decision
-    run = begin_stage(out_dir, manifest_name("train_rqvae"), vars(args), inputs=[emb_dir], force=args.force,
-                      ignore=("eval_every",), mark_running=False)
-    accelerator.wait_for_everyone()
-    if run.up_to_date and skip_if_done():
-        get_logger("avg.rqvae").info("train_rqvae: outputs in %s are complete and up to date; skipping", out_dir)
-        return dict(run.previous.get("summary") or {})
-    interrupted = not run.fresh and run.previous.get("status") == "running"
-    resume = args.resume or (interrupted and ckpt_path.is_file())
-    if resume and state is None:
-        state = load_checkpoint()
-    if not resume and main_proc:  # a fresh run: nothing of an earlier run may be picked up or reported
-        shutil.rmtree(ckpt_path.parent, ignore_errors=True)
-        for name in ("model.safetensors", "final_metrics.json"):
-            (out_dir / name).unlink(missing_ok=True)
-    accelerator.wait_for_everyone()
-    run.running()
     model = RQVAE(config)
     tracker = DeadCodeTracker(config.num_books, config.codebook_size, config.num_levels, args.dead_code_threshold, seed=args.seed + 1)
-
     decay, no_decay = [], []
     for name, prm in model.named_parameters():
         if prm.requires_grad:
             (decay if prm.ndim >= 2 and name != "codebooks" else no_decay).append(prm)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
-
-    sampler = FeatureBatchSampler(image_rows, captions, args.batch_size, seed=args.seed)
-    loader = DataLoader(FeatureDataset(emb.image_features, emb.text_features), batch_sampler=sampler, collate_fn=passthrough_collate, num_workers=args.num_workers)
-
-    start_epoch, step = 0, 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        tracker.load_state_dict(state["dead_code"])
-        start_epoch, step = int(state["epoch"]), int(state["step"])
-    elif args.kmeans_init:
+    sampler = FeatureBatchSampler(image_rows, captions, args.batch_size, seed=args.seed,
+                                  rank=accelerator.process_index, world_size=accelerator.num_processes)
+    dataset = FeatureDataset(emb.image_features, emb.text_features)
+    kmeans_info = None
+    if not resuming and args.kmeans_init:
         sample = np.sort(np.random.default_rng(args.seed).choice(image_rows, size=min(args.kmeans_samples, len(image_rows)), replace=False))
         inertia = init_codebooks(model, gather_rows(emb.image_features, sample), seed=args.seed, iters=args.kmeans_iters, shared_init=args.kmeans_shared_init)
         kmeans_info = {"kmeans/samples": len(sample), **{f"kmeans/inertia_b{b}": v for b, v in enumerate(inertia)}}
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
     device = accelerator.device
-    steps_per_epoch = len(loader)
+    steps_per_epoch = sampler.batches_per_epoch()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(args.lr_schedule, args.warmup_steps, args.epochs * steps_per_epoch))
-    if state is not None:  # after the scheduler's constructor, which resets the lr
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "model_config": config.to_dict(),
+             "dead_code": tracker.state_dict(), "scheduler": scheduler.state_dict()}
 
-    run_name = args.run_name or out_dir.name
-    logger = RunLogger(out_dir, project="avg-rqvae", run_name=run_name, config=None, resume=resume)
-    if resume:
-        logger.warning("resuming from %s (epoch %d, step %d)%s", ckpt_path, start_epoch, step,
-                       "" if args.resume else ": this configuration was interrupted here")
-    arg_dict = {k: v for k, v in vars(args).items()}
+    arg_dict = dict(vars(args))
     if main_proc:
         write_json(arg_dict, out_dir / "train_args.json")
         if logger.wandb_run is not None:
-            logger.wandb_run.config.update({**arg_dict, "model": config.to_dict()}, allow_val_change=True)
+            logger.wandb_run.config.update({"model": config.to_dict()}, allow_val_change=True)
     eval_sets = []
     for s in [s for s in args.eval_splits.split(",") if s]:
         if s in splits:
@@ -285,78 +233,78 @@ def train(args) -> dict:
         "training on %d images of split(s) %s (%d with captions), %d steps/epoch, %d processes; model %s",
         len(image_rows), splits, int((captions.counts > 0).sum()), steps_per_epoch, accelerator.num_processes, config.to_dict(),
     )
-    if not resume and args.kmeans_init:
+    if kmeans_info is not None:
         logger.log(kmeans_info, step=0)
+    if resuming:  # last, so nothing after it draws from the restored generators
+        resume_from(accelerator, ckpt_dir, scheduler, state, models=[model])
+        tracker.load_state_dict(state["dead_code"])
+        logger.warning("resuming from %s (epoch %d, step %d)%s", ckpt_dir, state["epoch"], state["global_step"],
+                       "" if args.resume else ": this configuration was interrupted here")
 
-    if state is not None:  # last, so nothing after it draws from the restored generators
-        _set_rng_state(state["rng"])
-        state = None
+    # per-epoch means of every loss term (since the resume point, after a mid-epoch resume)
+    epoch_sums: dict = defaultdict(float)
+    last_out: list = [None]
     metrics: dict = {}
-    end_epoch = min(args.epochs, start_epoch + args.stop_after) if args.stop_after > 0 else args.epochs
-    for epoch in range(start_epoch, end_epoch):
-        sampler.set_epoch(epoch)
-        if hasattr(loader, "set_epoch"):  # accelerate's loader re-sets the sampler's epoch on iter
-            loader.set_epoch(epoch)
+
+    def on_epoch_start(epoch: int) -> None:
+        epoch_sums.clear()
         model.train()
-        sums: dict = defaultdict(float)
-        seen, reset_epoch = 0, 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not accelerator.is_local_main_process, leave=False, mininterval=2.0)
-        for batch in bar:
-            out = model(batch["image"], text=batch["text"], text_mask=batch["text_mask"])
-            accelerator.backward(out.loss)
-            if args.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if tracker.threshold > 0:
-                tracker.update(accelerator.gather(out.codes))
-                if bool(tracker.dead_mask().any()):
-                    reset_epoch += tracker.reset(raw_model, accelerator.gather(out.residuals))
-            n = len(batch["image"])
-            seen += n
-            for k, v in out.losses.items():
-                sums[k] += float(v) * n
-            bar.set_postfix(loss=f"{float(out.losses['total']):.4f}")
-        totals = accelerator.reduce(torch.tensor([seen, *sums.values()], dtype=torch.float64, device=device), "sum").cpu()
-        metrics = {f"train/{k}": float(v) / float(totals[0]) for k, v in zip(sums.keys(), totals[1:])}
-        metrics.update({"epoch": epoch + 1, "train/lr": scheduler.get_last_lr()[0], "train/dead_codes_reset": reset_epoch})
+
+    def micro_step(batch, epoch: int, micro: int):
+        out = model(batch["image"].to(device), text=batch["text"].to(device), text_mask=batch["text_mask"].to(device))
+        n = len(batch["image"])
+        epoch_sums["seen"] += n
+        for k, v in out.losses.items():
+            epoch_sums[k] += float(v) * n
+        last_out[0] = out
+        return out.loss, {k: float(v) for k, v in out.losses.items() if k != "total"}
+
+    def after_step() -> None:  # dead-code resets see every process's codes and residuals
+        out = last_out[0]
+        if tracker.threshold > 0:
+            tracker.update(accelerator.gather(out.codes))
+            if bool(tracker.dead_mask().any()):
+                epoch_sums["dead_codes_reset"] += tracker.reset(raw_model, accelerator.gather(out.residuals))
+            state["dead_code"] = tracker.state_dict()
+        last_out[0] = None
+
+    def on_epoch_end(done: int) -> None:
+        reset = epoch_sums.pop("dead_codes_reset", 0)
+        keys = [k for k in epoch_sums if k != "seen"]
+        totals = accelerator.reduce(torch.tensor([epoch_sums["seen"], *(epoch_sums[k] for k in keys)], dtype=torch.float64,
+                                                 device=device), "sum").cpu()
+        metrics.clear()
+        metrics.update({f"train/{k}": float(v) / max(float(totals[0]), 1.0) for k, v in zip(keys, totals[1:])})
+        metrics.update({"epoch": done, "train/lr": scheduler.get_last_lr()[0], "train/dead_codes_reset": int(reset)})
         if main_proc:
             metrics.update(code_metrics(raw_model, emb.image_features, image_rows, args.batch_size, device))
-            if args.eval_every > 0 and (epoch + 1) % args.eval_every == 0:
+            if args.eval_every > 0 and done % args.eval_every == 0:
                 for name, rows, caps in eval_sets:
                     metrics.update(eval_losses(raw_model, emb, rows, caps, args.batch_size, device, f"eval/{name}"))
-        logger.log(metrics, step=step)
-        accelerator.wait_for_everyone()
-        if main_proc:
-            ckpt = {
-                "model": {k: v.detach().cpu() for k, v in raw_model.state_dict().items()},
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "dead_code": tracker.state_dict(),
-                "epoch": epoch + 1,
-                "step": step,
-                "rng": _rng_state(),
-                "config": config.to_dict(),
-            }
-            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(ckpt_path) as tmp:
-                torch.save(ckpt, tmp)
-            if args.save_every > 0 and (epoch + 1) % args.save_every == 0:
-                with atomic_path(ckpt_path.with_name(f"epoch_{epoch + 1:04d}.pt")) as tmp:
-                    shutil.copyfile(ckpt_path, tmp)
-        accelerator.wait_for_everyone()
+        logger.log(metrics, step=state["global_step"])
+        model.train()
 
+    def fetch(index_batches: list):
+        # its own generator: a DataLoader draws its workers' base seed when iterated, and a draw from
+        # torch's global RNG would shift the dropout of a run resumed mid-epoch against an uninterrupted one
+        generator = torch.Generator().manual_seed(args.seed * 100003 + state["epoch"])
+        return DataLoader(dataset, batch_sampler=index_batches, collate_fn=passthrough_collate,
+                          num_workers=args.num_workers, generator=generator)
+
+    result = train_epochs(accelerator, args, state, sampler=sampler, micro_per_epoch=steps_per_epoch, model=model,
+                          params=list(model.parameters()), optimizer=optimizer, scheduler=scheduler, ckpt_dir=ckpt_dir,
+                          logger=logger, micro_step=micro_step, on_epoch_start=on_epoch_start, on_epoch_end=on_epoch_end,
+                          after_step=after_step, fetch=fetch)
     final = dict(metrics)
-    if end_epoch < args.epochs:
-        logger.info("stopped after epoch %d of %d (--stop-after-epochs); continue with --resume", end_epoch, args.epochs)
+    if result["stopped"]:
+        logger.info("stopped by %s at epoch %d of %d, step %d; the same command (or --resume) continues",
+                    result["stopped"], state["epoch"], args.epochs, state["global_step"])
         logger.finish()
         return final
     if main_proc:
         if not final:  # resumed a finished run: report the current model
             final = code_metrics(raw_model, emb.image_features, image_rows, args.batch_size, device)
-        final.update({"step": step, "num_train_images": int(len(image_rows))})
+        final.update({"step": state["global_step"], "num_train_images": int(len(image_rows))})
         raw_model.save_pretrained(out_dir)
         write_json(final, out_dir / "final_metrics.json")
         logger.summary(final)

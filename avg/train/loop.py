@@ -13,7 +13,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 from accelerate import Accelerator
 from safetensors import safe_open
@@ -80,16 +80,17 @@ class TrainingRun:
 
 
 def start_training_run(accelerator, args, out_dir: Path, stage: str, *, inputs, run_name: str,
-                       logger_name: str) -> TrainingRun:
+                       logger_name: str, ignore=(), stale=("best", "checkpoints", "eval")) -> TrainingRun:
     """The retriever trainers' prelude, on every process: claim ``out_dir`` for ``stage`` with this
     configuration (:func:`~avg.utils.stages.begin_stage`; every rank reads the manifest before the
     main process rewrites it, so all take the same decision), return at once when it is up to
     date and skipping is on, resume from ``checkpoints/last`` when asked (``--resume``) or when the
     same configuration was interrupted, open the run logger, and on a fresh start remove an older
-    run's ``best/``, ``checkpoints/`` and ``eval/`` (a fresh run never reports an older model)."""
+    run's ``stale`` outputs (``best/``, ``checkpoints/``, ``eval/`` by default: a fresh run never
+    reports an older model). ``ignore``: flags that do not change the result (see begin_stage)."""
     ckpt_dir = out_dir / "checkpoints" / "last"
     run = begin_stage(out_dir, stage, vars(args), force=args.force, mark_running=False, inputs=inputs,
-                      ignore=("save_every_steps", "stop_after_steps"))
+                      ignore=ignore)
     accelerator.wait_for_everyone()
     if run.up_to_date and skip_if_done():
         get_logger(logger_name).info("%s: outputs in %s are complete and up to date; skipping", stage, out_dir)
@@ -101,12 +102,31 @@ def start_training_run(accelerator, args, out_dir: Path, stage: str, *, inputs, 
     if args.resume and not resuming:
         logger.info("--resume: no checkpoint at %s, starting fresh", ckpt_dir)
     if not resuming and accelerator.is_main_process:
-        for stale in (out_dir / "best", out_dir / "checkpoints", out_dir / "eval"):
-            if stale.exists():  # a fresh run must never report an older run's model or metrics
-                logger.info("fresh run: removing %s from an earlier run", stale)
-                shutil.rmtree(stale)
+        for old in (out_dir / name for name in stale):
+            if old.exists():  # a fresh run must never report an older run's model or metrics
+                logger.info("fresh run: removing %s from an earlier run", old)
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
     accelerator.wait_for_everyone()
     return TrainingRun(run, logger, resuming)
+
+
+def add_checkpoint_args(p, *, log_every: int, wandb_project: str = "avg"):
+    """The checkpoint and logging flags every trainer takes (one name per concept); returns the group."""
+    g = p.add_argument_group("checkpoints and logging")
+    g.add_argument("--resume", action="store_true", help="continue from out-dir/checkpoints/last if present; not needed after a "
+                   "kill: re-running the same command resumes an interrupted run of the same configuration automatically")
+    g.add_argument("--save-every-steps", type=int, default=0, help="also checkpoint every N optimizer steps (0: per epoch only)")
+    g.add_argument("--stop-after-steps", type=int, default=0, help="checkpoint and exit after N optimizer steps of this "
+                   "invocation (preemptible jobs; 0: off)")
+    g.add_argument("--stop-after-epochs", type=int, default=0, help="checkpoint and exit after N epochs of this invocation "
+                   "(time-limited jobs; 0: run to --epochs)")
+    g.add_argument("--keep-every-epochs", type=int, default=0, help="also keep a copy of the checkpoint as "
+                   "checkpoints/epoch_XXXX every N epochs (checkpoints/last is rewritten every epoch; 0: only that)")
+    g.add_argument("--log-every", type=int, default=log_every, help="log the training loss every N optimizer steps (0: "
+                   "per epoch only, where the trainer logs per-epoch means)")
+    g.add_argument("--wandb-project", default=wandb_project, help="wandb project (offline unless WANDB_MODE=online)")
+    g.add_argument("--run-name", default=None, help="run name for logs and wandb")
+    return g
 
 
 def save_checkpoint(accelerator, ckpt_dir: Path, state: dict) -> None:
@@ -197,35 +217,50 @@ def checkpoint_after_step(accelerator, ckpt_dir: Path, state: dict, steps_this_r
 
 
 def train_epochs(accelerator, args, state: dict, *, sampler, micro_per_epoch: int, model, params, optimizer,
-                 scheduler, ckpt_dir: Path, logger, micro_step: Callable, run_eval: Callable[[int], None],
+                 scheduler, ckpt_dir: Path, logger, micro_step: Callable,
+                 run_eval: Optional[Callable[[int], None]] = None,
                  log_extra: Optional[Callable[[], dict]] = None,
-                 on_epoch_start: Optional[Callable[[int], None]] = None) -> dict:
+                 on_epoch_start: Optional[Callable[[int], None]] = None,
+                 on_epoch_end: Optional[Callable[[int], None]] = None,
+                 after_step: Optional[Callable[[], None]] = None,
+                 fetch: Optional[Callable[[list], Iterable]] = None) -> dict:
     """Run epochs ``state["epoch"] .. args.epochs - 1``, resuming mid-epoch from ``state``.
 
-    ``micro_step(idx, epoch, micro) -> (loss, parts)`` does one micro-batch's forward pass (the
+    ``micro_step(batch, epoch, micro) -> (loss, parts)`` does one micro-batch's forward pass (the
     backward pass, gradient accumulation without DDP sync, the optimizer step, logging, mid-epoch
-    checkpoints and --stop-after-steps happen here); ``parts`` are floats averaged into
-    ``train/<name>`` next to ``train/loss``. After each epoch: ``run_eval(epoch)`` every
-    ``args.eval_every`` epochs and after the last, then a checkpoint. ``model`` is the prepared
-    (possibly DDP-wrapped) module, ``params`` what is clipped and stepped. Returns the step counts
-    and timings (``train_seconds`` never counts evaluation) and ``stopped`` (--stop-after-steps).
+    checkpoints and the stop rules happen here); ``parts`` are floats averaged into
+    ``train/<name>`` next to ``train/loss`` every ``args.log_every`` steps (0: no step logs).
+    ``batch`` is the sampler's index batch, or what ``fetch`` (the epoch's list of index batches ->
+    an iterable of batches, e.g. a DataLoader with workers) makes of it. ``after_step()`` runs after
+    each optimizer step, before logging and checkpointing (state it keeps in ``state`` is
+    checkpointed). After each epoch: ``on_epoch_end(epoch)``, ``run_eval(epoch)`` every
+    ``args.eval_every`` epochs and after the last, then a checkpoint (kept as
+    ``checkpoints/epoch_XXXX`` too every ``args.keep_every_epochs``). ``model`` is the prepared
+    (possibly DDP-wrapped) module, ``params`` what is clipped and stepped; ``args.grad_accum`` is 1
+    for a trainer without that flag. Returns the step counts and timings (``train_seconds`` never
+    counts evaluation) and ``stopped``: the flag that stopped the run early
+    (``--stop-after-steps`` / ``--stop-after-epochs``), else None.
     """
-    t_start, steps_this_run, train_seconds, stopped = time.time(), 0, 0.0, False
+    t_start, steps_this_run, train_seconds, stopped = time.time(), 0, 0.0, None
+    grad_accum = getattr(args, "grad_accum", 1)
+    stop_epochs, keep_every = getattr(args, "stop_after_epochs", 0), getattr(args, "keep_every_epochs", 0)
+    last_epoch = min(args.epochs, state["epoch"] + stop_epochs) if stop_epochs > 0 else args.epochs
     running: dict = {}
-    for epoch in range(state["epoch"], args.epochs):
+    for epoch in range(state["epoch"], last_epoch):
         if on_epoch_start is not None:
             on_epoch_start(epoch)
-        skip = state["step_in_epoch"] * args.grad_accum
+        skip = state["step_in_epoch"] * grad_accum
         sampler.set_epoch(epoch, skip_batches=skip)
         t_epoch = t_log = time.time()
         steps_at_log = steps_this_run
-        batches = tqdm(list(sampler), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+        batches = list(sampler) if fetch is None else fetch(list(sampler))
+        batches = tqdm(_lazy(batches), total=len(batches), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                        disable=not accelerator.is_local_main_process)
-        for j, idx in enumerate(batches):
+        for j, batch in enumerate(batches):
             micro = skip + j
-            group_size, last_in_group = accumulation_group(micro, args.grad_accum, micro_per_epoch)
+            group_size, last_in_group = accumulation_group(micro, grad_accum, micro_per_epoch)
             with accelerator.no_sync(model) if not last_in_group else contextlib.nullcontext():
-                loss, parts = micro_step(idx, epoch, micro)
+                loss, parts = micro_step(batch, epoch, micro)
                 accelerator.backward(loss / group_size)
             for k, v in {"loss": float(loss.detach()), **parts}.items():
                 running[k] = running.get(k, 0.0) + float(v)
@@ -234,7 +269,9 @@ def train_epochs(accelerator, args, state: dict, *, sampler, micro_per_epoch: in
                 continue
             optimizer_step(accelerator, params, optimizer, scheduler, args.max_grad_norm, state)
             steps_this_run += 1
-            if state["global_step"] % args.log_every == 0:
+            if after_step is not None:
+                after_step()
+            if args.log_every and state["global_step"] % args.log_every == 0:
                 n = max(running.pop("n"), 1)
                 logs = {f"train/{k}": v / n for k, v in running.items()}
                 logs.update({"train/lr": scheduler.get_last_lr()[0], "epoch": epoch + 1,
@@ -246,19 +283,42 @@ def train_epochs(accelerator, args, state: dict, *, sampler, micro_per_epoch: in
                 t_log, steps_at_log = time.time(), steps_this_run
             if checkpoint_after_step(accelerator, ckpt_dir, state, steps_this_run, args.save_every_steps,
                                      args.stop_after_steps):
-                stopped = True
+                stopped = "--stop-after-steps"
                 break
         train_seconds += time.time() - t_epoch
         if stopped:
             break
         done = epoch + 1
         state["epoch"], state["step_in_epoch"] = done, 0
-        if (args.eval_every and done % args.eval_every == 0) or done == args.epochs:
+        if on_epoch_end is not None:
+            on_epoch_end(done)
+        if run_eval is not None and ((args.eval_every and done % args.eval_every == 0) or done == args.epochs):
             run_eval(done)
         save_checkpoint(accelerator, ckpt_dir, state)
+        if keep_every and done % keep_every == 0:
+            keep_checkpoint(accelerator, ckpt_dir, ckpt_dir.with_name(f"epoch_{done:04d}"))
+    if not stopped and state["epoch"] < args.epochs:
+        stopped = "--stop-after-epochs"
     return {"global_step": state["global_step"], "steps_this_run": steps_this_run, "train_seconds": train_seconds,
             "wall_seconds": time.time() - t_start,
             "s_per_step": train_seconds / steps_this_run if steps_this_run else None, "stopped": stopped}
+
+
+def _lazy(batches: Iterable):
+    """``batches`` iterated only when the loop starts: tqdm calls iter() once when built and again
+    in its loop, and every iter() of a DataLoader draws its base seed from torch's global RNG (and
+    starts its workers)."""
+    yield from batches
+
+
+def keep_checkpoint(accelerator, ckpt_dir: Path, dest: Path) -> None:
+    """A copy of the checkpoint ``ckpt_dir`` at ``dest`` (written beside it, then swapped in)."""
+    if accelerator.is_main_process:
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(ckpt_dir, tmp)
+        replace_dir(tmp, dest)
+    accelerator.wait_for_everyone()
 
 
 def _plain_name(name: str) -> str:

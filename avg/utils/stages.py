@@ -44,6 +44,7 @@ SKIP_ENV = "AVG_SKIP_DONE"
 VOLATILE_KEYS = frozenset({
     "out_dir", "force", "resume", "stop_after", "save_every", "log_every", "progress", "no_progress",
     "num_workers", "device", "cpu", "run_name", "wandb_project", "eval_batch_size",
+    "save_every_steps", "stop_after_steps", "stop_after_epochs", "keep_every_epochs",
 })
 
 
@@ -202,6 +203,7 @@ class StageRun:
 RENAMED_KEYS: dict[str, tuple[str, Optional[dict]]] = {
     "max_train_samples": ("max_train_queries", None),  # train_llama
     "max_eval_samples": ("max_eval_queries", None),
+    "grad_clip": ("max_grad_norm", None),  # train_rqvae, before it ran on the shared loop
 }
 ADDED_KEYS: dict[str, Any] = {"dis_teacher_mix": 0.0, "gen_teacher_mix": 0.0, "teacher_scale": 25.0}  # train_t5
 

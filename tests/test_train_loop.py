@@ -1,0 +1,84 @@
+"""The shared training loop (avg.train.loop.train_epochs) on a tiny linear model: batches from a
+DataLoader (``fetch``) are drawn once per epoch, the per-step hook runs once per optimizer step,
+--stop-after-epochs stops and the same call continues, --keep-every-epochs keeps copies, and
+--log-every 0 logs nothing per step."""
+from __future__ import annotations
+
+import json
+from argparse import Namespace
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+from avg.train.batches import EpochBatchSampler
+from avg.train.loop import STATE_FILE, resume_from, train_epochs
+
+
+class Logs:
+    def __init__(self):
+        self.lines = []
+
+    def log(self, metrics, step):
+        self.lines.append((step, dict(metrics)))
+
+
+def _run(tmp_path, state=None, **flags):
+    torch.manual_seed(0)
+    x = torch.randn(24, 3)
+    y = x @ torch.tensor([1.0, -2.0, 0.5])
+    args = Namespace(epochs=3, max_grad_norm=1.0, log_every=0, eval_every=1, save_every_steps=0, stop_after_steps=0,
+                     stop_after_epochs=0, keep_every_epochs=0)
+    vars(args).update(flags)
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ckpt_dir = tmp_path / "checkpoints" / "last"
+    fresh = {"epoch": 0, "step_in_epoch": 0, "global_step": 0}
+    state = dict(fresh if state is None else state)
+    if state != fresh:
+        resume_from(accelerator, ckpt_dir, scheduler, state, models=[model])
+    sampler = EpochBatchSampler(24, 8, seed=1)
+    iters, steps, ends, logs = [], [], [], Logs()
+
+    class Counted(DataLoader):
+        def __iter__(self):
+            iters.append(len(self))
+            return super().__iter__()
+
+    def fetch(index_batches):
+        return Counted(list(range(24)), batch_sampler=index_batches, collate_fn=torch.tensor)
+
+    def micro_step(idx, epoch, micro):
+        loss = ((model(x[idx]).squeeze(-1) - y[idx]) ** 2).mean()
+        return loss, {"mse": float(loss.detach())}
+
+    result = train_epochs(accelerator, args, state, sampler=sampler, micro_per_epoch=sampler.batches_per_epoch(),
+                          model=model, params=list(model.parameters()), optimizer=optimizer, scheduler=scheduler,
+                          ckpt_dir=ckpt_dir, logger=logs, micro_step=micro_step, fetch=fetch,
+                          after_step=lambda: steps.append(state["global_step"]), on_epoch_end=ends.append)
+    return result, state, iters, steps, ends, logs, accelerator.unwrap_model(model)
+
+
+def test_fetch_is_iterated_once_per_epoch_and_hooks_run_in_order(tmp_path):
+    result, state, iters, steps, ends, logs, _ = _run(tmp_path)
+    assert iters == [3, 3, 3]  # a DataLoader's iter() draws from torch's RNG: exactly once an epoch
+    assert steps == list(range(1, 10)) and ends == [1, 2, 3]
+    assert result["stopped"] is None and result["global_step"] == 9 and state["epoch"] == 3
+    assert logs.lines == []  # --log-every 0: the trainer logs per epoch itself
+    _, _, _, _, _, logs, _ = _run(tmp_path / "logged", log_every=2)
+    assert [s for s, _ in logs.lines] == [2, 4, 6, 8] and "train/mse" in logs.lines[0][1]
+
+
+def test_stop_after_epochs_resumes_to_the_same_weights_and_keeps_epochs(tmp_path):
+    *_, straight = _run(tmp_path / "straight")
+    result, state, _, _, ends, _, _ = _run(tmp_path / "cut", stop_after_epochs=2, keep_every_epochs=1)
+    assert result["stopped"] == "--stop-after-epochs" and state["epoch"] == 2 and ends == [1, 2]
+    saved = json.loads((tmp_path / "cut" / "checkpoints" / "last" / STATE_FILE).read_text())
+    assert saved["epoch"] == 2 and saved["global_step"] == 6
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["epoch_0001", "epoch_0002", "last"]
+    result, state, iters, _, ends, _, resumed = _run(tmp_path / "cut", state=saved, stop_after_epochs=2)
+    assert result["stopped"] is None and ends == [3] and iters == [3] and state["global_step"] == 9
+    assert torch.equal(straight.weight, resumed.weight) and torch.equal(straight.bias, resumed.bias)
