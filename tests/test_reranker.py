@@ -403,6 +403,10 @@ def test_train_test_end_to_end_and_resume_is_exact(stage_inputs, prepared, tmp_p
     # a different configuration in the same out-dir is refused
     with pytest.raises(InputError, match="different configuration"):
         train.main(train_args(stage_inputs, data, part, "--lr", "5e-4"))
+    # --resume --force --epochs 3 extends the finished run from its checkpoint (every trainer's rule)
+    more = train.main(train_args(stage_inputs, data, part, "--resume", "--force", "--epochs", "3"))
+    log = (part / "train.log").read_text()
+    assert more["global_step"] == 18 and "resuming from" in log and "done: 6 steps" in log  # epoch 3 alone
     out = tmp_path / "test"
     m = rerank_test.main(["--reranker-dir", str(tmp_path / "full" / "best"), "--data-dir", str(data),
                           "--out-dir", str(out), "--retriever-name", "toy", "--batch-size", "5"])

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
 from pathlib import Path
 
 import torch
@@ -43,13 +42,12 @@ from avg.reranker.image_tokens import ImageTokens
 from avg.reranker.losses import listwise_loss, pointwise_loss
 from avg.retriever import llama as L
 from avg.train.batches import EpochBatchSampler
-from avg.train.loop import (STATE_FILE, add_checkpoint_args, check_checkpoint, describe_batch, per_process_batch,
-                            resolve_mixed_precision, resume_from, select_best, train_epochs, trainable_only_hooks)
+from avg.train.loop import (add_checkpoint_args, check_checkpoint, describe_batch, per_process_batch, resolve_mixed_precision,
+                            resume_from, select_best, start_training_run, train_epochs, trainable_only_hooks)
 from avg.utils.cli import add_device_arg, run_main
 from avg.utils.io import InputError, read_json
 from avg.utils.seed import seeded_subset, set_seed
-from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
-from avg.utils.tracking import RunLogger
+from avg.utils.stages import add_force_arg
 
 STAGE = manifest_name("finetune_reranker_llama")
 
@@ -186,28 +184,17 @@ def main(argv=None) -> dict:
     args.feature_dim = store.dim if store is not None else 0
     args.grid_cells, args.grid_width = store.grid_shape(args.emb_dir) if args.grid_head else (0, 0)
     out_dir = Path(args.out_dir)
-    stage = begin_stage(out_dir, STAGE, vars(args), inputs=[args.data_dir, args.tokens_dir, args.model, args.emb_dir],
-                        force=args.force, ignore=("no_shared_prefix",),
-                        mark_running=False)
-    if stage.up_to_date and skip_if_done():
-        return stage.previous.get("summary") or {}
     mp = resolve_mixed_precision(args.mixed_precision, cpu=args.device == "cpu")
     accelerator = Accelerator(mixed_precision=mp, cpu=args.device == "cpu")
-    accelerator.wait_for_everyone()  # every rank has read the manifest before the main process rewrites it
-    stage.running()
-    set_seed(args.seed)
     ckpt_dir = out_dir / "checkpoints" / "last"
-    # re-running the command of an interrupted run (stage.json "running", same config) resumes by itself
-    interrupted = not stage.fresh and stage.previous.get("status") == "running"
-    resuming = (args.resume and not stage.fresh or interrupted) and (ckpt_dir / STATE_FILE).is_file()
-    logger = RunLogger(out_dir, project=args.wandb_project, run_name=args.run_name or "reranker", config=vars(args),
-                       resume=resuming)
-    if not resuming and accelerator.is_main_process:
-        for stale in (out_dir / "best", out_dir / "checkpoints", out_dir / "eval"):
-            if stale.exists():
-                logger.info("fresh run: removing %s from an earlier run", stale)
-                shutil.rmtree(stale)
-    accelerator.wait_for_everyone()
+    started = start_training_run(accelerator, args, out_dir, STAGE,
+                                 inputs=[args.data_dir, args.tokens_dir, args.model, args.emb_dir],
+                                 run_name=args.run_name or "reranker", logger_name="avg.reranker",
+                                 ignore=("no_shared_prefix",))
+    if started.skipped is not None:
+        return started.skipped
+    stage, logger, resuming = started.stage, started.logger, started.resuming
+    set_seed(args.seed)
     device = accelerator.device
 
     tokenizer, reranker, ids, added, dtype = build_model(args, tokens, device)
@@ -270,7 +257,8 @@ def main(argv=None) -> dict:
         if partial_ckpt:
             check_checkpoint(ckpt_dir, model)
         resume_from(accelerator, ckpt_dir, scheduler, state, models=[model], **({"strict": False} if partial_ckpt else {}))
-        logger.info("resumed from %s at epoch %d step %d", ckpt_dir, state["epoch"] + 1, state["global_step"])
+        logger.warning("resuming from %s (step %d, epoch %d)%s", ckpt_dir, state["global_step"], state["epoch"] + 1,
+                       "" if args.resume else ": this configuration was interrupted here")
 
     eval_dir, best_dir = out_dir / "eval", out_dir / "best"
     save_kwargs = dict(base_model=args.model, prompt_template=args.prompt_template, max_length=args.max_length,
