@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from avg.artifacts.runfiles import read_run
-from avg.retriever import prepare_dataset, train_t5
+from avg.retriever import prepare_dataset, t5, train_t5
 from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -168,16 +168,16 @@ def test_val_signature_follows_queries_gallery_features_and_settings():
     q = [{"query": "a red cube", "image_id": "a"}, {"query": "a blue ball", "image_id": "b"}]
     g = Gallery(["a", "b"], [[0, 1], [1, 0]])
     f = torch.ones(2, 3)
-    sig = train_t5.val_signature(args, q, g, f, "no", 1)
-    assert sig == train_t5.val_signature(args, [dict(x) for x in q], Gallery(["a", "b"], [[0, 1], [1, 0]]), f.clone(), "no", 1)
-    changed = [train_t5.val_signature(args, q[:1], g, f, "no", 1),
-               train_t5.val_signature(args, q, Gallery(["a", "b"], [[0, 1], [1, 1]]), f, "no", 1),
-               train_t5.val_signature(args, q, Gallery(["a", "b"], [[0, 1], [1, 0]], seed=3), f, "no", 1),
-               train_t5.val_signature(args, q, g, f * 2, "no", 1),
-               train_t5.val_signature(args, q, g, None, "no", 1),
-               train_t5.val_signature(args, q, g, f, "bf16", 1),
-               train_t5.val_signature(args, q, g, f, "no", 2),
-               train_t5.val_signature(argparse.Namespace(**{**vars(args), "score": "vocab"}), q, g, f, "no", 1)]
+    sig = t5.val_signature(args, q, g, f, "no", 1)
+    assert sig == t5.val_signature(args, [dict(x) for x in q], Gallery(["a", "b"], [[0, 1], [1, 0]]), f.clone(), "no", 1)
+    changed = [t5.val_signature(args, q[:1], g, f, "no", 1),
+               t5.val_signature(args, q, Gallery(["a", "b"], [[0, 1], [1, 1]]), f, "no", 1),
+               t5.val_signature(args, q, Gallery(["a", "b"], [[0, 1], [1, 0]], seed=3), f, "no", 1),
+               t5.val_signature(args, q, g, f * 2, "no", 1),
+               t5.val_signature(args, q, g, None, "no", 1),
+               t5.val_signature(args, q, g, f, "bf16", 1),
+               t5.val_signature(args, q, g, f, "no", 2),
+               t5.val_signature(argparse.Namespace(**{**vars(args), "score": "vocab"}), q, g, f, "no", 1)]
     assert len(set(changed)) == len(changed) and sig not in changed
 
 

@@ -40,8 +40,6 @@ configuration was interrupted; on CPU with a fixed seed the result equals an uni
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import math
 import os
 import shutil
@@ -52,24 +50,24 @@ from typing import Optional
 import numpy as np
 import torch
 from accelerate import Accelerator
-from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import get_linear_schedule_with_warmup
 
 from avg.artifacts.registry import manifest_name
-from avg.retriever.data import Collator, QueryDataset, read_codes
+from avg.retriever.data import Collator, QueryDataset
 from avg.retriever.diagnostics import code_diagnostics, format_diagnostics
 from avg.retriever.evaluate import evaluate_split, logits_vocab_size
 from avg.retriever.gallery import Gallery
 from avg.retriever.losses import LOSS_MODES, RetrievalObjective, mine_candidates, teacher_targets
-from avg.retriever.prefix import (QueryPrefix, emb_dir_for, emb_for, feature_rows, gather_features, load_prefix,
+from avg.retriever.prefix import (emb_dir_for, emb_for, feature_rows, gather_features, load_prefix,
                                   query_features)
 from avg.retriever.teacher import CodeTeacher, GalleryTeacher
-from avg.retriever.t5 import load_t5_retriever, save_t5_retriever
+from avg.retriever.t5 import load_model_and_vocab, load_t5_retriever, recorded_val_eval, save_t5_retriever, val_signature
 from avg.retriever.training import add_eval_and_checkpoint_args, check_data_matches_vocab, check_inputs, load_split
 from avg.train.batches import EpochBatchSampler
 from avg.train.loop import (describe_batch, per_process_batch, resolve_mixed_precision, resume_from, select_best,
                             start_training_run, train_epochs)
 from avg.utils.seed import seeded_subset
-from avg.retriever.vocab import VOCAB_FILE, VokenVocab
+from avg.retriever.vocab import VOCAB_FILE
 from avg.artifacts.runfiles import write_run
 from avg.utils.io import InputError, read_json, write_json
 from avg.utils.seed import set_seed
@@ -146,73 +144,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--annotations", default=None, help="Karpathy json mapping image ids to files under --image-root (default: retriever_data/meta.json's)")
     add_force_arg(p)
     return p.parse_args(argv)
-
-
-# ---------------------------------------------------------------------------- setup helpers
-def load_model_and_vocab(args, log):
-    """Stage 1: base checkpoint + new vokens; stage 2: a saved retriever with its vokens."""
-    if args.stage == 2 or (args.init_from and args.stage == 1):
-        if not args.init_from:
-            raise InputError("--stage 2 needs --init-from <stage-1 out-dir>/best")
-        src = args.init_from
-        tokenizer = AutoTokenizer.from_pretrained(src)
-        model = AutoModelForSeq2SeqLM.from_pretrained(src)
-        vocab = VokenVocab.load(src, tokenizer)
-        prefix, _ = load_prefix(src)
-        if args.query_prefix and prefix is None:
-            raise InputError(f"--query-prefix {args.query_prefix}: {src} was trained without a query prefix")
-        log.info("loaded retriever %s (%d vokens%s)", src, len(vocab.tokens()),
-                 f", query prefix of {prefix.num_tokens} tokens" if prefix is not None else "")
-        return tokenizer, model, vocab, prefix
-    if not args.codes_dir:
-        raise InputError("stage 1 needs --codes-dir (voken metadata and codebook.npy)")
-    codes = read_codes(args.codes_dir, with_codebook=not args.no_voken_embedding)
-    vocab = VokenVocab.from_meta(codes.meta, source=os.path.join(args.codes_dir, "codes.json"))
-    vocab.level_tokens = vocab.shared_codebook and args.voken_tokens == "per-level"
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForSeq2SeqLM.from_pretrained(args.model)
-    if not getattr(model.config, "is_encoder_decoder", False):
-        raise InputError(f"--model {args.model}: not an encoder-decoder model (use the LLaMA retriever)")
-    init = "random" if args.no_voken_embedding else "codebook"
-    if init == "codebook" and codes.codebook is None:
-        raise InputError(f"{args.codes_dir}: codebook.npy not found (or pass --no-voken-embedding)")
-    vocab.add_to(tokenizer, model, codes.codebook, init=init, seed=args.seed)
-    log.info("added %d voken tokens to %s (init=%s, %s tokens)", len(vocab.tokens()), args.model, init,
-             "per-level" if vocab.level_tokens or not vocab.shared_codebook else "shared")
-    prefix = None
-    if args.query_prefix:
-        torch.manual_seed(args.seed)
-        prefix = QueryPrefix(args.feature_dim, model.get_input_embeddings().weight.shape[1], args.query_prefix)
-    return tokenizer, model, vocab, prefix
-
-
-def val_signature(args, queries, gallery: Gallery, features, mixed_precision: str, num_processes: int) -> str:
-    """A digest of everything a val evaluation's result depends on besides the model's weights: the
-    queries, the gallery (image order, codes, the tie order's seed), the query features and the search
-    settings. best.json records it next to the val metrics of the weights saved with it, so stage 2
-    can reuse stage 1's evaluation of its starting model instead of running it again."""
-    h = hashlib.sha1()
-    settings = {"num_beams": args.num_beams, "score": args.score, "fast_search": bool(args.fast_search),
-                "max_source_length": args.max_source_length, "eval_batch_size": args.eval_batch_size,
-                "mixed_precision": str(mixed_precision), "num_processes": int(num_processes), "gallery_seed": gallery.seed}
-    h.update(json.dumps(settings, sort_keys=True).encode())
-    h.update(json.dumps([[q["query"], q["image_id"]] for q in queries]).encode())
-    h.update(json.dumps([gallery.image_ids, gallery.codes.tolist()]).encode())
-    if features is not None:
-        h.update(np.ascontiguousarray(features.detach().cpu().float().numpy()).tobytes())
-    return h.hexdigest()
-
-
-def recorded_val_eval(init_from, signature: str) -> Optional[tuple[dict, Path]]:
-    """The starting model's val evaluation as the stage that saved it recorded it -- (its eval/val/*
-    metrics, its run file) -- when best.json's ``val_signature`` equals ``signature``; else None."""
-    info_path = Path(init_from) / "best.json"
-    info = read_json(info_path) if info_path.is_file() else {}
-    metrics = {k: v for k, v in (info.get("metrics") or {}).items() if k.startswith("eval/val/")}
-    run_file = Path(init_from).parent / "eval" / f"run_val_epoch{info.get('epoch')}.jsonl"
-    if info.get("val_signature") != signature or "eval/val/R@1" not in metrics or not run_file.is_file():
-        return None
-    return metrics, run_file
 
 
 def _step_generator(seed: int, epoch: int, micro: int) -> torch.Generator:
