@@ -178,7 +178,7 @@ def test_trainer_refuses_forces_fresh_resumes_interrupted_and_skips(tmp_path, mo
     train_rqvae.main([*base, "--stop-after-epochs", "1"])
     assert read_manifest(out)["status"] == "running" and not (out / "model.safetensors").exists()
     final = train_rqvae.main(base)
-    assert "resuming from" in log() and "(epoch 1, step" in log()
+    assert "resuming from" in log() and ", epoch 2)" in log()
     assert read_manifest(out)["status"] == "complete"
     w_resumed = weights()
 

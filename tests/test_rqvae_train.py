@@ -173,11 +173,21 @@ def test_mid_epoch_resume_is_bit_for_bit_and_epochs_are_kept(tmp_path, monkeypat
     state = json.loads((tmp_path / "resumed" / "checkpoints" / "last" / "train_state.json").read_text())
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 2, 2)
     assert state["dead_code"]["total_reset"] > 0 and not (tmp_path / "resumed" / "model.safetensors").exists()
+    # stopped again after the epoch's last step, before the epoch closes: nothing of it is left to run
+    run_train(emb_dir, tmp_path / "resumed", *flags, "--stop-after-steps", "1", "--keep-every-epochs", "1")
+    state = json.loads((tmp_path / "resumed" / "checkpoints" / "last" / "train_state.json").read_text())
+    assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (0, 3, 3)
     run_train(emb_dir, tmp_path / "resumed", *flags, "--keep-every-epochs", "1")  # the same command, no --resume
     assert "resuming from" in (tmp_path / "resumed" / "train.log").read_text()
     a = load_file(str(tmp_path / "straight" / "model.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the per-epoch means cover whole epochs, across the interruptions: the same log lines and final metrics
+    epochs = lambda d: [{k: v for k, v in json.loads(x).items() if k != "time"}  # noqa: E731
+                        for x in (d / "metrics.jsonl").read_text().splitlines() if '"epoch"' in x]
+    assert len(epochs(tmp_path / "straight")) == 2 and epochs(tmp_path / "straight") == epochs(tmp_path / "resumed")
+    final = lambda d: json.loads((d / "final_metrics.json").read_text())  # noqa: E731
+    assert final(tmp_path / "straight") == final(tmp_path / "resumed") and "train/total" in final(tmp_path / "resumed")
     kept = sorted(d.name for d in (tmp_path / "resumed" / "checkpoints").iterdir())
     assert kept == ["epoch_0001", "epoch_0002", "last"]
     assert json.loads((tmp_path / "resumed" / "checkpoints" / "epoch_0001" / "train_state.json").read_text())["epoch"] == 1
@@ -235,8 +245,8 @@ def test_training_logs_every_term_and_learns(tmp_path, monkeypatch):
     cfg = json.loads((tmp_path / "run" / "config.json").read_text())
     assert cfg["shared_codebook"] is False and cfg["align_weight"] == 0.5
     assert (tmp_path / "run" / "train.log").read_text().count("train/total") == 4
-    with pytest.raises(InputError, match="no checkpoint"):
-        run_train(emb_dir, tmp_path / "fresh", "--resume")
+    run_train(emb_dir, tmp_path / "fresh", "--resume")  # nothing to resume: every trainer starts fresh, and says so
+    assert "--resume: no checkpoint at" in (tmp_path / "fresh" / "train.log").read_text()
 
 
 def test_old_flag_names_are_aliases_of_the_shared_ones():
@@ -284,7 +294,7 @@ def test_outputs_of_the_previous_trainer_stay_up_to_date(tmp_path):
     loop_flags = ("device", "save_every_steps", "stop_after_steps", "stop_after_epochs", "keep_every_epochs",
                   "log_every", "wandb_project")
     before = {k: v for k, v in args.items() if k not in loop_flags and k != "max_grad_norm"}
-    before.update(grad_clip=args["max_grad_norm"], stop_after=0, save_every=0)
+    before["grad_clip"] = args["max_grad_norm"]  # (its --stop-after / --save-every were never recorded: volatile)
     begin_stage(tmp_path, "train_rqvae", before, ignore=("eval_every",)).complete()
     assert begin_stage(tmp_path, "train_rqvae", args, ignore=("eval_every",)).up_to_date
     with pytest.raises(InputError, match="max_grad_norm: 1.0 -> 0.5"):

@@ -82,3 +82,22 @@ def test_stop_after_epochs_resumes_to_the_same_weights_and_keeps_epochs(tmp_path
     result, state, iters, _, ends, _, resumed = _run(tmp_path / "cut", state=saved, stop_after_epochs=2)
     assert result["stopped"] is None and ends == [3] and iters == [3] and state["global_step"] == 9
     assert torch.equal(straight.weight, resumed.weight) and torch.equal(straight.bias, resumed.bias)
+
+
+def test_a_mid_epoch_checkpoint_resumes_only_on_as_many_processes(tmp_path):
+    """Each process's share of an epoch depends on the number of processes: a mid-epoch checkpoint
+    continued on another number would skip the wrong batches, so it is refused, naming the file."""
+    import pytest
+
+    from avg.utils.io import InputError
+
+    result, state, *_ = _run(tmp_path, stop_after_steps=1)
+    path = tmp_path / "checkpoints" / "last" / STATE_FILE
+    saved = json.loads(path.read_text())
+    assert result["stopped"] == "--stop-after-steps" and saved["step_in_epoch"] == 1 and saved["num_processes"] == 1
+    path.write_text(json.dumps({**saved, "num_processes": 2}))
+    with pytest.raises(InputError, match=r"train_state\.json: a mid-epoch checkpoint of 2 process\(es\)"):
+        _run(tmp_path, state=saved)
+    path.write_text(json.dumps(saved))
+    result, state, *_ = _run(tmp_path, state=saved)
+    assert result["stopped"] is None and state["global_step"] == 9

@@ -38,6 +38,7 @@ from avg.utils.cli import add_deprecated_alias, add_device_arg, run_main
 from avg.utils.io import InputError, read_json, write_json
 from avg.utils.seed import deterministic_algorithms, set_seed
 from avg.utils.stages import add_force_arg, config_diff
+from avg.utils.tracking import get_logger
 
 def _hidden_dims(text: str) -> list[int]:
     try:
@@ -181,9 +182,11 @@ def train(args) -> dict:
     splits = [s for s in args.train_splits.split(",") if s]
     image_rows, captions = training_rows(emb, splits, str(emb_dir / INDEX))
     config = model_config(args, emb.dim)
-    if args.resume:  # an explicit --resume is checked like any input
-        if not (ckpt_dir / STATE_FILE).is_file():
-            raise InputError(f"{ckpt_dir / STATE_FILE}: no checkpoint to resume from")
+    if (ckpt_dir.parent / "last.pt").is_file() and not (ckpt_dir / STATE_FILE).is_file():
+        get_logger("avg.rqvae").warning("%s: a checkpoint of an older release (before the shared training loop); "
+                                        "it is not read: this run starts fresh", ckpt_dir.parent / "last.pt")
+    checked = args.resume and (ckpt_dir / STATE_FILE).is_file()
+    if checked:  # an explicit --resume is checked like any input, before the manifest
         check_checkpoint_config(ckpt_dir, config)
     started = start_training_run(accelerator, args, out_dir, manifest_name("train_rqvae"), inputs=[emb_dir],
                                  run_name=args.run_name or out_dir.name, logger_name="avg.rqvae",
@@ -191,7 +194,7 @@ def train(args) -> dict:
     if started.skipped is not None:
         return started.skipped
     run, logger, resuming = started.stage, started.logger, started.resuming
-    if resuming:
+    if resuming and not checked:
         check_checkpoint_config(ckpt_dir, config)
 
     model = RQVAE(config)
@@ -215,7 +218,7 @@ def train(args) -> dict:
     steps_per_epoch = sampler.batches_per_epoch()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(args.lr_schedule, args.warmup_steps, args.epochs * steps_per_epoch))
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "model_config": config.to_dict(),
-             "dead_code": tracker.state_dict(), "scheduler": scheduler.state_dict()}
+             "dead_code": tracker.state_dict(), "epoch_sums": {}, "scheduler": scheduler.state_dict()}
 
     arg_dict = dict(vars(args))
     if main_proc:
@@ -235,47 +238,58 @@ def train(args) -> dict:
     )
     if kmeans_info is not None:
         logger.log(kmeans_info, step=0)
+    # per-epoch sums of every loss term over all processes (images seen, loss x images, dead codes
+    # reset), kept in the checkpointed state: an epoch resumed mid-way reports the whole epoch
+    epoch_sums: dict = defaultdict(float)
+    pending: dict = defaultdict(float)  # this process's sums since the last optimizer step
+    last_out: list = [None]
+    metrics: dict = {}
     if resuming:  # last, so nothing after it draws from the restored generators
         resume_from(accelerator, ckpt_dir, scheduler, state, models=[model])
         tracker.load_state_dict(state["dead_code"])
-        logger.warning("resuming from %s (epoch %d, step %d)%s", ckpt_dir, state["epoch"], state["global_step"],
+        epoch_sums.update(state.get("epoch_sums") or {})
+        logger.warning("resuming from %s (step %d, epoch %d)%s", ckpt_dir, state["global_step"], state["epoch"] + 1,
                        "" if args.resume else ": this configuration was interrupted here")
 
-    # per-epoch means of every loss term (since the resume point, after a mid-epoch resume)
-    epoch_sums: dict = defaultdict(float)
-    last_out: list = [None]
-    metrics: dict = {}
-
     def on_epoch_start(epoch: int) -> None:
-        epoch_sums.clear()
+        if state["step_in_epoch"] == 0:
+            epoch_sums.clear()
         model.train()
 
     def micro_step(batch, epoch: int, micro: int):
         out = model(batch["image"].to(device), text=batch["text"].to(device), text_mask=batch["text_mask"].to(device))
         n = len(batch["image"])
-        epoch_sums["seen"] += n
+        pending["seen"] += n
         for k, v in out.losses.items():
-            epoch_sums[k] += float(v) * n
+            pending[k] += float(v) * n
         last_out[0] = out
         return out.loss, {k: float(v) for k, v in out.losses.items() if k != "total"}
 
-    def after_step() -> None:  # dead-code resets see every process's codes and residuals
+    def after_step() -> None:
+        keys = list(pending)
+        values = [pending[k] for k in keys]
+        if accelerator.num_processes > 1:  # every process keeps the same global sums (one small all-reduce)
+            values = accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=device), "sum").tolist()
+        for k, v in zip(keys, values):
+            epoch_sums[k] += v
+        pending.clear()
         out = last_out[0]
-        if tracker.threshold > 0:
+        if tracker.threshold > 0:  # dead-code resets see every process's codes and residuals
             tracker.update(accelerator.gather(out.codes))
             if bool(tracker.dead_mask().any()):
                 epoch_sums["dead_codes_reset"] += tracker.reset(raw_model, accelerator.gather(out.residuals))
             state["dead_code"] = tracker.state_dict()
+        state["epoch_sums"] = dict(epoch_sums)
         last_out[0] = None
 
     def on_epoch_end(done: int) -> None:
         reset = epoch_sums.pop("dead_codes_reset", 0)
-        keys = [k for k in epoch_sums if k != "seen"]
-        totals = accelerator.reduce(torch.tensor([epoch_sums["seen"], *(epoch_sums[k] for k in keys)], dtype=torch.float64,
-                                                 device=device), "sum").cpu()
+        seen = epoch_sums.pop("seen", 0.0)
         metrics.clear()
-        metrics.update({f"train/{k}": float(v) / max(float(totals[0]), 1.0) for k, v in zip(keys, totals[1:])})
+        metrics.update({f"train/{k}": v / max(seen, 1.0) for k, v in epoch_sums.items()})
         metrics.update({"epoch": done, "train/lr": scheduler.get_last_lr()[0], "train/dead_codes_reset": int(reset)})
+        epoch_sums.clear()
+        state["epoch_sums"] = {}
         if main_proc:
             metrics.update(code_metrics(raw_model, emb.image_features, image_rows, args.batch_size, device))
             if args.eval_every > 0 and done % args.eval_every == 0:

@@ -1,4 +1,4 @@
-"""The training loop shared by every trainer: the T5 and LLaMA retrievers and the reranker.
+"""The training loop shared by every trainer: the RQ-VAE, the T5 and LLaMA retrievers and the reranker.
 
 Checkpoints (accelerate state + our counters, swapped in atomically), the run prelude (claim the
 output folder, skip, resume or start fresh), gradient accumulation bookkeeping, the optimizer step,
@@ -81,7 +81,7 @@ class TrainingRun:
 
 def start_training_run(accelerator, args, out_dir: Path, stage: str, *, inputs, run_name: str,
                        logger_name: str, ignore=(), stale=("best", "checkpoints", "eval")) -> TrainingRun:
-    """The retriever trainers' prelude, on every process: claim ``out_dir`` for ``stage`` with this
+    """Every trainer's prelude, on every process: claim ``out_dir`` for ``stage`` with this
     configuration (:func:`~avg.utils.stages.begin_stage`; every rank reads the manifest before the
     main process rewrites it, so all take the same decision), return at once when it is up to
     date and skipping is on, resume from ``checkpoints/last`` when asked (``--resume``) or when the
@@ -103,9 +103,9 @@ def start_training_run(accelerator, args, out_dir: Path, stage: str, *, inputs, 
         logger.info("--resume: no checkpoint at %s, starting fresh", ckpt_dir)
     if not resuming and accelerator.is_main_process:
         for old in (out_dir / name for name in stale):
-            if old.exists():  # a fresh run must never report an older run's model or metrics
+            if old.exists() or old.is_symlink():  # a fresh run must never report an older run's model or metrics
                 logger.info("fresh run: removing %s from an earlier run", old)
-                shutil.rmtree(old) if old.is_dir() else old.unlink()
+                shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
     accelerator.wait_for_everyone()
     return TrainingRun(run, logger, resuming)
 
@@ -224,7 +224,8 @@ def train_epochs(accelerator, args, state: dict, *, sampler, micro_per_epoch: in
                  on_epoch_end: Optional[Callable[[int], None]] = None,
                  after_step: Optional[Callable[[], None]] = None,
                  fetch: Optional[Callable[[list], Iterable]] = None) -> dict:
-    """Run epochs ``state["epoch"] .. args.epochs - 1``, resuming mid-epoch from ``state``.
+    """Run epochs ``state["epoch"] .. args.epochs - 1`` (at most ``args.stop_after_epochs`` of them when
+    set), resuming mid-epoch from ``state`` (refused when the number of processes changed since).
 
     ``micro_step(batch, epoch, micro) -> (loss, parts)`` does one micro-batch's forward pass (the
     backward pass, gradient accumulation without DDP sync, the optimizer step, logging, mid-epoch
@@ -243,6 +244,12 @@ def train_epochs(accelerator, args, state: dict, *, sampler, micro_per_epoch: in
     """
     t_start, steps_this_run, train_seconds, stopped = time.time(), 0, 0.0, None
     grad_accum = getattr(args, "grad_accum", 1)
+    saved_procs = state.get("num_processes")
+    if state["step_in_epoch"] and saved_procs not in (None, accelerator.num_processes):
+        raise InputError(f"{ckpt_dir / STATE_FILE}: a mid-epoch checkpoint of {saved_procs} process(es); each process's "
+                         f"share of the epoch differs on {accelerator.num_processes}: resume with {saved_procs}, or "
+                         "from an epoch's end (--save-every-steps 0)")
+    state["num_processes"] = accelerator.num_processes
     stop_epochs, keep_every = getattr(args, "stop_after_epochs", 0), getattr(args, "keep_every_epochs", 0)
     last_epoch = min(args.epochs, state["epoch"] + stop_epochs) if stop_epochs > 0 else args.epochs
     running: dict = {}

@@ -42,7 +42,7 @@ SKIP_ENV = "AVG_SKIP_DONE"
 
 #: flags that change how a stage runs, not what it produces
 VOLATILE_KEYS = frozenset({
-    "out_dir", "force", "resume", "stop_after", "save_every", "log_every", "progress", "no_progress",
+    "out_dir", "force", "resume", "log_every", "progress", "no_progress",
     "num_workers", "device", "cpu", "run_name", "wandb_project", "eval_batch_size",
     "save_every_steps", "stop_after_steps", "stop_after_epochs", "keep_every_epochs",
 })
