@@ -42,8 +42,9 @@ from avg.reranker.image_tokens import ImageTokens
 from avg.reranker.losses import listwise_loss, pointwise_loss
 from avg.retriever import llama as L
 from avg.train.batches import EpochBatchSampler
-from avg.train.loop import (add_checkpoint_args, check_checkpoint, describe_batch, per_process_batch, resolve_mixed_precision,
-                            resume_from, select_best, start_training_run, train_epochs, trainable_only_hooks)
+from avg.train.loop import (add_checkpoint_args, check_checkpoint, checkpoint_dir, describe_batch, log_resumed,
+                            per_process_batch, resolve_mixed_precision, resume_from, select_best, start_training_run,
+                            train_epochs, trainable_only_hooks)
 from avg.utils.cli import add_device_arg, run_main
 from avg.utils.io import InputError, read_json
 from avg.utils.seed import seeded_subset, set_seed
@@ -186,7 +187,7 @@ def main(argv=None) -> dict:
     out_dir = Path(args.out_dir)
     mp = resolve_mixed_precision(args.mixed_precision, cpu=args.device == "cpu")
     accelerator = Accelerator(mixed_precision=mp, cpu=args.device == "cpu")
-    ckpt_dir = out_dir / "checkpoints" / "last"
+    ckpt_dir = checkpoint_dir(out_dir)
     started = start_training_run(accelerator, args, out_dir, STAGE,
                                  inputs=[args.data_dir, args.tokens_dir, args.model, args.emb_dir],
                                  run_name=args.run_name or "reranker", logger_name="avg.reranker",
@@ -257,8 +258,7 @@ def main(argv=None) -> dict:
         if partial_ckpt:
             check_checkpoint(ckpt_dir, model)
         resume_from(accelerator, ckpt_dir, scheduler, state, models=[model], **({"strict": False} if partial_ckpt else {}))
-        logger.warning("resuming from %s (step %d, epoch %d)%s", ckpt_dir, state["global_step"], state["epoch"] + 1,
-                       "" if args.resume else ": this configuration was interrupted here")
+        log_resumed(logger, ckpt_dir, state, explicit=args.resume)
 
     eval_dir, best_dir = out_dir / "eval", out_dir / "best"
     save_kwargs = dict(base_model=args.model, prompt_template=args.prompt_template, max_length=args.max_length,

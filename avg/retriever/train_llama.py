@@ -42,8 +42,9 @@ from avg.retriever.evaluate import evaluate_split
 from avg.retriever.gallery import Gallery
 from avg.retriever.training import add_eval_and_checkpoint_args, check_data_matches_vocab, load_split
 from avg.train.batches import EpochBatchSampler
-from avg.train.loop import (check_checkpoint, describe_batch, per_process_batch, resolve_mixed_precision, resume_from,
-                            select_best, start_training_run, train_epochs, trainable_only_hooks)
+from avg.train.loop import (check_checkpoint, checkpoint_dir, describe_batch, log_resumed, per_process_batch,
+                            resolve_mixed_precision, resume_from, select_best, start_training_run, train_epochs,
+                            trainable_only_hooks)
 from avg.utils.seed import seeded_subset
 from avg.retriever.vocab import VokenVocab
 from avg.utils.io import InputError, read_json, write_json
@@ -125,7 +126,7 @@ def main(argv=None) -> dict:
     accelerator = Accelerator(mixed_precision=mp, cpu=args.device == "cpu")
     set_seed(args.seed)
     out_dir = Path(args.out_dir)
-    ckpt_dir = out_dir / "checkpoints" / "last"
+    ckpt_dir = checkpoint_dir(out_dir)
     started = start_training_run(accelerator, args, out_dir, manifest_name("finetune_retriever_llama"),
                                  inputs=[args.data_dir, args.codes_dir, args.model],
                                  run_name=args.run_name or "llama-retriever", logger_name="avg.train_llama")
@@ -193,8 +194,7 @@ def main(argv=None) -> dict:
         if partial_ckpt:
             check_checkpoint(ckpt_dir, model)
         resume_from(accelerator, ckpt_dir, scheduler, state, models=[model], **({"strict": False} if partial_ckpt else {}))
-        logger.warning("resuming from %s (step %d, epoch %d)%s", ckpt_dir, state["global_step"], state["epoch"] + 1,
-                       "" if args.resume else ": this configuration was interrupted here")
+        log_resumed(logger, ckpt_dir, state, explicit=args.resume)
 
     fmt = L.prompt_formatter(args.prompt_template)
     vsize = int(L.search_model(unwrapped()).get_input_embeddings().weight.shape[0])

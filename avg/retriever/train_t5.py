@@ -64,8 +64,8 @@ from avg.retriever.teacher import CodeTeacher, GalleryTeacher
 from avg.retriever.t5 import load_model_and_vocab, load_t5_retriever, recorded_val_eval, save_t5_retriever, val_signature
 from avg.retriever.training import add_eval_and_checkpoint_args, check_data_matches_vocab, check_inputs, load_split
 from avg.train.batches import EpochBatchSampler
-from avg.train.loop import (describe_batch, per_process_batch, resolve_mixed_precision, resume_from, select_best,
-                            start_training_run, train_epochs)
+from avg.train.loop import (checkpoint_dir, describe_batch, log_resumed, per_process_batch, resolve_mixed_precision,
+                            resume_from, select_best, start_training_run, train_epochs)
 from avg.utils.seed import seeded_subset
 from avg.retriever.vocab import VOCAB_FILE
 from avg.artifacts.runfiles import write_run
@@ -169,7 +169,7 @@ def main(argv=None) -> dict:
                                                                       allow_fp16=args.allow_fp16), cpu=args.device == "cpu")
     set_seed(args.seed)
     out_dir = Path(args.out_dir)
-    ckpt_dir = out_dir / "checkpoints" / "last"
+    ckpt_dir = checkpoint_dir(out_dir)
     data_dir = Path(args.data_dir)
     # the query features are an input like the data: a wrong emb/ fails here, before anything is written
     uses_prefix = args.query_prefix > 0 or (args.init_from is not None and load_prefix(args.init_from)[0] is not None)
@@ -266,8 +266,7 @@ def main(argv=None) -> dict:
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_r1": None, "best_epoch": None}
     if resuming:
         resume_from(accelerator, ckpt_dir, scheduler, state, models=[objective])
-        logger.warning("resuming from %s (step %d, epoch %d)%s", ckpt_dir, state["global_step"], state["epoch"] + 1,
-                       "" if args.resume else ": this configuration was interrupted here")
+        log_resumed(logger, ckpt_dir, state, explicit=args.resume)
 
     indexes: dict = {}
 

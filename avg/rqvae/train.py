@@ -33,7 +33,8 @@ from avg.artifacts.registry import manifest_name
 from avg.models.kmeans import DeadCodeTracker, init_codebooks
 from avg.models.rqvae import RQVAE, RQVAEConfig
 from avg.rqvae.data import FeatureBatchSampler, FeatureDataset, gather_rows, iter_feature_batches, passthrough_collate, training_rows
-from avg.train.loop import STATE_FILE, add_checkpoint_args, resume_from, start_training_run, train_epochs
+from avg.train.loop import (STATE_FILE, add_checkpoint_args, checkpoint_dir, log_resumed, resume_from,
+                            start_training_run, train_epochs)
 from avg.utils.cli import add_deprecated_alias, add_device_arg, run_main
 from avg.utils.io import InputError, read_json, write_json
 from avg.utils.seed import deterministic_algorithms, set_seed
@@ -170,7 +171,7 @@ def train(args) -> dict:
 
     out_dir = Path(args.out_dir)
     emb_dir = Path(args.emb_dir)
-    ckpt_dir = out_dir / "checkpoints" / "last"
+    ckpt_dir = checkpoint_dir(out_dir)
     for name in ("epochs", "batch_size", "num_levels", "codebook_size", "latent_dim"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1")
@@ -248,8 +249,7 @@ def train(args) -> dict:
         resume_from(accelerator, ckpt_dir, scheduler, state, models=[model])
         tracker.load_state_dict(state["dead_code"])
         epoch_sums.update(state.get("epoch_sums") or {})
-        logger.warning("resuming from %s (step %d, epoch %d)%s", ckpt_dir, state["global_step"], state["epoch"] + 1,
-                       "" if args.resume else ": this configuration was interrupted here")
+        log_resumed(logger, ckpt_dir, state, explicit=args.resume)
 
     def on_epoch_start(epoch: int) -> None:
         if state["step_in_epoch"] == 0:

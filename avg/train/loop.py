@@ -69,6 +69,17 @@ def describe_batch(batch_size: int, world_size: int, grad_accum: int = 1) -> str
             f"process(es) x {grad_accum} accumulation step(s)")
 
 
+def checkpoint_dir(out_dir) -> Path:
+    """Where every trainer keeps the checkpoint it resumes from: ``<out-dir>/checkpoints/last``."""
+    return Path(out_dir) / "checkpoints" / "last"
+
+
+def log_resumed(logger, ckpt_dir: Path, state: dict, *, explicit: bool) -> None:
+    """The one line every trainer logs when it continues from a checkpoint (after :func:`resume_from`)."""
+    logger.warning("resuming from %s (step %d, epoch %d)%s", ckpt_dir, state["global_step"], state["epoch"] + 1,
+                   "" if explicit else ": this configuration was interrupted here")
+
+
 @dataclass
 class TrainingRun:
     """What :func:`start_training_run` decided: the claimed stage, its logger and whether it resumes;
@@ -88,7 +99,7 @@ def start_training_run(accelerator, args, out_dir: Path, stage: str, *, inputs, 
     same configuration was interrupted, open the run logger, and on a fresh start remove an older
     run's ``stale`` outputs (``best/``, ``checkpoints/``, ``eval/`` by default: a fresh run never
     reports an older model). ``ignore``: flags that do not change the result (see begin_stage)."""
-    ckpt_dir = out_dir / "checkpoints" / "last"
+    ckpt_dir = checkpoint_dir(out_dir)
     run = begin_stage(out_dir, stage, vars(args), force=args.force, mark_running=False, inputs=inputs,
                       ignore=ignore)
     accelerator.wait_for_everyone()
