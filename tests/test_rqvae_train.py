@@ -159,6 +159,11 @@ def test_resume_is_bit_for_bit(tmp_path, monkeypatch):
     assert resets[-2] > 0 and resets[-1] > 0  # so the resumed run must restore the dead-code state
     with pytest.raises(InputError, match="differs"):
         run_train(emb_dir, tmp_path / "resumed", "--epochs", "3", "--resume", "--codebook-size", "32")
+    # a damaged checkpoint state: an error naming the file, not a traceback
+    path = tmp_path / "resumed" / "checkpoints" / "last" / "train_state.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "dead_code": {"unused": [[0]]}}))
+    with pytest.raises(InputError, match=r"train_state\.json: unreadable dead-code state"):
+        run_train(emb_dir, tmp_path / "resumed", *flags, "--resume")
 
 
 def test_mid_epoch_resume_is_bit_for_bit_and_epochs_are_kept(tmp_path, monkeypatch):

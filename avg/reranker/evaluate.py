@@ -27,9 +27,9 @@ from avg.reranker.data import load_lists
 from avg.reranker.step import LmRerankStep
 from avg.retriever import llama as L
 from avg.utils.cli import add_device_arg, run_main
-from avg.utils.seed import seeded_subset
 from avg.utils.devices import process_device
 from avg.utils.io import InputError, read_json, write_json
+from avg.utils.seed import seeded_subset
 from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
 from avg.utils.tracking import RunLogger
 

@@ -43,8 +43,8 @@ from avg.reranker.losses import listwise_loss, pointwise_loss
 from avg.retriever import llama as L
 from avg.train.batches import EpochBatchSampler
 from avg.train.loop import (add_checkpoint_args, check_checkpoint, checkpoint_dir, describe_batch, log_resumed,
-                            per_process_batch, resolve_mixed_precision, resume_from, select_best, start_training_run,
-                            train_epochs, trainable_only_hooks)
+                            log_stopped, per_process_batch, resolve_mixed_precision, resume_from, select_best,
+                            start_training_run, train_epochs, trainable_only_hooks)
 from avg.utils.cli import add_device_arg, run_main
 from avg.utils.io import InputError, read_json
 from avg.utils.seed import seeded_subset, set_seed
@@ -324,7 +324,7 @@ def main(argv=None) -> dict:
     stopped, steps_this_run = result.pop("stopped"), result["steps_this_run"]
     train_seconds = result["train_seconds"]
     if stopped:
-        logger.info("stopped by %s after %d steps of this run; resume with --resume", stopped, steps_this_run)
+        log_stopped(logger, stopped, state, args.epochs, steps_this_run)
         logger.finish()
         return result
     if not best_dir.is_dir() and accelerator.is_main_process:

@@ -42,13 +42,12 @@ from avg.retriever.evaluate import evaluate_split
 from avg.retriever.gallery import Gallery
 from avg.retriever.training import add_eval_and_checkpoint_args, check_data_matches_vocab, load_split
 from avg.train.batches import EpochBatchSampler
-from avg.train.loop import (check_checkpoint, checkpoint_dir, describe_batch, log_resumed, per_process_batch,
-                            resolve_mixed_precision, resume_from, select_best, start_training_run, train_epochs,
-                            trainable_only_hooks)
-from avg.utils.seed import seeded_subset
+from avg.train.loop import (check_checkpoint, checkpoint_dir, describe_batch, log_resumed, log_stopped,
+                            per_process_batch, resolve_mixed_precision, resume_from, select_best, start_training_run,
+                            train_epochs, trainable_only_hooks)
 from avg.retriever.vocab import VokenVocab
 from avg.utils.io import InputError, read_json, write_json
-from avg.utils.seed import set_seed
+from avg.utils.seed import seeded_subset, set_seed
 from avg.utils.stages import add_force_arg
 from avg.utils.cli import add_deprecated_alias, add_device_arg, run_main
 
@@ -250,7 +249,7 @@ def main(argv=None) -> dict:
                           on_epoch_start=lambda epoch: model.train())
     stopped, steps_this_run = result.pop("stopped"), result["steps_this_run"]
     if stopped:
-        logger.info("stopped by %s after %d steps of this run; resume with --resume", stopped, steps_this_run)
+        log_stopped(logger, stopped, state, args.epochs, steps_this_run)
         logger.finish()
         return result
     if not best_dir.is_dir():

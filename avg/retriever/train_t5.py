@@ -64,13 +64,12 @@ from avg.retriever.teacher import CodeTeacher, GalleryTeacher
 from avg.retriever.t5 import load_model_and_vocab, load_t5_retriever, recorded_val_eval, save_t5_retriever, val_signature
 from avg.retriever.training import add_eval_and_checkpoint_args, check_data_matches_vocab, check_inputs, load_split
 from avg.train.batches import EpochBatchSampler
-from avg.train.loop import (checkpoint_dir, describe_batch, log_resumed, per_process_batch, resolve_mixed_precision,
-                            resume_from, select_best, start_training_run, train_epochs)
-from avg.utils.seed import seeded_subset
+from avg.train.loop import (checkpoint_dir, describe_batch, log_resumed, log_stopped, per_process_batch,
+                            resolve_mixed_precision, resume_from, select_best, start_training_run, train_epochs)
 from avg.retriever.vocab import VOCAB_FILE
 from avg.artifacts.runfiles import write_run
 from avg.utils.io import InputError, read_json, write_json
-from avg.utils.seed import set_seed
+from avg.utils.seed import seeded_generator, seeded_subset, set_seed
 from avg.utils.stages import add_force_arg
 from avg.utils.cli import add_device_arg, run_main
 
@@ -144,12 +143,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--annotations", default=None, help="Karpathy json mapping image ids to files under --image-root (default: retriever_data/meta.json's)")
     add_force_arg(p)
     return p.parse_args(argv)
-
-
-def _step_generator(seed: int, epoch: int, micro: int) -> torch.Generator:
-    """A generator that depends only on (seed, epoch, micro-batch): resumable stage-2 sampling."""
-    state = int(np.random.SeedSequence([seed, epoch, micro]).generate_state(1)[0])
-    return torch.Generator().manual_seed(state)
 
 
 # ---------------------------------------------------------------------------- main
@@ -354,7 +347,7 @@ def main(argv=None) -> dict:
                 cands, cmask, pidx, found = mine_candidates(
                     obj.model, obj.prefix, batch["input_ids"], batch["attention_mask"], prefix_feats,
                     chunk_indexes[chunk], args.dis_beams, batch["labels"][:, :-1], eos_token_id=tokenizer.eos_token_id,
-                    voken_ids=voken_ids, normalize=args.score, generator=_step_generator(args.seed, epoch, micro))
+                    voken_ids=voken_ids, normalize=args.score, generator=seeded_generator(args.seed, epoch, micro))
             extra = {"candidates": cands, "positive_index": pidx, "candidate_mask": cmask,
                      "candidate_index": chunk_indexes[chunk], "list_mask": found if args.dis_lists == "found" else None}
             if teacher is not None:
@@ -379,7 +372,7 @@ def main(argv=None) -> dict:
                           on_epoch_start=lambda epoch: objective.train())
     stopped, steps_this_run = result.pop("stopped"), result["steps_this_run"]
     if stopped:
-        logger.info("stopped by %s after %d steps of this run; resume with --resume", stopped, steps_this_run)
+        log_stopped(logger, stopped, state, args.epochs, steps_this_run)
         logger.finish()
         return result
     if not best_dir.is_dir():

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from avg.train.batches import shard_batches
 from avg.utils.io import InputError
 
 
@@ -180,14 +181,11 @@ class FeatureBatchSampler(Sampler):
     def __iter__(self) -> Iterator[list]:
         imgs, caps = self.epoch_pairs()
         n, b = len(imgs), self.batch_size
-        if self.world > 1 and n:  # every process: the same number of full batches
-            need = self.batches_per_epoch() * self.world * b
-            take = np.arange(need) % n
-            imgs, caps, n = imgs[take], caps[take], need
-        starts = range(0, n, b)
-        for i in list(starts)[self.rank::self.world][self.skip:]:
-            if self.drop_last and i + b > n:
-                break
+        if self.world > 1 and n:  # full batches only: the dead-code resets gather codes of one shape
+            take = np.arange(self.batches_per_epoch() * self.world * b) % n
+            imgs, caps, n = imgs[take], caps[take], len(take)
+        starts = list(range(0, n - n % b if self.drop_last else n, b))
+        for i in shard_batches(starts, self.rank, self.world)[self.skip:]:
             yield list(zip(imgs[i : i + b].tolist(), caps[i : i + b].tolist()))
 
 

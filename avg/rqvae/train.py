@@ -33,11 +33,11 @@ from avg.artifacts.registry import manifest_name
 from avg.models.kmeans import DeadCodeTracker, init_codebooks
 from avg.models.rqvae import RQVAE, RQVAEConfig
 from avg.rqvae.data import FeatureBatchSampler, FeatureDataset, gather_rows, iter_feature_batches, passthrough_collate, training_rows
-from avg.train.loop import (STATE_FILE, add_checkpoint_args, checkpoint_dir, log_resumed, resume_from,
+from avg.train.loop import (STATE_FILE, add_checkpoint_args, checkpoint_dir, log_resumed, log_stopped, resume_from,
                             start_training_run, train_epochs)
 from avg.utils.cli import add_deprecated_alias, add_device_arg, run_main
 from avg.utils.io import InputError, read_json, write_json
-from avg.utils.seed import deterministic_algorithms, set_seed
+from avg.utils.seed import deterministic_algorithms, seeded_generator, set_seed
 from avg.utils.stages import add_force_arg, config_diff
 from avg.utils.tracking import get_logger
 
@@ -239,57 +239,46 @@ def train(args) -> dict:
     )
     if kmeans_info is not None:
         logger.log(kmeans_info, step=0)
-    # per-epoch sums of every loss term over all processes (images seen, loss x images, dead codes
-    # reset), kept in the checkpointed state: an epoch resumed mid-way reports the whole epoch
-    epoch_sums: dict = defaultdict(float)
-    pending: dict = defaultdict(float)  # this process's sums since the last optimizer step
-    last_out: list = [None]
+    # state["epoch_sums"]: this epoch's sums over all processes (images seen, loss x images, dead codes
+    # reset), checkpointed with the counters, so an epoch resumed mid-way still reports the whole epoch
+    last_out: list = [None]  # the micro-step's output, for the dead-code update after the optimizer step
     metrics: dict = {}
     if resuming:  # last, so nothing after it draws from the restored generators
         resume_from(accelerator, ckpt_dir, scheduler, state, models=[model])
-        tracker.load_state_dict(state["dead_code"])
-        epoch_sums.update(state.get("epoch_sums") or {})
+        try:
+            tracker.load_state_dict(state["dead_code"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise InputError(f"{ckpt_dir / STATE_FILE}: unreadable dead-code state ({type(e).__name__}: {e}); "
+                             "start a fresh run (--force)") from None
         log_resumed(logger, ckpt_dir, state, explicit=args.resume)
-
-    def on_epoch_start(epoch: int) -> None:
-        if state["step_in_epoch"] == 0:
-            epoch_sums.clear()
-        model.train()
 
     def micro_step(batch, epoch: int, micro: int):
         out = model(batch["image"].to(device), text=batch["text"].to(device), text_mask=batch["text_mask"].to(device))
-        n = len(batch["image"])
-        pending["seen"] += n
-        for k, v in out.losses.items():
-            pending[k] += float(v) * n
-        last_out[0] = out
+        last_out[0] = (out, len(batch["image"]))
         return out.loss, {k: float(v) for k, v in out.losses.items() if k != "total"}
 
-    def after_step() -> None:
-        keys = list(pending)
-        values = [pending[k] for k in keys]
+    def after_step() -> None:  # one micro-step per optimizer step (no accumulation)
+        (out, n), sums = last_out[0], state["epoch_sums"]
+        keys = ["seen", *out.losses]
+        values = [float(n), *(float(v) * n for v in out.losses.values())]
         if accelerator.num_processes > 1:  # every process keeps the same global sums (one small all-reduce)
             values = accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=device), "sum").tolist()
         for k, v in zip(keys, values):
-            epoch_sums[k] += v
-        pending.clear()
-        out = last_out[0]
+            sums[k] = sums.get(k, 0.0) + v
         if tracker.threshold > 0:  # dead-code resets see every process's codes and residuals
             tracker.update(accelerator.gather(out.codes))
             if bool(tracker.dead_mask().any()):
-                epoch_sums["dead_codes_reset"] += tracker.reset(raw_model, accelerator.gather(out.residuals))
-            state["dead_code"] = tracker.state_dict()
-        state["epoch_sums"] = dict(epoch_sums)
+                reset = tracker.reset(raw_model, accelerator.gather(out.residuals))
+                sums["dead_codes_reset"] = sums.get("dead_codes_reset", 0) + reset
+            state["dead_code"] = tracker.state_dict()  # ~40 us (a 1024-entry book): cheap enough to keep current
         last_out[0] = None
 
     def on_epoch_end(done: int) -> None:
-        reset = epoch_sums.pop("dead_codes_reset", 0)
-        seen = epoch_sums.pop("seen", 0.0)
+        sums, state["epoch_sums"] = state["epoch_sums"], {}
+        reset, seen = sums.pop("dead_codes_reset", 0), sums.pop("seen", 0.0)
         metrics.clear()
-        metrics.update({f"train/{k}": v / max(seen, 1.0) for k, v in epoch_sums.items()})
+        metrics.update({f"train/{k}": v / max(seen, 1.0) for k, v in sums.items()})
         metrics.update({"epoch": done, "train/lr": scheduler.get_last_lr()[0], "train/dead_codes_reset": int(reset)})
-        epoch_sums.clear()
-        state["epoch_sums"] = {}
         if main_proc:
             metrics.update(code_metrics(raw_model, emb.image_features, image_rows, args.batch_size, device))
             if args.eval_every > 0 and done % args.eval_every == 0:
@@ -301,18 +290,17 @@ def train(args) -> dict:
     def fetch(index_batches: list):
         # its own generator: a DataLoader draws its workers' base seed when iterated, and a draw from
         # torch's global RNG would shift the dropout of a run resumed mid-epoch against an uninterrupted one
-        generator = torch.Generator().manual_seed(args.seed * 100003 + state["epoch"])
         return DataLoader(dataset, batch_sampler=index_batches, collate_fn=passthrough_collate,
-                          num_workers=args.num_workers, generator=generator)
+                          num_workers=args.num_workers, generator=seeded_generator(args.seed, state["epoch"]))
 
     result = train_epochs(accelerator, args, state, sampler=sampler, micro_per_epoch=steps_per_epoch, model=model,
                           params=list(model.parameters()), optimizer=optimizer, scheduler=scheduler, ckpt_dir=ckpt_dir,
-                          logger=logger, micro_step=micro_step, on_epoch_start=on_epoch_start, on_epoch_end=on_epoch_end,
+                          logger=logger, micro_step=micro_step, on_epoch_start=lambda epoch: model.train(),
+                          on_epoch_end=on_epoch_end,
                           after_step=after_step, fetch=fetch)
     final = dict(metrics)
     if result["stopped"]:
-        logger.info("stopped by %s at epoch %d of %d, step %d; the same command (or --resume) continues",
-                    result["stopped"], state["epoch"], args.epochs, state["global_step"])
+        log_stopped(logger, result["stopped"], state, args.epochs, result["steps_this_run"])
         logger.finish()
         return final
     if main_proc:

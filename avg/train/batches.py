@@ -1,4 +1,6 @@
-"""Seeded, resumable, process-sharded batches of item indices (every trainer's sampler)."""
+"""Seeded, resumable, process-sharded batches: the retrievers' and the reranker's sampler
+(:class:`EpochBatchSampler`) and the sharding rule every sampler uses (:func:`shard_batches`; the
+RQ-VAE's FeatureBatchSampler too)."""
 from __future__ import annotations
 
 import math
@@ -6,6 +8,15 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+
+
+def shard_batches(batches: list, rank: int, world: int) -> list:
+    """Process ``rank``'s share of an epoch's ``batches``: every ``world``-th batch from ``rank``, the
+    list first padded by wrapping around so that every process gets the same number (DDP never waits
+    on a process that ran out)."""
+    per_rank = math.ceil(len(batches) / world) if batches else 0
+    batches = batches + batches[: per_rank * world - len(batches)]
+    return batches[rank::world]
 
 
 class EpochBatchSampler(torch.utils.data.Sampler):
@@ -43,10 +54,7 @@ class EpochBatchSampler(torch.utils.data.Sampler):
                        for i in range(0, len(run), self.batch_size)]
             if self.shuffle:
                 batches = [batches[i] for i in rng.permutation(len(batches))]
-        per_rank = math.ceil(len(batches) / self.world) if batches else 0
-        total = per_rank * self.world
-        batches = batches + batches[: total - len(batches)]
-        return batches[self.rank::self.world]
+        return shard_batches(batches, self.rank, self.world)
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter(self._batches()[self.skip:])
@@ -58,4 +66,4 @@ class EpochBatchSampler(torch.utils.data.Sampler):
         return len(self._batches())
 
 
-__all__ = ["EpochBatchSampler"]
+__all__ = ["EpochBatchSampler", "shard_batches"]

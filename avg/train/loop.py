@@ -80,6 +80,12 @@ def log_resumed(logger, ckpt_dir: Path, state: dict, *, explicit: bool) -> None:
                    "" if explicit else ": this configuration was interrupted here")
 
 
+def log_stopped(logger, stopped: str, state: dict, epochs: int, steps_this_run: int) -> None:
+    """The one line every trainer logs when a stop flag ended the run before ``epochs``."""
+    logger.info("stopped by %s at step %d (%d this run), %d of %d epochs done; the same command (or --resume) "
+                "continues", stopped, state["global_step"], steps_this_run, state["epoch"], epochs)
+
+
 @dataclass
 class TrainingRun:
     """What :func:`start_training_run` decided: the claimed stage, its logger and whether it resumes;
@@ -163,8 +169,6 @@ def resume_from(accelerator, ckpt_dir: Path, scheduler, state: dict, models=(), 
     accelerate unpickles such custom objects with weights_only=False.) Each of ``models`` (the
     prepared modules) is checked against the checkpoint's tensor shapes first, so a checkpoint of
     another model size is a clear error, not a size-mismatch traceback."""
-    from safetensors import safe_open
-
     for i, model in enumerate(models):
         path = ckpt_dir / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
         if not path.is_file():
@@ -261,7 +265,7 @@ def train_epochs(accelerator, args, state: dict, *, sampler, micro_per_epoch: in
                          f"share of the epoch differs on {accelerator.num_processes}: resume with {saved_procs}, or "
                          "from an epoch's end (--save-every-steps 0)")
     state["num_processes"] = accelerator.num_processes
-    stop_epochs, keep_every = getattr(args, "stop_after_epochs", 0), getattr(args, "keep_every_epochs", 0)
+    stop_epochs, keep_every = args.stop_after_epochs, args.keep_every_epochs  # add_checkpoint_args' flags
     last_epoch = min(args.epochs, state["epoch"] + stop_epochs) if stop_epochs > 0 else args.epochs
     running: dict = {}
     for epoch in range(state["epoch"], last_epoch):

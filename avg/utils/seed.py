@@ -35,6 +35,12 @@ def deterministic_algorithms(enabled: bool = True):
         torch.use_deterministic_algorithms(before, warn_only=before_warn)
 
 
+def seeded_generator(*keys: int) -> torch.Generator:
+    """A torch generator that depends only on ``keys`` (e.g. seed, epoch, micro-batch): what it draws
+    is the same in a resumed run and touches no global RNG."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0]))
+
+
 def seeded_subset(items: Sequence, n: int, seed: int, salt: int) -> list:
     """A seeded random subset of N items in their original order (all when n <= 0 or n >= len): every
     --max-* option of the trainers and stages draws its subset here (``salt`` keeps their draws apart)."""
@@ -44,4 +50,4 @@ def seeded_subset(items: Sequence, n: int, seed: int, salt: int) -> list:
     return [items[i] for i in pick]
 
 
-__all__ = ["deterministic_algorithms", "seeded_subset", "set_seed"]
+__all__ = ["deterministic_algorithms", "seeded_generator", "seeded_subset", "set_seed"]
