@@ -118,7 +118,7 @@ RERANK_LR=${RERANK_LR:-1e-3}
 # Fusion with the retriever's score: none, fixed, learned (starts at w = 1: the retriever's order) or val
 # (the weight chosen on the val lists at every evaluation, epoch 0 included)
 RERANK_FUSION=${RERANK_FUSION:-val}
-# Extra flags for avg.reranker.train. Demo: late interaction (the LM reads the query once; the head scores
+# Extra flags for avg.stages.finetune_reranker_llama. Demo: late interaction (the LM reads the query once; the head scores
 # each candidate from it and the CLIP features; k times cheaper than the cross-encoder) + the CLIP cosine fused.
 # Real configs: --image-prefix 4 --feature-head --embed-fusion learned (a cross-encoder that reads the candidate's
 # CLIP feature, the cosine fused).

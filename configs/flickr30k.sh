@@ -85,5 +85,5 @@ RERANK_LR=${RERANK_LR:-1e-4}
 # Fusion with the retriever's score: none, fixed, learned (starts at w = 1: the retriever's order) or val
 # (the weight chosen on the val lists at every evaluation, epoch 0 included)
 RERANK_FUSION=${RERANK_FUSION:-val}
-# Extra flags for avg.reranker.train (e.g. --grad-accum 4, --gradient-checkpointing)
+# Extra flags for avg.stages.finetune_reranker_llama (e.g. --grad-accum 4, --gradient-checkpointing)
 RERANK_ARGS=${RERANK_ARGS:---image-prefix 4 --feature-head --embed-fusion learned}

@@ -8,6 +8,6 @@ PQ_ARGS=()
 [ -n "${PSEUDO_QUERIES:-}" ] && PQ_ARGS=(--pseudo-queries ${PSEUDO_QUERIES})
 MAXQ_ARGS=()
 [ -n "${MAX_TRAIN_QUERIES:-}" ] && MAXQ_ARGS=(--max-train-queries "$MAX_TRAIN_QUERIES")
-python -m avg.retriever.prepare_dataset \
+python -m avg.stages.prepare_retriever_dataset \
   --annotations "$ANNOTATIONS" --image-root "$IMAGE_ROOT" --codes-dir "$CODES_DIR" \
   --emb-dir "$EMB_DIR" --out-dir "$RETRIEVER_DATA_DIR" --seed "$SEED" "${PQ_ARGS[@]}" "${MAXQ_ARGS[@]}" "$@"

@@ -3,6 +3,6 @@
 # candidate fused with the retriever's score, the weight chosen on val -> ${OUT_DIR}/${DATASET}/rerank_embed/
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-python -m avg.reranker.rerank_embed \
+python -m avg.stages.rerank_embed \
   --retriever-dir "$STAGE_ROOT/$RERANK_RETRIEVER/best" --emb-dir "$EMB_DIR" --data-dir "$RETRIEVER_DATA_DIR" \
   --out-dir "$RERANK_EMBED_DIR" --topk "$RERANK_TOPK" --retriever-name "$RERANK_RETRIEVER" "$@"

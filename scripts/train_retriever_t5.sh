@@ -3,7 +3,7 @@
 # checkpoint -> ${OUT_DIR}/${DATASET}/retriever_t5/  (multi-GPU: LAUNCH="accelerate launch")
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
-$LAUNCH -m avg.retriever.train_t5 --stage 1 \
+$LAUNCH -m avg.stages.train_retriever_t5 --stage 1 \
   --data-dir "$RETRIEVER_DATA_DIR" --codes-dir "$CODES_DIR" --model "$RETRIEVER_MODEL" \
   --out-dir "$RETRIEVER_T5_DIR" --epochs "$T5_EPOCHS" --batch-size "$T5_BATCH_SIZE" --lr "$T5_LR" \
   --score "${T5_SCORE:-children}" --voken-tokens "${VOKEN_TOKENS:-per-level}" --query-prefix "${T5_QUERY_PREFIX:-0}" \

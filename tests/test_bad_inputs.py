@@ -26,8 +26,8 @@ from PIL import Image
 
 # Imported here, not inside tests: their module loggers bind sys.stderr once, at import, and a
 # stream that pytest closes after one test must not become their console.
-from avg.retriever import prepare_dataset, train_t5
-from avg.rqvae import prepare_emb, train as train_rqvae
+from avg.stages import prepare_retriever_dataset as prepare_dataset, train_retriever_t5 as train_t5
+from avg.stages import prepare_emb, train_rqvae
 from avg.artifacts.emb import load_emb, save_emb
 from avg.utils.cli import run_main
 from conftest import load_tool
@@ -268,7 +268,7 @@ def test_huge_image_is_downscaled_with_bounded_memory(tmp_path, clip_ckpt):
     runs = [emb_argv(warm, root, tmp_path / "emb_warm", ckpt), emb_argv(json_path, root, tmp_path / "emb", ckpt)]
     code = ("import resource, sys, warnings\n"
             "from PIL import Image\n"
-            "from avg.rqvae.prepare_emb import main\n"
+            "from avg.stages.prepare_emb import main\n"
             "warnings.simplefilter('error', Image.DecompressionBombWarning)\n"
             f"for argv in {runs!r}:\n"
             "    main(argv)\n"

@@ -8,10 +8,10 @@ from avg.utils.io import InputError
 
 # Entry points that read user files; each must end bad input with one line and status 2.
 MODULES = [
-    ("avg.retriever.prepare_dataset", ["--annotations", "{d}/nope.json", "--codes-dir", "{d}/codes", "--out-dir", "{d}/out"]),
-    ("avg.retriever.train_t5", ["--data-dir", "{d}/data", "--codes-dir", "{d}/codes", "--model", "{d}/t5", "--out-dir", "{d}/out"]),
-    ("avg.rqvae.train", ["--emb-dir", "{d}/emb", "--out-dir", "{d}/out"]),
-    ("avg.rqvae.generate_codes", ["--rqvae-dir", "{d}/rq", "--emb-dir", "{d}/emb", "--out-dir", "{d}/out"]),
+    ("avg.stages.prepare_retriever_dataset", ["--annotations", "{d}/nope.json", "--codes-dir", "{d}/codes", "--out-dir", "{d}/out"]),
+    ("avg.stages.train_retriever_t5", ["--data-dir", "{d}/data", "--codes-dir", "{d}/codes", "--model", "{d}/t5", "--out-dir", "{d}/out"]),
+    ("avg.stages.train_rqvae", ["--emb-dir", "{d}/emb", "--out-dir", "{d}/out"]),
+    ("avg.stages.generate_codes", ["--rqvae-dir", "{d}/rq", "--emb-dir", "{d}/emb", "--out-dir", "{d}/out"]),
 ]
 
 

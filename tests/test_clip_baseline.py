@@ -8,7 +8,7 @@ import pytest
 
 from avg.artifacts.emb import save_emb
 from avg.artifacts.runfiles import read_run
-from avg.eval.clip_baseline import main
+from avg.stages.eval_clip_baseline import main
 from avg.search.exact import exact_search
 
 

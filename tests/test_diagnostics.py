@@ -85,7 +85,7 @@ def test_tokenizer_ceiling_against_a_naive_ranking(tmp_path):
     """Decoded codes and raw image features rank a split's captions like a plain cosine ranking."""
     from avg.models.rqvae import RQVAE, RQVAEConfig
     from avg.artifacts.emb import load_emb, save_emb
-    from avg.rqvae.generate_codes import tokenizer_ceiling
+    from avg.stages.generate_codes import tokenizer_ceiling
 
     rng = np.random.default_rng(0)
     n_img, dim = 12, 8

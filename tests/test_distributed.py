@@ -49,7 +49,7 @@ def test_reranker_trains_on_two_processes(stage_inputs, prepared, untied_llama, 
     if lora:
         args.remove("--full-finetune")
     port = 29500 + (hash((tied, lora, os.getpid())) % 2000)
-    res = _torchrun("avg.reranker.train", args, port)
+    res = _torchrun("avg.stages.finetune_reranker_llama", args, port)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "Expected to have finished reduction" not in res.stderr
     lines = [json.loads(x) for x in open(out / "metrics.jsonl")]
@@ -77,10 +77,10 @@ from test_train_t5 import assets, common, stage1  # noqa: E402,F401 (fixtures)
 @pytest.mark.slow
 def test_t5_stage2_trains_on_two_processes_and_sharded_evaluation_equals_one(assets, stage1, tmp_path):  # noqa: F811
     from avg.artifacts.runfiles import read_run
-    from avg.retriever import train_t5
+    from avg.stages import train_retriever_t5 as train_t5
 
     best = stage1[0] / "best"
-    res = _torchrun("avg.retriever.train_t5", common(assets, tmp_path / "s2", "--stage", "2", "--init-from", best,
+    res = _torchrun("avg.stages.train_retriever_t5", common(assets, tmp_path / "s2", "--stage", "2", "--init-from", best,
                                                       "--epochs", "1", "--device", "cpu"), 29400 + os.getpid() % 90)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     log = (tmp_path / "s2" / "train.log").read_text()
@@ -88,7 +88,7 @@ def test_t5_stage2_trains_on_two_processes_and_sharded_evaluation_equals_one(ass
     assert (tmp_path / "s2" / "eval" / "metrics_test.json").is_file()
     # the same model (stage 1's best, no training) evaluated by one process and by two: the same run file
     train_t5.main(common(assets, tmp_path / "one", "--stage", "2", "--init-from", str(best), "--epochs", "0"))
-    res = _torchrun("avg.retriever.train_t5", common(assets, tmp_path / "two", "--stage", "2", "--init-from", best,
+    res = _torchrun("avg.stages.train_retriever_t5", common(assets, tmp_path / "two", "--stage", "2", "--init-from", best,
                                                       "--epochs", "0", "--device", "cpu"), 29300 + os.getpid() % 90)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     one = read_run(tmp_path / "one" / "eval" / "run_test.jsonl")
@@ -108,11 +108,11 @@ def test_rqvae_trains_on_two_processes(tmp_path):
     args = ["--emb-dir", emb, "--out-dir", tmp_path / "rq", "--epochs", "2", "--batch-size", "16", "--num-levels", "2",
             "--codebook-size", "16", "--latent-dim", "4", "--hidden-dims", "16", "--kmeans-samples", "64",
             "--dead-code-threshold", "1", "--seed", "3", "--device", "cpu"]
-    res = _torchrun("avg.rqvae.train", [*args, "--stop-after-epochs", "1"], 29200 + os.getpid() % 90)
+    res = _torchrun("avg.stages.train_rqvae", [*args, "--stop-after-epochs", "1"], 29200 + os.getpid() % 90)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     log = (tmp_path / "rq" / "train.log").read_text()
     assert "5 steps/epoch, 2 processes" in log  # 160 train images, 16 a process: 10 batches, 5 each
-    res = _torchrun("avg.rqvae.train", args, 29100 + os.getpid() % 90)
+    res = _torchrun("avg.stages.train_rqvae", args, 29100 + os.getpid() % 90)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     final = json.loads((tmp_path / "rq" / "final_metrics.json").read_text())
     assert final["step"] == 10 and final["epoch"] == 2 and "resuming from" in (tmp_path / "rq" / "train.log").read_text()

@@ -8,8 +8,8 @@ import torch
 from avg.artifacts.codes import collision_stats, load_codebook, load_codes
 from avg.artifacts.emb import save_emb
 from avg.models.rqvae import RQVAE, RQVAEConfig
-from avg.rqvae import generate_codes as gc
-from avg.rqvae import train as train_mod
+from avg.stages import generate_codes as gc
+from avg.stages import train_rqvae as train_mod
 from avg.utils.io import InputError
 
 

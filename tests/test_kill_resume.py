@@ -105,8 +105,8 @@ def test_rqvae_killed_mid_epoch_resumes_bit_for_bit(tmp_path):
              "--num-levels", "2", "--codebook-size", "16", "--kmeans-samples", "200", "--dead-code-threshold", "20",
              "--lr", "1e-3", "--seed", "3"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    ref = _start(_cmd("avg.rqvae.train", *flags, "--out-dir", straight), tmp_path / "straight.log")
-    cmd = _cmd("avg.rqvae.train", *flags, "--out-dir", killed)
+    ref = _start(_cmd("avg.stages.train_rqvae", *flags, "--out-dir", straight), tmp_path / "straight.log")
+    cmd = _cmd("avg.stages.train_rqvae", *flags, "--out-dir", killed)
     _kill_after(cmd, tmp_path / "killed.log", killed / "checkpoints" / "last" / "train_state.json")  # after epoch 1 of 4
     _no_final_outputs(killed, ["model.safetensors", "final_metrics.json"])
     epoch = json.loads((killed / "checkpoints" / "last" / "train_state.json").read_text())["epoch"]
@@ -124,7 +124,7 @@ def test_rqvae_killed_mid_epoch_resumes_bit_for_bit(tmp_path):
 # ------------------------------------------------------------------------------------ T5 stage 1
 def _t5_assets(root: Path) -> Path:
     """160 train / 5 val / 5 test images, 2 captions each, unique random codes; prepare_dataset; a tiny T5."""
-    from avg.retriever import prepare_dataset
+    from avg.stages import prepare_retriever_dataset as prepare_dataset
 
     make_demo_t5 = load_tool("make_demo_t5")
     rng = np.random.default_rng(0)
@@ -161,8 +161,8 @@ def test_t5_killed_mid_epoch_resumes_bit_for_bit(tmp_path):
              "--batch-size", "8", "--lr", "3e-3", "--num-beams", "5", "--eval-batch-size", "8",
              "--eval-train-queries", "0", "--seed", "0", "--log-every", "10", "--save-every-steps", "4", "--device", "cpu"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    ref = _start(_cmd("avg.retriever.train_t5", *flags, "--out-dir", straight), tmp_path / "straight.log")
-    cmd = _cmd("avg.retriever.train_t5", *flags, "--out-dir", killed)
+    ref = _start(_cmd("avg.stages.train_retriever_t5", *flags, "--out-dir", straight), tmp_path / "straight.log")
+    cmd = _cmd("avg.stages.train_retriever_t5", *flags, "--out-dir", killed)
     # 320 queries / batch 8 = 40 steps in the one epoch; the first checkpoint comes after step 4
     _kill_after(cmd, tmp_path / "killed.log", killed / "checkpoints" / "last" / "train_state.json")
     _no_final_outputs(killed, ["best", "eval/metrics_test.json", "eval/run_test.jsonl"])

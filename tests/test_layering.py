@@ -5,6 +5,8 @@
   own unit or units of lower layers -- so the package has no import cycles between units;
 * no module imports another module's private name (``from avg.x import _name``) or reaches one
   through a module alias (``M._name``) -- a private helper that two modules need is public;
+* nothing imports a stage module (``avg.stages``) but another stage module: stages are entry points,
+  run as ``python -m avg.stages.<name>`` (by their scripts, run_all and the grid), never libraries;
 * the library does not import the test suite or the tools.
 """
 from __future__ import annotations
@@ -44,8 +46,9 @@ LAYERS = (
     ("avg.train",),                                       # the training loop, checkpoints and resume; seeded batches
     ("avg.retriever",),                                   # voken vocabulary, T5/LLaMA retrievers, search, training
     ("avg.rqvae",),                                       # tokenizer stages: features, RQ-VAE training, codes
-    ("avg.reranker",),                                    # reranker lists, models and stages
-    ("avg.eval",),                                        # CLIP baseline, benchmarks, grid, report, seeds, pages
+    ("avg.reranker",),                                    # reranker lists, models, scoring, steps
+    ("avg.stages",),                                      # one module per stage script (imported by nothing else)
+    ("avg.eval",),                                        # experiments: benchmarks, grid, report, seeds, pages
     ("avg.api",),                                         # the Python API over a trained run
     ("avg.search",),                                      # its command line (avg.search.cli, python -m avg.search)
     ("avg",),                                             # the package's own __init__
@@ -129,6 +132,19 @@ def test_the_layer_rule_catches_an_upward_edge():
     assert sorted(_upward_edges(modules)) == [("avg.data.karpathy", "avg.reranker.model", 2),
                                               ("avg.metrics", "avg.retriever.gallery", 2)]
     assert _unit("avg.search.exact") == "avg.search.exact" and _unit("avg.search.cli") == "avg.search"
+
+
+def test_nothing_imports_a_stage_module():
+    bad = []
+    for path in _modules():
+        me = _module_name(path)
+        if _unit(me) == "avg.stages":
+            continue
+        for module, names, line in _imports(ast.parse(path.read_text(), filename=str(path))):
+            targets = [module] + [f"{module}.{n}" for n in names if module == "avg"]
+            bad += [f"{path.relative_to(ROOT)}:{line}: imports {t}" for t in targets
+                    if t.startswith("avg") and _unit(t) == "avg.stages"]
+    assert not bad, "stage modules are entry points, not libraries (move what is shared below them):\n" + "\n".join(bad)
 
 
 def test_the_library_does_not_import_tests_or_tools():

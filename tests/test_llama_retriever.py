@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from avg.artifacts.runfiles import read_run
 from avg.retriever import llama as L
-from avg.retriever import evaluate_llama, prepare_dataset, train_llama
+from avg.stages import test_retriever_llama as evaluate_llama, prepare_retriever_dataset as prepare_dataset, finetune_retriever_llama as train_llama
 from avg.retriever.data import load_queries, read_codes
 from avg.retriever.evaluate import evaluate_split
 from avg.retriever.gallery import Gallery

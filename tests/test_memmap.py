@@ -38,7 +38,7 @@ CHILD = textwrap.dedent(
     from avg.models.rqvae import RQVAE, RQVAEConfig
     from avg.rqvae.data import CaptionRows, FeatureBatchSampler, FeatureDataset
     from avg.artifacts.codes import collision_stats
-    from avg.rqvae.generate_codes import encode_features
+    from avg.stages.generate_codes import encode_features
 
     torch.set_num_threads(2)
     torch.manual_seed(0)

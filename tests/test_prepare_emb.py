@@ -9,7 +9,7 @@ import torch
 
 from avg.artifacts.emb import load_emb
 from avg.data.karpathy import load_karpathy
-from avg.rqvae.prepare_emb import main as prepare_emb
+from avg.stages.prepare_emb import main as prepare_emb
 from avg.utils.io import InputError
 
 

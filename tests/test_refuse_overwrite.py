@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from avg.eval import clip_baseline
-from avg.retriever import prepare_dataset
-from avg.rqvae import generate_codes, prepare_emb
-from avg.rqvae import train as train_rqvae
+from avg.stages import eval_clip_baseline as clip_baseline
+from avg.stages import prepare_retriever_dataset as prepare_dataset
+from avg.stages import generate_codes, prepare_emb
+from avg.stages import train_rqvae
 from avg.artifacts.emb import save_emb
 from avg.utils.cli import run_main
 from avg.utils.io import InputError
@@ -147,7 +147,7 @@ def test_cli_exit_status_and_message(chain, tmp_path):
     prepare_dataset.main(base)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     env.pop(SKIP_ENV, None)
-    res = subprocess.run([sys.executable, "-m", "avg.retriever.prepare_dataset", *base, "--seed", "5"], cwd=ROOT,
+    res = subprocess.run([sys.executable, "-m", "avg.stages.prepare_retriever_dataset", *base, "--seed", "5"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
     assert res.returncode == 2, res.stderr
     assert res.stderr.startswith("error: ") and str(out / MANIFEST) in res.stderr and "seed: 0 -> 5" in res.stderr

@@ -23,11 +23,15 @@ def test_every_stage_has_its_script_and_entry_point():
             assert s.manifest and s.var, s.name
         target = ROOT / s.module if s.module.endswith(".py") else ROOT / (s.module.replace(".", "/") + ".py")
         assert target.is_file(), (s.name, s.module)
-        if s.kind == "stage" and not s.module.endswith(".py"):
-            # the module writes the manifest name the registry records (two stages may share a module and its name)
+        if s.kind == "stage":
+            # one name: scripts/<name>.sh runs python -m avg.stages.<name>
+            assert s.module == f"avg.stages.{s.name}", s.name
+            assert f"-m {s.module} " in (ROOT / s.script).read_text().replace("\\\n", " "), s.script
+            # the module (or the stage module it runs) writes the manifest name the registry records
             text = target.read_text()
+            text += "".join((ROOT / f"avg/stages/{m}.py").read_text() for m in re.findall(r"from avg\.stages import (\w+)", text))
             assert any(f'manifest_name("{o.name}")' in text for o in registry.STAGES
-                       if o.module == s.module and o.manifest == s.manifest), (s.name, s.module)
+                       if o.manifest == s.manifest), (s.name, s.module)
     folders = [s.out for s in registry.STAGES if s.out]
     assert len(set(folders)) == len(folders)
 

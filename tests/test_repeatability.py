@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from avg.eval import clip_baseline
-from avg.retriever import prepare_dataset, train_t5
-from avg.rqvae import generate_codes, prepare_emb
-from avg.rqvae import train as train_rqvae
+from avg.stages import eval_clip_baseline as clip_baseline
+from avg.stages import prepare_retriever_dataset as prepare_dataset, train_retriever_t5 as train_t5
+from avg.stages import generate_codes, prepare_emb
+from avg.stages import train_rqvae
 from avg.utils.stages import SKIP_ENV, read_manifest
 from conftest import load_tool
 

@@ -16,7 +16,7 @@ from avg.reranker import model as RM
 from avg.reranker import lm_setup
 from avg.reranker import saving
 from avg.reranker import scoring
-from avg.reranker import evaluate as rerank_test, prepare_dataset, train
+from avg.stages import test_reranker_llama as rerank_test, prepare_reranker_dataset as prepare_dataset, finetune_reranker_llama as train
 from avg.reranker.data import ListCollator, ListDataset, candidate_list, candidate_lists, load_lists, unflatten
 from avg.reranker.image_tokens import ImageTokenMap, ImageTokens, build_image_tokens, image_token
 from avg.reranker.losses import listwise_loss, pointwise_loss

@@ -16,7 +16,7 @@ from avg.reranker import model as RM
 from avg.reranker import lm_setup
 from avg.reranker import saving
 from avg.reranker import scoring
-from avg.reranker import evaluate as rerank_test, prepare_dataset, rerank_embed, train
+from avg.stages import test_reranker_llama as rerank_test, prepare_reranker_dataset as prepare_dataset, rerank_embed, finetune_reranker_llama as train
 from avg.reranker.data import ListCollator, ListDataset, candidate_lists, clip_lists, load_lists, shorten_list
 from avg.reranker.embed import FeatureStore, choose_weight, fit_embed_weight, fused_scores, rerank_list, rerank_records
 from avg.reranker.image_tokens import ImageTokenMap, build_image_tokens, image_token

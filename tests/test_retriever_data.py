@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from avg.metrics import first_hit_rank, retrieval_metrics
-from avg.retriever import prepare_dataset
+from avg.stages import prepare_retriever_dataset as prepare_dataset
 from avg.retriever.data import load_queries, read_codes
 from avg.train.batches import EpochBatchSampler
 from avg.retriever.gallery import Gallery
@@ -68,7 +68,7 @@ def test_pseudo_queries_on_test_images_are_transductive(tmp_path, caplog):
             {"query": "another text for tr1", "image_id": "tr1.jpg", "source_image_id": "tr0.jpg", "split": "train", "transductive": False}]
     pq.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "rd"
-    logger = logging.getLogger("avg.retriever.prepare_dataset")
+    logger = logging.getLogger("avg.stages.prepare_retriever_dataset")
     logger.addHandler(caplog.handler)
     try:
         meta = prepare_dataset.main(["--annotations", str(ann), "--codes-dir", str(cdir), "--out-dir", str(out),

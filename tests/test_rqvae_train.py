@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from avg.artifacts.emb import load_emb, save_emb
 from avg.models.kmeans import DeadCodeTracker, init_codebooks, kmeans
 from avg.models.rqvae import RQVAE, RQVAEConfig
-from avg.rqvae import train as train_mod
+from avg.stages import train_rqvae as train_mod
 from avg.rqvae.data import FeatureBatchSampler, FeatureDataset, training_rows
 from avg.utils.io import InputError
 
@@ -273,7 +273,7 @@ def test_training_repeats_bit_for_bit_at_demo_shapes(tmp_path, monkeypatch):
     """Same seed, same features -> the same weights, at shapes where the CPU kernels run in parallel
     (batch 512, latent 64, codebook 256): the codebook's gradient is a scatter-add over the batch, whose
     float sums depend on thread timing unless deterministic kernels are on (they are, on the CPU)."""
-    from avg.rqvae import train as train_mod
+    from avg.stages import train_rqvae as train_mod
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     make_emb(tmp_path / "emb", n=2560, dim=128, caps=1, clusters=40)

@@ -151,7 +151,7 @@ def test_device_flag_and_deprecated_aliases_warn_with_the_new_spelling():
 
 def test_added_keys_are_the_flags_defaults():
     """ADDED_KEYS reads an older manifest as if the new flags had their defaults: the two must agree."""
-    from avg.retriever import train_t5
+    from avg.stages import train_retriever_t5 as train_t5
     from avg.utils.stages import ADDED_KEYS
 
     args = train_t5.parse_args(["--data-dir", "d", "--out-dir", "o"])

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 from avg.artifacts.runfiles import read_run
-from avg.retriever import prepare_dataset, t5, train_t5
+from avg.retriever import t5
+from avg.stages import prepare_retriever_dataset as prepare_dataset, train_retriever_t5 as train_t5
 from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -2,7 +2,7 @@
 
 Each image receives the captions of its nearest training images (CLIP image features from
 prepare_emb). Output: jsonl of {query, image_id, source_image_id, split, transductive}, the format
-`python -m avg.retriever.prepare_dataset --pseudo-queries` reads.
+`python -m avg.stages.prepare_retriever_dataset --pseudo-queries` reads.
 
 Using it on the val/test split is TRANSDUCTIVE (it looks at the evaluation images, though never at
 their captions); results obtained with it must be reported as such.

@@ -1,6 +1,6 @@
 """The ``emb/`` artifact: CLIP feature arrays plus an index, read memory-mapped.
 
-Layout (written by ``avg.rqvae.prepare_emb``):
+Layout (written by ``avg.stages.prepare_emb``):
   emb/image_features.npy  [n_images, dim]   row i <-> index["images"][i]
   emb/text_features.npy   [n_captions, dim] row j <-> index["captions"][j]
   emb/image_grid.npy      [n_images, g * g, width]  optional (``--image-grid g``): the ViT's patch

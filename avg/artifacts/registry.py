@@ -6,8 +6,8 @@ Every stage of ``scripts/run_all.sh``, in pipeline order, with
 * ``out`` -- its output folder under a run's stage root (``outputs/<dataset>/``), where its
   ``stage.json`` manifest lives; ``None`` for the demo tools (each keeps its own cache) and the
   report (always rerun, cheap);
-* ``module`` -- the Python entry point the script runs (``python -m <module>``; the demo tools are
-  files under ``tools/``);
+* ``module`` -- the Python entry point the script runs: ``python -m avg.stages.<name>`` for every
+  stage; the demo tools are files under ``tools/``, the report is ``avg.eval.report``;
 * ``manifest`` -- the stage name the module records in ``stage.json`` (the names of the first
   release, kept so that existing outputs stay valid);
 * ``var`` -- the shell variable the stage scripts use for the folder (``common.sh`` defines them
@@ -35,9 +35,13 @@ from typing import Optional
 class Stage:
     name: str
     out: Optional[str]
-    module: str
     manifest: Optional[str] = None
     var: Optional[str] = None
+    entry: Optional[str] = None  # the entry point of a tool or the report; a stage's is avg.stages.<name>
+
+    @property
+    def module(self) -> str:
+        return self.entry or f"avg.stages.{self.name}"
 
     @property
     def script(self) -> str:
@@ -52,29 +56,29 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("demo_assets", None, "tools/make_demo_assets.py"),
-    Stage("prepare_emb", "emb", "avg.rqvae.prepare_emb", "prepare_emb", "EMB_DIR"),
-    Stage("eval_clip_baseline", "clip_baseline", "avg.eval.clip_baseline", "clip_baseline", "CLIP_BASELINE_DIR"),
-    Stage("train_rqvae", "rqvae", "avg.rqvae.train", "train_rqvae", "RQVAE_DIR"),
-    Stage("generate_codes", "codes", "avg.rqvae.generate_codes", "generate_codes", "CODES_DIR"),
-    Stage("prepare_retriever_dataset", "retriever_data", "avg.retriever.prepare_dataset", "prepare_retriever_dataset",
+    Stage("demo_assets", None, entry="tools/make_demo_assets.py"),
+    Stage("prepare_emb", "emb", "prepare_emb", "EMB_DIR"),
+    Stage("eval_clip_baseline", "clip_baseline", "clip_baseline", "CLIP_BASELINE_DIR"),
+    Stage("train_rqvae", "rqvae", "train_rqvae", "RQVAE_DIR"),
+    Stage("generate_codes", "codes", "generate_codes", "CODES_DIR"),
+    Stage("prepare_retriever_dataset", "retriever_data", "prepare_retriever_dataset",
           "RETRIEVER_DATA_DIR"),
-    Stage("demo_t5", None, "tools/make_demo_t5.py"),
-    Stage("train_retriever_t5", "retriever_t5", "avg.retriever.train_t5", "train_t5", "RETRIEVER_T5_DIR"),
-    Stage("train_retriever_t5_stage2", "retriever_t5_stage2", "avg.retriever.train_t5", "train_t5",
+    Stage("demo_t5", None, entry="tools/make_demo_t5.py"),
+    Stage("train_retriever_t5", "retriever_t5", "train_t5", "RETRIEVER_T5_DIR"),
+    Stage("train_retriever_t5_stage2", "retriever_t5_stage2", "train_t5",
           "RETRIEVER_T5_STAGE2_DIR"),
-    Stage("rerank_embed", "rerank_embed", "avg.reranker.rerank_embed", "rerank_embed", "RERANK_EMBED_DIR"),
-    Stage("demo_llama", None, "tools/make_demo_llama.py"),
-    Stage("finetune_retriever_llama", "retriever_llama", "avg.retriever.train_llama", "train_llama", "RETRIEVER_LLAMA_DIR"),
-    Stage("test_retriever_llama", "retriever_llama/test", "avg.retriever.evaluate_llama", "test_llama",
+    Stage("rerank_embed", "rerank_embed", "rerank_embed", "RERANK_EMBED_DIR"),
+    Stage("demo_llama", None, entry="tools/make_demo_llama.py"),
+    Stage("finetune_retriever_llama", "retriever_llama", "train_llama", "RETRIEVER_LLAMA_DIR"),
+    Stage("test_retriever_llama", "retriever_llama/test", "test_llama",
           "RETRIEVER_LLAMA_TEST_DIR"),
-    Stage("prepare_reranker_dataset", "reranker_data", "avg.reranker.prepare_dataset", "prepare_reranker_dataset",
+    Stage("prepare_reranker_dataset", "reranker_data", "prepare_reranker_dataset",
           "RERANKER_DATA_DIR"),
-    Stage("convert_voken_to_seed", "reranker_tokens", "avg.reranker.convert_voken_to_seed", "convert_voken_to_seed",
+    Stage("convert_voken_to_seed", "reranker_tokens", "convert_voken_to_seed",
           "RERANKER_TOKENS_DIR"),
-    Stage("finetune_reranker_llama", "reranker", "avg.reranker.train", "finetune_reranker", "RERANKER_DIR"),
-    Stage("test_reranker_llama", "reranker/test", "avg.reranker.evaluate", "test_reranker", "RERANKER_TEST_DIR"),
-    Stage("report", None, "avg.eval.report"),
+    Stage("finetune_reranker_llama", "reranker", "finetune_reranker", "RERANKER_DIR"),
+    Stage("test_reranker_llama", "reranker/test", "test_reranker", "RERANKER_TEST_DIR"),
+    Stage("report", None, entry="avg.eval.report"),
 )
 
 _BY_NAME = {s.name: s for s in STAGES}

@@ -1,1 +1,1 @@
-"""The CLIP baseline stage, benchmarks, the experiment grid, reports over runs and seeds, results pages."""
+"""Experiments over trained runs: benchmarks, the experiment grid, reports over runs and seeds, results pages."""

@@ -37,6 +37,7 @@ from typing import Optional, Sequence
 import pandas as pd
 
 from avg.metrics import retrieval_metrics
+from avg.artifacts import registry
 from avg.artifacts.registry import out as stage_out
 from avg.artifacts.runfiles import read_run
 from avg.utils.io import InputError, atomic_open, read_json, write_json
@@ -54,6 +55,7 @@ DEFAULT_BACKBONES = "t5-small=t5:t5-small t5-base=t5:t5-base t5-large=t5:t5-larg
 # output folders, from the stage registry
 EMB, RQVAE, CODES = stage_out("prepare_emb"), stage_out("train_rqvae"), stage_out("generate_codes")
 DATA, T5_1, T5_2 = stage_out("prepare_retriever_dataset"), stage_out("train_retriever_t5"), stage_out("train_retriever_t5_stage2")
+T5_STAGE = {1: "train_retriever_t5", 2: "train_retriever_t5_stage2"}  # the T5 retriever stage of each training stage
 T5_STAGE1 = f"{T5_1}/eval/run_test.jsonl"
 T5_STAGE2 = f"{T5_2}/eval/run_test.jsonl"
 LLAMA_TEST = f"{stage_out('test_retriever_llama')}/run_test.jsonl"
@@ -146,7 +148,7 @@ def build_variants(study: str, cfg: dict, *, reduced: bool, beam_model: str = "s
         for b in values:
             out.append(Variant(f"beam{b}", f"avg_t5_stage{stage}", f"{model_dir}_eval/eval/run_test.jsonl",
                                params={"num_beams": b}, links=[DATA, model_dir],
-                               command=["python", "-m", "avg.retriever.train_t5", "--stage", str(stage), "--epochs", "0",
+                               command=["python", "-m", registry.stage(T5_STAGE[stage]).module, "--epochs", "0",
                                         "--init-from", f"{model_dir}/best", "--data-dir", DATA,
                                         "--out-dir", f"{model_dir}_eval", "--num-beams", str(b),
                                         "--seed", cfg.get("SEED", "42"), "--run-name",

@@ -1,7 +1,7 @@
 """A saved LM reranker as one step of the pipeline, for lists made at query time.
 
 :class:`LmRerankStep` loads a saved reranker once and builds its lists' datasets. The test stage
-(``avg.reranker.evaluate``) uses it on the lists of a run file, whose queries are captions with features
+(``avg.stages.test_reranker_llama``) uses it on the lists of a run file, whose queries are captions with features
 in ``emb/``; the search API and the efficiency benchmark (:meth:`LmRerankStep.rerank`) on typed
 queries, whose CLIP text features come from the text tower at query time, with the retriever's
 top-k of that moment. Either way each list is reordered by the reranker's score fused with the

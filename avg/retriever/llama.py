@@ -35,11 +35,19 @@ import torch
 from avg.retriever.data import QueryDataset
 from avg.retriever.vocab import VOCAB_FILE, VokenVocab
 from avg.utils.io import InputError, read_json, replace_dir, write_json
+from avg.utils.seed import seeded_subset
 
 DEFAULT_PROMPT_TEMPLATE = "Caption: {query}\nImage:"
 DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj"
 RETRIEVER_FILE = "llama_retriever.json"
 IGNORE_INDEX = -100
+#: the system name the LLaMA retriever writes into its metrics and run files
+SYSTEM = "avg_llama"
+
+
+def query_subset(queries: list, n: int, seed: int, salt: int) -> list:
+    """A seeded random subset of N queries in their original order, each tagged with its qid."""
+    return seeded_subset([dict(q, qid=q.get("qid", i)) for i, q in enumerate(queries)], n, seed, salt)
 
 
 # ---------------------------------------------------------------------------- prompts
@@ -100,7 +108,7 @@ def load_causal_lm(name_or_path: str, *, dtype: torch.dtype = torch.float32):
 
     config = AutoConfig.from_pretrained(name_or_path)
     if getattr(config, "is_encoder_decoder", False):
-        raise InputError(f"--model {name_or_path}: an encoder-decoder model (use avg.retriever.train_t5)")
+        raise InputError(f"--model {name_or_path}: an encoder-decoder model (use avg.stages.train_retriever_t5)")
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(name_or_path))
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
     return tokenizer, deterministic_generation_config(model, tokenizer)
@@ -325,7 +333,7 @@ def load_retriever(path: str | os.PathLike, *, base_model: Optional[str] = None,
     return tokenizer, model, vocab, meta
 
 
-__all__ = ["DEFAULT_PROMPT_TEMPLATE", "DEFAULT_LORA_TARGETS", "RETRIEVER_FILE", "IGNORE_INDEX", "check_template",
+__all__ = ["DEFAULT_PROMPT_TEMPLATE", "DEFAULT_LORA_TARGETS", "RETRIEVER_FILE", "IGNORE_INDEX", "SYSTEM", "query_subset", "check_template",
            "format_prompt", "prompt_formatter", "prepare_tokenizer", "deterministic_generation_config",
            "resolve_dtype", "load_causal_lm", "add_vokens", "enable_checkpointing", "embeddings_tied", "token_row_targets", "lora_config",
            "add_lora", "is_peft", "search_model", "prompt_dataset", "build_causal_batch", "CausalCollator",

@@ -9,7 +9,7 @@ model can use CLIP's text understanding and still read the words. Off in the pap
 (``--query-prefix 0``); its results are reported as their own row.
 
 The features are the rows of ``emb/text_features.npy`` named by each query's ``text_row``
-(``avg.retriever.prepare_dataset --emb-dir``); a new query is encoded by the CLIP text tower that
+(``avg.stages.prepare_retriever_dataset --emb-dir``); a new query is encoded by the CLIP text tower that
 ``emb/index.json`` names. Saved beside the retriever as ``query_prefix.safetensors`` +
 ``query_prefix.json``.
 """

@@ -1,6 +1,6 @@
 """Reranker data: the retriever's top-k candidates (with scores) for training and evaluation queries.
 
-    python -m avg.reranker.prepare_dataset --data-dir outputs/demo/retriever_data \\
+    python -m avg.stages.prepare_reranker_dataset --data-dir outputs/demo/retriever_data \\
         --retriever-dir outputs/demo/retriever_t5_stage2/best --out-dir outputs/demo/reranker_data \\
         --reuse-retriever-runs --max-train-queries 3000 --max-val-queries 1000
 

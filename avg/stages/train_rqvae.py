@@ -1,7 +1,7 @@
 """Train the RQ-VAE image tokenizer with semantic alignment (AVG eqs. 2-6).
 
-    python -m avg.rqvae.train --emb-dir out/emb --out-dir out/rqvae [--epochs 50 ...]
-    accelerate launch -m avg.rqvae.train ...      # multi-GPU, same flags
+    python -m avg.stages.train_rqvae --emb-dir out/emb --out-dir out/rqvae [--epochs 50 ...]
+    accelerate launch -m avg.stages.train_rqvae ...      # multi-GPU, same flags
 
 Reads the ``emb/`` memmaps batch by batch; the alignment loss (eq. 5) uses ONE caption per image
 per epoch, drawn with a seeded generator from the captions of *training* images only. Runs on the
@@ -52,7 +52,7 @@ def _hidden_dims(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m avg.rqvae.train", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m avg.stages.train_rqvae", description=__doc__.split("\n\n")[0])
     io = p.add_argument_group("data and output")
     io.add_argument("--emb-dir", required=True, help="emb/ artifact from prepare_emb (image + caption feature memmaps and index)")
     io.add_argument("--out-dir", required=True, help="output directory (weights, config, logs, checkpoints/)")

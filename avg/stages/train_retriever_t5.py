@@ -20,9 +20,9 @@ the gold code is lost (gold-is-top rate per position given the gold prefix, firs
 the top code differs), R@1 of images alone on their code vs sharing it, and the fit: R@K on a
 chunk of training images as large as the val gallery, next to val.
 
-    python -m avg.retriever.train_t5 --data-dir outputs/demo/retriever_data \\
+    python -m avg.stages.train_retriever_t5 --data-dir outputs/demo/retriever_data \\
         --codes-dir outputs/demo/codes --model data/demo/t5-demo --out-dir outputs/demo/retriever_t5
-    python -m avg.retriever.train_t5 --stage 2 --init-from outputs/demo/retriever_t5/best \\
+    python -m avg.stages.train_retriever_t5 --stage 2 --init-from outputs/demo/retriever_t5/best \\
         --data-dir outputs/demo/retriever_data --out-dir outputs/demo/retriever_t5_stage2
 
 Outputs under --out-dir: ``best/`` (save_pretrained model + tokenizer + voken_vocab.json +
@@ -78,7 +78,7 @@ from avg.utils.cli import add_device_arg, run_main
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data and model")
-    g.add_argument("--data-dir", required=True, help="retriever_data/ folder from avg.retriever.prepare_dataset")
+    g.add_argument("--data-dir", required=True, help="retriever_data/ folder from avg.stages.prepare_retriever_dataset")
     g.add_argument("--codes-dir", default=None, help="codes/ folder (stage 1: voken metadata and codebook.npy)")
     g.add_argument("--model", default="t5-base", help="stage 1: HF hub name or local path of a seq2seq checkpoint")
     g.add_argument("--init-from", default=None, help="a saved retriever to start from (stage 2: the stage-1 out-dir's best/)")

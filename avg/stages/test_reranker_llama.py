@@ -1,8 +1,8 @@
 """Rerank a split's retriever top-k lists with a saved reranker; R@K before and after, one protocol.
 
-    python -m avg.reranker.evaluate --reranker-dir outputs/demo/reranker/best \\
+    python -m avg.stages.test_reranker_llama --reranker-dir outputs/demo/reranker/best \\
         --data-dir outputs/demo/reranker_data --split test --out-dir outputs/demo/reranker/test
-    torchrun --nproc_per_node 4 -m avg.reranker.evaluate ...   # lists sharded over processes
+    torchrun --nproc_per_node 4 -m avg.stages.test_reranker_llama ...   # lists sharded over processes
 
 Both rankings of the same lists are scored by avg.metrics.retrieval_metrics with the
 split's gallery size (a gold image outside the top-k is a miss before and after, at rank =
@@ -38,7 +38,7 @@ SYSTEM = "avg_reranker"
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--reranker-dir", required=True, help="a saved reranker (avg.reranker.train's out-dir/best)")
+    p.add_argument("--reranker-dir", required=True, help="a saved reranker (avg.stages.finetune_reranker_llama's out-dir/best)")
     p.add_argument("--data-dir", required=True, help="reranker_data/ folder ({split}.jsonl, meta.json)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="which candidate lists")
     p.add_argument("--out-dir", required=True, help="where run and metrics files go")

@@ -1,8 +1,8 @@
 """Evaluate a saved decoder-only retriever: constrained beam search over a split's gallery.
 
-    python -m avg.retriever.evaluate_llama --retriever-dir outputs/demo/retriever_llama/best \\
+    python -m avg.stages.test_retriever_llama --retriever-dir outputs/demo/retriever_llama/best \\
         --data-dir outputs/demo/retriever_data --split test --out-dir outputs/demo/retriever_llama/test
-    torchrun --nproc_per_node 4 -m avg.retriever.evaluate_llama ...   # queries sharded over processes
+    torchrun --nproc_per_node 4 -m avg.stages.test_retriever_llama ...   # queries sharded over processes
 
 The search is avg.retriever.search.constrained_beam_search: deterministic (no sampling), every
 setting explicit (``--num-beams``, EOS scored, full-vocabulary or ``--fast-search`` scores); the
@@ -27,7 +27,6 @@ from avg.artifacts.runfiles import write_run
 from avg.retriever import llama as L
 from avg.retriever.evaluate import evaluate_split
 from avg.retriever.training import check_data_matches_vocab, load_split
-from avg.retriever.train_llama import SYSTEM, subset
 from avg.utils.devices import process_device
 from avg.retriever.vocab import VokenVocab
 from avg.utils.io import InputError, write_json
@@ -53,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
                    help="weights dtype (auto: bf16 on a bf16-capable GPU, else float32)")
     p.add_argument("--collision-seed", type=int, default=0, help="seed of the order among images sharing a code")
-    p.add_argument("--system", default=SYSTEM, help="system name written into the metrics json")
+    p.add_argument("--system", default=L.SYSTEM, help="system name written into the metrics json")
     add_device_arg(p)
     p.add_argument("--wandb-project", default="avg", help="wandb project (offline unless WANDB_MODE=online)")
     p.add_argument("--run-name", default=None, help="run name for logs and wandb")
@@ -92,7 +91,7 @@ def main(argv=None) -> dict:
     tokenizer, model, vocab, meta = L.load_retriever(args.retriever_dir, base_model=args.base_model,
                                                      merge=not args.no_merge, dtype=dtype, device=device)
     n_total = len(queries)
-    queries = subset(queries, args.max_queries, args.seed, 3)
+    queries = L.query_subset(queries, args.max_queries, args.seed, 3)
     logger.info("%s: %d of %d %s queries, gallery %d images, %d beams, dtype %s, device %s",
                 args.retriever_dir, len(queries), n_total, args.split, len(gallery), args.num_beams, dtype, device)
     t0 = time.time()

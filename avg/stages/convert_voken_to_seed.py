@@ -1,7 +1,7 @@
 """Map every image's vokens onto SEED-LLaMA image tokens (``<img_00000>`` ...), optionally with a
 richer residual k-means code of the same CLIP image features (avg.reranker.image_tokens).
 
-    python -m avg.reranker.convert_voken_to_seed --codes-dir outputs/demo/codes \\
+    python -m avg.stages.convert_voken_to_seed --codes-dir outputs/demo/codes \\
         --out-dir outputs/demo/reranker_tokens [--emb-dir outputs/demo/emb --rich-levels 4]
 
 Writes ``image_tokens.json`` (the mapping + image id -> token indices), ``token_vectors.npy``

@@ -1,6 +1,6 @@
 """Build the retriever's data: caption queries paired with their image's voken code.
 
-    python -m avg.retriever.prepare_dataset --annotations dataset.json --image-root images \\
+    python -m avg.stages.prepare_retriever_dataset --annotations dataset.json --image-root images \\
         --codes-dir outputs/demo/codes --out-dir outputs/demo/retriever_data
 
 Writes ``{train,val,test}.jsonl`` ({"query", "image_id", "code"}, one line per caption, plus
@@ -32,7 +32,7 @@ from avg.utils.tracking import get_logger
 from avg.utils.cli import run_main
 from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
 
-log = get_logger("avg.retriever.prepare_dataset")
+log = get_logger("avg.stages.prepare_retriever_dataset")
 
 
 def load_pseudo_queries(path: str | Path) -> list[dict]:
@@ -135,7 +135,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--annotations", required=True, help="Karpathy-format caption json")
     p.add_argument("--image-root", default=".", help="folder the json's image paths are relative to (not read)")
-    p.add_argument("--codes-dir", required=True, help="codes/ folder written by avg.rqvae.generate_codes")
+    p.add_argument("--codes-dir", required=True, help="codes/ folder written by avg.stages.generate_codes")
     p.add_argument("--emb-dir", default=None, help="emb/ folder: record each caption's text-feature row (for --query-prefix)")
     p.add_argument("--out-dir", required=True, help="output folder (replaced atomically)")
     p.add_argument("--pseudo-queries", nargs="*", default=[], help="pseudo-query jsonl files (extra training queries)")

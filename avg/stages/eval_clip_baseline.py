@@ -5,7 +5,7 @@ when the features are L2-normalised, as ``emb/index.json`` records). The result 
 scored by ``avg.metrics.retrieval_metrics``, exactly like the generative retriever, so the
 two are compared under one protocol.
 
-    python -m avg.eval.clip_baseline --emb-dir out/demo/emb --split test --out-dir out/demo/eval
+    python -m avg.stages.eval_clip_baseline --emb-dir out/demo/emb --split test --out-dir out/demo/eval
 
 The out dir's ``stage.json`` (avg.utils.stages) records the configuration, split included: another
 configuration or split needs its own ``--out-dir`` (or ``--force``).
@@ -80,8 +80,8 @@ def evaluate_clip_baseline(emb_dir: str | os.PathLike, split: str, out_dir: str 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m avg.eval.clip_baseline", description=__doc__.split("\n\n")[0])
-    p.add_argument("--emb-dir", required=True, help="the emb/ directory written by avg.rqvae.prepare_emb")
+    p = argparse.ArgumentParser(prog="python -m avg.stages.eval_clip_baseline", description=__doc__.split("\n\n")[0])
+    p.add_argument("--emb-dir", required=True, help="the emb/ directory written by avg.stages.prepare_emb")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="queries = captions of this split, gallery = its images")
     p.add_argument("--out-dir", required=True, help="where run_clip_<split>.jsonl and metrics_clip_<split>.json go")
     p.add_argument("--top-k", type=int, default=100, help="length of each ranked list in the run file")

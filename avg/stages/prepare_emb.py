@@ -4,7 +4,7 @@ Writes the ``emb/`` artifact (``avg.artifacts.emb``): float16 image and caption 
 plus an index that maps caption rows to image rows and records the encoder. The RQ-VAE, the CLIP
 baseline and the pseudo-query tool all read it.
 
-    python -m avg.rqvae.prepare_emb --annotations data/flickr30k/dataset_flickr30k.json \\
+    python -m avg.stages.prepare_emb --annotations data/flickr30k/dataset_flickr30k.json \\
         --image-root data/flickr30k/images --out-dir out/flickr30k/emb \\
         --backend open_clip --clip-model ViT-L-14-336 --pretrained openai
 
@@ -139,7 +139,7 @@ def encode_dataset(dataset, encoder, *, batch_size: int = 64, num_workers: int =
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m avg.rqvae.prepare_emb", description="Encode every image and caption of a Karpathy-format dataset with a frozen CLIP into an emb/ directory.")
+    p = argparse.ArgumentParser(prog="python -m avg.stages.prepare_emb", description="Encode every image and caption of a Karpathy-format dataset with a frozen CLIP into an emb/ directory.")
     p.add_argument("--annotations", required=True, help="Karpathy-format json (images[].filename, split, sentences[].raw)")
     p.add_argument("--image-root", required=True, help="folder the json's filepath/filename are relative to")
     p.add_argument("--out-dir", required=True, help="the emb/ directory to write (replaced atomically)")

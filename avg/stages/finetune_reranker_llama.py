@@ -1,9 +1,9 @@
 """Train the reranker: a causal LM (LoRA, or full fine-tuning for small models) + an MLP head scoring
 each (query, candidate image tokens) pair of the retriever's top-k lists.
 
-    python -m avg.reranker.train --data-dir outputs/demo/reranker_data --tokens-dir outputs/demo/reranker_tokens \\
+    python -m avg.stages.finetune_reranker_llama --data-dir outputs/demo/reranker_data --tokens-dir outputs/demo/reranker_tokens \\
         --model data/demo/llama-demo --full-finetune --out-dir outputs/demo/reranker
-    accelerate launch -m avg.reranker.train ... --model <SEED-LLaMA path> --gradient-checkpointing
+    accelerate launch -m avg.stages.finetune_reranker_llama ... --model <SEED-LLaMA path> --gradient-checkpointing
 
 Loss per batch of lists: listwise softmax cross-entropy with the positive (avg.reranker.losses)
 + ``--pointwise-weight`` x BCE. With fusion (``--fusion fixed|learned``) the listwise loss is taken

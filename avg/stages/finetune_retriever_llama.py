@@ -5,10 +5,10 @@ The vokens are new tokens initialised from the RQ-VAE codebook; LoRA adapts the 
 ``--lora-target-modules``) while the voken rows of the embedding / output head train in full
 (avg.retriever.llama). ``--full-finetune`` trains every weight instead (small models).
 
-    python -m avg.retriever.train_llama --data-dir outputs/demo/retriever_data \\
+    python -m avg.stages.finetune_retriever_llama --data-dir outputs/demo/retriever_data \\
         --codes-dir outputs/demo/codes --model data/smollm2-135m --out-dir outputs/demo/retriever_llama
-    accelerate launch -m avg.retriever.train_llama ... --model meta-llama/Llama-2-7b-hf --gradient-checkpointing
-    # DeepSpeed: accelerate launch --use_deepspeed --deepspeed_config_file ds.json -m avg.retriever.train_llama ...
+    accelerate launch -m avg.stages.finetune_retriever_llama ... --model meta-llama/Llama-2-7b-hf --gradient-checkpointing
+    # DeepSpeed: accelerate launch --use_deepspeed --deepspeed_config_file ds.json -m avg.stages.finetune_retriever_llama ...
     # (the DeepSpeed json must set train_micro_batch_size_per_gpu; batches are not an accelerate DataLoader)
 
 Outputs under --out-dir: ``best/`` (adapter or full model + tokenizer + voken_vocab.json +
@@ -47,17 +47,14 @@ from avg.train.loop import (check_checkpoint, checkpoint_dir, describe_batch, lo
                             train_epochs, trainable_only_hooks)
 from avg.retriever.vocab import VokenVocab
 from avg.utils.io import InputError, read_json, write_json
-from avg.utils.seed import seeded_subset, set_seed
+from avg.utils.seed import set_seed
 from avg.utils.stages import add_force_arg
 from avg.utils.cli import add_deprecated_alias, add_device_arg, run_main
-
-SYSTEM = "avg_llama"
-
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data and model")
-    g.add_argument("--data-dir", required=True, help="retriever_data/ folder from avg.retriever.prepare_dataset")
+    g.add_argument("--data-dir", required=True, help="retriever_data/ folder from avg.stages.prepare_retriever_dataset")
     g.add_argument("--codes-dir", required=True, help="codes/ folder (voken metadata and codebook.npy)")
     g.add_argument("--model", required=True, help="HF hub name or local path of a causal LM (e.g. data/smollm2-135m)")
     g.add_argument("--out-dir", required=True, help="output folder")
@@ -98,11 +95,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                   "the in-training evaluation of a LoRA model always uses the full vocabulary")
     add_force_arg(p)
     return p.parse_args(argv)
-
-
-def subset(queries: list, n: int, seed: int, salt: int) -> list:
-    """A seeded random subset of N queries in their original order, each tagged with its qid."""
-    return seeded_subset([dict(q, qid=q.get("qid", i)) for i, q in enumerate(queries)], n, seed, salt)
 
 
 def main(argv=None) -> dict:
@@ -155,10 +147,10 @@ def main(argv=None) -> dict:
     if meta_path.is_file() and read_json(meta_path).get("transductive"):
         logger.warning("!!! TRANSDUCTIVE training data (%s): pseudo queries on val/test gallery images !!!", meta_path)
     n_test_total = len(test_q)
-    train_q = subset(train_q, args.max_train_queries, args.seed, 1)
-    val_q = subset(val_q, args.max_eval_queries, args.seed, 2)
-    test_q = subset(test_q, args.max_eval_queries, args.seed, 3)
-    eval_train_q = subset(train_q, args.eval_train_queries, args.seed, 7) if args.eval_train_queries > 0 else []
+    train_q = L.query_subset(train_q, args.max_train_queries, args.seed, 1)
+    val_q = L.query_subset(val_q, args.max_eval_queries, args.seed, 2)
+    test_q = L.query_subset(test_q, args.max_eval_queries, args.seed, 3)
+    eval_train_q = L.query_subset(train_q, args.eval_train_queries, args.seed, 7) if args.eval_train_queries > 0 else []
 
     train_ds = L.prompt_dataset(train_q, tokenizer, vocab, args.prompt_template, max_length=args.max_length) if train_q else None
     collate = L.CausalCollator(train_ds, tokenizer.pad_token_id) if train_ds else None
@@ -266,7 +258,7 @@ def main(argv=None) -> dict:
                                               format_query=fmt, desc="eval test", restrict_to_vokens=args.fast_search)
         seconds = time.time() - t0
         info = read_json(best_dir / "best.json")
-        metrics = {**metrics, "system": SYSTEM, "split": "test", "model": args.model, "lora": lora,
+        metrics = {**metrics, "system": L.SYSTEM, "split": "test", "model": args.model, "lora": lora,
                    "best_epoch": info.get("epoch"), "num_beams": args.num_beams, "fast_search": args.fast_search,
                    "test_queries_total": n_test_total,
                    "queries_per_s": len(test_q) / max(seconds, 1e-9)}

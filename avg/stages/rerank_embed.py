@@ -1,6 +1,6 @@
 """Stage: embedding rerank of a retriever's top-k (avg.reranker.embed), the fusion weight chosen on val.
 
-    python -m avg.reranker.rerank_embed --retriever-dir outputs/demo/retriever_t5_stage2/best \\
+    python -m avg.stages.rerank_embed --retriever-dir outputs/demo/retriever_t5_stage2/best \\
         --emb-dir outputs/demo/emb --data-dir outputs/demo/retriever_data --out-dir outputs/demo/rerank_embed
 
 Reads the retriever's own run files (``eval/run_val_epoch<best>.jsonl``, ``eval/run_test.jsonl``),
