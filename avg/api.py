@@ -7,16 +7,16 @@
     hits = r.search(["a tiny blue hexagon"], k=5, rerank="lm")      # + the trained LM reranker
 
 ``from_run`` reads the stage folders a run wrote (DESIGN.md's layout under ``outputs/<dataset>/``):
-the model (``retriever_t5_stage2/best``, else ``retriever_t5/best``, or a ``best/`` folder given
+the model (``train_retriever_t5_stage2/best``, else ``train_retriever_t5/best``, or a ``best/`` folder given
 directly), its stage's search settings (beam, batch, collision seed from ``config.json``), the
-gallery (``retriever_data/gallery_<split>.json``; or any codes folder / gallery json, optionally cut
-to a list of image ids), the image files and CLIP features (``emb/``), the embedding rerank's
+gallery (``prepare_retriever_dataset/gallery_<split>.json``; or any codes folder / gallery json, optionally cut
+to a list of image ids), the image files and CLIP features (``prepare_emb/``), the embedding rerank's
 fusion weight chosen on val (``rerank_embed/fusion.json``) and the trained LM reranker
-(``reranker/best``, loaded on first use; it reranks the depth of the lists it was validated on).
+(``finetune_reranker_llama/best``, loaded on first use; it reranks the depth of the lists it was validated on).
 
 A query is ranked exactly as the stage's evaluation ranks it (the same search,
 avg.retriever.evaluate.rank_queries, batched by token length): a retriever that reads the query's
-CLIP text feature gets it from the run's CLIP text encoder, rounded to the precision ``emb/`` stores
+CLIP text feature gets it from the run's CLIP text encoder, rounded to the precision ``prepare_emb/`` stores
 features in, so a caption gets the feature the stage gave it.
 """
 from __future__ import annotations
@@ -97,7 +97,7 @@ class Retriever:
         """The retriever a run trained, over ``gallery``: a split name (that split's gallery, as the
         stage evaluated it), a codes folder (``codes.json``: every image in it) or a gallery json
         ({image_id: code}); ``image_ids`` keeps a subset of it. ``reranker``: a saved LM reranker
-        for ``rerank="lm"`` (default: the run's ``reranker/best``)."""
+        for ``rerank="lm"`` (default: the run's ``finetune_reranker_llama/best``)."""
         from avg.models.clip import resolve_device
         from avg.retriever.t5 import load_t5_retriever
 
@@ -133,14 +133,14 @@ class Retriever:
 
             enc = dict((self.emb.index.get("encoder") if self.emb is not None else None) or self.model.encoder or {})
             if not enc.get("model"):
-                raise InputError("this run records no CLIP text encoder (emb/index.json or query_prefix.json): "
+                raise InputError("this run records no CLIP text encoder (prepare_emb/index.json or query_prefix.json): "
                                  "cannot encode free-text queries")
             self._text_encoder = load_clip(enc.get("backend", "open_clip"), enc["model"], enc.get("pretrained"),
                                            device=str(self.device), normalize=True)
         return self._text_encoder
 
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
-        """float32 [n, D] CLIP text features, rounded to emb/'s storage precision (as the stages read them)."""
+        """float32 [n, D] CLIP text features, rounded to prepare_emb/'s storage precision (as the stages read them)."""
         feats = self.text_encoder.encode_texts(list(texts)).float().cpu()
         dtype = _emb_dtype(self.emb.index) if self.emb is not None else None
         return feats.to(dtype).float() if dtype is not None else feats
@@ -168,7 +168,7 @@ class Retriever:
         if rerank == "embed" and self.rerank_weight is None:
             raise InputError("no fusion weight (rerank_embed/fusion.json): run scripts/rerank_embed.sh on this run first")
         if rerank == "embed" and self.emb is None:
-            raise InputError("the embedding rerank needs the run's emb/ (CLIP image features)")
+            raise InputError("the embedding rerank needs the run's prepare_emb/ (CLIP image features)")
         if rerank == "embed" and self._store is None:
             from avg.reranker.embed import FeatureStore
 

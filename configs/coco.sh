@@ -13,7 +13,7 @@ CLIP_BACKEND=${CLIP_BACKEND:-hf}
 CLIP_MODEL=${CLIP_MODEL:-openai/clip-vit-large-patch14-336}
 CLIP_PRETRAINED=${CLIP_PRETRAINED:-}
 EMB_BATCH_SIZE=${EMB_BATCH_SIZE:-256}
-# G > 0: also store each image's ViT patch tokens pooled to G x G (emb/image_grid.npy; ViT-L at G = 4:
+# G > 0: also store each image's ViT patch tokens pooled to G x G (prepare_emb/image_grid.npy; ViT-L at G = 4:
 # 32 KB per image, 3.9 GB for COCO) for the LM reranker's --grid-head. Off by default.
 EMB_IMAGE_GRID=${EMB_IMAGE_GRID:-0}
 
@@ -58,7 +58,7 @@ LORA_TARGETS=${LORA_TARGETS:-q_proj,k_proj,v_proj,o_proj}
 
 # --- Reranker (avg.reranker: prepare_reranker_dataset, convert_voken_to_seed, finetune_reranker_llama, test_reranker_llama) ---
 # Retriever whose top-k is reranked: a stage folder under ${OUT_DIR}/${DATASET} holding best/ (and eval/ run files)
-RERANK_RETRIEVER=${RERANK_RETRIEVER:-retriever_t5_stage2}
+RERANK_RETRIEVER=${RERANK_RETRIEVER:-train_retriever_t5_stage2}
 # Candidates per query (BEAM must be >= RERANK_TOPK)
 RERANK_TOPK=${RERANK_TOPK:-20}
 RERANK_TRAIN_CANDIDATES=${RERANK_TRAIN_CANDIDATES:-retriever}

@@ -12,7 +12,7 @@ CLIP_BACKEND=${CLIP_BACKEND:-open_clip}
 CLIP_MODEL=${CLIP_MODEL:-avg-demo-vit}
 CLIP_PRETRAINED=${CLIP_PRETRAINED:-$DATA_DIR/clip/avg_demo_clip.pt}
 EMB_BATCH_SIZE=${EMB_BATCH_SIZE:-256}
-# Also store each image's ViT patch tokens pooled to a G x G grid (emb/image_grid.npy, 3 KB per demo image):
+# Also store each image's ViT patch tokens pooled to a G x G grid (prepare_emb/image_grid.npy, 3 KB per demo image):
 # what the LM reranker's --grid-head reads (README, "Reranking"). 0 = off.
 EMB_IMAGE_GRID=${EMB_IMAGE_GRID:-4}
 
@@ -86,7 +86,7 @@ GRID_BACKBONES=${GRID_BACKBONES:-t5-demo=t5:$DATA_DIR/t5-demo llama-demo=llama:$
 
 # --- Reranker (avg.reranker: prepare_reranker_dataset, convert_voken_to_seed, finetune_reranker_llama, test_reranker_llama) ---
 # Retriever whose top-k is reranked: a stage folder under ${OUT_DIR}/${DATASET} holding best/ (and eval/ run files)
-RERANK_RETRIEVER=${RERANK_RETRIEVER:-retriever_t5_stage2}
+RERANK_RETRIEVER=${RERANK_RETRIEVER:-train_retriever_t5_stage2}
 # Candidates per query (BEAM must be >= RERANK_TOPK); the embedding rerank (scripts/rerank_embed.sh) uses it too
 RERANK_TOPK=${RERANK_TOPK:-50}
 # 1: reuse the retriever's eval/run_test.jsonl and eval/run_val_epoch<best>.jsonl instead of searching those splits again

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stage: every image's vokens as SEED-LLaMA image tokens <img_NNNNN> (+ RERANK_RICH_LEVELS residual k-means tokens
-# of its CLIP feature) -> ${OUT_DIR}/${DATASET}/reranker_tokens/. Extra flags go to avg.stages.convert_voken_to_seed.
+# of its CLIP feature) -> ${OUT_DIR}/${DATASET}/convert_voken_to_seed/. Extra flags go to avg.stages.convert_voken_to_seed.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 python -m avg.stages.convert_voken_to_seed \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stage: reranker = causal LM (SEED-LLaMA / LLaMA family; LoRA, or full fine-tuning with RERANK_FULL_FINETUNE=1)
-# + MLP scoring head, listwise loss over the retriever's top-k -> ${OUT_DIR}/${DATASET}/reranker/
+# + MLP scoring head, listwise loss over the retriever's top-k -> ${OUT_DIR}/${DATASET}/finetune_reranker_llama/
 # Multi-GPU: LAUNCH="accelerate launch" (or "torchrun --nproc_per_node 4"). Extra flags go to avg.stages.finetune_reranker_llama.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage: decoder-only generative retriever (LLaMA family + LoRA, paper Table 6) -> ${OUT_DIR}/${DATASET}/retriever_llama/
+# Stage: decoder-only generative retriever (LLaMA family + LoRA, paper Table 6) -> ${OUT_DIR}/${DATASET}/finetune_retriever_llama/
 # Multi-GPU: LAUNCH="accelerate launch" (or "torchrun --nproc_per_node 4"); DeepSpeed through accelerate's config.
 # Extra flags go to avg.stages.finetune_retriever_llama (see --help), e.g. --full-finetune, --gradient-checkpointing;
 # LLAMA_ARGS (config) adds flags too, e.g. the demo's reduced schedule.

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage: voken codes for every image of every split -> ${OUT_DIR}/${DATASET}/codes/
+# Stage: voken codes for every image of every split -> ${OUT_DIR}/${DATASET}/generate_codes/
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 python -m avg.stages.generate_codes \

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage: encode every image and caption with a frozen CLIP -> ${OUT_DIR}/${DATASET}/emb/
+# Stage: encode every image and caption with a frozen CLIP -> ${OUT_DIR}/${DATASET}/prepare_emb/
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 require_path ANNOTATIONS IMAGE_ROOT

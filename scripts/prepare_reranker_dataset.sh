@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage: the retriever's top-k candidates (with scores) per training / val / test query -> ${OUT_DIR}/${DATASET}/reranker_data/
+# Stage: the retriever's top-k candidates (with scores) per training / val / test query -> ${OUT_DIR}/${DATASET}/prepare_reranker_dataset/
 # Reuses the retriever's own eval run files when RERANK_REUSE_RUNS=1 (no search); searches the rest.
 # Extra flags go to avg.stages.prepare_reranker_dataset, e.g. --run-file test=PATH, --max-test-queries 1000.
 set -euo pipefail

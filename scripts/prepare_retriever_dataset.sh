@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage: {train,val,test}.jsonl of {query, image_id, code, text_row} + per-split galleries -> ${OUT_DIR}/${DATASET}/retriever_data/
+# Stage: {train,val,test}.jsonl of {query, image_id, code, text_row} + per-split galleries -> ${OUT_DIR}/${DATASET}/prepare_retriever_dataset/
 # Pseudo queries: PSEUDO_QUERIES="path1.jsonl path2.jsonl" (transductive when they cover val/test images).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The LM reranker over several seeds on one trained retriever, then mean ± std per system (avg.eval.seeds):
 #   SEEDS="42 1 2" bash scripts/run_reranker_seeds.sh          # after scripts/demo.sh (or run_all.sh)
-# The candidate lists are prepared once, deeper than the single-run stage's, in ${STAGE_ROOT}/reranker_data_seeds:
+# The candidate lists are prepared once, deeper than the single-run stage's, in ${STAGE_ROOT}/prepare_reranker_dataset_seeds:
 # training lists mined by CLIP over all training captions (chunks of RERANK_TRAIN_GALLERY_SIZE images), val and
 # test the retriever's own run files over all their queries. Each seed then trains the reranker in
-# ${SEEDS_DIR:-${OUT_DIR}/reranker_seeds}/seed_<s>/${DATASET}/reranker (SEED=<s>, the config's RERANK_* settings)
-# and reranks the test lists into .../reranker/test; the CLIP baseline, the retriever and the embedding rerank
+# ${SEEDS_DIR:-${OUT_DIR}/reranker_seeds}/seed_<s>/${DATASET}/finetune_reranker_llama (SEED=<s>, the config's RERANK_* settings)
+# and reranks the test lists into .../test_reranker_llama; the CLIP baseline, the retriever and the embedding rerank
 # are linked in, so the table shows them and pairs the reranker with its input.
 # Finished seeds are skipped (the stages' manifests); a killed seed resumes from its last checkpoint.
 # The grid-head study of the README:
@@ -19,7 +19,7 @@ bash scripts/bootstrap.sh
 source scripts/common.sh
 SEEDS=${SEEDS:-42 1 2}
 SEEDS_DIR=${SEEDS_DIR:-$OUT_DIR/reranker_seeds}
-LISTS="$STAGE_ROOT/reranker_data_seeds"
+LISTS="${RERANKER_DATA_DIR}_seeds"
 # output folders from the stage registry (a failing lookup stops here, under set -e)
 RERANKER_OUT=$(stage_out finetune_reranker_llama); RERANKER_TEST_OUT=$(stage_out test_reranker_llama)
 EMB_OUT=$(stage_out prepare_emb); CLIP_OUT=$(stage_out eval_clip_baseline); TOKENS_OUT=$(stage_out convert_voken_to_seed)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The retriever and reranker stages over several seeds, then mean ± std per system (avg.eval.seeds):
-#   SEEDS="0 1 2" bash scripts/run_seeds.sh            # after scripts/demo.sh (it needs emb/ and the demo assets)
+#   SEEDS="0 1 2" bash scripts/run_seeds.sh            # after scripts/demo.sh (it needs prepare_emb/ and the demo assets)
 # Each seed runs SEED_STAGES (RQ-VAE onwards: codes, retriever data, T5 stages 1 and 2, embedding rerank,
 # LM reranker) in ${SEEDS_DIR:-${OUT_DIR}/seeds}/seed_<s>/${DATASET}/ with SEED=<s>; the CLIP features and the CLIP
 # baseline are shared (links to ${OUT_DIR}/${DATASET}/), so every system of every seed sees the same features.

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stage 1: generative training of the T5 retriever (eq. 7), val R@K per epoch, test R@K of the best
-# checkpoint -> ${OUT_DIR}/${DATASET}/retriever_t5/  (multi-GPU: LAUNCH="accelerate launch")
+# checkpoint -> ${OUT_DIR}/${DATASET}/train_retriever_t5/  (multi-GPU: LAUNCH="accelerate launch")
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 $LAUNCH -m avg.stages.train_retriever_t5 --stage 1 \

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stage 2: discriminative fine-tuning from the stage-1 best checkpoint, L = L_gen + lambda * L_dis
-# (eqs. 8-10) -> ${OUT_DIR}/${DATASET}/retriever_t5_stage2/
+# (eqs. 8-10) -> ${OUT_DIR}/${DATASET}/train_retriever_t5_stage2/
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 $LAUNCH -m avg.stages.train_retriever_t5_stage2 \

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stage: train the RQ-VAE image tokenizer with semantic alignment -> ${OUT_DIR}/${DATASET}/rqvae/
+# Stage: train the RQ-VAE image tokenizer with semantic alignment -> ${OUT_DIR}/${DATASET}/train_rqvae/
 # Multi-GPU: LAUNCH="accelerate launch" (or "torchrun --nproc_per_node 4") bash scripts/train_rqvae.sh
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"

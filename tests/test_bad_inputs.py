@@ -160,7 +160,7 @@ def test_missing_image_file(tmp_path, clip_ckpt):
 
 def test_missing_image_file_skipped_and_counted_with_flag(tmp_path, clip_ckpt):
     """With --skip-bad-images the same file is left out with its captions, and the skip is
-    recorded in emb/index.json (image id, file, error); every other image is encoded."""
+    recorded in prepare_emb/index.json (image id, file, error); every other image is encoded."""
     main = prepare_emb.main
 
     json_path, root, entries = small_dataset(tmp_path)
@@ -189,7 +189,7 @@ def _bad_file(path: Path, kind: str) -> None:
                                          ("non_image", "not a readable image")])
 def test_unreadable_image_file(tmp_path, clip_ckpt, kind, expect):
     """A zero-byte, truncated or non-image file with a .jpg name stops prepare_emb with the file's
-    path, its record (images[i] of the json) and the hint --skip-bad-images; no emb/ result is written."""
+    path, its record (images[i] of the json) and the hint --skip-bad-images; no prepare_emb/ result is written."""
     json_path, root, entries = small_dataset(tmp_path)
     _bad_file(root / "bad.jpg", kind)
     karpathy(json_path, entries[:1] + [entry("bad.jpg", "val")] + entries[1:])
@@ -310,7 +310,7 @@ class _Records(logging.Handler):
 def test_long_caption_is_truncated_and_counted(tmp_path, clip_ckpt):
     """A 2,000-character caption is accepted: the text encoder keeps its first context-length
     tokens (32 for the demo CLIP, 77 for OpenAI's), and the run counts such captions in a warning
-    and in emb/index.json ("truncated_captions"), so the user knows how many were cut."""
+    and in prepare_emb/index.json ("truncated_captions"), so the user knows how many were cut."""
     log, main = prepare_emb.log, prepare_emb.main
 
     json_path, root, entries = small_dataset(tmp_path)
@@ -392,7 +392,7 @@ def test_image_without_sentences(tmp_path, clip_ckpt, sentences):
     karpathy_fails(tmp_path, clip_ckpt, json_path, root, "images[0] (filename 'good0.png')", "no sentences")
 
 
-# ------------------------------------------------------------------------------------ emb/ arrays
+# ------------------------------------------------------------------------------------ prepare_emb/ arrays
 def fake_emb(out: Path, n_images: int = 12, dim: int = 8, caps: int = 2, seed: int = 0) -> Path:
     rng = np.random.default_rng(seed)
     img = rng.normal(size=(n_images, dim)).astype(np.float16)
@@ -407,7 +407,7 @@ def fake_emb(out: Path, n_images: int = 12, dim: int = 8, caps: int = 2, seed: i
 
 @pytest.mark.parametrize("array,what", [("image_features.npy", "images"), ("text_features.npy", "captions")])
 def test_feature_rows_disagree_with_index(tmp_path, array, what):
-    """emb/ whose feature array has fewer rows than index.json lists (an interrupted copy, or
+    """prepare_emb/ whose feature array has fewer rows than index.json lists (an interrupted copy, or
     arrays from another run): train_rqvae stops naming both files and both counts."""
     main = train_rqvae.main
 
@@ -427,7 +427,7 @@ SHAPES = ("cube", "ball", "cone", "ring", "star")
 
 
 def _codes_dir(path: Path, images: list[dict], num_levels: int, codebook_size: int, seed: int) -> Path:
-    """A codes/ dir with unique random codes (no disambiguation position) for `images`."""
+    """A generate_codes/ dir with unique random codes (no disambiguation position) for `images`."""
     rng = np.random.default_rng(seed)
     path.mkdir(parents=True)
     flat = rng.choice(codebook_size ** num_levels, size=len(images), replace=False)
@@ -527,7 +527,7 @@ def test_t5_checkpoint_from_another_model_size(tmp_path, retriever):
 def test_config_points_at_missing_path(tmp_path):
     """A dataset config (configs/<name>.sh) whose ANNOTATIONS / IMAGE_ROOT do not exist: the stage
     script stops with exit status 2 and a message naming the variable, the missing path and the
-    config file, and writes no emb/."""
+    config file, and writes no prepare_emb/."""
     work = tmp_path / "repo"
     shutil.copytree(ROOT / "scripts", work / "scripts")
     (work / "configs").mkdir()

@@ -48,21 +48,21 @@ PIPELINE_ENV: dict = {}  # the fixture's environment, for tests that run further
 
 def test_every_stage_writes_its_contract(pipeline):
     root, _ = pipeline
-    for rel in ("emb/index.json", "emb/image_features.npy", "clip_baseline/metrics_clip_test.json",
-                "rqvae/model.safetensors", "rqvae/config.json", "rqvae/checkpoints/last/train_state.json",
-                "codes/codes.json", "codes/codebook.npy", "codes/stats.json",
-                "retriever_data/train.jsonl", "retriever_data/gallery_test.json",
-                "retriever_t5/best/voken_vocab.json", "retriever_t5/eval/metrics_test.json",
-                "retriever_t5_stage2/eval/metrics_test.json", "results.csv"):
+    for rel in ("prepare_emb/index.json", "prepare_emb/image_features.npy", "eval_clip_baseline/metrics_clip_test.json",
+                "train_rqvae/model.safetensors", "train_rqvae/config.json", "train_rqvae/checkpoints/last/train_state.json",
+                "generate_codes/codes.json", "generate_codes/codebook.npy", "generate_codes/stats.json",
+                "prepare_retriever_dataset/train.jsonl", "prepare_retriever_dataset/gallery_test.json",
+                "train_retriever_t5/best/voken_vocab.json", "train_retriever_t5/eval/metrics_test.json",
+                "train_retriever_t5_stage2/eval/metrics_test.json", "results.csv"):
         assert (root / rel).is_file(), rel
 
 
 def test_codes_cover_every_image_and_collisions_are_reported(pipeline, tiny_demo):
     root, _ = pipeline
-    codes = json.loads((root / "codes" / "codes.json").read_text())
+    codes = json.loads((root / "generate_codes" / "codes.json").read_text())
     images = json.loads(tiny_demo.json_path.read_text())["images"]
     assert set(codes["images"]) == {im["filename"] for im in images}
-    stats = json.loads((root / "codes" / "stats.json").read_text())
+    stats = json.loads((root / "generate_codes" / "stats.json").read_text())
     distinct = len({tuple(v["code"]) for v in codes["images"].values()})
     assert stats["raw_collision_rate"] == pytest.approx(1 - distinct / len(images))  # raw codes (the default)
     assert codes["num_levels"] == 2 and codes["codebook_size"] == 8 and codes["code_len"] == 2
@@ -71,11 +71,11 @@ def test_codes_cover_every_image_and_collisions_are_reported(pipeline, tiny_demo
 
 def test_test_captions_stay_out_of_training_and_metrics_are_per_query(pipeline):
     root, report = pipeline
-    train = [json.loads(x) for x in (root / "retriever_data" / "train.jsonl").read_text().splitlines()]
-    test = [json.loads(x) for x in (root / "retriever_data" / "test.jsonl").read_text().splitlines()]
+    train = [json.loads(x) for x in (root / "prepare_retriever_dataset" / "train.jsonl").read_text().splitlines()]
+    test = [json.loads(x) for x in (root / "prepare_retriever_dataset" / "test.jsonl").read_text().splitlines()]
     assert not ({q["image_id"] for q in train} & {q["image_id"] for q in test})
-    for rel in ("clip_baseline/metrics_clip_test.json", "retriever_t5/eval/metrics_test.json",
-                "retriever_t5_stage2/eval/metrics_test.json"):
+    for rel in ("eval_clip_baseline/metrics_clip_test.json", "train_retriever_t5/eval/metrics_test.json",
+                "train_retriever_t5_stage2/eval/metrics_test.json"):
         m = json.loads((root / rel).read_text())
         assert m["num_queries"] == len(test) == 40 and 0 <= m["R@1"] <= m["R@5"] <= m.get("R@10", m["R@5"]) <= 100
     assert "avg_t5_stage2" in report and "clip_two_tower" in report
@@ -104,7 +104,7 @@ def test_api_ranks_test_queries_exactly_as_the_stage_did(pipeline):
     root, _ = pipeline
     r = Retriever.from_run(root)
     assert r.model.prefix is not None, "the demo retriever reads the query's CLIP feature: the API must encode it"
-    runs = read_run(root / "retriever_t5_stage2" / "eval" / "run_test.jsonl")
+    runs = read_run(root / "train_retriever_t5_stage2" / "eval" / "run_test.jsonl")
     hits = r.search([x.query for x in runs], k=r.num_beams)
     assert len(hits) == len(runs)
     for rec, hs in zip(runs, hits):
@@ -116,7 +116,7 @@ def test_api_ranks_test_queries_exactly_as_the_stage_did(pipeline):
     reranked = r.search([x.query for x in emb_runs], k=5, rerank="embed")
     for rec, hs in zip(emb_runs, reranked):
         assert [h.image_id for h in hs] == list(rec.ranked[:5]), rec.query
-    stage1 = Retriever.from_run(root, stage="retriever_t5", gallery=root / "codes", image_ids=["test_000001.png", "val_000002.png"])
+    stage1 = Retriever.from_run(root, stage="train_retriever_t5", gallery=root / "generate_codes", image_ids=["test_000001.png", "val_000002.png"])
     assert len(stage1.gallery) == 2
     assert {h.image_id for h in stage1.search("a shape", k=2)[0]} <= {"test_000001.png", "val_000002.png"}
 
@@ -171,7 +171,7 @@ def test_results_page_shows_each_system_per_sampled_query(pipeline):
     assert page.is_file() and "results.html" in (root / "results.md").read_text()
     text = page.read_text()
     queries, rows = _page_counts(text)
-    systems = {"clip_two_tower", "avg_t5_stage1", "avg_t5_stage2", "retriever_t5_stage2+embed_rerank"}
+    systems = {"clip_two_tower", "avg_t5_stage1", "avg_t5_stage2", "train_retriever_t5_stage2+embed_rerank"}
     assert queries == 12 and rows == queries * len(systems)
     assert all(f'data-system="{s}"' in text for s in systems)
     assert text.count("data:image/jpeg;base64,") >= queries  # thumbnails embedded: one file, no server
@@ -214,25 +214,25 @@ def test_reranker_seeds_runner_trains_each_seed_and_tables_them(pipeline):
     env = dict(PIPELINE_ENV, SEEDS="0 1", SEEDS_DIR=str(work / "rseeds"), RERANK_MODEL=str(work / "llama-demo"),
                RERANK_EPOCHS="1", RERANK_BATCH_SIZE="8", RERANK_ARGS="--late-interaction --embed-fusion learned")
     missing = _run_fail(["bash", "scripts/run_reranker_seeds.sh"], env)
-    assert missing.returncode == 2 and "reranker_tokens is missing" in missing.stderr
+    assert missing.returncode == 2 and "convert_voken_to_seed is missing" in missing.stderr
     _run(["bash", "scripts/convert_voken_to_seed.sh"], env)
     res = _run(["bash", "scripts/run_reranker_seeds.sh"], env, timeout=900)
-    lists = root / "reranker_data_seeds"
+    lists = root / "prepare_reranker_dataset_seeds"
     meta = json.loads((lists / "meta.json").read_text())
     assert "CLIP features" in meta["splits"]["train"]["source"] and "run file" in meta["splits"]["test"]["source"]
     for s in ("0", "1"):
         seed_root = work / "rseeds" / f"seed_{s}" / "demo"
-        assert json.loads((seed_root / "reranker" / "stage.json").read_text())["config"]["seed"] == int(s)
-        assert (seed_root / "reranker" / "test" / "metrics_test.json").is_file()
+        assert json.loads((seed_root / "finetune_reranker_llama" / "stage.json").read_text())["config"]["seed"] == int(s)
+        assert (seed_root / "test_reranker_llama" / "metrics_test.json").is_file()
     md = (work / "rseeds" / "demo" / "results_seeds.md").read_text()
-    assert "| clip_two_tower | clip_baseline | test | 2 |" in md and "| avg_reranker | reranker/test | test | 2 |" in md
+    assert "| clip_two_tower | eval_clip_baseline | test | 2 |" in md and "| avg_reranker | test_reranker_llama | test | 2 |" in md
     assert "| LM reranker − its input | 2 |" in md and "results_seeds.md" in res.stdout
     # the API's rerank="lm": a trained reranker at query time ranks as its test stage ranked the same lists
     from avg import Retriever
     from avg.artifacts.runfiles import read_run
 
-    seed0 = work / "rseeds" / "seed_0" / "demo" / "reranker"
-    stage_run = read_run(seed0 / "test" / "run_test.jsonl")
+    seed0 = work / "rseeds" / "seed_0" / "demo" / "finetune_reranker_llama"
+    stage_run = read_run(seed0.parent / "test_reranker_llama" / "run_test.jsonl")
     r = Retriever.from_run(root, reranker=seed0 / "best")
     hits = r.search([x.query for x in stage_run], k=5, rerank="lm")
     for rec, hs in zip(stage_run, hits):
@@ -241,7 +241,7 @@ def test_reranker_seeds_runner_trains_each_seed_and_tables_them(pipeline):
     from avg.utils.io import InputError
 
     with pytest.raises(InputError, match="no trained LM reranker"):
-        Retriever.from_run(root).search("a circle", rerank="lm")  # this run's own reranker/ was never trained
+        Retriever.from_run(root).search("a circle", rerank="lm")  # this run's own finetune_reranker_llama/ was never trained
     cli = _search_cli(root, "--rerank", "lm", "a circle")
     assert cli.returncode == 2 and "no trained LM reranker" in cli.stderr
 
@@ -249,7 +249,7 @@ def test_reranker_seeds_runner_trains_each_seed_and_tables_them(pipeline):
         return [json.loads(p.read_text())["run_id"] for p in sorted((work / "rseeds").rglob("stage.json"))]
 
     before = run_ids()
-    assert len(before) == 4  # reranker and reranker/test per seed
+    assert len(before) == 4  # finetune_reranker_llama and test_reranker_llama per seed
     _run(["bash", "scripts/run_reranker_seeds.sh"], env)  # finished seeds are skipped: nothing re-runs
     assert run_ids() == before
 

@@ -209,7 +209,7 @@ def test_benchmark_rows_cover_sizes_systems_modes():
 
 
 def test_main_end_to_end(tmp_path, monkeypatch):
-    """The CLI on tiny real artifacts: a random open_clip checkpoint, emb/, codes/, a saved retriever."""
+    """The CLI on tiny real artifacts: a random open_clip checkpoint, prepare_emb/, generate_codes/, a saved retriever."""
     import open_clip
 
     from avg.models.clip import register_clip_configs

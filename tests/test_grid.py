@@ -49,12 +49,12 @@ def test_beam_study_evaluates_the_trained_t5_per_beam(main_run):
         m = json.loads((grid / f"beam{b}" / "metrics_avg_t5_stage1_test.json").read_text())
         assert (m["study"], m["variant"], m["num_beams"], m["system"], m["split"]) == ("beam", f"beam{b}", b, "avg_t5_stage1", "test")
         assert m["num_queries"] == 40 and 0 <= m["R@1"] <= m["R@5"] <= m["R@10"] <= 100
-        run = [json.loads(x) for x in (grid / f"beam{b}" / "demo" / "retriever_t5_eval" / "eval" / "run_test.jsonl").read_text().splitlines()]
-        codes = json.loads((root / "retriever_data" / "gallery_test.json").read_text())
+        run = [json.loads(x) for x in (grid / f"beam{b}" / "demo" / "train_retriever_t5_eval" / "eval" / "run_test.jsonl").read_text().splitlines()]
+        codes = json.loads((root / "prepare_retriever_dataset" / "gallery_test.json").read_text())
         # the beam bounds the distinct codes of each list (images sharing a code are listed together)
         assert max(len({tuple(codes[i]) for i in r["ranked"]}) for r in run) <= b
         # the trained model is linked from the main run, not retrained
-        assert (grid / f"beam{b}" / "demo" / "retriever_t5").resolve() == (root / "retriever_t5").resolve()
+        assert (grid / f"beam{b}" / "demo" / "train_retriever_t5").resolve() == (root / "train_retriever_t5").resolve()
     assert "| beam1 |" in (grid / "results.md").read_text() and "beam5" in res.stdout
 
 
@@ -68,9 +68,9 @@ def test_codebook_study_trains_each_variant_and_rerun_skips(main_run):
     assert all(0 <= float(r["raw_collision_rate"]) <= 1 for r in rows)
     for n in (8, 16):
         vroot = grid / f"N{n}" / "demo"
-        codes = json.loads((vroot / "codes" / "codes.json").read_text())
+        codes = json.loads((vroot / "generate_codes" / "codes.json").read_text())
         assert codes["codebook_size"] == n  # each variant trained its own tokenizer ...
-        assert (vroot / "emb").is_symlink() and (vroot / "emb").resolve() == (root / "emb").resolve()  # ... on shared features
+        assert (vroot / "prepare_emb").is_symlink() and (vroot / "prepare_emb").resolve() == (root / "prepare_emb").resolve()  # ... on shared features
         m = json.loads((grid / f"N{n}" / "metrics_avg_t5_stage1_test.json").read_text())
         assert (m["study"], m["variant"], m["num_beams"], m["codebook_size"]) == ("codebook_size", f"N{n}", 5, n)
     manifests = {n: json.loads((grid / f"N{n}" / "stage.json").read_text()) for n in (8, 16)}

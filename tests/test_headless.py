@@ -46,12 +46,12 @@ def _emb(out: Path) -> None:
 
 
 def _run_script(tmp: Path, **extra) -> Path:
-    _emb(tmp / "out" / "demo" / "emb")
+    _emb(tmp / "out" / "demo" / "prepare_emb")
     res = subprocess.run(["bash", "scripts/train_rqvae.sh"], cwd=ROOT, env=_headless_env(tmp, **extra),
                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
     assert "api key" not in (res.stdout + res.stderr).lower()  # never asked to log in
-    out = tmp / "out" / "demo" / "rqvae"
+    out = tmp / "out" / "demo" / "train_rqvae"
     assert (out / "model.safetensors").is_file() and (out / MANIFEST).is_file()
     return out
 

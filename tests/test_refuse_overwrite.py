@@ -47,7 +47,7 @@ def chain(tiny_demo, tmp_path_factory):
         "prepare_emb": lambda out: ["--annotations", tiny_demo.json_path, "--image-root", tiny_demo.image_root,
                                     "--out-dir", out, "--clip-model", "avg-demo-vit", "--pretrained", ckpt,
                                     "--batch-size", "16", "--num-workers", "0", "--no-progress"],
-        "clip_baseline": lambda out: ["--emb-dir", root / "emb", "--out-dir", out, "--top-k", "8"],
+        "eval_clip_baseline": lambda out: ["--emb-dir", root / "emb", "--out-dir", out, "--top-k", "8"],
         "generate_codes": lambda out: ["--rqvae-dir", root / "rqvae", "--emb-dir", root / "emb", "--out-dir", out,
                                        "--device", "cpu"],
         "prepare_retriever_dataset": lambda out: ["--annotations", tiny_demo.json_path, "--codes-dir", root / "codes",
@@ -66,10 +66,10 @@ def _s(args) -> list[str]:
     return [str(a) for a in args]
 
 
-MODULES = {"prepare_emb": prepare_emb, "clip_baseline": clip_baseline, "generate_codes": generate_codes,
+MODULES = {"prepare_emb": prepare_emb, "eval_clip_baseline": clip_baseline, "generate_codes": generate_codes,
            "prepare_retriever_dataset": prepare_dataset}
 #: a flag that changes each stage's configuration, and the config key it shows up as
-CHANGE = {"prepare_emb": (["--seed", "7"], "seed"), "clip_baseline": (["--top-k", "5"], "top_k"),
+CHANGE = {"prepare_emb": (["--seed", "7"], "seed"), "eval_clip_baseline": (["--top-k", "5"], "top_k"),
           "generate_codes": (["--allow-collisions"], "allow_collisions"),
           "prepare_retriever_dataset": (["--max-train-queries", "10"], "max_train_queries")}
 

@@ -18,22 +18,32 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_every_stage_has_its_script_and_entry_point():
     assert len(set(registry.names())) == len(registry.STAGES)
     for s in registry.STAGES:
-        if s.kind == "stage":
-            assert (ROOT / s.script).is_file(), s.script
-            assert s.manifest and s.var, s.name
         target = ROOT / s.module if s.module.endswith(".py") else ROOT / (s.module.replace(".", "/") + ".py")
         assert target.is_file(), (s.name, s.module)
-        if s.kind == "stage":
-            # one name: scripts/<name>.sh runs python -m avg.stages.<name>
-            assert s.module == f"avg.stages.{s.name}", s.name
-            assert f"-m {s.module} " in (ROOT / s.script).read_text().replace("\\\n", " "), s.script
-            # the module (or the stage module it runs) writes the manifest name the registry records
-            text = target.read_text()
-            text += "".join((ROOT / f"avg/stages/{m}.py").read_text() for m in re.findall(r"from avg\.stages import (\w+)", text))
-            assert any(f'manifest_name("{o.name}")' in text for o in registry.STAGES
-                       if o.manifest == s.manifest), (s.name, s.module)
-    folders = [s.out for s in registry.STAGES if s.out]
-    assert len(set(folders)) == len(folders)
+        if s.kind != "stage":
+            continue
+        # one name: scripts/<name>.sh runs python -m avg.stages.<name>, which writes <root>/<name>/stage.json
+        # saying "stage": "<name>"
+        assert (ROOT / s.script).is_file(), s.script
+        assert s.module == f"avg.stages.{s.name}" and s.out == s.name and registry.manifest_name(s.name) == s.name
+        assert f"-m {s.module} " in (ROOT / s.script).read_text().replace("\\\n", " "), s.script
+        text = target.read_text()
+        if s.name in registry.T5_STAGES.values():
+            assert "manifest_name(T5_STAGES[args.stage])" in (ROOT / "avg/stages/train_retriever_t5.py").read_text()
+        else:
+            assert f'manifest_name("{s.name}")' in text, (s.name, s.module)
+        assert all(registry.stage(i).kind == "stage" and registry.names().index(i) < registry.names().index(s.name)
+                   for i in s.inputs), (s.name, s.inputs)
+
+
+def test_each_stage_script_reads_its_inputs_folders_and_writes_its_own():
+    """The inputs the registry records are the folders each script hands its module, no more, no fewer."""
+    var_of = {s.var: s.name for s in registry.STAGES if s.var}
+    for s in registry.STAGES:
+        if s.kind != "stage":
+            continue
+        used = set(re.findall(r"\$\{?([A-Z][A-Z0-9_]*_DIR)\b", (ROOT / s.script).read_text())) & set(var_of)
+        assert {var_of[v] for v in used} == {s.name, *s.inputs}, (s.script, sorted(var_of[v] for v in used))
 
 
 def test_stage_scripts_and_library_spell_no_output_folder():
@@ -62,17 +72,36 @@ def test_run_all_reads_its_stages_from_the_registry():
 
 def test_shell_lines_and_cli(tmp_path):
     lines = registry.shell_lines("outputs/my data")
-    assert "RETRIEVER_T5_DIR='outputs/my data/retriever_t5'" in lines
+    assert "RETRIEVER_T5_DIR='outputs/my data/train_retriever_t5'" in lines
     env = subprocess.run(["bash", "-c", f'eval "$({sys.executable} -m avg.artifacts.registry shell "outputs/my data")"; '
                           'echo "$RERANKER_TEST_DIR|$EMB_DIR"'], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert env.stdout.strip() == "outputs/my data/reranker/test|outputs/my data/emb"
+    assert env.stdout.strip() == "outputs/my data/test_reranker_llama|outputs/my data/prepare_emb"
+    assert env.stderr == ""
     run = lambda *a: subprocess.run([sys.executable, "-m", "avg.artifacts.registry", *a], cwd=ROOT,  # noqa: E731
                                     capture_output=True, text=True)
-    assert run("out", "train_retriever_t5_stage2").stdout.strip() == "retriever_t5_stage2"
+    assert run("out", "train_retriever_t5_stage2").stdout.strip() == "train_retriever_t5_stage2"
     bad = run("out", "no_such_stage")
     assert bad.returncode == 2 and "unknown stage 'no_such_stage'" in bad.stderr
-    assert run("out", "report").returncode == 2 and run().returncode == 2
-    assert registry.out_dir(tmp_path, "prepare_emb") == tmp_path / "emb"
-    assert registry.manifest_name("finetune_reranker_llama") == "finetune_reranker"
+    assert run("out", "report").returncode == 2 and run().returncode == 2 and run("show", "x").returncode == 2
+    shown = run("show").stdout.splitlines()
+    assert len(shown) == len(registry.STAGES) + 1
+    assert shown[registry.names().index("generate_codes") + 1].split() == ["generate_codes", "stage", "CODES_DIR",
+                                                                            "train_rqvae", "prepare_emb"]
+    assert registry.out_dir(tmp_path, "prepare_emb") == tmp_path / "prepare_emb"
+    assert registry.manifest_name("finetune_reranker_llama") == "finetune_reranker_llama"
     with pytest.raises(KeyError, match="writes no manifest"):
         registry.manifest_name("demo_t5")
+
+
+def test_a_stage_root_of_the_old_layout_is_named(tmp_path):
+    """Release 0.1 named folders by content (emb/, codes/, reranker/test/): shell warns, on stderr only."""
+    for folder in ("emb", "reranker/test", "codes"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "emb" / "stage.json").write_text("{}")
+    (tmp_path / "reranker" / "test" / "stage.json").write_text("{}")
+    assert registry.former_folders(tmp_path) == ["emb", "reranker/test"]  # codes/ holds no manifest
+    assert registry.stage_of_former("reranker/test") == "test_reranker_llama"
+    r = subprocess.run([sys.executable, "-m", "avg.artifacts.registry", "shell", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, check=True)
+    assert f"EMB_DIR={tmp_path}/prepare_emb" in r.stdout and "note:" not in r.stdout
+    assert "release 0.1 (emb/, reranker/test/)" in r.stderr and "(prepare_emb/, test_reranker_llama/)" in r.stderr

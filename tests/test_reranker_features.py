@@ -35,7 +35,7 @@ GRID_CELLS, GRID_WIDTH = 4, 5
 
 
 def write_emb(path, image_ids, captions_of, seed=0, grid=False):
-    """emb/ with random unit features for the images and their captions (caption features near their
+    """prepare_emb/ with random unit features for the images and their captions (caption features near their
     image's); with ``grid``, random image grids of GRID_CELLS x GRID_WIDTH too."""
     rng = np.random.default_rng(seed)
     img = rng.normal(size=(len(image_ids), DIM)).astype(np.float32)
@@ -367,7 +367,7 @@ def test_feature_reranker_stages_end_to_end(tmp_path, stage_inputs):
     m3 = rerank_test.main(["--reranker-dir", str(tmp_path / "cross" / "best"), "--data-dir", str(data),
                            "--out-dir", str(tmp_path / "cross_test2"), "--retriever-name", "toy", "--no-shared-prefix"])
     assert m2["image_prefix"] == 2 and [m2[k] for k in ("R@1", "R@3", "mean_rank")] == [m3[k] for k in ("R@1", "R@3", "mean_rank")]
-    # the grid head: needs late interaction and an emb/ with image grids; saved, reloaded and tested
+    # the grid head: needs late interaction and an prepare_emb/ with image grids; saved, reloaded and tested
     with pytest.raises(InputError, match="image_grid.npy"):
         train.main(train_args(root, data, tmp_path / "nogrid", *feats, "--late-interaction", "--grid-head", "2"))
     with pytest.raises(InputError, match="--late-interaction"):

@@ -292,7 +292,7 @@ def test_training_repeats_bit_for_bit_at_demo_shapes(tmp_path, monkeypatch):
 def test_outputs_of_the_previous_trainer_stay_up_to_date(tmp_path):
     """A stage.json written by the RQ-VAE trainer before it ran on the shared loop (gradient clipping
     recorded as grad_clip, no checkpoint/logging flags of the loop) matches the same settings given
-    today, so existing rqvae/ outputs (and everything downstream) are not re-made."""
+    today, so existing train_rqvae/ outputs (and everything downstream) are not re-made."""
     from avg.utils.stages import begin_stage
 
     args = vars(train_mod.build_parser().parse_args(["--emb-dir", "e", "--out-dir", str(tmp_path), "--lr", "3e-3"]))

@@ -78,15 +78,15 @@ def test_runs_stages_then_skips_them_when_up_to_date(env):
     rows = _times(root)
     assert [r["stage"] for r in rows] == ["prepare_emb", "report"]
     assert all(r["status"] == "ran" for r in rows) and all(int(r["seconds"]) >= 0 for r in rows)
-    assert (root / "emb" / "index.json").is_file()
-    if not (root / "emb" / "stage.json").is_file():
+    assert (root / "prepare_emb" / "index.json").is_file()
+    if not (root / "prepare_emb" / "stage.json").is_file():
         pytest.skip("prepare_emb does not write a stage manifest yet: nothing to skip on")
-    run_id = json.loads((root / "emb" / "stage.json").read_text())["run_id"]
+    run_id = json.loads((root / "prepare_emb" / "stage.json").read_text())["run_id"]
     second = _run_all(env, "--stages", "prepare_emb,report")
     assert second.returncode == 0, second.stderr[-2000:]
     status = {r["stage"]: r["status"] for r in _times(root)}
     assert status == {"prepare_emb": "up to date", "report": "ran"}
-    assert json.loads((root / "emb" / "stage.json").read_text())["run_id"] == run_id
+    assert json.loads((root / "prepare_emb" / "stage.json").read_text())["run_id"] == run_id
 
 
 @pytest.mark.parametrize("dataset", ["flickr30k", "coco"])

@@ -226,7 +226,7 @@ def test_evaluate_split_ranks_images_not_codes(assets, stage1):
 
 @pytest.fixture(scope="module")
 def emb_data(assets):
-    """Random CLIP-like features for every image and caption (emb/) and retriever data that points into them."""
+    """Random CLIP-like features for every image and caption (prepare_emb/) and retriever data that points into them."""
     from avg.artifacts.emb import save_emb
 
     images = json.loads((assets / "dataset.json").read_text())["images"]
@@ -278,7 +278,7 @@ def test_query_prefix_retriever_reads_the_clip_feature_end_to_end(assets, stage1
 
 
 def test_clip_teacher_in_both_stages_end_to_end(assets, emb_data):
-    """--gen-teacher-mix trains stage 1 (no query prefix: the teacher reads emb/ on its own) and stage 2 with
+    """--gen-teacher-mix trains stage 1 (no query prefix: the teacher reads prepare_emb/ on its own) and stage 2 with
     --dis-teacher-mix too; the teacher changes the trained weights; bad settings are refused before writing."""
     from avg.utils.io import InputError
 

@@ -100,8 +100,8 @@ def test_offline_wandb_logs_a_table_with_thumbnails(tmp_path, monkeypatch):
 def test_resolve_image_paths(tmp_path):
     data = tmp_path / "out" / "retriever_data"
     data.mkdir(parents=True)
-    (tmp_path / "out" / "emb").mkdir()
-    (tmp_path / "out" / "emb" / "index.json").write_text(json.dumps({
+    (tmp_path / "out" / "prepare_emb").mkdir()
+    (tmp_path / "out" / "prepare_emb" / "index.json").write_text(json.dumps({
         "source": {"image_root": "imgs"}, "images": [{"image_id": "a.png", "file": "test/a.png", "split": "test"}]}))
     assert resolve_image_paths(data_dir=str(data)) == {"a.png": "imgs/test/a.png"}
     assert resolve_image_paths(data_dir=str(data), image_root="/x") == {"a.png": "/x/test/a.png"}

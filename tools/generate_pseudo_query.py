@@ -7,7 +7,7 @@ prepare_emb). Output: jsonl of {query, image_id, source_image_id, split, transdu
 Using it on the val/test split is TRANSDUCTIVE (it looks at the evaluation images, though never at
 their captions); results obtained with it must be reported as such.
 
-    python tools/generate_pseudo_query.py --emb-dir outputs/demo/emb --split test \
+    python tools/generate_pseudo_query.py --emb-dir outputs/demo/prepare_emb --split test \
         --out outputs/demo/pseudo_queries/test.jsonl
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from avg.utils.tracking import get_logger
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--emb-dir", required=True, help="emb/ directory written by prepare_emb")
+    p.add_argument("--emb-dir", required=True, help="prepare_emb/ directory written by prepare_emb")
     p.add_argument("--split", required=True, choices=["train", "val", "test"], help="images that receive pseudo queries")
     p.add_argument("--out", required=True, help="output jsonl path")
     p.add_argument("--neighbors", type=int, default=3, help="nearest training images whose captions are transferred")

@@ -1,6 +1,6 @@
 """What do the demo's CLIP features know about a scene? Linear probes, trained on TRAIN images and
-scored on TEST images, from the pooled image feature (``emb/image_features.npy``) and from the
-patch grid (``emb/image_grid.npy``, written by ``prepare_emb --image-grid``) to the scene's facts
+scored on TEST images, from the pooled image feature (``prepare_emb/image_features.npy``) and from the
+patch grid (``prepare_emb/image_grid.npy``, written by ``prepare_emb --image-grid``) to the scene's facts
 recorded by the demo generator: which shapes, which colours, which of the 3 x 3 cells are
 occupied, the background colour, and (shape, colour) and (cell, colour) pairs.
 
@@ -8,7 +8,7 @@ Each fact is a binary label; the table gives the F1 of the positive class on TES
 says "absent" everywhere scores 0), next to the label's base rate. Used to find where the demo's
 recall is lost (README, "Reranking"): a reranker can only use what its inputs carry.
 
-    python tools/probe_demo_features.py --emb-dir outputs/demo/emb --annotations data/demo/dataset_demo.json
+    python tools/probe_demo_features.py --emb-dir outputs/demo/prepare_emb --annotations data/demo/dataset_demo.json
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def f1(pred: torch.Tensor, gold: torch.Tensor) -> float:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--emb-dir", required=True, help="emb/ folder of the demo dataset")
+    p.add_argument("--emb-dir", required=True, help="prepare_emb/ folder of the demo dataset")
     p.add_argument("--annotations", required=True, help="the demo's dataset_demo.json (it records every scene)")
     p.add_argument("--steps", type=int, default=300, help="full-batch optimisation steps per probe")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
     for n, im in enumerate(emb.images):
         scene = scenes.get(im["image_id"])
         if scene is None:
-            raise InputError(f"{args.annotations}: no scene recorded for image {im['image_id']!r} (emb/ images[{n}]): "
+            raise InputError(f"{args.annotations}: no scene recorded for image {im['image_id']!r} (prepare_emb/ images[{n}]): "
                              "probes need the demo generator's json")
         rows.append(scene_labels(scene))
     groups = list(rows[0])

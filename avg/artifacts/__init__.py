@@ -1,1 +1,1 @@
-"""The files stages hand each other: CLIP features (emb/), voken codes (codes/), run files."""
+"""The files stages hand each other: CLIP features (prepare_emb/), voken codes (generate_codes/), run files."""

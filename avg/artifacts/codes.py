@@ -1,11 +1,11 @@
-"""The ``codes/`` artifact: every image's voken ids, read and written in one place.
+"""The ``generate_codes/`` artifact: every image's voken ids, read and written in one place.
 
-  codes/codes.json    {"num_levels": M, "codebook_size": N, "shared_codebook": bool,
+  generate_codes/codes.json    {"num_levels": M, "codebook_size": N, "shared_codebook": bool,
                        "code_len": L, "disambiguation": bool, "disambiguation_size": K,
                        "tie_rule": str, "encoder": {...},
                        "images": {image_id: {"code": [L ints], "split": str}}}
-  codes/codebook.npy  float32 [n_books, N, latent_dim] (n_books = 1 for a shared codebook)
-  codes/stats.json    collision rate, codebook usage / perplexity per level, per split
+  generate_codes/codebook.npy  float32 [n_books, N, latent_dim] (n_books = 1 for a shared codebook)
+  generate_codes/stats.json    collision rate, codebook usage / perplexity per level, per split
 
 Positions 0..M-1 of a code are voken ids in [0, N); when ``disambiguation`` is true, position M
 is the image's index within its group of images sharing the same M vokens, in [0, K).

@@ -1,11 +1,11 @@
-"""The ``emb/`` artifact: CLIP feature arrays plus an index, read memory-mapped.
+"""The ``prepare_emb/`` artifact: CLIP feature arrays plus an index, read memory-mapped.
 
 Layout (written by ``avg.stages.prepare_emb``):
-  emb/image_features.npy  [n_images, dim]   row i <-> index["images"][i]
-  emb/text_features.npy   [n_captions, dim] row j <-> index["captions"][j]
-  emb/image_grid.npy      [n_images, g * g, width]  optional (``--image-grid g``): the ViT's patch
+  prepare_emb/image_features.npy  [n_images, dim]   row i <-> index["images"][i]
+  prepare_emb/text_features.npy   [n_captions, dim] row j <-> index["captions"][j]
+  prepare_emb/image_grid.npy      [n_images, g * g, width]  optional (``--image-grid g``): the ViT's patch
                           tokens average-pooled to a g x g grid, row-major; index["encoder"]["grid"] = g
-  emb/index.json          {"encoder": {backend, model, pretrained, dim, normalized, dtype},
+  prepare_emb/index.json          {"encoder": {backend, model, pretrained, dim, normalized, dtype},
                            "images": [{image_id, file, split}],
                            "captions": [{text, image_row, split}],
                            "skipped_images": [{image_id, file, error}],
@@ -129,7 +129,7 @@ def save_emb(
     extra: Optional[dict[str, Any]] = None,
     image_grid: Optional[np.ndarray] = None,
 ) -> Path:
-    """Write a complete ``emb/`` directory atomically (built under a temp name, then renamed)."""
+    """Write a complete ``prepare_emb/`` directory atomically (built under a temp name, then renamed)."""
     if image_features.shape[0] != len(images) or text_features.shape[0] != len(captions):
         raise ValueError("save_emb: row counts disagree with the index")
     if image_grid is not None and (image_grid.ndim != 3 or image_grid.shape[0] != len(images)):

@@ -1,23 +1,26 @@
 """The stage registry: the one place that names the pipeline's stages and their output folders.
 
-Every stage of ``scripts/run_all.sh``, in pipeline order, with
+A stage has one name. ``scripts/<name>.sh`` runs ``python -m avg.stages.<name>``, which writes its
+outputs and its ``stage.json`` manifest (``"stage": "<name>"``) into ``<stage root>/<name>/``, where
+the stage root is a run's ``outputs/<dataset>/``. ``STAGES`` lists them in the order of
+``scripts/run_all.sh``, each with
 
-* ``name`` -- run_all's name and its script, ``scripts/<name>.sh``;
-* ``out`` -- its output folder under a run's stage root (``outputs/<dataset>/``), where its
-  ``stage.json`` manifest lives; ``None`` for the demo tools (each keeps its own cache) and the
-  report (always rerun, cheap);
-* ``module`` -- the Python entry point the script runs: ``python -m avg.stages.<name>`` for every
-  stage; the demo tools are files under ``tools/``, the report is ``avg.eval.report``;
-* ``manifest`` -- the stage name the module records in ``stage.json`` (the names of the first
-  release, kept so that existing outputs stay valid);
-* ``var`` -- the shell variable the stage scripts use for the folder (``common.sh`` defines them
-  all from here: ``python -m avg.artifacts.registry shell <stage root>``).
+* ``var`` -- the shell variable of its folder (``common.sh`` defines them all from here:
+  ``python -m avg.artifacts.registry shell <stage root>``);
+* ``inputs`` -- the stages whose outputs it reads (the rerank stages also read the retriever that
+  ``RERANK_RETRIEVER`` names, by default ``train_retriever_t5_stage2``); a test checks every stage
+  script against them;
+* ``former`` -- its folder in release 0.1, which named folders by content (``emb/``, ``codes/``, ...)
+  and nested the test stages in their trainers' folders; ``shell`` warns about a stage root that
+  still holds them.
 
-run_all, the stage scripts, the experiment grid, the seed runner, the report and the API read the
-folders from here instead of spelling them. No I/O at import; no dependency on the rest of the
-package.
+The demo tools (``demo_*``, files under ``tools/`` with caches of their own) and the report (always
+rerun, cheap) have no folder. run_all, the stage scripts, the experiment grid, the seed runner, the
+report and the API read the folders from here instead of spelling them. No I/O at import; no
+dependency on the rest of the package.
 
     python -m avg.artifacts.registry names            # the stages, in order
+    python -m avg.artifacts.registry show             # the stages with their folders, variables and inputs
     python -m avg.artifacts.registry out <stage>      # its output folder (relative to the stage root)
     python -m avg.artifacts.registry shell <root>     # VAR=<root>/<folder> lines for the shell
 """
@@ -30,14 +33,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+MANIFEST = "stage.json"  # avg.utils.stages.MANIFEST (the registry imports nothing of the package)
+
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    out: Optional[str]
-    manifest: Optional[str] = None
-    var: Optional[str] = None
+    var: Optional[str] = None  # None: a demo tool or the report, with no folder
+    inputs: tuple[str, ...] = ()
+    former: Optional[str] = None
     entry: Optional[str] = None  # the entry point of a tool or the report; a stage's is avg.stages.<name>
+
+    @property
+    def kind(self) -> str:
+        """``tool`` (a demo asset builder with its own cache), ``report`` (always runs) or ``stage``."""
+        if self.name.startswith("demo_"):
+            return "tool"
+        return "stage" if self.var else "report"
+
+    @property
+    def out(self) -> Optional[str]:
+        """The output folder, relative to a stage root: the stage's name."""
+        return self.name if self.kind == "stage" else None
 
     @property
     def module(self) -> str:
@@ -47,39 +64,36 @@ class Stage:
     def script(self) -> str:
         return f"scripts/{self.name}.sh"
 
-    @property
-    def kind(self) -> str:
-        """``tool`` (a demo asset builder with its own cache), ``report`` (always runs) or ``stage``."""
-        if self.name.startswith("demo_"):
-            return "tool"
-        return "report" if self.out is None else "stage"
-
 
 STAGES: tuple[Stage, ...] = (
-    Stage("demo_assets", None, entry="tools/make_demo_assets.py"),
-    Stage("prepare_emb", "emb", "prepare_emb", "EMB_DIR"),
-    Stage("eval_clip_baseline", "clip_baseline", "clip_baseline", "CLIP_BASELINE_DIR"),
-    Stage("train_rqvae", "rqvae", "train_rqvae", "RQVAE_DIR"),
-    Stage("generate_codes", "codes", "generate_codes", "CODES_DIR"),
-    Stage("prepare_retriever_dataset", "retriever_data", "prepare_retriever_dataset",
-          "RETRIEVER_DATA_DIR"),
-    Stage("demo_t5", None, entry="tools/make_demo_t5.py"),
-    Stage("train_retriever_t5", "retriever_t5", "train_t5", "RETRIEVER_T5_DIR"),
-    Stage("train_retriever_t5_stage2", "retriever_t5_stage2", "train_t5",
-          "RETRIEVER_T5_STAGE2_DIR"),
-    Stage("rerank_embed", "rerank_embed", "rerank_embed", "RERANK_EMBED_DIR"),
-    Stage("demo_llama", None, entry="tools/make_demo_llama.py"),
-    Stage("finetune_retriever_llama", "retriever_llama", "train_llama", "RETRIEVER_LLAMA_DIR"),
-    Stage("test_retriever_llama", "retriever_llama/test", "test_llama",
-          "RETRIEVER_LLAMA_TEST_DIR"),
-    Stage("prepare_reranker_dataset", "reranker_data", "prepare_reranker_dataset",
-          "RERANKER_DATA_DIR"),
-    Stage("convert_voken_to_seed", "reranker_tokens", "convert_voken_to_seed",
-          "RERANKER_TOKENS_DIR"),
-    Stage("finetune_reranker_llama", "reranker", "finetune_reranker", "RERANKER_DIR"),
-    Stage("test_reranker_llama", "reranker/test", "test_reranker", "RERANKER_TEST_DIR"),
-    Stage("report", None, entry="avg.eval.report"),
+    Stage("demo_assets", entry="tools/make_demo_assets.py"),
+    Stage("prepare_emb", "EMB_DIR", former="emb"),
+    Stage("eval_clip_baseline", "CLIP_BASELINE_DIR", ("prepare_emb",), former="clip_baseline"),
+    Stage("train_rqvae", "RQVAE_DIR", ("prepare_emb",), former="rqvae"),
+    Stage("generate_codes", "CODES_DIR", ("train_rqvae", "prepare_emb"), former="codes"),
+    Stage("prepare_retriever_dataset", "RETRIEVER_DATA_DIR", ("generate_codes", "prepare_emb"), former="retriever_data"),
+    Stage("demo_t5", entry="tools/make_demo_t5.py"),
+    Stage("train_retriever_t5", "RETRIEVER_T5_DIR", ("prepare_retriever_dataset", "generate_codes"), former="retriever_t5"),
+    Stage("train_retriever_t5_stage2", "RETRIEVER_T5_STAGE2_DIR", ("prepare_retriever_dataset", "train_retriever_t5"),
+          former="retriever_t5_stage2"),
+    Stage("rerank_embed", "RERANK_EMBED_DIR", ("prepare_retriever_dataset", "prepare_emb"), ),
+    Stage("demo_llama", entry="tools/make_demo_llama.py"),
+    Stage("finetune_retriever_llama", "RETRIEVER_LLAMA_DIR", ("prepare_retriever_dataset", "generate_codes"),
+          former="retriever_llama"),
+    Stage("test_retriever_llama", "RETRIEVER_LLAMA_TEST_DIR", ("finetune_retriever_llama", "prepare_retriever_dataset"),
+          former="retriever_llama/test"),
+    Stage("prepare_reranker_dataset", "RERANKER_DATA_DIR", ("prepare_retriever_dataset", "prepare_emb"),
+          former="reranker_data"),
+    Stage("convert_voken_to_seed", "RERANKER_TOKENS_DIR", ("generate_codes", "prepare_emb"), former="reranker_tokens"),
+    Stage("finetune_reranker_llama", "RERANKER_DIR", ("prepare_reranker_dataset", "convert_voken_to_seed", "prepare_emb"),
+          former="reranker"),
+    Stage("test_reranker_llama", "RERANKER_TEST_DIR", ("finetune_reranker_llama", "prepare_reranker_dataset"),
+          former="reranker/test"),
+    Stage("report", entry="avg.eval.report"),
 )
+
+#: the T5 retriever's stage for each training stage of eqs. 7 and 10 (one trainer, two stages)
+T5_STAGES = {1: "train_retriever_t5", 2: "train_retriever_t5_stage2"}
 
 _BY_NAME = {s.name: s for s in STAGES}
 
@@ -109,11 +123,15 @@ def out_dir(root: str | os.PathLike, name: str) -> Path:
 
 
 def manifest_name(name: str) -> str:
-    """The stage name the module of ``name`` writes into its stage.json."""
-    m = stage(name).manifest
-    if m is None:
+    """The stage name the module of ``name`` writes into its stage.json: the stage's own name."""
+    if stage(name).kind != "stage":
         raise KeyError(f"stage {name!r} writes no manifest")
-    return m
+    return name
+
+
+def former_folders(root: str | os.PathLike) -> list[str]:
+    """The folders of release 0.1's layout under a stage root that hold a stage manifest."""
+    return [s.former for s in STAGES if s.former and (Path(root) / s.former / MANIFEST).is_file()]
 
 
 def shell_lines(root: str) -> list[str]:
@@ -121,18 +139,33 @@ def shell_lines(root: str) -> list[str]:
     return [f"{s.var}={shlex.quote(str(Path(root) / s.out) if root else s.out)}" for s in STAGES if s.var]
 
 
+def show() -> list[str]:
+    """One line per stage: name, kind, shell variable, inputs."""
+    rows = [("stage (= script, module, folder, manifest)", "kind", "variable", "inputs")]
+    rows += [(s.name, s.kind, s.var or "-", " ".join(s.inputs) or "-") for s in STAGES]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:<{widths[2]}}  {r[3]}".rstrip() for r in rows]
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    usage = "usage: python -m avg.artifacts.registry names | out <stage> | shell <stage root>"
-    if not argv or argv[0] not in ("names", "out", "shell") or (argv[0] != "names" and len(argv) != 2):
+    usage = "usage: python -m avg.artifacts.registry names | show | out <stage> | shell <stage root>"
+    if not argv or argv[0] not in ("names", "show", "out", "shell") or (len(argv) != (1 if argv[0] in ("names", "show") else 2)):
         print(usage, file=sys.stderr)
         return 2
     try:
         if argv[0] == "names":
             print("\n".join(names()))
+        elif argv[0] == "show":
+            print("\n".join(show()))
         elif argv[0] == "out":
             print(out(argv[1]))
         else:
+            old = former_folders(argv[1]) if argv[1] else []
+            if old:
+                print(f"note: {argv[1]} holds output folders of release 0.1 ({', '.join(f + '/' for f in old)}); stages now "
+                      f"write to folders named after them ({', '.join(stage_of_former(f) + '/' for f in old)}) and run "
+                      "again there; delete the old folders once you no longer need them", file=sys.stderr)
             print("\n".join(shell_lines(argv[1])))
     except KeyError as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
@@ -140,8 +173,14 @@ def main(argv=None) -> int:
     return 0
 
 
+def stage_of_former(folder: str) -> str:
+    """The stage whose release-0.1 folder was ``folder``."""
+    return next(s.name for s in STAGES if s.former == folder)
+
+
 if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["STAGES", "Stage", "manifest_name", "names", "out", "out_dir", "shell_lines", "stage"]
+__all__ = ["STAGES", "Stage", "T5_STAGES", "former_folders", "manifest_name", "names", "out", "out_dir",
+           "shell_lines", "show", "stage", "stage_of_former"]

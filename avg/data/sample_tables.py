@@ -10,7 +10,7 @@
   image files (paths relative to the markdown file).
 
 Image paths come from :func:`resolve_image_paths`: the Karpathy annotations + image root when
-given, else the ``emb/`` index next to the retriever data (``emb/index.json`` records the image
+given, else the ``prepare_emb/`` index next to the retriever data (``prepare_emb/index.json`` records the image
 root and each image's file).
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ def resolve_image_paths(*, image_root: Optional[str] = None, annotations: Option
 
     1. `image_root` + `annotations` (or the annotations recorded in ``<data_dir>/meta.json``):
        the Karpathy file's ``filepath/filename`` under the image root;
-    2. else the ``emb/index.json`` beside `data_dir` (``<data_dir>/../emb``): its
+    2. else the ``prepare_emb/index.json`` beside `data_dir` (``<data_dir>/../prepare_emb``): its
        ``source.image_root`` (or `image_root` when given) + each image's ``file``.
     """
     data = Path(data_dir) if data_dir else None
@@ -51,7 +51,7 @@ def resolve_image_paths(*, image_root: Optional[str] = None, annotations: Option
 
 
 def image_paths_from_index(index: dict, image_root: Optional[str] = None) -> dict:
-    """{image_id: file} from an ``emb/index.json``: ``image_root`` (else the one it was built from) + ``file``."""
+    """{image_id: file} from an ``prepare_emb/index.json``: ``image_root`` (else the one it was built from) + ``file``."""
     root = image_root or (index.get("source") or {}).get("image_root")
     if not root:
         return {}

@@ -1,7 +1,7 @@
 """Efficiency benchmark (the paper's Figure 4): queries/s versus gallery size, generative vs two-tower.
 
-    python -m avg.eval.efficiency --retriever-dir outputs/demo/retriever_t5/best \\
-        --emb-dir outputs/demo/emb --codes-dir outputs/demo/codes --out-dir outputs/demo/efficiency
+    python -m avg.eval.efficiency --retriever-dir outputs/demo/train_retriever_t5/best \\
+        --emb-dir outputs/demo/prepare_emb --codes-dir outputs/demo/generate_codes --out-dir outputs/demo/efficiency
 
 Two systems answer the same seeded sample of caption queries on the same device, in one run:
 
@@ -10,7 +10,7 @@ Two systems answer the same seeded sample of caption queries on the same device,
   ``--retriever-dtype`` (auto: bf16 on a GPU that has it, like the CLIP tower's fp16 autocast there;
   fp32 on the CPU), so neither side is timed at a precision the other is spared.
 * ``clip_fp32`` / ``clip_fp16`` -- the CLIP two-tower: encode the query with the CLIP text tower
-  named in ``emb/index.json``, exact inner-product search over the gallery's feature matrix
+  named in ``prepare_emb/index.json``, exact inner-product search over the gallery's feature matrix
   (stored and multiplied in that precision, already on the device), ``torch.topk`` -> image ids.
 
 What is timed is the same for both: query text in -> ranked image ids out (``--num-beams`` of them
@@ -196,7 +196,7 @@ def load_real_gallery(emb_dir, codes_dir, split: str) -> dict:
 def sample_queries(emb, split: str, n: int, seed: int) -> list[dict]:
     rows = emb.caption_rows(split)
     if len(rows) == 0:
-        raise InputError(f"emb/index.json: no captions in split {split!r}")
+        raise InputError(f"prepare_emb/index.json: no captions in split {split!r}")
     pick = np.sort(np.random.default_rng([seed, 5]).choice(len(rows), min(n, len(rows)), replace=False))
     return [{"query": emb.captions[rows[i]]["text"], "gold": emb.images[emb.captions[rows[i]]["image_row"]]["image_id"]}
             for i in pick]
@@ -266,8 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m avg.eval.efficiency", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--retriever-dir", required=True, help="a saved seq2seq retriever (train_t5's out-dir/best)")
-    p.add_argument("--emb-dir", required=True, help="emb/ (image features, captions, and the CLIP encoder that made them)")
-    p.add_argument("--codes-dir", required=True, help="codes/ (codes.json: the real images' voken codes)")
+    p.add_argument("--emb-dir", required=True, help="prepare_emb/ (image features, captions, and the CLIP encoder that made them)")
+    p.add_argument("--codes-dir", required=True, help="generate_codes/ (codes.json: the real images' voken codes)")
     p.add_argument("--out-dir", required=True, help="where efficiency.{csv,json,png} and the log go")
     p.add_argument("--gallery-sizes", default="1000,10000,100000,300000,1000000",
                    help="comma-separated gallery sizes (beyond the real images: synthetic, see above)")
@@ -300,9 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--curve-max-seconds", type=float, default=3.0, help="time box of one sweep point (timed seconds)")
     p.add_argument("--sweep", action="append", default=[], metavar="SYSTEM=V1,V2,...",
                    help="knob values of one system's curve, e.g. hnsw=16,64,256 or avg=10,20 (repeatable)")
-    p.add_argument("--clip-backend", default=None, help="override the CLIP backend recorded in emb/index.json")
-    p.add_argument("--clip-model", default=None, help="override the CLIP model recorded in emb/index.json")
-    p.add_argument("--clip-pretrained", default=None, help="override the CLIP checkpoint/tag recorded in emb/index.json")
+    p.add_argument("--clip-backend", default=None, help="override the CLIP backend recorded in prepare_emb/index.json")
+    p.add_argument("--clip-model", default=None, help="override the CLIP model recorded in prepare_emb/index.json")
+    p.add_argument("--clip-pretrained", default=None, help="override the CLIP checkpoint/tag recorded in prepare_emb/index.json")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1 ...")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the query sample and the synthetic gallery")

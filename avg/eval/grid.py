@@ -9,7 +9,7 @@
 Every variant gets its own output root ``${OUT_DIR}/${DATASET}/grid/<study>/<variant>/`` and runs the
 stage scripts there (through ``scripts/run_all.sh --stages ...`` with ``OUT_DIR`` pointing at it and
 environment overrides), with symlinks to the outputs of the main run (``${OUT_DIR}/${DATASET}/``) that
-it does not change: ``emb/`` for the tokenizer studies, ``rqvae/`` + ``codes/`` for the retriever
+it does not change: ``prepare_emb/`` for the tokenizer studies, ``train_rqvae/`` + ``generate_codes/`` for the retriever
 ablations, the trained retriever for the beam study; so nothing is recomputed needlessly. A variant
 is itself a stage (``stage.json`` in its root, :mod:`avg.utils.stages`): a finished, up-to-date
 variant is skipped, a killed one resumes through run_all's skipping of its finished stages.
@@ -55,7 +55,6 @@ DEFAULT_BACKBONES = "t5-small=t5:t5-small t5-base=t5:t5-base t5-large=t5:t5-larg
 # output folders, from the stage registry
 EMB, RQVAE, CODES = stage_out("prepare_emb"), stage_out("train_rqvae"), stage_out("generate_codes")
 DATA, T5_1, T5_2 = stage_out("prepare_retriever_dataset"), stage_out("train_retriever_t5"), stage_out("train_retriever_t5_stage2")
-T5_STAGE = {1: "train_retriever_t5", 2: "train_retriever_t5_stage2"}  # the T5 retriever stage of each training stage
 T5_STAGE1 = f"{T5_1}/eval/run_test.jsonl"
 T5_STAGE2 = f"{T5_2}/eval/run_test.jsonl"
 LLAMA_TEST = f"{stage_out('test_retriever_llama')}/run_test.jsonl"
@@ -148,7 +147,7 @@ def build_variants(study: str, cfg: dict, *, reduced: bool, beam_model: str = "s
         for b in values:
             out.append(Variant(f"beam{b}", f"avg_t5_stage{stage}", f"{model_dir}_eval/eval/run_test.jsonl",
                                params={"num_beams": b}, links=[DATA, model_dir],
-                               command=["python", "-m", registry.stage(T5_STAGE[stage]).module, "--epochs", "0",
+                               command=["python", "-m", registry.stage(registry.T5_STAGES[stage]).module, "--epochs", "0",
                                         "--init-from", f"{model_dir}/best", "--data-dir", DATA,
                                         "--out-dir", f"{model_dir}_eval", "--num-beams", str(b),
                                         "--seed", cfg.get("SEED", "42"), "--run-name",

@@ -7,13 +7,13 @@ name is its ``system`` key when present, else its path relative to the output di
 * ``stage``: the folder holding the file, relative to the output dir, without a trailing ``eval``;
 * ``collision_rate``: for generative systems (every system whose name does not start with
   ``clip``), the raw collision rate of the evaluated split's codes from the nearest
-  ``codes/stats.json`` (looked for next to the file's folder, then each parent up to the output
+  ``generate_codes/stats.json`` (looked for next to the file's folder, then each parent up to the output
   dir), the whole-set rate when the split has none;
 * ``queries_per_s``: the file's ``queries_per_s`` when its evaluation was timed;
 * ``list_R@k``: for a reranker, the recall of the list it reordered (its ceiling);
 * ``setting``: what distinguishes the run (code score, query-feature prefix, beam, fusion weights).
 
-Below the table: the tokenizer's retrieval ceiling (``codes/stats.json``: captions ranked against
+Below the table: the tokenizer's retrieval ceiling (``generate_codes/stats.json``: captions ranked against
 the decoded codes and the raw image features) and, for every retriever run that wrote
 ``diagnostics`` into its metrics, where the gold code is lost (gold-is-top rate per position given
 the gold prefix, the first position where the top code differs, R@1 of images alone on their code
@@ -24,7 +24,7 @@ absent): ``recall_vs_beam.png`` (metrics files with ``num_beams`` grouped by stu
 and split; groups with at least two beam sizes; several files at one beam size are averaged),
 ``throughput_vs_gallery.png`` (``efficiency/efficiency.csv``) and ``training_curves.png``
 (``train/loss`` and ``eval/val/R@1`` against step from every stage's ``metrics.jsonl``).
-Code statistics from ``codes/stats.json`` are printed below the table.
+Code statistics from ``generate_codes/stats.json`` are printed below the table.
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def _is_generative(system: str) -> bool:
 
 
 def nearest_code_stats(path: Path, root: Path) -> Optional[dict]:
-    """``codes/stats.json`` next to `path`'s folder or one of its parents up to `root`."""
+    """``generate_codes/stats.json`` next to `path`'s folder or one of its parents up to `root`."""
     d = path.parent
     while True:
         stats = d / stage_out("generate_codes") / "stats.json"

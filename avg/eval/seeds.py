@@ -31,7 +31,7 @@ METRICS = ("R@1", "R@5", "R@10", "R@20")
 _T5_1, _T5_2 = stage_out("train_retriever_t5"), stage_out("train_retriever_t5_stage2")
 PAIRS = (("stage 2 − stage 1", ("avg_t5_stage2", _T5_2), ("avg_t5_stage1", _T5_1)),
          # the embedding rerank's system name is its input's name (RERANK_RETRIEVER) + "+embed_rerank"
-         ("embedding rerank − its input", ("retriever_t5_stage2+embed_rerank", stage_out("rerank_embed")),
+         ("embedding rerank − its input", (f"{_T5_2}+embed_rerank", stage_out("rerank_embed")),
           ("avg_t5_stage2", _T5_2)),
          ("LM reranker − its input", ("avg_reranker", stage_out("test_reranker_llama")), ("avg_t5_stage2", _T5_2)))
 

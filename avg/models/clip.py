@@ -10,7 +10,7 @@ Two backends:
 
 On CUDA the towers run under fp16 autocast; on the CPU in float32. Features come back as float32
 CPU tensors, L2-normalised when the encoder was built with ``normalize=True`` -- the choice is
-part of ``describe()`` so the ``emb/`` index records it and readers never guess.
+part of ``describe()`` so the ``prepare_emb/`` index records it and readers never guess.
 """
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ class ClipEncoder:
         return self._dim
 
     def describe(self) -> dict:
-        """The ``encoder`` entry of the emb/ index."""
+        """The ``encoder`` entry of the prepare_emb/ index."""
         return {"backend": self.backend, "model": self.model_name, "pretrained": self.pretrained, "normalized": bool(self.normalize), "precision": self.precision, "dim": self.dim}
 
 

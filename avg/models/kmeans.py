@@ -172,7 +172,7 @@ class DeadCodeTracker:
     """Counts, per codebook entry, the optimizer steps since it was last picked; entries unused for
     ``threshold`` steps are reset to random residuals of the current batch (0 disables).
 
-    In a multi-process run, feed it gathered codes/residuals so every process resets alike."""
+    In a multi-process run, feed it gathered generate_codes/residuals so every process resets alike."""
 
     def __init__(self, num_books: int, codebook_size: int, num_levels: int, threshold: int, seed: int = 0) -> None:
         self.threshold = int(threshold)

@@ -1,6 +1,6 @@
 """Reranker data: each query's top-k retriever candidates, and batches of (query, candidate) inputs.
 
-A candidate list (one jsonl line of ``reranker_data/{split}.jsonl``)::
+A candidate list (one jsonl line of ``prepare_reranker_dataset/{split}.jsonl``)::
 
     {"qid", "query", "gold", "candidates": [image ids, retriever order], "scores": [retriever
      scores; null for an inserted positive], "gold_rank": 1-based rank in the retriever's list or
@@ -163,7 +163,7 @@ class ListDataset(torch.utils.data.Dataset):
             for c in lst["candidates"]:
                 if c not in image_token_ids:
                     raise InputError(f"{source}: record {n}: candidate image {c!r} has no image tokens "
-                                     "(reranker_tokens/ made from other codes?)")
+                                     "(convert_voken_to_seed/ made from other codes?)")
         enc = tokenizer([prompt_format(x["query"]) for x in self.lists], truncation=True, max_length=max_length)
         self.prompts = [list(p) for p in enc["input_ids"]]
         self.eos = int(tokenizer.eos_token_id)
@@ -196,7 +196,7 @@ class ListDataset(torch.utils.data.Dataset):
         return [l2_normalize(emb.image_features[rows]) @ t for rows, t in zip(self.image_rows, text)]
 
     def query_texts(self, idx) -> np.ndarray:
-        """The lists' query features, unit norm: given at search time, or the captions' rows of emb/."""
+        """The lists' query features, unit norm: given at search time, or the captions' rows of prepare_emb/."""
         if self.query_features is not None:
             return self.query_features[list(idx)]
         return l2_normalize(self.features.emb.text_features[self.text_rows[list(idx)]])

@@ -1,7 +1,7 @@
 """Embedding rerank: a retriever's top-k re-scored with the CLIP features it was built on.
 
 For a query with CLIP text feature ``t`` and a candidate image with feature ``v`` (both from
-``emb/``, L2-normalised), the fused score is::
+``prepare_emb/``, L2-normalised), the fused score is::
 
     s = cos(t, v) + w * (s_ret - max_j s_ret)
 
@@ -32,7 +32,7 @@ def l2_normalize(x) -> np.ndarray:
 
 
 class FeatureStore:
-    """CLIP features of ``emb/`` by image id and by (image id, caption): what rerankers look up."""
+    """CLIP features of ``prepare_emb/`` by image id and by (image id, caption): what rerankers look up."""
 
     def __init__(self, emb):
         self.emb = emb
@@ -49,8 +49,8 @@ class FeatureStore:
     def dim(self) -> int:
         return int(self.emb.image_features.shape[1])
 
-    def grid_shape(self, source: str = "emb/") -> tuple[int, int]:
-        """(cells, width) of the image grids; an error naming the folder when emb/ has none."""
+    def grid_shape(self, source: str = "prepare_emb/") -> tuple[int, int]:
+        """(cells, width) of the image grids; an error naming the folder when prepare_emb/ has none."""
         if self.emb.image_grid is None:
             raise InputError(f"{source}: no image_grid.npy: run prepare_emb with --image-grid G (EMB_IMAGE_GRID) "
                              "for a reranker with --grid-head")
@@ -60,7 +60,7 @@ class FeatureStore:
         try:
             return np.array([self.image_row[str(i)] for i in image_ids], dtype=np.int64)
         except KeyError as e:
-            raise InputError(f"{source}: image {e.args[0]!r} has no feature in emb/ (made from another dataset?)") from None
+            raise InputError(f"{source}: image {e.args[0]!r} has no feature in prepare_emb/ (made from another dataset?)") from None
 
     def images(self, image_ids: Sequence[str], source: str = "candidates") -> np.ndarray:
         """float32 [n, D], L2-normalised."""
@@ -70,7 +70,7 @@ class FeatureStore:
         gold_id = gold[0] if isinstance(gold, (list, tuple)) else gold
         row = self.caption_row.get((str(gold_id), query))
         if row is None:
-            raise InputError(f"{source}: query {query!r} (gold {gold_id!r}) is not a caption in emb/: an embedding "
+            raise InputError(f"{source}: query {query!r} (gold {gold_id!r}) is not a caption in prepare_emb/: an embedding "
                              "rerank needs the query's CLIP text feature")
         return row
 

@@ -136,7 +136,7 @@ def residual_kmeans_codes(features: np.ndarray, fit_rows: np.ndarray, *, levels:
 # ---------------------------------------------------------------------------- the artifact
 @dataclass
 class ImageTokens:
-    """``reranker_tokens/``: every image's image-token indices + the vectors that can seed the
+    """``convert_voken_to_seed/``: every image's image-token indices + the vectors that can seed the
     new tokens' embeddings (codebook vectors for vokens, k-means centroids for rich tokens)."""
     mapping: ImageTokenMap
     images: dict                       # image_id -> [indices]
@@ -201,10 +201,10 @@ def build_image_tokens(codes, *, rich_features: Optional[np.ndarray] = None,
         row_of = {str(i): r for r, i in enumerate(rich_image_ids)}
         missing = [i for i in seqs if i not in row_of]
         if missing:
-            raise InputError(f"emb/index.json: no features for image {missing[0]!r} (and {len(missing) - 1} more)")
+            raise InputError(f"prepare_emb/index.json: no features for image {missing[0]!r} (and {len(missing) - 1} more)")
         fit = np.array([row_of[i] for i in rich_fit_ids if i in row_of], dtype=np.int64)
         if len(fit) == 0:
-            raise InputError("emb/index.json: no train images to fit the rich code on")
+            raise InputError("prepare_emb/index.json: no train images to fit the rich code on")
         rich, books = residual_kmeans_codes(rich_features, fit, levels=rich_levels, size=rich_size, iters=iters, seed=seed)
         base = mapping.voken_positions
         for i in seqs:

@@ -18,7 +18,7 @@ What the reranker sees of a candidate image (besides the query's words):
   scores every candidate from the query state and the candidate's features (needs
   ``feature_head``): k times cheaper than a cross-encoder, for CPU budgets;
 * ``grid_slots`` S (late interaction, :class:`GridHead`): the candidate's *layout* -- the CLIP ViT's
-  patch tokens pooled to a g x g grid (``emb/image_grid.npy``). S learned slots summarise the
+  patch tokens pooled to a g x g grid (``prepare_emb/image_grid.npy``). S learned slots summarise the
   query's token states once; per candidate they cross-attend the grid cells (with a learned
   position per cell) and an MLP scores what they found. The pooled CLIP feature keeps little of
   where things are (linear probes of the demo's features, tools/probe_demo_features.py), the grid

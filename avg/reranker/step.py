@@ -2,7 +2,7 @@
 
 :class:`LmRerankStep` loads a saved reranker once and builds its lists' datasets. The test stage
 (``avg.stages.test_reranker_llama``) uses it on the lists of a run file, whose queries are captions with features
-in ``emb/``; the search API and the efficiency benchmark (:meth:`LmRerankStep.rerank`) on typed
+in ``prepare_emb/``; the search API and the efficiency benchmark (:meth:`LmRerankStep.rerank`) on typed
 queries, whose CLIP text features come from the text tower at query time, with the retriever's
 top-k of that moment. Either way each list is reordered by the reranker's score fused with the
 retriever's at the reranker's own fusion weight (learned, fixed, or chosen on val); the API test in
@@ -88,7 +88,7 @@ class LmRerankStep:
 
     def dataset(self, lists: Sequence[dict], source: str, query_features=None) -> ListDataset:
         """The reranker's inputs for these lists (the prompt format, image tokens, prefix, grids it was
-        trained with); ``query_features`` one row per list for queries that are not captions of emb/."""
+        trained with); ``query_features`` one row per list for queries that are not captions of prepare_emb/."""
         return ListDataset(lists, self.tokenizer, self.token_ids, self.format,
                            max_length=int(self.meta.get("max_length", 64)), source=source,
                            image_prefix=int(self.meta.get("image_prefix", 0)), features=self.store,

@@ -19,7 +19,7 @@ from avg.utils.io import InputError, read_jsonl
 SPLITS = ("train", "val", "test")
 
 
-# ---------------------------------------------------------------------------- codes/ artifact
+# ---------------------------------------------------------------------------- generate_codes/ artifact
 @dataclass
 class CodesData:
     meta: dict                    # codes.json without "images"
@@ -28,7 +28,7 @@ class CodesData:
 
 
 def read_codes(codes_dir: str | os.PathLike, *, with_codebook: bool = True) -> CodesData:
-    """Read ``codes/`` with avg.artifacts.codes (the one reader of that artifact) into a plain record.
+    """Read ``generate_codes/`` with avg.artifacts.codes (the one reader of that artifact) into a plain record.
 
     `codebook` is None when ``with_codebook`` is False or codebook.npy is absent (the
     ``--no-voken-embedding`` ablation needs no codebook). Errors name the file and the image.

@@ -8,9 +8,9 @@ embeddings: ``inputs_embeds = [W t (P rows); embed(caption)]``. The encoder read
 model can use CLIP's text understanding and still read the words. Off in the paper's setting
 (``--query-prefix 0``); its results are reported as their own row.
 
-The features are the rows of ``emb/text_features.npy`` named by each query's ``text_row``
+The features are the rows of ``prepare_emb/text_features.npy`` named by each query's ``text_row``
 (``avg.stages.prepare_retriever_dataset --emb-dir``); a new query is encoded by the CLIP text tower that
-``emb/index.json`` names. Saved beside the retriever as ``query_prefix.safetensors`` +
+``prepare_emb/index.json`` names. Saved beside the retriever as ``query_prefix.safetensors`` +
 ``query_prefix.json``.
 """
 from __future__ import annotations
@@ -107,8 +107,8 @@ def feature_rows(queries, num_rows: int, source: str = "queries") -> np.ndarray:
         row = q.get("text_row")
         if isinstance(row, bool) or not isinstance(row, int) or not 0 <= row < num_rows:
             raise InputError(f"{source}: record {i + 1} ({q.get('query')!r}) has no CLIP text feature (text_row "
-                             f"{row!r}); rebuild retriever_data with --emb-dir, or train without --query-prefix "
-                             "(pseudo queries never have one: they are not captions of emb/)")
+                             f"{row!r}); rebuild prepare_retriever_dataset/ with --emb-dir, or train without --query-prefix "
+                             "(pseudo queries never have one: they are not captions of prepare_emb/)")
         rows[i] = row
     return rows
 
@@ -119,12 +119,12 @@ def gather_features(text_features: np.ndarray, rows) -> torch.Tensor:
 
 
 def query_features(text_features: np.ndarray, queries, source: str = "queries") -> torch.Tensor:
-    """float32 [n, D] rows of ``emb/text_features.npy`` for each query's ``text_row``."""
+    """float32 [n, D] rows of ``prepare_emb/text_features.npy`` for each query's ``text_row``."""
     return gather_features(text_features, feature_rows(queries, text_features.shape[0], source))
 
 
 def emb_dir_for(data_dir: str | os.PathLike, emb_dir: Optional[str | os.PathLike] = None) -> str:
-    """The emb/ folder whose captions a retriever_data folder's queries point into: ``emb_dir``, or
+    """The prepare_emb/ folder whose captions a prepare_retriever_dataset/ folder's queries point into: ``emb_dir``, or
     the one its meta.json was built from (an InputError when it was built without one)."""
     if emb_dir is not None:
         return os.fspath(emb_dir)
@@ -133,20 +133,20 @@ def emb_dir_for(data_dir: str | os.PathLike, emb_dir: Optional[str | os.PathLike
     found = (meta.get("sources") or {}).get("emb_dir")
     if not found or not meta.get("text_rows"):
         raise InputError(f"{meta_path}: built without --emb-dir, so its queries have no CLIP text features; "
-                         "rebuild it (scripts/prepare_retriever_dataset.sh passes emb/) or pass --emb-dir")
+                         "rebuild it (scripts/prepare_retriever_dataset.sh passes prepare_emb/) or pass --emb-dir")
     return str(found)
 
 
 def emb_for(data_dir: str | os.PathLike, emb_dir: Optional[str | os.PathLike] = None):
-    """The emb/ folder (:class:`~avg.artifacts.emb.Embeddings`, memory-mapped) of :func:`emb_dir_for`."""
+    """The prepare_emb/ folder (:class:`~avg.artifacts.emb.Embeddings`, memory-mapped) of :func:`emb_dir_for`."""
     from avg.artifacts.emb import load_emb
 
     return load_emb(emb_dir_for(data_dir, emb_dir))
 
 
 def text_features_for(data_dir: str | os.PathLike, emb_dir: Optional[str | os.PathLike] = None) -> tuple[np.ndarray, dict]:
-    """(memory-mapped ``emb/text_features.npy``, the text encoder's record) for the queries of a
-    retriever_data folder: ``emb_dir``, or the emb/ folder its meta.json was built from."""
+    """(memory-mapped ``prepare_emb/text_features.npy``, the text encoder's record) for the queries of a
+    prepare_retriever_dataset/ folder: ``emb_dir``, or the prepare_emb/ folder its meta.json was built from."""
     emb = emb_for(data_dir, emb_dir)
     return emb.text_features, dict(emb.index.get("encoder") or {})
 

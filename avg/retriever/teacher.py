@@ -14,7 +14,7 @@ scores a list of candidate codes for a query with it -- a code stands for the im
 chunk that carry it, scored by the best of them -- and :func:`avg.retriever.losses.teacher_targets`
 mixes its softmax with the one-hot target.
 
-No I/O: built from arrays (the emb/ image features, the chunks' galleries, the vocabulary).
+No I/O: built from arrays (the prepare_emb/ image features, the chunks' galleries, the vocabulary).
 """
 from __future__ import annotations
 
@@ -27,17 +27,17 @@ from avg.utils.io import InputError
 
 
 def _check_rows(gallery, image_rows: Mapping[str, int]) -> None:
-    """Every image of ``gallery`` has a row in emb/ (an InputError naming the gallery and the image)."""
+    """Every image of ``gallery`` has a row in prepare_emb/ (an InputError naming the gallery and the image)."""
     missing = [i for i in gallery.image_ids if i not in image_rows]
     if missing:
         raise InputError(f"{gallery.name}: image {missing[0]!r} (and {len(missing) - 1} more) has no row in "
-                         "emb/image_features.npy: retriever_data and emb/ come from different runs")
+                         "prepare_emb/image_features.npy: prepare_retriever_dataset/ and prepare_emb/ come from different runs")
 
 
 class CodeTeacher:
-    """Per gallery chunk: token-id code -> the emb/ rows of the images that carry it.
+    """Per gallery chunk: token-id code -> the prepare_emb/ rows of the images that carry it.
 
-    ``image_features`` [N, D] (rows of emb/image_features.npy), ``image_rows`` {image_id: row},
+    ``image_features`` [N, D] (rows of prepare_emb/image_features.npy), ``image_rows`` {image_id: row},
     ``chunks``: the stage-2 galleries (:class:`~avg.retriever.gallery.Gallery`), ``vocab`` maps
     their codes to token ids (what the search returns).
     """
@@ -45,7 +45,7 @@ class CodeTeacher:
     def __init__(self, image_features, image_rows: Mapping[str, int], chunks: Sequence, vocab):
         self._codes: list[dict[tuple, int]] = []
         self._members: list[torch.Tensor] = []  # per chunk [U, max members] rows of self.features, -1 padded
-        used: dict[int, int] = {}  # emb/ row -> row of self.features (only the chunks' images are kept)
+        used: dict[int, int] = {}  # prepare_emb/ row -> row of self.features (only the chunks' images are kept)
         for chunk in chunks:
             _check_rows(chunk, image_rows)
             tokens = vocab.code_to_token_ids(chunk.unique_codes).tolist()

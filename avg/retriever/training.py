@@ -1,5 +1,5 @@
 """What the T5 and LLaMA retriever trainers share beyond the generic loop (:mod:`avg.train.loop`):
-split loading, the check that retriever_data/ matches the model's vokens, their evaluation and
+split loading, the check that prepare_retriever_dataset/ matches the model's vokens, their evaluation and
 checkpoint flags, and the up-front input checks."""
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ VOCAB_KEYS = ("num_levels", "codebook_size", "shared_codebook", "code_len", "dis
 
 
 def check_data_matches_vocab(data_dir, vocab, vocab_source) -> None:
-    """Stop when retriever_data/ was built from other codes than the model's vokens: its targets
+    """Stop when prepare_retriever_dataset/ was built from other codes than the model's vokens: its targets
     would be the wrong tokens (or fall outside the vocabulary) -- never a size-mismatch traceback."""
     meta_path = Path(data_dir) / "meta.json"
     if not meta_path.is_file():
@@ -38,7 +38,7 @@ def check_data_matches_vocab(data_dir, vocab, vocab_source) -> None:
             if k in data and data[k] != model[k]]
     if diff:
         raise InputError(f"{meta_path}: built from codes that disagree with the retriever's vokens ({vocab_source}): "
-                         f"{'; '.join(diff)}; rebuild retriever_data from the codes the model was made with, or "
+                         f"{'; '.join(diff)}; rebuild prepare_retriever_dataset/ from the codes the model was made with, or "
                          "train a retriever on these codes")
 
 

@@ -122,13 +122,13 @@ class VokenVocab:
                seed: int = 0) -> "VokenVocab":
         """Add the vokens to `tokenizer` and `model`, resize and initialise their embeddings.
 
-        `codebook` is codes/codebook.npy, float [n_books, N, latent_dim] (n_books = 1 when shared);
+        `codebook` is generate_codes/codebook.npy, float [n_books, N, latent_dim] (n_books = 1 when shared);
         `init="random"` (or no codebook) is the paper's no-voken-embedding ablation.
         """
         if init not in INIT_MODES:
             raise ValueError(f"init must be one of {INIT_MODES}, got {init!r}")
         if init == "codebook" and codebook is None:
-            raise ValueError("init='codebook' needs the codebook array (codes/codebook.npy)")
+            raise ValueError("init='codebook' needs the codebook array (generate_codes/codebook.npy)")
         tokens = self.tokens()
         in_emb = model.get_input_embeddings()
         old_rows = in_emb.weight.shape[0]

@@ -1,4 +1,4 @@
-"""Feature datasets for the tokenizer, read straight from the float16 memmaps of ``emb/``.
+"""Feature datasets for the tokenizer, read straight from the float16 memmaps of ``prepare_emb/``.
 
 Nothing here loads a whole feature array: every batch gathers its rows from the memmap (sorted
 row order, so reads stay close to sequential) and casts only that batch to float32. That keeps
@@ -41,7 +41,7 @@ class CaptionRows:
         return self.flat[self.offsets[i] : self.offsets[i + 1]]
 
 
-def training_rows(emb, splits: Sequence[str], emb_path: str = "emb/index.json"):
+def training_rows(emb, splits: Sequence[str], emb_path: str = "prepare_emb/index.json"):
     """Image rows of ``splits`` and (as ``CaptionRows`` aligned with them) each image's caption
     rows whose own split is also in ``splits`` -- so no caption of a val/test image (or a
     mislabelled caption) enters training."""

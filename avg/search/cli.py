@@ -26,18 +26,18 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("queries", nargs="*", help="query texts (else --queries-file, else stdin when it is not a terminal)")
     p.add_argument("--run", required=True, help="a run's output folder (outputs/<dataset>), a retriever stage folder or its best/")
-    p.add_argument("--stage", default=None, help="retriever stage folder to load (default: retriever_t5_stage2, else retriever_t5)")
+    p.add_argument("--stage", default=None, help="retriever stage folder to load (default: train_retriever_t5_stage2, else train_retriever_t5)")
     p.add_argument("--k", type=int, default=10, help="images per query")
     p.add_argument("--gallery", default="test", help="a split (train/val/test), a codes folder or a gallery json")
     p.add_argument("--queries-file", default=None, help="one query per line ('-': stdin)")
     p.add_argument("--rerank", choices=("embed", "lm"), default=None,
                    help="re-score the top-k: embed (the rerank_embed stage's CLIP cosine) or lm (the trained LM reranker)")
-    p.add_argument("--reranker", default=None, help="a saved LM reranker for --rerank lm (default: the run's reranker/best)")
+    p.add_argument("--reranker", default=None, help="a saved LM reranker for --rerank lm (default: the run's finetune_reranker_llama/best)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--num-beams", type=int, default=None, help="beam width (default: the one the stage evaluated with)")
     p.add_argument("--batch-size", type=int, default=None, help="queries per search batch (default: the stage's)")
-    p.add_argument("--image-root", default=None, help="folder the image files are under (default: the one emb/ was built from)")
+    p.add_argument("--image-root", default=None, help="folder the image files are under (default: the one prepare_emb/ was built from)")
     return p
 
 

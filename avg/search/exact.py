@@ -1,5 +1,5 @@
 """Exact two-tower search: each query's top-k gallery rows by inner product (the cosine, for the
-L2-normalised features of emb/), batched over queries, ties to the lower row. The CLIP baseline,
+L2-normalised features of prepare_emb/), batched over queries, ties to the lower row. The CLIP baseline,
 pseudo-query mining and the demo CLIP's check all rank this way."""
 from __future__ import annotations
 

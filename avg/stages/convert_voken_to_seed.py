@@ -1,8 +1,8 @@
 """Map every image's vokens onto SEED-LLaMA image tokens (``<img_00000>`` ...), optionally with a
 richer residual k-means code of the same CLIP image features (avg.reranker.image_tokens).
 
-    python -m avg.stages.convert_voken_to_seed --codes-dir outputs/demo/codes \\
-        --out-dir outputs/demo/reranker_tokens [--emb-dir outputs/demo/emb --rich-levels 4]
+    python -m avg.stages.convert_voken_to_seed --codes-dir outputs/demo/generate_codes \\
+        --out-dir outputs/demo/convert_voken_to_seed [--emb-dir outputs/demo/prepare_emb --rich-levels 4]
 
 Writes ``image_tokens.json`` (the mapping + image id -> token indices), ``token_vectors.npy``
 (vectors that seed the embeddings of tokens added to a non-SEED model) and ``stage.json``.
@@ -26,11 +26,11 @@ STAGE = manifest_name("convert_voken_to_seed")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--codes-dir", required=True, help="codes/ folder (codes.json, codebook.npy)")
-    p.add_argument("--out-dir", required=True, help="output folder (reranker_tokens/)")
+    p.add_argument("--codes-dir", required=True, help="generate_codes/ folder (codes.json, codebook.npy)")
+    p.add_argument("--out-dir", required=True, help="output folder (convert_voken_to_seed/)")
     p.add_argument("--capacity", type=int, default=SEED_NUM_IMAGE_TOKENS,
                    help="image tokens the reranker's LM holds or may add (SEED-LLaMA: 8192); the map must fit")
-    p.add_argument("--emb-dir", default=None, help="emb/ folder with the CLIP image features (needed for --rich-levels)")
+    p.add_argument("--emb-dir", default=None, help="prepare_emb/ folder with the CLIP image features (needed for --rich-levels)")
     p.add_argument("--rich-levels", type=int, default=0,
                    help="append this many residual k-means tokens of the CLIP image feature to each image (0: vokens only)")
     p.add_argument("--rich-size", type=int, default=256, help="entries per residual k-means level")

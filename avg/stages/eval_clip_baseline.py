@@ -1,7 +1,7 @@
-"""The CLIP two-tower baseline: exact text->image search over the same ``emb/`` features.
+"""The CLIP two-tower baseline: exact text->image search over the same ``prepare_emb/`` features.
 
 Every caption of a split queries the images of that split by inner product (cosine similarity
-when the features are L2-normalised, as ``emb/index.json`` records). The result is a run file
+when the features are L2-normalised, as ``prepare_emb/index.json`` records). The result is a run file
 scored by ``avg.metrics.retrieval_metrics``, exactly like the generative retriever, so the
 two are compared under one protocol.
 
@@ -36,9 +36,9 @@ def search_split(emb, split: str, k: int = 100, batch_size: int = 1024, device: 
     img_rows = emb.image_rows(split)
     cap_rows = emb.caption_rows(split)
     if len(img_rows) == 0:
-        raise InputError(f"emb/: no images in split {split!r}")
+        raise InputError(f"prepare_emb/: no images in split {split!r}")
     if len(cap_rows) == 0:
-        raise InputError(f"emb/: no captions in split {split!r}")
+        raise InputError(f"prepare_emb/: no captions in split {split!r}")
     image_feats = np.asarray(emb.image_features[img_rows], dtype=np.float32)
     text_feats = np.asarray(emb.text_features[cap_rows], dtype=np.float32)
     if not emb.normalized:  # cosine similarity is CLIP's score; normalise if the writer did not
@@ -81,7 +81,7 @@ def evaluate_clip_baseline(emb_dir: str | os.PathLike, split: str, out_dir: str 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m avg.stages.eval_clip_baseline", description=__doc__.split("\n\n")[0])
-    p.add_argument("--emb-dir", required=True, help="the emb/ directory written by avg.stages.prepare_emb")
+    p.add_argument("--emb-dir", required=True, help="the prepare_emb/ directory written by avg.stages.prepare_emb")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="queries = captions of this split, gallery = its images")
     p.add_argument("--out-dir", required=True, help="where run_clip_<split>.jsonl and metrics_clip_<split>.json go")
     p.add_argument("--top-k", type=int, default=100, help="length of each ranked list in the run file")
@@ -99,7 +99,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     load_emb(args.emb_dir)  # a wrong --emb-dir fails before anything is written
     run = begin_stage(args.out_dir, manifest_name("eval_clip_baseline"), vars(args), inputs=[args.emb_dir], force=args.force)
     if run.up_to_date and skip_if_done():
-        get_logger("avg.clip_baseline").info("clip_baseline: outputs in %s are complete and up to date; skipping", args.out_dir)
+        get_logger("avg.clip_baseline").info("eval_clip_baseline: outputs in %s are complete and up to date; skipping", args.out_dir)
         return run.previous.get("summary") or {}
     logger = RunLogger(args.out_dir, run_name=f"clip_baseline_{args.split}", config=None, log_name=f"clip_baseline_{args.split}.log", metrics_name=f"clip_baseline_{args.split}.metrics.jsonl", use_wandb=False)
     try:

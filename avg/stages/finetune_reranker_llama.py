@@ -1,8 +1,8 @@
 """Train the reranker: a causal LM (LoRA, or full fine-tuning for small models) + an MLP head scoring
 each (query, candidate image tokens) pair of the retriever's top-k lists.
 
-    python -m avg.stages.finetune_reranker_llama --data-dir outputs/demo/reranker_data --tokens-dir outputs/demo/reranker_tokens \\
-        --model data/demo/llama-demo --full-finetune --out-dir outputs/demo/reranker
+    python -m avg.stages.finetune_reranker_llama --data-dir outputs/demo/prepare_reranker_dataset --tokens-dir outputs/demo/convert_voken_to_seed \\
+        --model data/demo/llama-demo --full-finetune --out-dir outputs/demo/finetune_reranker_llama
     accelerate launch -m avg.stages.finetune_reranker_llama ... --model <SEED-LLaMA path> --gradient-checkpointing
 
 Loss per batch of lists: listwise softmax cross-entropy with the positive (avg.reranker.losses)
@@ -56,8 +56,8 @@ STAGE = manifest_name("finetune_reranker_llama")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data and model")
-    g.add_argument("--data-dir", required=True, help="reranker_data/ folder (train.jsonl, val.jsonl, meta.json)")
-    g.add_argument("--tokens-dir", required=True, help="reranker_tokens/ folder (image_tokens.json)")
+    g.add_argument("--data-dir", required=True, help="prepare_reranker_dataset/ folder (train.jsonl, val.jsonl, meta.json)")
+    g.add_argument("--tokens-dir", required=True, help="convert_voken_to_seed/ folder (image_tokens.json)")
     g.add_argument("--model", required=True, help="causal LM: SEED-LLaMA path, a hub name or a local folder")
     g.add_argument("--out-dir", required=True, help="output folder")
     g.add_argument("--prompt-template", default=RM.DEFAULT_PROMPT_TEMPLATE,
@@ -80,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--lora-target-modules", default=L.DEFAULT_LORA_TARGETS, help="comma-separated module names, or 'all-linear'")
     g.add_argument("--head-inner", type=int, default=256, help="hidden width of the MLP scoring head (and of the grid head)")
     g.add_argument("--head-dropout", type=float, default=0.1, help="dropout inside the MLP head")
-    g.add_argument("--emb-dir", default=None, help="emb/ folder: the CLIP features the options below read")
+    g.add_argument("--emb-dir", default=None, help="prepare_emb/ folder: the CLIP features the options below read")
     g.add_argument("--image-prefix", type=int, default=0,
                    help="P soft tokens from the candidate's CLIP image feature before its image tokens (needs --emb-dir)")
     g.add_argument("--feature-head", action="store_true",
@@ -90,7 +90,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "features (implies --feature-head unless --grid-head sees the candidate; k times cheaper than "
                         "the cross-encoder)")
     g.add_argument("--grid-head", type=int, default=0, metavar="S",
-                   help="late interaction: S query slots cross-attend each candidate's image grid (emb/image_grid.npy, "
+                   help="late interaction: S query slots cross-attend each candidate's image grid (prepare_emb/image_grid.npy, "
                         "from prepare_emb --image-grid) and add their score (0: off)")
     g.add_argument("--query-pooling", choices=RM.QUERY_POOLING, default="last",
                    help="late interaction: the query's state is the LM's last token's, or the mean over the prompt's tokens")

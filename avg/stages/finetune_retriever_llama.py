@@ -5,8 +5,8 @@ The vokens are new tokens initialised from the RQ-VAE codebook; LoRA adapts the 
 ``--lora-target-modules``) while the voken rows of the embedding / output head train in full
 (avg.retriever.llama). ``--full-finetune`` trains every weight instead (small models).
 
-    python -m avg.stages.finetune_retriever_llama --data-dir outputs/demo/retriever_data \\
-        --codes-dir outputs/demo/codes --model data/smollm2-135m --out-dir outputs/demo/retriever_llama
+    python -m avg.stages.finetune_retriever_llama --data-dir outputs/demo/prepare_retriever_dataset \\
+        --codes-dir outputs/demo/generate_codes --model data/smollm2-135m --out-dir outputs/demo/finetune_retriever_llama
     accelerate launch -m avg.stages.finetune_retriever_llama ... --model meta-llama/Llama-2-7b-hf --gradient-checkpointing
     # DeepSpeed: accelerate launch --use_deepspeed --deepspeed_config_file ds.json -m avg.stages.finetune_retriever_llama ...
     # (the DeepSpeed json must set train_micro_batch_size_per_gpu; batches are not an accelerate DataLoader)
@@ -54,8 +54,8 @@ from avg.utils.cli import add_deprecated_alias, add_device_arg, run_main
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data and model")
-    g.add_argument("--data-dir", required=True, help="retriever_data/ folder from avg.stages.prepare_retriever_dataset")
-    g.add_argument("--codes-dir", required=True, help="codes/ folder (voken metadata and codebook.npy)")
+    g.add_argument("--data-dir", required=True, help="prepare_retriever_dataset/ folder from avg.stages.prepare_retriever_dataset")
+    g.add_argument("--codes-dir", required=True, help="generate_codes/ folder (voken metadata and codebook.npy)")
     g.add_argument("--model", required=True, help="HF hub name or local path of a causal LM (e.g. data/smollm2-135m)")
     g.add_argument("--out-dir", required=True, help="output folder")
     g.add_argument("--prompt-template", default=L.DEFAULT_PROMPT_TEMPLATE, help="model input around the caption; must contain {query} (a real newline: $'...\\n...' in bash)")

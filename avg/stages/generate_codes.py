@@ -1,6 +1,6 @@
-"""Encode every image of ``emb/`` with a trained RQ-VAE and write the ``codes/`` artifact.
+"""Encode every image of ``prepare_emb/`` with a trained RQ-VAE and write the ``generate_codes/`` artifact.
 
-    python -m avg.stages.generate_codes --rqvae-dir out/rqvae --emb-dir out/emb --out-dir out/codes
+    python -m avg.stages.generate_codes --rqvae-dir out/train_rqvae --emb-dir out/prepare_emb --out-dir out/generate_codes
 
 Codes are the raw M vokens by default (``--disambiguation none``): images that share a code are
 told apart where they are ranked, inside each gallery, by the documented seeded rule of
@@ -232,7 +232,7 @@ def generate_codes(
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m avg.stages.generate_codes", description=__doc__.split("\n\n")[0])
     p.add_argument("--rqvae-dir", required=True, help="trained tokenizer (model.safetensors + config.json from avg.stages.train_rqvae)")
-    p.add_argument("--emb-dir", required=True, help="emb/ artifact from prepare_emb (image features of every split)")
+    p.add_argument("--emb-dir", required=True, help="prepare_emb/ artifact from prepare_emb (image features of every split)")
     p.add_argument("--out-dir", required=True, help="where codes.json, codebook.npy and stats.json are written")
     p.add_argument("--batch-size", type=int, default=4096, help="images encoded per batch (memory stays one batch)")
     p.add_argument("--disambiguation", choices=DISAMBIGUATION_MODES, default="none",

@@ -1,6 +1,6 @@
 """Stage 1: encode every image and caption of a Karpathy-format dataset with a frozen CLIP.
 
-Writes the ``emb/`` artifact (``avg.artifacts.emb``): float16 image and caption feature arrays
+Writes the ``prepare_emb/`` artifact (``avg.artifacts.emb``): float16 image and caption feature arrays
 plus an index that maps caption rows to image rows and records the encoder. The RQ-VAE, the CLIP
 baseline and the pseudo-query tool all read it.
 
@@ -12,7 +12,7 @@ An unreadable image stops the run with an error naming the file (nothing is writ
 ``--skip-bad-images``: then the image and its captions are left out and listed in
 ``index["skipped_images"]``.
 
-The out dir gets a ``stage.json`` manifest (avg.utils.stages): a finished ``emb/`` of another
+The out dir gets a ``stage.json`` manifest (avg.utils.stages): a finished ``prepare_emb/`` of another
 configuration is never overwritten without ``--force``; with ``AVG_SKIP_DONE=1`` an up-to-date one
 is kept as it is.
 """
@@ -139,10 +139,10 @@ def encode_dataset(dataset, encoder, *, batch_size: int = 64, num_workers: int =
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m avg.stages.prepare_emb", description="Encode every image and caption of a Karpathy-format dataset with a frozen CLIP into an emb/ directory.")
+    p = argparse.ArgumentParser(prog="python -m avg.stages.prepare_emb", description="Encode every image and caption of a Karpathy-format dataset with a frozen CLIP into a prepare_emb/ directory.")
     p.add_argument("--annotations", required=True, help="Karpathy-format json (images[].filename, split, sentences[].raw)")
     p.add_argument("--image-root", required=True, help="folder the json's filepath/filename are relative to")
-    p.add_argument("--out-dir", required=True, help="the emb/ directory to write (replaced atomically)")
+    p.add_argument("--out-dir", required=True, help="the prepare_emb/ directory to write (replaced atomically)")
     p.add_argument("--backend", choices=("open_clip", "hf"), default="open_clip", help="open_clip (create_model_and_transforms) or hf (transformers CLIPModel)")
     p.add_argument("--clip-model", default="ViT-L-14-336", help="open_clip architecture name (e.g. ViT-L-14-336, avg-demo-vit) or HF model id / local dir (e.g. openai/clip-vit-large-patch14-336)")
     p.add_argument("--pretrained", default=None, help="open_clip: pretrained tag (e.g. openai) or checkpoint file; ignored by the hf backend (default: openai for open_clip)")
@@ -184,7 +184,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     weights = [w for w in (pretrained, args.clip_model) if w and Path(w).exists()]  # local checkpoints are inputs
     if args.backend == "hf" and not Path(args.clip_model).exists():
         weights.append(args.clip_model)  # a hub id: fingerprinted by the commit of its cached copy
-    # emb/ is swapped in whole at the end (save_emb), so a killed or failed run leaves the old dir as it
+    # prepare_emb/ is swapped in whole at the end (save_emb), so a killed or failed run leaves the old dir as it
     # was and nothing is claimed before then: the manifest is written only by complete()
     if args.num_workers is None:
         args.num_workers = min(8, os.cpu_count() or 1)

@@ -1,7 +1,7 @@
 """Reranker data: the retriever's top-k candidates (with scores) for training and evaluation queries.
 
-    python -m avg.stages.prepare_reranker_dataset --data-dir outputs/demo/retriever_data \\
-        --retriever-dir outputs/demo/retriever_t5_stage2/best --out-dir outputs/demo/reranker_data \\
+    python -m avg.stages.prepare_reranker_dataset --data-dir outputs/demo/prepare_retriever_dataset \\
+        --retriever-dir outputs/demo/train_retriever_t5_stage2/best --out-dir outputs/demo/prepare_reranker_dataset \\
         --reuse-retriever-runs --max-train-queries 3000 --max-val-queries 1000
 
 For each split, either an existing run file of the retriever is reused (``--run-file
@@ -45,8 +45,8 @@ SALTS = {"train": 11, "val": 12, "test": 13}
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", required=True, help="retriever_data/ folder ({split}.jsonl, gallery_{split}.json)")
-    p.add_argument("--out-dir", required=True, help="output folder (reranker_data/)")
+    p.add_argument("--data-dir", required=True, help="prepare_retriever_dataset/ folder ({split}.jsonl, gallery_{split}.json)")
+    p.add_argument("--out-dir", required=True, help="output folder (prepare_reranker_dataset/)")
     p.add_argument("--retriever-dir", default=None, help="a saved retriever (T5 or LLaMA <out-dir>/best) to search splits without --run-file")
     p.add_argument("--run-file", action="append", default=[], metavar="SPLIT=PATH",
                    help="reuse an existing run file of the retriever for SPLIT instead of searching (repeatable)")
@@ -62,9 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-gallery-size", type=int, default=1000,
                    help="search each training query among a chunk of this many train images (0: the whole train gallery)")
     p.add_argument("--train-candidates", choices=("retriever", "clip"), default="retriever",
-                   help="training lists from the retriever's search, or mined with CLIP (top-k cosine of the emb/ features "
+                   help="training lists from the retriever's search, or mined with CLIP (top-k cosine of the prepare_emb/ features "
                         "in the chunk of --train-gallery-size images holding the positive; retriever scores unknown)")
-    p.add_argument("--emb-dir", default=None, help="emb/ folder (needed by --train-candidates clip)")
+    p.add_argument("--emb-dir", default=None, help="prepare_emb/ folder (needed by --train-candidates clip)")
     p.add_argument("--batch-size", type=int, default=64, help="queries per search batch")
     p.add_argument("--max-length", type=int, default=0, help="max query tokens for the search (0: the retriever's)")
     p.add_argument("--collision-seed", type=int, default=0, help="seed of the order among images sharing a code")
@@ -78,7 +78,7 @@ def load_any_retriever(path: str | Path, device, data_dir: str | Path | None = N
                        emb_dir: str | Path | None = None) -> dict:
     """A saved T5 (train_t5) or decoder-only (train_llama) retriever -> the keyword arguments of
     avg.retriever.evaluate.evaluate_split that search with it the way it was trained and tested
-    (plus ``features``: the emb/ text features when it reads the query's CLIP feature)."""
+    (plus ``features``: the prepare_emb/ text features when it reads the query's CLIP feature)."""
     from avg.retriever import llama as L
     from avg.retriever.prefix import text_features_for
     from avg.retriever.t5 import load_t5_retriever
@@ -96,7 +96,7 @@ def load_any_retriever(path: str | Path, device, data_dir: str | Path | None = N
     out = {"model": r.model, "tokenizer": r.tokenizer, "vocab": r.vocab, **r.eval_kwargs()}
     if r.needs_features:
         if data_dir is None:
-            raise InputError(f"{path}: this retriever reads the query's CLIP feature; pass the retriever_data folder")
+            raise InputError(f"{path}: this retriever reads the query's CLIP feature; pass the prepare_retriever_dataset/ folder")
         out["features"] = text_features_for(data_dir, emb_dir)[0]
     return out
 
@@ -160,7 +160,7 @@ def main(argv=None) -> dict:
         raise InputError(f"--num-beams {num_beams} < --topk {args.topk}: a beam returns at most num_beams images")
     data_dir = Path(args.data_dir)
     if not (data_dir / "meta.json").is_file() and not any(data_dir.glob("gallery_*.json")):
-        raise InputError(f"{data_dir}: not a retriever_data folder (run scripts/prepare_retriever_dataset.sh first)")
+        raise InputError(f"{data_dir}: not a prepare_retriever_dataset/ folder (run scripts/prepare_retriever_dataset.sh first)")
     out_dir = Path(args.out_dir)
     run = begin_stage(out_dir, STAGE, vars(args), inputs=[args.data_dir, args.retriever_dir, args.emb_dir, *run_files.values()],
                       force=args.force, ignore=("batch_size",))

@@ -1,10 +1,10 @@
 """Build the retriever's data: caption queries paired with their image's voken code.
 
     python -m avg.stages.prepare_retriever_dataset --annotations dataset.json --image-root images \\
-        --codes-dir outputs/demo/codes --out-dir outputs/demo/retriever_data
+        --codes-dir outputs/demo/generate_codes --out-dir outputs/demo/prepare_retriever_dataset
 
 Writes ``{train,val,test}.jsonl`` ({"query", "image_id", "code"}, one line per caption, plus
-``text_row``, the caption's row in ``emb/text_features.npy``, when ``--emb-dir`` is given: the
+``text_row``, the caption's row in ``prepare_emb/text_features.npy``, when ``--emb-dir`` is given: the
 query-feature prefix of avg.retriever.prefix reads it),
 ``gallery_{split}.json`` ({image_id: code}) and ``meta.json``. Test (and val) captions only ever
 go to their own split's file. Pseudo queries (``--pseudo-queries``) are extra *training* queries;
@@ -53,7 +53,7 @@ def build_retriever_data(images, codes: CodesData, pseudo: Sequence[tuple[str, l
 
     ``text_rows`` ((image_id, caption) -> feature row) adds each
     caption's ``text_row`` (``Embeddings.caption_row_map`` of avg.artifacts.emb); a caption missing
-    from it is an error (emb/ from other annotations).
+    from it is an error (prepare_emb/ from other annotations).
     Pseudo queries get ``text_row`` null (no feature was computed for them).
     Returns {"queries": {split: [rows]}, "galleries": {split: {image_id: code}}, "meta": {...}}.
     """
@@ -76,8 +76,8 @@ def build_retriever_data(images, codes: CodesData, pseudo: Sequence[tuple[str, l
             row = {"query": cap, "image_id": im.image_id, "code": rec["code"]}
             if text_rows is not None:
                 if (im.image_id, cap) not in text_rows:
-                    raise InputError(f"{source}: image {im.image_id!r}: caption {cap!r} has no feature in emb/ "
-                                     "(was emb/ built from other annotations?)")
+                    raise InputError(f"{source}: image {im.image_id!r}: caption {cap!r} has no feature in prepare_emb/ "
+                                     "(was prepare_emb/ built from other annotations?)")
                 row["text_row"] = text_rows[(im.image_id, cap)]
             queries[im.split].append(row)
     extra_codes = sum(1 for i in codes.images if i not in split_of)
@@ -135,8 +135,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--annotations", required=True, help="Karpathy-format caption json")
     p.add_argument("--image-root", default=".", help="folder the json's image paths are relative to (not read)")
-    p.add_argument("--codes-dir", required=True, help="codes/ folder written by avg.stages.generate_codes")
-    p.add_argument("--emb-dir", default=None, help="emb/ folder: record each caption's text-feature row (for --query-prefix)")
+    p.add_argument("--codes-dir", required=True, help="generate_codes/ folder written by avg.stages.generate_codes")
+    p.add_argument("--emb-dir", default=None, help="prepare_emb/ folder: record each caption's text-feature row (for --query-prefix)")
     p.add_argument("--out-dir", required=True, help="output folder (replaced atomically)")
     p.add_argument("--pseudo-queries", nargs="*", default=[], help="pseudo-query jsonl files (extra training queries)")
     p.add_argument("--max-train-queries", type=int, default=None, help="keep a seeded random subset of this many training queries")

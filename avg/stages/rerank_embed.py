@@ -1,7 +1,7 @@
 """Stage: embedding rerank of a retriever's top-k (avg.reranker.embed), the fusion weight chosen on val.
 
-    python -m avg.stages.rerank_embed --retriever-dir outputs/demo/retriever_t5_stage2/best \\
-        --emb-dir outputs/demo/emb --data-dir outputs/demo/retriever_data --out-dir outputs/demo/rerank_embed
+    python -m avg.stages.rerank_embed --retriever-dir outputs/demo/train_retriever_t5_stage2/best \\
+        --emb-dir outputs/demo/prepare_emb --data-dir outputs/demo/prepare_retriever_dataset --out-dir outputs/demo/rerank_embed
 
 Reads the retriever's own run files (``eval/run_val_epoch<best>.jsonl``, ``eval/run_test.jsonl``),
 chooses ``w`` of ``cos + w * s_ret`` by val R@1 over ``--weights``, applies it to test and writes
@@ -32,8 +32,8 @@ STAGE = manifest_name("rerank_embed")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--retriever-dir", required=True, help="the retriever's best/ folder (its eval/ run files are read)")
-    p.add_argument("--emb-dir", required=True, help="emb/ folder: the CLIP features of queries and images")
-    p.add_argument("--data-dir", default=None, help="retriever_data/ folder (gallery sizes for mean rank)")
+    p.add_argument("--emb-dir", required=True, help="prepare_emb/ folder: the CLIP features of queries and images")
+    p.add_argument("--data-dir", default=None, help="prepare_retriever_dataset/ folder (gallery sizes for mean rank)")
     p.add_argument("--out-dir", required=True, help="output folder")
     p.add_argument("--topk", type=int, default=50, help="candidates re-scored per query (at most the retriever's beam)")
     p.add_argument("--weights", default=None, help="comma-separated fusion weights tried on val ('inf': retriever order); "

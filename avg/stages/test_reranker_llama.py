@@ -1,7 +1,7 @@
 """Rerank a split's retriever top-k lists with a saved reranker; R@K before and after, one protocol.
 
-    python -m avg.stages.test_reranker_llama --reranker-dir outputs/demo/reranker/best \\
-        --data-dir outputs/demo/reranker_data --split test --out-dir outputs/demo/reranker/test
+    python -m avg.stages.test_reranker_llama --reranker-dir outputs/demo/finetune_reranker_llama/best \\
+        --data-dir outputs/demo/prepare_reranker_dataset --split test --out-dir outputs/demo/test_reranker_llama
     torchrun --nproc_per_node 4 -m avg.stages.test_reranker_llama ...   # lists sharded over processes
 
 Both rankings of the same lists are scored by avg.metrics.retrieval_metrics with the
@@ -39,10 +39,10 @@ SYSTEM = "avg_reranker"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reranker-dir", required=True, help="a saved reranker (avg.stages.finetune_reranker_llama's out-dir/best)")
-    p.add_argument("--data-dir", required=True, help="reranker_data/ folder ({split}.jsonl, meta.json)")
+    p.add_argument("--data-dir", required=True, help="prepare_reranker_dataset/ folder ({split}.jsonl, meta.json)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="which candidate lists")
     p.add_argument("--out-dir", required=True, help="where run and metrics files go")
-    p.add_argument("--emb-dir", default=None, help="emb/ folder of the CLIP features (default: the one the reranker was trained with)")
+    p.add_argument("--emb-dir", default=None, help="prepare_emb/ folder of the CLIP features (default: the one the reranker was trained with)")
     p.add_argument("--base-model", default=None, help="base model path/name for a LoRA reranker (default: the recorded one)")
     p.add_argument("--batch-size", type=int, default=16, help="lists per scoring batch (x top-k sequences)")
     p.add_argument("--max-queries", type=int, default=0, help="a seeded random subset of N lists (0: all)")

@@ -1,7 +1,7 @@
 """Evaluate a saved decoder-only retriever: constrained beam search over a split's gallery.
 
-    python -m avg.stages.test_retriever_llama --retriever-dir outputs/demo/retriever_llama/best \\
-        --data-dir outputs/demo/retriever_data --split test --out-dir outputs/demo/retriever_llama/test
+    python -m avg.stages.test_retriever_llama --retriever-dir outputs/demo/finetune_retriever_llama/best \\
+        --data-dir outputs/demo/prepare_retriever_dataset --split test --out-dir outputs/demo/test_retriever_llama
     torchrun --nproc_per_node 4 -m avg.stages.test_retriever_llama ...   # queries sharded over processes
 
 The search is avg.retriever.search.constrained_beam_search: deterministic (no sampling), every
@@ -38,7 +38,7 @@ from avg.utils.cli import add_device_arg, run_main
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--retriever-dir", required=True, help="a saved retriever (train_llama's out-dir/best)")
-    p.add_argument("--data-dir", required=True, help="retriever_data/ folder ({split}.jsonl and gallery_{split}.json)")
+    p.add_argument("--data-dir", required=True, help="prepare_retriever_dataset/ folder ({split}.jsonl and gallery_{split}.json)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"), help="which queries and gallery")
     p.add_argument("--out-dir", required=True, help="where run_<split>.jsonl and metrics_<split>.json go")
     p.add_argument("--base-model", default=None, help="base model path/name for a LoRA retriever (default: the recorded one)")
@@ -57,8 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--wandb-project", default="avg", help="wandb project (offline unless WANDB_MODE=online)")
     p.add_argument("--run-name", default=None, help="run name for logs and wandb")
     p.add_argument("--sample-queries", type=int, default=8, help="seeded queries shown with gold and top-5 images in samples_<split>.md and wandb (0: none)")
-    p.add_argument("--image-root", default=None, help="image folder for the thumbnails (default: the one recorded in emb/index.json beside --data-dir)")
-    p.add_argument("--annotations", default=None, help="Karpathy json mapping image ids to files under --image-root (default: retriever_data/meta.json's)")
+    p.add_argument("--image-root", default=None, help="image folder for the thumbnails (default: the one recorded in prepare_emb/index.json beside --data-dir)")
+    p.add_argument("--annotations", default=None, help="Karpathy json mapping image ids to files under --image-root (default: prepare_retriever_dataset/meta.json's)")
     add_force_arg(p)
     return p.parse_args(argv)
 

@@ -20,10 +20,10 @@ the gold code is lost (gold-is-top rate per position given the gold prefix, firs
 the top code differs), R@1 of images alone on their code vs sharing it, and the fit: R@K on a
 chunk of training images as large as the val gallery, next to val.
 
-    python -m avg.stages.train_retriever_t5 --data-dir outputs/demo/retriever_data \\
-        --codes-dir outputs/demo/codes --model data/demo/t5-demo --out-dir outputs/demo/retriever_t5
-    python -m avg.stages.train_retriever_t5 --stage 2 --init-from outputs/demo/retriever_t5/best \\
-        --data-dir outputs/demo/retriever_data --out-dir outputs/demo/retriever_t5_stage2
+    python -m avg.stages.train_retriever_t5 --data-dir outputs/demo/prepare_retriever_dataset \\
+        --codes-dir outputs/demo/generate_codes --model data/demo/t5-demo --out-dir outputs/demo/train_retriever_t5
+    python -m avg.stages.train_retriever_t5 --stage 2 --init-from outputs/demo/train_retriever_t5/best \\
+        --data-dir outputs/demo/prepare_retriever_dataset --out-dir outputs/demo/train_retriever_t5_stage2
 
 Outputs under --out-dir: ``best/`` (save_pretrained model + tokenizer + voken_vocab.json +
 best.json, chosen by val R@1), ``checkpoints/last`` (accelerate state, for --resume),
@@ -35,7 +35,8 @@ Interruptions: re-running the same command after a kill resumes from ``checkpoin
 configuration was interrupted; on CPU with a fixed seed the result equals an uninterrupted run.
 ``--resume`` asks for it explicitly. A different configuration in --out-dir is refused unless
 ``--force``; a forced or repeated finished run starts fresh and deletes the old ``best/``,
-``checkpoints/`` and ``eval/`` first. Stages 1 and 2 share the stage name ``train_t5``.
+``checkpoints/`` and ``eval/`` first. ``stage.json`` names the stage ``train_retriever_t5`` or, with
+``--stage 2``, ``train_retriever_t5_stage2`` (avg.stages.train_retriever_t5_stage2).
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ import torch
 from accelerate import Accelerator
 from transformers import get_linear_schedule_with_warmup
 
-from avg.artifacts.registry import manifest_name
+from avg.artifacts.registry import T5_STAGES, manifest_name
 from avg.retriever.data import Collator, QueryDataset
 from avg.retriever.diagnostics import code_diagnostics, format_diagnostics
 from avg.retriever.evaluate import evaluate_split, logits_vocab_size
@@ -78,8 +79,8 @@ from avg.utils.cli import add_device_arg, run_main
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data and model")
-    g.add_argument("--data-dir", required=True, help="retriever_data/ folder from avg.stages.prepare_retriever_dataset")
-    g.add_argument("--codes-dir", default=None, help="codes/ folder (stage 1: voken metadata and codebook.npy)")
+    g.add_argument("--data-dir", required=True, help="prepare_retriever_dataset/ folder from avg.stages.prepare_retriever_dataset")
+    g.add_argument("--codes-dir", default=None, help="generate_codes/ folder (stage 1: voken metadata and codebook.npy)")
     g.add_argument("--model", default="t5-base", help="stage 1: HF hub name or local path of a seq2seq checkpoint")
     g.add_argument("--init-from", default=None, help="a saved retriever to start from (stage 2: the stage-1 out-dir's best/)")
     g.add_argument("--out-dir", required=True, help="output folder")
@@ -93,7 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "allowed continuations (children) or over the full vocabulary (vocab: paper / HF generate)")
     g.add_argument("--query-prefix", type=int, default=0,
                    help="stage 1: feed the query's CLIP text feature as this many soft tokens before its words (0: off, the paper)")
-    g.add_argument("--emb-dir", default=None, help="emb/ folder of the query features (default: the one retriever_data was built from)")
+    g.add_argument("--emb-dir", default=None, help="prepare_emb/ folder of the query features (default: the one prepare_retriever_dataset/ was built from)")
     g.add_argument("--max-source-length", type=int, default=64, help="max caption tokens")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=10, help="training epochs (0: evaluate only)")
@@ -121,7 +122,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "size; 0: the whole train gallery)")
     g.add_argument("--dis-teacher-mix", type=float, default=0.0,
                    help="alpha: L_dis's target is (1 - alpha) one-hot(positive) + alpha softmax(scale * CLIP cosine) over "
-                        "the list, the cosine between the caption's and each candidate's image features in emb/ "
+                        "the list, the cosine between the caption's and each candidate's image features in prepare_emb/ "
                         "(avg.retriever.teacher; 0: the paper's one-hot target)")
     g = p.add_argument_group("CLIP teacher (avg.retriever.teacher; off in the paper's setting)")
     g.add_argument("--gen-teacher-mix", type=float, default=0.0,
@@ -139,8 +140,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "reused: same metrics and run file, one val pass less)")
     g = p.add_argument_group("sample queries (eval/samples_test.{md,json} and a wandb table)")
     g.add_argument("--sample-queries", type=int, default=8, help="seeded test queries shown with gold and top-5 images (0: none)")
-    g.add_argument("--image-root", default=None, help="image folder for the thumbnails (default: the one recorded in emb/index.json beside --data-dir)")
-    g.add_argument("--annotations", default=None, help="Karpathy json mapping image ids to files under --image-root (default: retriever_data/meta.json's)")
+    g.add_argument("--image-root", default=None, help="image folder for the thumbnails (default: the one recorded in prepare_emb/index.json beside --data-dir)")
+    g.add_argument("--annotations", default=None, help="Karpathy json mapping image ids to files under --image-root (default: prepare_retriever_dataset/meta.json's)")
     add_force_arg(p)
     return p.parse_args(argv)
 
@@ -164,16 +165,16 @@ def main(argv=None) -> dict:
     out_dir = Path(args.out_dir)
     ckpt_dir = checkpoint_dir(out_dir)
     data_dir = Path(args.data_dir)
-    # the query features are an input like the data: a wrong emb/ fails here, before anything is written
+    # the query features are an input like the data: a wrong prepare_emb/ fails here, before anything is written
     uses_prefix = args.query_prefix > 0 or (args.init_from is not None and load_prefix(args.init_from)[0] is not None)
-    # the CLIP features read (query prefix, teacher) are an input: a rebuilt emb/ makes this stage stale
+    # the CLIP features read (query prefix, teacher) are an input: a rebuilt prepare_emb/ makes this stage stale
     emb_used = emb_dir_for(data_dir, args.emb_dir) if uses_prefix or teacher_on else args.emb_dir
     emb = emb_for(data_dir, emb_used) if uses_prefix or teacher_on else None
     text_features = emb.text_features if emb is not None else None
     encoder = dict(emb.index.get("encoder") or {}) if uses_prefix else None
     args.feature_dim = int(text_features.shape[1]) if uses_prefix else 0
     base = args.model if args.init_from is None else None  # a local folder, or a hub id fingerprinted by its commit
-    started = start_training_run(accelerator, args, out_dir, manifest_name("train_retriever_t5"),
+    started = start_training_run(accelerator, args, out_dir, manifest_name(T5_STAGES[args.stage]),
                                  inputs=[args.data_dir, args.codes_dir if args.init_from is None else None,
                                          args.init_from, base, emb_used],
                                  run_name=args.run_name or f"t5-stage{args.stage}", logger_name="avg.train_t5")
@@ -183,7 +184,7 @@ def main(argv=None) -> dict:
 
     tokenizer, model, vocab, prefix = load_model_and_vocab(args, logger)
     if prefix is not None and prefix.feature_dim != args.feature_dim:
-        raise InputError(f"the query prefix expects {prefix.feature_dim}-dim features, emb/ has {args.feature_dim}")
+        raise InputError(f"the query prefix expects {prefix.feature_dim}-dim features, prepare_emb/ has {args.feature_dim}")
     check_data_matches_vocab(data_dir, vocab, Path(args.init_from) / VOCAB_FILE if args.init_from
                              else Path(args.codes_dir) / "codes.json")
     train_q, train_gallery = load_split(data_dir, "train", vocab.code_len, args.collision_seed)

@@ -3,8 +3,8 @@
 The trainer of :mod:`avg.stages.train_retriever_t5` with ``--stage 2``: it takes the same flags,
 starts from the stage-1 model (``--init-from <stage-1 out>/best``) and writes the same outputs.
 
-    python -m avg.stages.train_retriever_t5_stage2 --init-from outputs/demo/retriever_t5/best \\
-        --data-dir outputs/demo/retriever_data --out-dir outputs/demo/retriever_t5_stage2
+    python -m avg.stages.train_retriever_t5_stage2 --init-from outputs/demo/train_retriever_t5/best \\
+        --data-dir outputs/demo/prepare_retriever_dataset --out-dir outputs/demo/train_retriever_t5_stage2
 """
 from __future__ import annotations
 

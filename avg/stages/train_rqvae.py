@@ -1,9 +1,9 @@
 """Train the RQ-VAE image tokenizer with semantic alignment (AVG eqs. 2-6).
 
-    python -m avg.stages.train_rqvae --emb-dir out/emb --out-dir out/rqvae [--epochs 50 ...]
+    python -m avg.stages.train_rqvae --emb-dir out/prepare_emb --out-dir out/train_rqvae [--epochs 50 ...]
     accelerate launch -m avg.stages.train_rqvae ...      # multi-GPU, same flags
 
-Reads the ``emb/`` memmaps batch by batch; the alignment loss (eq. 5) uses ONE caption per image
+Reads the ``prepare_emb/`` memmaps batch by batch; the alignment loss (eq. 5) uses ONE caption per image
 per epoch, drawn with a seeded generator from the captions of *training* images only. Runs on the
 shared training loop (:func:`avg.train.loop.train_epochs`): the same checkpoints, resume and stop
 flags as the retrievers and the reranker; the dead-code resets run after each optimizer step.
@@ -54,7 +54,7 @@ def _hidden_dims(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m avg.stages.train_rqvae", description=__doc__.split("\n\n")[0])
     io = p.add_argument_group("data and output")
-    io.add_argument("--emb-dir", required=True, help="emb/ artifact from prepare_emb (image + caption feature memmaps and index)")
+    io.add_argument("--emb-dir", required=True, help="prepare_emb/ artifact from prepare_emb (image + caption feature memmaps and index)")
     io.add_argument("--out-dir", required=True, help="output directory (weights, config, logs, checkpoints/)")
     io.add_argument("--train-splits", default="train", help="comma-separated image splits to train on; only their captions enter the alignment loss")
     io.add_argument("--eval-splits", default="val", help="comma-separated splits whose losses are logged every --eval-every epochs (missing splits are skipped)")
