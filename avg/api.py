@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from avg.artifacts.registry import out as stage_out
-from avg.utils.io import InputError, read_json
+from avg.core.io import InputError, read_json
 
 PathLike = Union[str, os.PathLike]
 RETRIEVER_STAGES = (stage_out("train_retriever_t5_stage2"), stage_out("train_retriever_t5"))
@@ -221,7 +221,7 @@ class Retriever:
 
 # ---------------------------------------------------------------------- run files
 def _load_gallery(root: Path, gallery: Union[str, PathLike], seed: int, stage_cfg: dict):
-    from avg.retriever.gallery import Gallery
+    from avg.search.gallery import Gallery
 
     if isinstance(gallery, str) and gallery in SPLITS:
         data_dir = root / stage_out("prepare_retriever_dataset")

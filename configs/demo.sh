@@ -71,7 +71,7 @@ LORA_ALPHA=${LORA_ALPHA:-16}
 LORA_DROPOUT=${LORA_DROPOUT:-0.05}
 LORA_TARGETS=${LORA_TARGETS:-q_proj,k_proj,v_proj,o_proj}
 
-# --- run_all.sh and the experiment grid (scripts/run_grid.sh, python -m avg.eval.grid) ---
+# --- run_all.sh and the experiment grid (scripts/run_grid.sh, python -m avg.experiments.grid) ---
 # DEMO_TOOLS=1: run_all.sh also builds the demo assets, the demo T5 and the demo LLaMA (each cached).
 DEMO_TOOLS=${DEMO_TOOLS:-1}
 # The grid runs the demo with reduced schedules (GRID_REDUCED=1; 0 = the schedules above):

@@ -40,7 +40,7 @@ if [ "$RERANK_K" -gt 0 ] && [ -n "$BENCH_LM_RERANKER" ]; then
     echo "[benchmark_efficiency] no trained reranker in $BENCH_LM_RERANKER: timing without the avg+lm_rerank row" >&2
   fi
 fi
-python -m avg.eval.efficiency "${LM_ARGS[@]}" --rerank-topk "$RERANK_K" --rerank-weight "$RERANK_W" --retriever-dir "$RETRIEVER_DIR" --emb-dir "$EMB_DIR" \
+python -m avg.experiments.efficiency "${LM_ARGS[@]}" --rerank-topk "$RERANK_K" --rerank-weight "$RERANK_W" --retriever-dir "$RETRIEVER_DIR" --emb-dir "$EMB_DIR" \
   --codes-dir "$CODES_DIR" --out-dir "$STAGE_ROOT/efficiency" --gallery-sizes "$GALLERY_SIZES" \
   --num-beams "$BEAM" --num-queries "$BENCH_QUERIES" --batch-size "$BENCH_BATCH_SIZE" \
   --max-seconds "$BENCH_MAX_SECONDS" --device "$BENCH_DEVICE" --ann "$BENCH_ANN" --seed "$SEED" "$@"

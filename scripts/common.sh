@@ -17,7 +17,7 @@ export WANDB_MODE=${WANDB_MODE:-offline}
 export WANDB_SILENT=${WANDB_SILENT:-true}
 export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
 # Output to a log (not a terminal): the package's bars print a line every AVG_PROGRESS_SECONDS
-# (avg.utils.progress); the Hugging Face libraries' own bars are switched off.
+# (avg.core.progress); the Hugging Face libraries' own bars are switched off.
 if [ ! -t 2 ]; then export HF_HUB_DISABLE_PROGRESS_BARS=${HF_HUB_DISABLE_PROGRESS_BARS:-1}; fi
 STAGE_ROOT="${OUT_DIR}/${DATASET}"
 # Each stage's output folder (EMB_DIR, CODES_DIR, RETRIEVER_T5_DIR, ...), from the stage registry

@@ -10,7 +10,7 @@ export DATASET=demo
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 source scripts/common.sh
 T0=$(date +%s)
-# run_all.sh ends with the report stage (python -m avg.eval.report); per-stage seconds in run_times.tsv
+# run_all.sh ends with the report stage (python -m avg.experiments.report); per-stage seconds in run_times.tsv
 bash scripts/run_all.sh "$@"
 case " $* " in *" --dry-run "*) exit 0 ;; esac
 # demo_times.tsv: the name the README cites, the same table as run_times.tsv

@@ -72,7 +72,7 @@ stage_def() {
     demo_assets) STAGE_CMD=(python tools/make_demo_assets.py --data-dir "$DATA_DIR" --seed "$SEED"); STAGE_OUT=cached ;;
     demo_t5) STAGE_CMD=(python tools/make_demo_t5.py --annotations "$ANNOTATIONS" --out-dir "$RETRIEVER_MODEL" ${DEMO_T5_ARGS:-}); STAGE_OUT=cached ;;
     demo_llama) STAGE_CMD=(python tools/make_demo_llama.py --annotations "$ANNOTATIONS" --out-dir "$LLAMA_MODEL" ${DEMO_LLAMA_ARGS:-}); STAGE_OUT=cached ;;
-    report) STAGE_CMD=(python -m avg.eval.report "$STAGE_ROOT"); STAGE_OUT=always ;;
+    report) STAGE_CMD=(python -m avg.experiments.report "$STAGE_ROOT"); STAGE_OUT=always ;;
     *) STAGE_CMD=(bash "scripts/$1.sh" "${FORCE_ARGS[@]}"); STAGE_OUT=$(registry out "$1") ;;
   esac
 }
@@ -81,7 +81,7 @@ stage_def() {
 manifest_state() {
   python - "$1" <<'EOF'
 import os, sys
-from avg.utils.stages import fingerprint, read_manifest
+from avg.core.stages import fingerprint, read_manifest
 out = sys.argv[1]
 try:
     m = read_manifest(out)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The LM reranker over several seeds on one trained retriever, then mean ± std per system (avg.eval.seeds):
+# The LM reranker over several seeds on one trained retriever, then mean ± std per system (avg.experiments.seeds):
 #   SEEDS="42 1 2" bash scripts/run_reranker_seeds.sh          # after scripts/demo.sh (or run_all.sh)
 # The candidate lists are prepared once, deeper than the single-run stage's, in ${STAGE_ROOT}/prepare_reranker_dataset_seeds:
 # training lists mined by CLIP over all training captions (chunks of RERANK_TRAIN_GALLERY_SIZE images), val and
@@ -52,4 +52,4 @@ for s in $SEEDS; do
   echo "=== [run_reranker_seeds] seed $s done in $(( $(date +%s) - t ))s"
 done
 echo "=== [run_reranker_seeds] ${SEEDS// /, } in $(( $(date +%s) - T0 ))s"
-python -m avg.eval.seeds "$SEEDS_DIR" --dataset "$DATASET" --seeds $SEEDS
+python -m avg.experiments.seeds "$SEEDS_DIR" --dataset "$DATASET" --seeds $SEEDS

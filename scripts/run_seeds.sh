@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The retriever and reranker stages over several seeds, then mean ± std per system (avg.eval.seeds):
+# The retriever and reranker stages over several seeds, then mean ± std per system (avg.experiments.seeds):
 #   SEEDS="0 1 2" bash scripts/run_seeds.sh            # after scripts/demo.sh (it needs prepare_emb/ and the demo assets)
 # Each seed runs SEED_STAGES (RQ-VAE onwards: codes, retriever data, T5 stages 1 and 2, embedding rerank,
 # LM reranker) in ${SEEDS_DIR:-${OUT_DIR}/seeds}/seed_<s>/${DATASET}/ with SEED=<s>; the CLIP features and the CLIP
@@ -38,4 +38,4 @@ for s in $SEEDS; do
 done
 case " $* " in *" --dry-run "*) exit 0 ;; esac
 echo "=== [run_seeds] ${SEEDS// /, } in $(( $(date +%s) - T0 ))s"
-python -m avg.eval.seeds "$SEEDS_DIR" --dataset "$DATASET" --seeds $SEEDS
+python -m avg.experiments.seeds "$SEEDS_DIR" --dataset "$DATASET" --seeds $SEEDS

@@ -1,4 +1,4 @@
-"""ANN baselines of the efficiency benchmark (avg.eval.ann) and the recall-throughput curves."""
+"""ANN baselines of the efficiency benchmark (avg.experiments.ann) and the recall-throughput curves."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,10 +7,10 @@ import torch
 
 pytest.importorskip("faiss", reason="faiss-cpu is part of the dev extra")
 
-from avg.eval import efficiency as eff, scaling, systems as S  # noqa: E402
-from avg.eval.plots import plot_curves  # noqa: E402
-from avg.eval.ann import build_ann, default_nlist, exact_topk, pareto_front  # noqa: E402
-from avg.utils.io import InputError  # noqa: E402
+from avg.experiments import efficiency as eff, scaling, systems as S  # noqa: E402
+from avg.experiments.plots import plot_curves  # noqa: E402
+from avg.experiments.ann import build_ann, default_nlist, exact_topk, pareto_front  # noqa: E402
+from avg.core.io import InputError  # noqa: E402
 
 
 def _unit(rng, n, d):

@@ -29,7 +29,7 @@ from PIL import Image
 from avg.stages import prepare_retriever_dataset as prepare_dataset, train_retriever_t5 as train_t5
 from avg.stages import prepare_emb, train_rqvae
 from avg.artifacts.emb import load_emb, save_emb
-from avg.utils.cli import run_main
+from avg.core.cli import run_main
 from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -3,8 +3,8 @@ import sys
 
 import pytest
 
-from avg.utils.cli import run_main
-from avg.utils.io import InputError
+from avg.core.cli import run_main
+from avg.core.io import InputError
 
 # Entry points that read user files; each must end bad input with one line and status 2.
 MODULES = [

@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from avg.retriever.constraints import CodeIndex, DictTrie, InvalidPrefixError
+from avg.search.code_index import CodeIndex, DictTrie, InvalidPrefixError
 
 
 def _gallery(seed, num_codes, code_len, alphabet, offset=10, per_position=False, dup=0):

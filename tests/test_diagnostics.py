@@ -7,7 +7,7 @@ import torch
 
 from avg.metrics import recall_ks
 from avg.retriever.diagnostics import code_diagnostics, run_diagnostics
-from avg.retriever.gallery import Gallery
+from avg.search.gallery import Gallery
 
 
 def test_recall_ks_cover_the_list_depth():

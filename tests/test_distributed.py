@@ -62,7 +62,7 @@ def test_reranker_trains_on_two_processes(stage_inputs, prepared, untied_llama, 
 
 def test_batch_size_is_global_and_must_divide_among_processes():
     from avg.train.loop import describe_batch, per_process_batch
-    from avg.utils.io import InputError
+    from avg.core.io import InputError
 
     assert per_process_batch(128, 4) == 32 and per_process_batch(8, 1) == 8
     assert describe_batch(128, 4, 2) == "global batch 256 per optimizer step = 32 per process x 4 process(es) x 2 accumulation step(s)"

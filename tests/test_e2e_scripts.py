@@ -36,7 +36,7 @@ def pipeline(tiny_demo, tmp_path_factory):
                    "rerank_embed.sh"):
         res = _run(["bash", f"scripts/{script}", *(["--num-workers", "0"] if script == "prepare_emb.sh" else [])], env)
         logs[script] = res.stdout + res.stderr
-    report = _run([sys.executable, "-m", "avg.eval.report", str(work / "out" / "demo")], env)
+    report = _run([sys.executable, "-m", "avg.experiments.report", str(work / "out" / "demo")], env)
     PIPELINE_LOGS.update(logs)
     PIPELINE_ENV.update(env, WORK=str(work))
     return work / "out" / "demo", report.stdout
@@ -138,7 +138,7 @@ def test_search_cli_prints_ranked_images_and_json(pipeline):
 
 def test_search_cli_errors_are_one_clear_line(pipeline, tmp_path):
     from avg.search.cli import main
-    from avg.utils.io import InputError
+    from avg.core.io import InputError
 
     root, _ = pipeline
     with pytest.raises(InputError, match="query 2 on the command line is empty"):
@@ -238,7 +238,7 @@ def test_reranker_seeds_runner_trains_each_seed_and_tables_them(pipeline):
     for rec, hs in zip(stage_run, hits):
         assert [h.image_id for h in hs] == list(rec.ranked[:5]), rec.query
         assert [h.score for h in hs] == pytest.approx(list(rec.scores[:5]), abs=1e-4)
-    from avg.utils.io import InputError
+    from avg.core.io import InputError
 
     with pytest.raises(InputError, match="no trained LM reranker"):
         Retriever.from_run(root).search("a circle", rerank="lm")  # this run's own finetune_reranker_llama/ was never trained

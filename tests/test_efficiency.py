@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from avg.eval import efficiency as eff, scaling, systems as S
+from avg.experiments import efficiency as eff, scaling, systems as S
 from avg.retriever.t5 import T5Retriever
 from avg.artifacts.emb import save_emb
-from avg.utils.io import write_json
+from avg.core.io import write_json
 from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -257,7 +257,7 @@ def test_main_end_to_end(tmp_path, monkeypatch):
     assert (out / "efficiency.png").stat().st_size > 1000
     assert json.loads((out / "stage.json").read_text())["status"] == "complete"
     # another configuration in the same out dir is refused unless --force
-    from avg.utils.io import InputError
+    from avg.core.io import InputError
 
     with pytest.raises(InputError, match="stage.json"):
         eff.main(args[:-3] + ["--num-beams", "2", "--no-progress"])

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from avg.artifacts.emb import INDEX, load_emb, save_emb
-from avg.utils.io import InputError, read_json, write_json
+from avg.core.io import InputError, read_json, write_json
 
 
 def _write(tmp_path, n_img=4, caps_per=2, dim=8):

@@ -10,7 +10,7 @@ from avg.artifacts.emb import save_emb
 from avg.models.rqvae import RQVAE, RQVAEConfig
 from avg.stages import generate_codes as gc
 from avg.stages import train_rqvae as train_mod
-from avg.utils.io import InputError
+from avg.core.io import InputError
 
 
 def make_emb(out, n=60, dim=8, seed=0):

@@ -41,7 +41,7 @@ def _rows(path: Path) -> list[dict]:
 
 def test_beam_study_evaluates_the_trained_t5_per_beam(main_run):
     root, env = main_run
-    res = _run([sys.executable, "-m", "avg.eval.grid", "beam", "--variants", "1,5", "--beam-model", "stage1"], env)
+    res = _run([sys.executable, "-m", "avg.experiments.grid", "beam", "--variants", "1,5", "--beam-model", "stage1"], env)
     grid = root / "grid" / "beam"
     rows = _rows(grid / "results.csv")
     assert [r["variant"] for r in rows] == ["beam1", "beam5"] and [int(r["num_beams"]) for r in rows] == [1, 5]
@@ -60,7 +60,7 @@ def test_beam_study_evaluates_the_trained_t5_per_beam(main_run):
 
 def test_codebook_study_trains_each_variant_and_rerun_skips(main_run):
     root, env = main_run
-    cmd = [sys.executable, "-m", "avg.eval.grid", "codebook_size", "--variants", "8,16", "--reduced"]
+    cmd = [sys.executable, "-m", "avg.experiments.grid", "codebook_size", "--variants", "8,16", "--reduced"]
     _run(cmd, env)
     grid = root / "grid" / "codebook_size"
     rows = _rows(grid / "results.csv")
@@ -87,16 +87,16 @@ def test_codebook_study_trains_each_variant_and_rerun_skips(main_run):
 
 def test_changed_schedule_is_refused_without_force(main_run):
     root, env = main_run
-    res = subprocess.run([sys.executable, "-m", "avg.eval.grid", "codebook_size", "--variants", "8", "--no-reduced"],
+    res = subprocess.run([sys.executable, "-m", "avg.experiments.grid", "codebook_size", "--variants", "8", "--no-reduced"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "stage.json" in res.stderr and "--force" in res.stderr
 
 
 def test_dry_run_and_bad_variant(main_run):
     root, env = main_run
-    res = _run([sys.executable, "-m", "avg.eval.grid", "ablation", "--variants", "no_dis", "--dry-run"], env)
+    res = _run([sys.executable, "-m", "avg.experiments.grid", "ablation", "--variants", "no_dis", "--dry-run"], env)
     assert "full" in res.stdout and "no_dis" in res.stdout  # no_dis needs the full variant's stage-1 model
     assert not (root / "grid" / "ablation").exists()
-    bad = subprocess.run([sys.executable, "-m", "avg.eval.grid", "ablation", "--variants", "nope"], cwd=ROOT, env=env,
+    bad = subprocess.run([sys.executable, "-m", "avg.experiments.grid", "ablation", "--variants", "nope"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "'nope' is not a variant of ablation" in bad.stderr

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from avg.artifacts.emb import save_emb
-from avg.utils.stages import MANIFEST, begin_stage
-from avg.utils.tracking import RunLogger
+from avg.core.stages import MANIFEST, begin_stage
+from avg.core.tracking import RunLogger
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from avg.data.images import load_rgb
-from avg.utils.io import InputError
+from avg.core.io import InputError
 
 
 def _px(im: Image.Image, xy=(0, 0)) -> tuple:

@@ -8,7 +8,7 @@ import pytest
 
 from avg.data import DatasetError, load_karpathy
 from avg.data.convert import convert_captions
-from avg.utils.io import InputError
+from avg.core.io import InputError
 from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]

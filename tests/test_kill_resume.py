@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from avg.artifacts.runfiles import read_run
 from avg.artifacts.emb import save_emb
-from avg.utils.stages import read_manifest
+from avg.core.stages import read_manifest
 from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -39,18 +39,21 @@ def _imports(tree: ast.AST):
 
 # lowest first; a unit imports only from its own unit or from units of lower layers
 LAYERS = (
-    ("avg.utils",),                                       # io, manifests, tracking, cli, seeds, devices
-    ("avg.artifacts", "avg.metrics", "avg.search.exact"),  # files stages hand each other; R@K; exact search
+    ("avg.core",),                                        # io, manifests, tracking, cli, seeds, devices, progress
+    ("avg.artifacts", "avg.metrics", "avg.search"),        # files stages hand each other; R@K; code index, beam search,
+                                                          # galleries, exact search
     ("avg.data",),                                        # caption datasets, images, demo scenes, sample tables
     ("avg.models",),                                      # RQ-VAE, k-means, CLIP loaders, the demo CLIP
     ("avg.train",),                                       # the training loop, checkpoints and resume; seeded batches
-    ("avg.retriever",),                                   # voken vocabulary, T5/LLaMA retrievers, search, training
-    ("avg.rqvae",),                                       # tokenizer stages: features, RQ-VAE training, codes
+    ("avg.retriever",),                                   # voken vocabulary, retriever data, query prefix, T5/LLaMA set-up, evaluation
+    ("avg.objectives",),                                  # eqs. 7-10 with candidate mining; the reranker's losses
+    ("avg.rqvae",),                                       # the RQ-VAE's training data
     ("avg.reranker",),                                    # reranker lists, models, scoring, steps
     ("avg.stages",),                                      # one module per stage script (imported by nothing else)
-    ("avg.eval",),                                        # experiments: benchmarks, grid, report, seeds, pages
+    ("avg.experiments",),                                 # benchmarks, grid, report, seeds, pages
     ("avg.api",),                                         # the Python API over a trained run
-    ("avg.search",),                                      # its command line (avg.search.cli, python -m avg.search)
+    ("avg.search.cli",),                                  # its command line ...
+    ("avg.search.__main__",),                             # ... run as python -m avg.search
     ("avg",),                                             # the package's own __init__
 )
 
@@ -125,13 +128,13 @@ def test_dependencies_run_one_way():
 def test_the_layer_rule_catches_an_upward_edge():
     """A function-level import of a higher layer is found; imports within a unit and downward are not."""
     modules = {
-        "avg.metrics": ast.parse("def f():\n    from avg.retriever.gallery import Gallery\n"),
-        "avg.retriever.search": ast.parse("from avg.retriever.gallery import Gallery\nfrom avg.metrics import recall_ks\n"),
+        "avg.metrics": ast.parse("def f():\n    from avg.search.gallery import Gallery\n"),
+        "avg.search.beam": ast.parse("from avg.search.gallery import Gallery\nfrom avg.core.io import read_json\n"),
         "avg.data.karpathy": ast.parse("from avg.artifacts.emb import load_emb\nimport avg.reranker.model as RM\n"),
     }
     assert sorted(_upward_edges(modules)) == [("avg.data.karpathy", "avg.reranker.model", 2),
-                                              ("avg.metrics", "avg.retriever.gallery", 2)]
-    assert _unit("avg.search.exact") == "avg.search.exact" and _unit("avg.search.cli") == "avg.search"
+                                              ("avg.metrics", "avg.search.gallery", 2)]
+    assert _unit("avg.search.exact") == "avg.search" and _unit("avg.search.cli") == "avg.search.cli"
 
 
 def test_nothing_imports_a_stage_module():
@@ -158,8 +161,8 @@ def test_the_library_does_not_import_tests_or_tools():
 
 def test_the_rule_catches_a_private_import(tmp_path):
     """The walker sees function-level imports and alias attributes (not only top-level statements)."""
-    src = "def f():\n    from avg.data.karpathy import _hidden\n    import avg.utils.io as IO\n    return IO._secret\n"
+    src = "def f():\n    from avg.data.karpathy import _hidden\n    import avg.core.io as IO\n    return IO._secret\n"
     tree = ast.parse(src)
     found = [(m, n) for m, n, _ in _imports(tree)]
-    assert ("avg.data.karpathy", ["_hidden"]) in found and ("avg.utils.io", []) in found
+    assert ("avg.data.karpathy", ["_hidden"]) in found and ("avg.core.io", []) in found
     assert _private("_hidden") and not _private("__all__") and not _private("public")

@@ -19,9 +19,9 @@ from avg.retriever import llama as L
 from avg.stages import test_retriever_llama as evaluate_llama, prepare_retriever_dataset as prepare_dataset, finetune_retriever_llama as train_llama
 from avg.retriever.data import load_queries, read_codes
 from avg.retriever.evaluate import evaluate_split
-from avg.retriever.gallery import Gallery
+from avg.search.gallery import Gallery
 from avg.retriever.vocab import VokenVocab
-from avg.utils.io import InputError
+from avg.core.io import InputError
 from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]

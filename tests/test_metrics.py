@@ -5,7 +5,7 @@ import pytest
 
 from avg.artifacts.runfiles import RunRecord, read_run, write_run
 from avg.metrics import first_hit_rank, retrieval_metrics
-from avg.utils.io import InputError
+from avg.core.io import InputError
 
 
 def naive_recall(records, k):

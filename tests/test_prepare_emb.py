@@ -10,7 +10,7 @@ import torch
 from avg.artifacts.emb import load_emb
 from avg.data.karpathy import load_karpathy
 from avg.stages.prepare_emb import main as prepare_emb
-from avg.utils.io import InputError
+from avg.core.io import InputError
 
 
 @pytest.fixture(scope="module")

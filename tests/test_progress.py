@@ -1,10 +1,10 @@
-"""Progress bars: tqdm frames on a terminal, a few whole lines in a log file (avg.utils.progress)."""
+"""Progress bars: tqdm frames on a terminal, a few whole lines in a log file (avg.core.progress)."""
 from __future__ import annotations
 
 import io
 import time
 
-from avg.utils.progress import LineStream, interval_seconds, tqdm
+from avg.core.progress import LineStream, interval_seconds, tqdm
 
 
 class FakeTTY(io.StringIO):

@@ -20,9 +20,9 @@ from avg.stages import prepare_retriever_dataset as prepare_dataset
 from avg.stages import generate_codes, prepare_emb
 from avg.stages import train_rqvae
 from avg.artifacts.emb import save_emb
-from avg.utils.cli import run_main
-from avg.utils.io import InputError
-from avg.utils.stages import MANIFEST, SKIP_ENV, read_manifest
+from avg.core.cli import run_main
+from avg.core.io import InputError
+from avg.core.stages import MANIFEST, SKIP_ENV, read_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,7 @@ from avg.stages import eval_clip_baseline as clip_baseline
 from avg.stages import prepare_retriever_dataset as prepare_dataset, train_retriever_t5 as train_t5
 from avg.stages import generate_codes, prepare_emb
 from avg.stages import train_rqvae
-from avg.utils.stages import SKIP_ENV, read_manifest
+from avg.core.stages import SKIP_ENV, read_manifest
 from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]

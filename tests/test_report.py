@@ -2,7 +2,7 @@ import json
 
 import pandas as pd
 
-from avg.eval.report import collect_metrics, main, to_markdown
+from avg.experiments.report import collect_metrics, main, to_markdown
 
 
 def test_collects_known_metrics_and_ignores_others(tmp_path, capsys):

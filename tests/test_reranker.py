@@ -19,10 +19,10 @@ from avg.reranker import scoring
 from avg.stages import test_reranker_llama as rerank_test, prepare_reranker_dataset as prepare_dataset, finetune_reranker_llama as train
 from avg.reranker.data import ListCollator, ListDataset, candidate_list, candidate_lists, load_lists, unflatten
 from avg.reranker.image_tokens import ImageTokenMap, ImageTokens, build_image_tokens, image_token
-from avg.reranker.losses import listwise_loss, pointwise_loss
+from avg.objectives.rerank import listwise_loss, pointwise_loss
 from avg.retriever import llama as L
 from avg.retriever.data import CodesData
-from avg.utils.io import InputError
+from avg.core.io import InputError
 from conftest import load_tool
 
 WORDS = "caption : image a the red blue green cube ball cone on table is".split()
@@ -362,7 +362,7 @@ def test_prepare_searches_train_in_gallery_chunks_and_reuses_run_files(stage_inp
     train_lists = load_lists(out / "train.jsonl")
     assert len(train_lists) == 24 and all(x["gold"] in x["candidates"] for x in train_lists)
     assert meta["splits"]["train"]["gallery_size"] == 4 and "retriever" in meta["splits"]["train"]["source"]
-    from avg.retriever.gallery import Gallery
+    from avg.search.gallery import Gallery
     chunks = Gallery.load(stage_inputs / "retriever_data" / "gallery_train.json").chunks(4, 42)
     assert [len(c) for c in chunks] == [4, 4]
     chunk_of = {i: n for n, c in enumerate(chunks) for i in c.image_ids}

@@ -22,9 +22,9 @@ from avg.reranker.embed import FeatureStore, choose_weight, fit_embed_weight, fu
 from avg.reranker.image_tokens import ImageTokenMap, build_image_tokens, image_token
 from avg.reranker.step import LmRerankStep
 from avg.retriever import llama as L
-from avg.retriever.gallery import Gallery
+from avg.search.gallery import Gallery
 from avg.artifacts.emb import save_emb
-from avg.utils.io import InputError
+from avg.core.io import InputError
 from test_reranker import (codes_data, fake_records, make_llama, make_tokenizer, one_thread,  # noqa: F401 (fixtures)
                            prepare_args, stage_inputs, train_args)
 

@@ -12,9 +12,9 @@ from avg.metrics import first_hit_rank, retrieval_metrics
 from avg.stages import prepare_retriever_dataset as prepare_dataset
 from avg.retriever.data import load_queries, read_codes
 from avg.train.batches import EpochBatchSampler
-from avg.retriever.gallery import Gallery
-from avg.retriever.losses import build_candidates
-from avg.utils.io import InputError
+from avg.search.gallery import Gallery
+from avg.objectives.retrieval import build_candidates
+from avg.core.io import InputError
 
 
 def make_inputs(tmp_path, *, drop_code=("tr3.jpg",)):

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from avg.models.rqvae import RQVAE, RQVAEConfig
-from avg.utils.io import InputError
+from avg.core.io import InputError
 
 
 def small_model(shared=True, seed=0, **kw):

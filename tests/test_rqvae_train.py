@@ -12,7 +12,7 @@ from avg.models.kmeans import DeadCodeTracker, init_codebooks, kmeans
 from avg.models.rqvae import RQVAE, RQVAEConfig
 from avg.stages import train_rqvae as train_mod
 from avg.rqvae.data import FeatureBatchSampler, FeatureDataset, training_rows
-from avg.utils.io import InputError
+from avg.core.io import InputError
 
 
 def make_emb(out, n=120, dim=16, caps=3, clusters=6, seed=0):
@@ -293,7 +293,7 @@ def test_outputs_of_the_previous_trainer_stay_up_to_date(tmp_path):
     """A stage.json written by the RQ-VAE trainer before it ran on the shared loop (gradient clipping
     recorded as grad_clip, no checkpoint/logging flags of the loop) matches the same settings given
     today, so existing train_rqvae/ outputs (and everything downstream) are not re-made."""
-    from avg.utils.stages import begin_stage
+    from avg.core.stages import begin_stage
 
     args = vars(train_mod.build_parser().parse_args(["--emb-dir", "e", "--out-dir", str(tmp_path), "--lr", "3e-3"]))
     loop_flags = ("device", "save_every_steps", "stop_after_steps", "stop_after_epochs", "keep_every_epochs",

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from avg.retriever.constraints import CodeIndex
-from avg.retriever.losses import (RetrievalObjective, candidate_log_probs, code_log_probs, discriminative_loss,
+from avg.search.code_index import CodeIndex
+from avg.objectives.retrieval import (RetrievalObjective, candidate_log_probs, code_log_probs, discriminative_loss,
                                   generative_loss)
 from avg.retriever.prefix import QueryPrefix, feature_rows, load_prefix, prefixed_inputs, save_prefix
-from avg.retriever.search import constrained_beam_search
-from avg.utils.io import InputError
+from avg.search.beam import constrained_beam_search
+from avg.core.io import InputError
 from test_search import EOS, VOKENS, gallery, one_thread, queries, tiny_llama, tiny_t5  # noqa: F401 (autouse fixture)
 
 
@@ -195,7 +195,7 @@ def test_level_tokens_give_each_level_its_own_rows_from_the_shared_codebook():
 
 def test_gallery_chunks_and_grouped_batches():
     from avg.train.batches import EpochBatchSampler
-    from avg.retriever.gallery import Gallery
+    from avg.search.gallery import Gallery
 
     g = Gallery([f"i{k}" for k in range(23)], np.arange(23 * 2).reshape(23, 2))
     chunks = g.chunks(10, seed=1)

@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
-from avg.retriever.constraints import CodeIndex, DictTrie
-from avg.retriever.search import constrained_beam_search
+from avg.search.code_index import CodeIndex, DictTrie
+from avg.search.beam import constrained_beam_search
 
 BASE_VOCAB, NUM_VOKENS, EOS = 100, 32, 1
 VOKENS = torch.arange(BASE_VOCAB, BASE_VOCAB + NUM_VOKENS)
@@ -259,7 +259,7 @@ def test_decode_benchmark_entry_point(tmp_path, monkeypatch):
     """The benchmark runs end to end on a tiny model and writes its results (no timing asserted)."""
     import json
 
-    from avg.eval import bench
+    from avg.experiments import bench
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     bench.main(["decode", "--out-dir", str(tmp_path), "--model-preset", "tiny", "--gallery-sizes", "30,200",

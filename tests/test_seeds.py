@@ -8,7 +8,7 @@ import subprocess
 import pandas as pd
 import pytest
 
-from avg.eval import seeds as S
+from avg.experiments import seeds as S
 
 
 def _write(path, obj):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import T5Config, T5ForConditionalGeneration
 
-from avg.retriever.losses import RetrievalObjective, candidate_log_probs, discriminative_loss
+from avg.objectives.retrieval import RetrievalObjective, candidate_log_probs, discriminative_loss
 
 
 @pytest.fixture()
@@ -101,7 +101,7 @@ def test_list_mask_scores_only_kept_lists_with_the_same_loss_and_gradient(tiny_t
     got = grads(loss)
     # naive: every list scored, the dropped one masked out of the mean
     enc = model.get_encoder()(input_ids=input_ids, attention_mask=mask).last_hidden_state
-    from avg.retriever.losses import generative_loss
+    from avg.objectives.retrieval import generative_loss
     gen = generative_loss(model, enc, mask, labels, loss="vocab", reduction="sum")
     logits = candidate_log_probs(model, enc, mask, cands).masked_fill(~cmask, float("-inf"))
     per_list = torch.nn.functional.cross_entropy(logits, pos, reduction="none")
@@ -130,9 +130,9 @@ def test_discriminative_loss_is_cross_entropy_over_logits_with_mask():
 def test_mine_candidates_is_the_search_plus_the_positive_and_restores_train_mode(tiny_t5):
     """eq. 8 in one call: the beam's codes in the gallery, the positive put in where the beam missed it
     (build_candidates with the same generator), searched in eval mode whatever the model's mode."""
-    from avg.retriever.constraints import CodeIndex
-    from avg.retriever.losses import build_candidates, mine_candidates
-    from avg.retriever.search import constrained_beam_search
+    from avg.search.code_index import CodeIndex
+    from avg.objectives.retrieval import build_candidates, mine_candidates
+    from avg.search.beam import constrained_beam_search
 
     codes = torch.tensor([[5, 7, 9], [5, 8, 9], [6, 7, 10], [6, 8, 9], [5, 7, 10]])
     index = CodeIndex.from_codes(codes, 30)

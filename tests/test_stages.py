@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from avg.utils.io import InputError
-from avg.utils.stages import MANIFEST, begin_stage, fingerprint, read_manifest
+from avg.core.io import InputError
+from avg.core.stages import MANIFEST, begin_stage, fingerprint, read_manifest
 
 
 def test_first_run_writes_running_then_complete(tmp_path):
@@ -109,7 +109,7 @@ def test_outputs_made_before_a_flag_was_renamed_or_added_stay_valid(tmp_path):
     """A manifest written with --max-train-samples, or before the teacher flags existed, is read in today's
     names: same meaning -> up to date; another value is still another configuration. Where a run computes
     (--device, the old --cpu) is not configuration."""
-    from avg.utils.stages import migrate_config
+    from avg.core.stages import migrate_config
 
     out = tmp_path / "out"
     begin_stage(out, "train_llama", {"cpu": True, "max_train_samples": 5, "max_eval_samples": 2, "lr": 1}).complete()
@@ -134,7 +134,7 @@ def test_outputs_made_before_a_flag_was_renamed_or_added_stay_valid(tmp_path):
 def test_device_flag_and_deprecated_aliases_warn_with_the_new_spelling():
     import argparse
 
-    from avg.utils.cli import add_deprecated_alias, add_device_arg
+    from avg.core.cli import add_deprecated_alias, add_device_arg
 
     p = argparse.ArgumentParser()
     add_device_arg(p)
@@ -152,7 +152,7 @@ def test_device_flag_and_deprecated_aliases_warn_with_the_new_spelling():
 def test_added_keys_are_the_flags_defaults():
     """ADDED_KEYS reads an older manifest as if the new flags had their defaults: the two must agree."""
     from avg.stages import train_retriever_t5 as train_t5
-    from avg.utils.stages import ADDED_KEYS
+    from avg.core.stages import ADDED_KEYS
 
     args = train_t5.parse_args(["--data-dir", "d", "--out-dir", "o"])
     assert {k: getattr(args, k) for k in ADDED_KEYS} == ADDED_KEYS

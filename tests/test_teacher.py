@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from avg.retriever.constraints import CodeIndex
-from avg.retriever.gallery import Gallery
-from avg.retriever.losses import (RetrievalObjective, code_log_probs, discriminative_loss, distilled_code_loss,
+from avg.search.code_index import CodeIndex
+from avg.search.gallery import Gallery
+from avg.objectives.retrieval import (RetrievalObjective, code_log_probs, discriminative_loss, distilled_code_loss,
                                   generative_loss, teacher_targets)
 from avg.retriever.teacher import CodeTeacher, GalleryTeacher
-from avg.utils.io import InputError
+from avg.core.io import InputError
 from test_search import EOS, gallery, one_thread, queries, tiny_t5  # noqa: F401 (autouse fixture)
 
 # 5 gallery images over tokens 3..6; images 0 and 1 share a code

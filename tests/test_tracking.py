@@ -1,6 +1,6 @@
 import json
 
-from avg.utils.tracking import RunLogger
+from avg.core.tracking import RunLogger
 
 
 def test_run_logger_writes_log_and_jsonl_without_wandb(tmp_path, monkeypatch):

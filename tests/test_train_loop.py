@@ -89,7 +89,7 @@ def test_a_mid_epoch_checkpoint_resumes_only_on_as_many_processes(tmp_path):
     continued on another number would skip the wrong batches, so it is refused, naming the file."""
     import pytest
 
-    from avg.utils.io import InputError
+    from avg.core.io import InputError
 
     result, state, *_ = _run(tmp_path, stop_after_steps=1)
     path = tmp_path / "checkpoints" / "last" / STATE_FILE

@@ -163,7 +163,7 @@ def test_stage2_reuses_the_recorded_val_evaluation_of_its_start_only_when_it_is_
 def test_val_signature_follows_queries_gallery_features_and_settings():
     import argparse
 
-    from avg.retriever.gallery import Gallery
+    from avg.search.gallery import Gallery
 
     args = argparse.Namespace(num_beams=5, score="children", fast_search=False, max_source_length=64, eval_batch_size=8)
     q = [{"query": "a red cube", "image_id": "a"}, {"query": "a blue ball", "image_id": "b"}]
@@ -200,7 +200,7 @@ def test_evaluate_split_ranks_images_not_codes(assets, stage1):
     from avg.metrics import recall_ks, retrieval_metrics
     from avg.retriever.data import load_queries
     from avg.retriever.evaluate import evaluate_split
-    from avg.retriever.gallery import Gallery
+    from avg.search.gallery import Gallery
     from avg.retriever.vocab import VokenVocab
 
     out_a, _ = stage1
@@ -248,7 +248,7 @@ def test_query_prefix_retriever_reads_the_clip_feature_end_to_end(assets, stage1
     and diagnostics are those of the children score; data without feature rows is refused by name."""
     from avg.retriever.prefix import PREFIX_CONFIG, PREFIX_WEIGHTS
     from avg.retriever.t5 import load_t5_retriever
-    from avg.utils.io import InputError
+    from avg.core.io import InputError
 
     data, caps = emb_data
     rows = [json.loads(x) for x in (data / "test.jsonl").read_text().splitlines()]
@@ -280,7 +280,7 @@ def test_query_prefix_retriever_reads_the_clip_feature_end_to_end(assets, stage1
 def test_clip_teacher_in_both_stages_end_to_end(assets, emb_data):
     """--gen-teacher-mix trains stage 1 (no query prefix: the teacher reads prepare_emb/ on its own) and stage 2 with
     --dis-teacher-mix too; the teacher changes the trained weights; bad settings are refused before writing."""
-    from avg.utils.io import InputError
+    from avg.core.io import InputError
 
     data, _ = emb_data
     base = ["--data-dir", str(data), "--codes-dir", str(assets / "codes"), "--model", str(assets / "t5"), "--epochs", "1",
@@ -312,7 +312,7 @@ def test_clip_teacher_in_both_stages_end_to_end(assets, emb_data):
 
 def test_mixed_precision_defaults_to_bf16_where_supported_and_refuses_fp16_for_t5():
     from avg.train.loop import choose_precision, resolve_mixed_precision
-    from avg.utils.io import InputError
+    from avg.core.io import InputError
 
     assert resolve_mixed_precision("auto", cpu=True, t5=True) == "no"  # the CPU trains in fp32
     assert choose_precision("auto", cuda=True, bf16_ok=True, t5=True) == "bf16"

@@ -3,7 +3,7 @@ import os
 import numpy as np
 import pytest
 
-from avg.utils.io import InputError, atomic_dir, atomic_open, read_json, read_jsonl, save_npy, write_json, write_jsonl
+from avg.core.io import InputError, atomic_dir, atomic_open, read_json, read_jsonl, save_npy, write_json, write_jsonl
 
 
 def test_atomic_open_leaves_nothing_on_failure(tmp_path):

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
 from avg.retriever.vocab import VokenVocab
-from avg.utils.io import InputError
+from avg.core.io import InputError
 from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,7 +140,7 @@ def test_code_token_round_trip_and_position_check(tmp_path):
         vocab.code_to_token_ids([[7, 0, 0, 0]])
     # save / reload: the tokenizer keeps the tokens, VokenVocab.load binds the same ids
     tok.save_pretrained(tmp_path)
-    from avg.utils.io import write_json
+    from avg.core.io import write_json
     write_json(vocab.to_dict(), tmp_path / "voken_vocab.json")
     tok2 = AutoTokenizer.from_pretrained(tmp_path)
     again = VokenVocab.load(tmp_path, tok2)

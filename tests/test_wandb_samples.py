@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from avg.data.sample_tables import log_sample_table, pick_samples, resolve_image_paths
-from avg.utils.tracking import RunLogger
+from avg.core.tracking import RunLogger
 
 
 def _images(root: Path, n: int = 6) -> dict:

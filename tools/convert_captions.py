@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from avg.data.convert import convert_captions
-from avg.utils.io import InputError
+from avg.core.io import InputError
 
 
 def main(argv: list[str] | None = None) -> int:

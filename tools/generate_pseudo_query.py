@@ -17,8 +17,8 @@ import sys
 
 from avg.artifacts.emb import load_emb
 from avg.data.pseudo_queries import caption_transfer
-from avg.utils.io import InputError, write_jsonl
-from avg.utils.tracking import get_logger
+from avg.core.io import InputError, write_jsonl
+from avg.core.tracking import get_logger
 
 
 def main(argv=None) -> int:

@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_demo_clip import add_train_args, config_from_args  # noqa: E402
 
-from avg.utils.io import InputError, read_json  # noqa: E402
-from avg.utils.tracking import get_logger  # noqa: E402
-from avg.utils.cli import run_main
+from avg.core.io import InputError, read_json  # noqa: E402
+from avg.core.tracking import get_logger  # noqa: E402
+from avg.core.cli import run_main
 
 log = get_logger("avg.demo_assets")
 
@@ -49,7 +49,7 @@ def clip_is_built(clip_dir: Path, dataset_params: dict, clip_cfg) -> bool:
 def make_demo_assets(data_dir: Path, *, n_train: int, n_val: int, n_test: int, image_size: int, seed: int, clip_cfg, force: bool = False, progress: bool = True) -> dict:
     from avg.data.demo import PARAMS_NAME, ensure_demo_dataset
     from avg.models.demo_clip import CHECKPOINT_NAME, train_demo_clip
-    from avg.utils.io import write_json
+    from avg.core.io import write_json
 
     json_path, built = ensure_demo_dataset(data_dir, force=force, progress=progress, n_train=n_train, n_val=n_val, n_test=n_test, image_size=image_size, seed=seed)
     log.info("demo dataset %s: %s", json_path, "generated" if built else "cached (same parameters)")

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterable
 
 from avg.data.demo import train_captions
-from avg.utils.cli import run_main
+from avg.core.cli import run_main
 
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3 (LLaMA: unk/bos/eos = 0/1/2)
 INFO_FILE = "demo_llama.json"
@@ -60,7 +60,7 @@ def build_model(tokenizer, *, hidden: int = 128, layers: int = 2, heads: int = 4
 def make_demo_llama(texts: list[str], out_dir: str | Path, *, vocab_size: int = 2000, hidden: int = 128,
                     layers: int = 2, heads: int = 4, kv_heads: int = 2, intermediate: int = 512,
                     seed: int = 0) -> Path:
-    from avg.utils.io import atomic_dir, write_json
+    from avg.core.io import atomic_dir, write_json
 
     tokenizer = train_tokenizer(texts, vocab_size)
     model = build_model(tokenizer, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads,
@@ -98,7 +98,7 @@ def main(argv=None) -> Path:
         return out
     texts = train_captions(args.annotations)
     if not texts:
-        from avg.utils.io import InputError
+        from avg.core.io import InputError
         raise InputError(f"{args.annotations}: no training captions")
     make_demo_llama(texts, out, vocab_size=args.vocab_size, hidden=args.hidden, layers=args.layers, heads=args.heads,
                     kv_heads=args.kv_heads, intermediate=args.intermediate, seed=args.seed)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterable
 
 from avg.data.demo import train_captions
-from avg.utils.cli import run_main
+from avg.core.cli import run_main
 
 SPECIAL = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5
 
@@ -57,7 +57,7 @@ def build_model(vocab_size: int, *, d_model: int = 128, num_layers: int = 2, num
 
 def make_demo_t5(texts: list[str], out_dir: str | Path, *, vocab_size: int = 2000, d_model: int = 128,
                  num_layers: int = 2, num_heads: int = 4, d_ff: int = 512, seed: int = 0) -> Path:
-    from avg.utils.io import atomic_dir, write_json
+    from avg.core.io import atomic_dir, write_json
 
     tokenizer = train_tokenizer(texts, vocab_size)
     model = build_model(len(tokenizer), d_model=d_model, num_layers=num_layers, num_heads=num_heads, d_ff=d_ff, seed=seed)
@@ -93,7 +93,7 @@ def main(argv=None) -> Path:
         return out
     texts = train_captions(args.annotations)
     if not texts:
-        from avg.utils.io import InputError
+        from avg.core.io import InputError
         raise InputError(f"{args.annotations}: no training captions")
     make_demo_t5(texts, out, vocab_size=args.vocab_size, d_model=args.d_model, num_layers=args.num_layers,
                  num_heads=args.num_heads, d_ff=args.d_ff, seed=args.seed)

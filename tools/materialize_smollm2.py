@@ -65,7 +65,7 @@ def materialize(out: str | os.PathLike, *, gguf: Optional[str | os.PathLike] = N
     """Load the GGUF with transformers and save model + tokenizer to ``out`` (atomically; cached)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from avg.utils.io import atomic_dir, write_json
+    from avg.core.io import atomic_dir, write_json
 
     out = Path(out)
     if is_complete(out) and not force:

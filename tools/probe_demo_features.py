@@ -26,8 +26,8 @@ if str(ROOT) not in sys.path:
 
 from avg.artifacts.emb import load_emb  # noqa: E402
 from avg.data.demo import BG_COLOURS, COLOURS, SHAPES  # noqa: E402
-from avg.utils.cli import run_main  # noqa: E402
-from avg.utils.io import InputError, read_json  # noqa: E402
+from avg.core.cli import run_main  # noqa: E402
+from avg.core.io import InputError, read_json  # noqa: E402
 
 CELLS = [(r, c) for r in range(3) for c in range(3)]
 

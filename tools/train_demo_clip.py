@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a fresh clone without install
 
 from avg.models.demo_clip import DemoClipConfig, train_demo_clip  # noqa: E402
-from avg.utils.cli import run_main  # noqa: E402
+from avg.core.cli import run_main  # noqa: E402
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:

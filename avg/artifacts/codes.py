@@ -20,7 +20,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from avg.utils.io import InputError, atomic_open, read_json
+from avg.core.io import InputError, atomic_open, read_json
 
 CODES = "codes.json"
 CODEBOOK = "codebook.npy"

@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from avg.utils.io import InputError, atomic_dir, read_json, save_npy, write_json
+from avg.core.io import InputError, atomic_dir, read_json, save_npy, write_json
 
 IMAGE_FEATURES = "image_features.npy"
 TEXT_FEATURES = "text_features.npy"

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-MANIFEST = "stage.json"  # avg.utils.stages.MANIFEST (the registry imports nothing of the package)
+MANIFEST = "stage.json"  # avg.core.stages.MANIFEST (the registry imports nothing of the package)
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ STAGES: tuple[Stage, ...] = (
           former="reranker"),
     Stage("test_reranker_llama", "RERANKER_TEST_DIR", ("finetune_reranker_llama", "prepare_reranker_dataset"),
           former="reranker/test"),
-    Stage("report", entry="avg.eval.report"),
+    Stage("report", entry="avg.experiments.report"),
 )
 
 #: the T5 retriever's stage for each training stage of eqs. 7 and 10 (one trainer, two stages)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence, Union
 
-from avg.utils.io import InputError, atomic_open, iter_jsonl
+from avg.core.io import InputError, atomic_open, iter_jsonl
 
 Gold = Union[str, Sequence[str]]
 
@@ -55,7 +55,7 @@ def read_run(path: Union[str, os.PathLike]) -> list[RunRecord]:
 def retriever_run_files(retriever_dir: Union[str, os.PathLike], splits) -> dict:
     """Run files a retriever trainer left next to its ``best/`` folder: ``eval/run_test.jsonl`` and
     ``eval/run_val_epoch<e>.jsonl`` of the best epoch (``best/best.json``), for the splits that have one."""
-    from avg.utils.io import read_json
+    from avg.core.io import read_json
 
     best = Path(retriever_dir)
     eval_dir = best.parent / "eval"

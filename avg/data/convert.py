@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 from avg.data.karpathy import (MAX_REPORTED_PROBLEMS, SPLIT_ALIASES, DatasetError, Problems, path_escape,
                                tokenize_caption, validate_karpathy)
-from avg.utils.io import write_json
+from avg.core.io import write_json
 
 REQUIRED_COLUMNS = ("image", "caption", "split")
 

@@ -20,7 +20,7 @@ from typing import Iterator, Optional
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from avg.utils.io import InputError
+from avg.core.io import InputError
 
 # Longest side kept after loading. CLIP resizes to 224/336 px anyway, so shrinking a
 # 10000x10000 scan to this size first loses nothing and bounds the memory of what follows.

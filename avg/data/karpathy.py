@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from avg.utils.io import InputError
+from avg.core.io import InputError
 
 SPLITS = ("train", "val", "test")
 # COCO's Karpathy split has a "restval" part (the rest of val2014) that everyone trains on.

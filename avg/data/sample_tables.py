@@ -23,7 +23,7 @@ import numpy as np
 
 from avg.artifacts.registry import out as stage_out
 from avg.metrics import first_hit_rank
-from avg.utils.io import InputError, atomic_open, read_json, write_json
+from avg.core.io import InputError, atomic_open, read_json, write_json
 
 
 def resolve_image_paths(*, image_root: Optional[str] = None, annotations: Optional[str] = None,

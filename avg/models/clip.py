@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from avg.utils.io import InputError
+from avg.core.io import InputError
 
 CLIP_CONFIGS_DIR = Path(__file__).resolve().parent / "clip_configs"
 BACKENDS = ("open_clip", "hf")

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from avg.utils.progress import tqdm
+from avg.core.progress import tqdm
 
 DEMO_CLIP_MODEL = "avg-demo-vit"
 CHECKPOINT_NAME = "avg_demo_clip.pt"
@@ -138,7 +138,7 @@ def train_clip(model, pixels: torch.Tensor, tokens: torch.Tensor, caption_image:
 
 def save_open_clip_checkpoint(model, path: os.PathLike, extra: Optional[dict] = None) -> Path:
     """``{"state_dict": ..., **extra}`` written atomically; loads with open_clip's weights_only load."""
-    from avg.utils.io import atomic_path
+    from avg.core.io import atomic_path
 
     path = Path(path)
     payload = {"state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}}
@@ -183,9 +183,9 @@ def train_demo_clip(json_path: os.PathLike, image_root: os.PathLike, out_dir: os
 
     from avg.data.karpathy import load_karpathy
     from avg.models.clip import register_clip_configs
-    from avg.utils.io import write_json
-    from avg.utils.seed import set_seed
-    from avg.utils.tracking import RunLogger
+    from avg.core.io import write_json
+    from avg.core.seed import set_seed
+    from avg.core.tracking import RunLogger
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

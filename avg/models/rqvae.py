@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from avg.utils.io import InputError, read_json
+from avg.core.io import InputError, read_json
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -268,7 +268,7 @@ class RQVAE(nn.Module):
         """Write ``model.safetensors`` + ``config.json`` into ``out_dir`` (each file atomically)."""
         from safetensors.torch import save_file
 
-        from avg.utils.io import atomic_path, write_json
+        from avg.core.io import atomic_path, write_json
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

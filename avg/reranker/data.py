@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from avg.reranker.embed import l2_normalize
-from avg.utils.io import InputError, read_jsonl
+from avg.core.io import InputError, read_jsonl
 
 
 # ---------------------------------------------------------------------------- candidate lists
@@ -129,7 +129,7 @@ def pack(sequences: Sequence[Sequence[int]], pad_id: int, padding_side: str = "r
 
 def clip_lists(queries: Sequence[dict], galleries, store, k: int) -> list[dict]:
     """Training lists mined with CLIP (module docstring): ``queries`` ({qid, query, image_id}), each
-    searched among the gallery (avg.retriever.gallery.Gallery) holding its image; the positive is
+    searched among the gallery (avg.search.gallery.Gallery) holding its image; the positive is
     put in place of the last candidate when missed (``inserted``)."""
     owner = {i: g for g, gal in enumerate(galleries) for i in gal.image_ids}
     feats = [store.images(gal.image_ids, f"gallery {g}") for g, gal in enumerate(galleries)]

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from avg.metrics import recall_ks, retrieval_metrics
-from avg.utils.io import InputError
+from avg.core.io import InputError
 
 DEFAULT_WEIGHTS = (0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, math.inf)
 

@@ -30,7 +30,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from avg.utils.io import InputError, read_json
+from avg.core.io import InputError, read_json
 
 SEED_NUM_IMAGE_TOKENS = 8192
 TOKEN_FORMAT = "<img_{:05d}>"
@@ -149,7 +149,7 @@ class ImageTokens:
             raise InputError(f"{TOKENS_FILE}: no image tokens for image {image_id!r}") from None
 
     def save(self, out_dir: str | os.PathLike, extra: Optional[dict] = None) -> None:
-        from avg.utils.io import save_npy, write_json
+        from avg.core.io import save_npy, write_json
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ import torch
 from avg.reranker.image_tokens import ImageTokenMap, image_token
 from avg.retriever import llama as L
 from avg.retriever.vocab import project_codebook
-from avg.utils.io import InputError
+from avg.core.io import InputError
 
 
 def image_token_capacity(tokenizer) -> int:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from avg.reranker.image_tokens import ImageTokens
 from avg.reranker.model import Reranker
 from avg.retriever import llama as L
-from avg.utils.io import InputError, read_json, replace_dir, write_json
+from avg.core.io import InputError, read_json, replace_dir, write_json
 
 META_FILE = "reranker.json"
 HEAD_FILE = "head.safetensors"

@@ -28,7 +28,7 @@ def score_lists(reranker: Reranker, dataset, batch_size: int, device, *, desc: s
     ``batch_size`` lists per forward pass (every candidate of a list in the same pass)."""
     import contextlib
 
-    from avg.utils.progress import tqdm
+    from avg.core.progress import tqdm
 
     from avg.reranker.data import ListCollator
 

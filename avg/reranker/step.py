@@ -23,7 +23,7 @@ from avg.reranker import scoring
 from avg.reranker.data import ListDataset
 from avg.reranker.embed import FeatureStore
 from avg.retriever import llama as L
-from avg.utils.io import InputError, read_json
+from avg.core.io import InputError, read_json
 
 
 def reranker_feature_store(rmeta: dict, emb_dir: Optional[str], meta_file: Path) -> Optional[FeatureStore]:

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from avg.utils.io import InputError, read_jsonl
+from avg.core.io import InputError, read_jsonl
 
 SPLITS = ("train", "val", "test")
 

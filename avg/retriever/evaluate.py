@@ -3,7 +3,7 @@
 Shared by the T5 and LLaMA retrievers and the reranker's data preparation. Queries are batched
 by token length (less padding), sharded across processes when torch.distributed is running and
 gathered back in query order; memory is bounded by ``batch_size`` queries x ``num_beams`` beams.
-Every returned image list is over images, not codes (see avg.retriever.gallery), and the one
+Every returned image list is over images, not codes (see avg.search.gallery), and the one
 metrics function, avg.metrics.retrieval_metrics, scores it.
 """
 from __future__ import annotations
@@ -12,12 +12,12 @@ from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from avg.utils.progress import tqdm
+from avg.core.progress import tqdm
 
 from avg.metrics import recall_ks, retrieval_metrics
-from avg.retriever.gallery import Gallery
+from avg.search.gallery import Gallery
 from avg.retriever.prefix import prefixed_inputs
-from avg.retriever.search import constrained_beam_search
+from avg.search.beam import constrained_beam_search
 
 
 def logits_vocab_size(model) -> int:
@@ -46,11 +46,11 @@ def evaluate_split(model, tokenizer, vocab, queries: Sequence[dict], gallery: Ga
     gallery (built here when None). `format_query` maps a caption to the model's input text (a
     prompt template for decoder-only models; their prompts are left-padded here).
     `restrict_to_vokens` takes the search's fast path (output head over the vokens only, scores
-    renormalised over them; see avg.retriever.search); the default scores with the
+    renormalised over them; see avg.search.beam); the default scores with the
     full-vocabulary distribution. `score_eos` adds log p(EOS | code)
     to each code's score, matching models trained on code + EOS labels (as train_t5 does).
     `normalize="children"` ranks by log-probabilities renormalised over each prefix's allowed
-    continuations (avg.retriever.search; the voken-only head is then used, same result, faster).
+    continuations (avg.search.beam; the voken-only head is then used, same result, faster).
     `prefix` (avg.retriever.prefix.QueryPrefix) with `query_features` [len(queries), D] puts each
     query's CLIP text feature in front of its words. Metrics include R@K up to the beam
     (``avg.metrics.recall_ks``): R@beam is the recall of the returned list.

@@ -34,8 +34,8 @@ import torch
 
 from avg.retriever.data import QueryDataset
 from avg.retriever.vocab import VOCAB_FILE, VokenVocab
-from avg.utils.io import InputError, read_json, replace_dir, write_json
-from avg.utils.seed import seeded_subset
+from avg.core.io import InputError, read_json, replace_dir, write_json
+from avg.core.seed import seeded_subset
 
 DEFAULT_PROMPT_TEMPLATE = "Caption: {query}\nImage:"
 DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj"

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from avg.utils.io import InputError, read_json, write_json
+from avg.core.io import InputError, read_json, write_json
 
 PREFIX_WEIGHTS = "query_prefix.safetensors"
 PREFIX_CONFIG = "query_prefix.json"

@@ -22,7 +22,7 @@ import torch
 
 from avg.retriever.prefix import QueryPrefix, load_prefix, save_prefix
 from avg.retriever.vocab import VOCAB_FILE, VokenVocab
-from avg.utils.io import InputError, read_json, replace_dir, write_json
+from avg.core.io import InputError, read_json, replace_dir, write_json
 
 INFO_FILE = "best.json"
 
@@ -33,7 +33,7 @@ class T5Retriever:
     tokenizer: object
     vocab: VokenVocab
     prefix: Optional[QueryPrefix]
-    normalize: str           # "children" or "vocab" (avg.retriever.search)
+    normalize: str           # "children" or "vocab" (avg.search.beam)
     max_length: int = 64
     encoder: Optional[dict] = None  # the CLIP text encoder of the prefix's features
 

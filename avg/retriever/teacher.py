@@ -2,7 +2,7 @@
 the paper's setting).
 
 :class:`GalleryTeacher` scores every image of the training gallery for a batch of queries
-(``scale * cos``): :func:`avg.retriever.losses.distilled_code_loss` turns those scores into a soft
+(``scale * cos``): :func:`avg.objectives.retrieval.distilled_code_loss` turns those scores into a soft
 target for each position of the code -- how much of the teacher's mass lies under each voken that
 may follow the gold prefix -- mixed with the one-hot gold voken of eq. 7.
 
@@ -11,7 +11,7 @@ whose captions fit many images, the other candidates of a list are often as good
 positive, and a one-hot target pushes them down all the same. The two-tower that made the
 features grades them: ``cos(text feature, image feature)`` of each candidate. :class:`CodeTeacher`
 scores a list of candidate codes for a query with it -- a code stands for the images of the
-chunk that carry it, scored by the best of them -- and :func:`avg.retriever.losses.teacher_targets`
+chunk that carry it, scored by the best of them -- and :func:`avg.objectives.retrieval.teacher_targets`
 mixes its softmax with the one-hot target.
 
 No I/O: built from arrays (the prepare_emb/ image features, the chunks' galleries, the vocabulary).
@@ -23,7 +23,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from avg.utils.io import InputError
+from avg.core.io import InputError
 
 
 def _check_rows(gallery, image_rows: Mapping[str, int]) -> None:
@@ -38,7 +38,7 @@ class CodeTeacher:
     """Per gallery chunk: token-id code -> the prepare_emb/ rows of the images that carry it.
 
     ``image_features`` [N, D] (rows of prepare_emb/image_features.npy), ``image_rows`` {image_id: row},
-    ``chunks``: the stage-2 galleries (:class:`~avg.retriever.gallery.Gallery`), ``vocab`` maps
+    ``chunks``: the stage-2 galleries (:class:`~avg.search.gallery.Gallery`), ``vocab`` maps
     their codes to token ids (what the search returns).
     """
 
@@ -78,7 +78,7 @@ class CodeTeacher:
 
 
 class GalleryTeacher:
-    """The training gallery's image features and codes, for :func:`~avg.retriever.losses.distilled_code_loss`.
+    """The training gallery's image features and codes, for :func:`~avg.objectives.retrieval.distilled_code_loss`.
 
     ``similarity(query_features)`` -> [B, G] ``scale * cos`` against the gallery's G images, in the
     gallery's order; ``tokens`` [G, L] their codes as token ids (the codes of the training index).

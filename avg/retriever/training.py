@@ -6,10 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from avg.retriever.data import load_queries
-from avg.retriever.gallery import Gallery
+from avg.search.gallery import Gallery
 from avg.retriever.vocab import VOCAB_FILE, VokenVocab
 from avg.train.loop import add_checkpoint_args
-from avg.utils.io import InputError, read_json
+from avg.core.io import InputError, read_json
 
 
 def load_split(data_dir: Path, split: str, code_len: int, seed: int):

@@ -31,7 +31,7 @@ from typing import Any, Mapping, Optional
 import numpy as np
 import torch
 
-from avg.utils.io import InputError, read_json
+from avg.core.io import InputError, read_json
 
 VOCAB_FILE = "voken_vocab.json"
 INIT_MODES = ("codebook", "random")

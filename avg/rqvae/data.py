@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from avg.train.batches import shard_batches
-from avg.utils.io import InputError
+from avg.core.io import InputError
 
 
 class CaptionRows:

@@ -1,4 +1,9 @@
-"""Search a trained run from the command line: ``python -m avg.search --run outputs/demo "a query"``.
+"""Search over voken codes and features, and the command line over a trained run.
 
-The CLI (avg.search.cli) is a thin layer over the Python API, avg.api.Retriever.
+* ``code_index`` -- a gallery's codes as per-depth CSR prefix tables (which vokens may follow a prefix);
+* ``beam`` -- constrained beam search over that index (Sec. 3.3);
+* ``gallery`` -- a split's images with their codes: the index to search, and ranking found codes into images;
+* ``exact`` -- exact inner-product search over feature matrices (the CLIP two-tower baseline);
+* ``cli`` -- ``python -m avg.search --run outputs/demo "a query"``: a thin layer over ``avg.api.Retriever``
+  (the one module here above the API; nothing below imports it).
 """

@@ -1,4 +1,4 @@
 from avg.search.cli import main
-from avg.utils.cli import run_main
+from avg.core.cli import run_main
 
 run_main(main)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from avg.utils.io import InputError
+from avg.core.io import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:

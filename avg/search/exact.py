@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from avg.utils.progress import tqdm
+from avg.core.progress import tqdm
 
 
 def exact_search(

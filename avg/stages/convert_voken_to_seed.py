@@ -17,9 +17,9 @@ import numpy as np
 from avg.artifacts.registry import manifest_name
 from avg.reranker.image_tokens import SEED_NUM_IMAGE_TOKENS, TOKENS_FILE, build_image_tokens, image_token
 from avg.retriever.data import read_codes
-from avg.utils.cli import run_main
-from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
-from avg.utils.tracking import get_logger
+from avg.core.cli import run_main
+from avg.core.stages import add_force_arg, begin_stage, skip_if_done
+from avg.core.tracking import get_logger
 
 STAGE = manifest_name("convert_voken_to_seed")
 
@@ -44,7 +44,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     log = get_logger("avg.reranker.tokens")
     if args.rich_levels and not args.emb_dir:
-        from avg.utils.io import InputError
+        from avg.core.io import InputError
         raise InputError("--rich-levels needs --emb-dir (the CLIP image features)")
     codes = read_codes(args.codes_dir)
     run = begin_stage(args.out_dir, STAGE, vars(args), inputs=[args.codes_dir, args.emb_dir], force=args.force)

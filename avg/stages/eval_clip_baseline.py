@@ -7,7 +7,7 @@ two are compared under one protocol.
 
     python -m avg.stages.eval_clip_baseline --emb-dir out/demo/emb --split test --out-dir out/demo/eval
 
-The out dir's ``stage.json`` (avg.utils.stages) records the configuration, split included: another
+The out dir's ``stage.json`` (avg.core.stages) records the configuration, split included: another
 configuration or split needs its own ``--out-dir`` (or ``--force``).
 """
 from __future__ import annotations
@@ -25,10 +25,10 @@ from avg.artifacts.registry import manifest_name
 from avg.metrics import DEFAULT_KS, format_metrics, retrieval_metrics
 from avg.artifacts.runfiles import RunRecord, write_run
 from avg.search.exact import exact_search
-from avg.utils.io import InputError, write_json
-from avg.utils.cli import run_main
-from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
-from avg.utils.tracking import get_logger
+from avg.core.io import InputError, write_json
+from avg.core.cli import run_main
+from avg.core.stages import add_force_arg, begin_stage, skip_if_done
+from avg.core.tracking import get_logger
 
 
 def search_split(emb, split: str, k: int = 100, batch_size: int = 1024, device: str = "auto", progress: bool = True) -> tuple[list[RunRecord], int]:
@@ -71,7 +71,7 @@ def evaluate_clip_baseline(emb_dir: str | os.PathLike, split: str, out_dir: str 
     seconds = time.perf_counter() - t0
     metrics = retrieval_metrics(records, ks=ks, gallery_size=gallery_size)
     metrics.update({"system": "clip_two_tower", "split": split, "emb_dir": str(emb_dir), "encoder": emb.index["encoder"], "run_depth": min(k, gallery_size)})
-    # timed: search over precomputed text features (no text encoding; avg.eval.efficiency times both towers)
+    # timed: search over precomputed text features (no text encoding; avg.experiments.efficiency times both towers)
     metrics.update({"eval_seconds": seconds, "queries_per_s": len(records) / max(seconds, 1e-9), "queries_per_s_excludes_text_encoding": True})
     out_dir = Path(out_dir)
     write_run(records, out_dir / f"run_clip_{split}.jsonl")
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
-    from avg.utils.tracking import RunLogger
+    from avg.core.tracking import RunLogger
 
     args = build_parser().parse_args(argv)
     from avg.artifacts.emb import load_emb

@@ -5,7 +5,7 @@ each (query, candidate image tokens) pair of the retriever's top-k lists.
         --model data/demo/llama-demo --full-finetune --out-dir outputs/demo/finetune_reranker_llama
     accelerate launch -m avg.stages.finetune_reranker_llama ... --model <SEED-LLaMA path> --gradient-checkpointing
 
-Loss per batch of lists: listwise softmax cross-entropy with the positive (avg.reranker.losses)
+Loss per batch of lists: listwise softmax cross-entropy with the positive (avg.objectives.rerank)
 + ``--pointwise-weight`` x BCE. With fusion (``--fusion fixed|learned``) the listwise loss is taken
 on ``head + w * retriever score`` for lists as the retriever returned them; on lists whose positive
 was inserted (the retriever missed it; its score is unknown) it is taken on the head alone, so w
@@ -39,16 +39,16 @@ from avg.reranker import scoring
 from avg.reranker.data import ListCollator, ListDataset, load_lists, shorten_list
 from avg.reranker.embed import EMBED_FIT_BOUNDS, FeatureStore, fit_embed_weight
 from avg.reranker.image_tokens import ImageTokens
-from avg.reranker.losses import listwise_loss, pointwise_loss
+from avg.objectives.rerank import listwise_loss, pointwise_loss
 from avg.retriever import llama as L
 from avg.train.batches import EpochBatchSampler
 from avg.train.loop import (add_checkpoint_args, check_checkpoint, checkpoint_dir, describe_batch, log_resumed,
                             log_stopped, per_process_batch, resolve_mixed_precision, resume_from, select_best,
                             start_training_run, train_epochs, trainable_only_hooks)
-from avg.utils.cli import add_device_arg, run_main
-from avg.utils.io import InputError, read_json
-from avg.utils.seed import seeded_subset, set_seed
-from avg.utils.stages import add_force_arg
+from avg.core.cli import add_device_arg, run_main
+from avg.core.io import InputError, read_json
+from avg.core.seed import seeded_subset, set_seed
+from avg.core.stages import add_force_arg
 
 STAGE = manifest_name("finetune_reranker_llama")
 

@@ -39,17 +39,17 @@ from avg.artifacts.runfiles import write_run
 from avg.retriever import llama as L
 from avg.retriever.data import read_codes
 from avg.retriever.evaluate import evaluate_split
-from avg.retriever.gallery import Gallery
+from avg.search.gallery import Gallery
 from avg.retriever.training import add_eval_and_checkpoint_args, check_data_matches_vocab, load_split
 from avg.train.batches import EpochBatchSampler
 from avg.train.loop import (check_checkpoint, checkpoint_dir, describe_batch, log_resumed, log_stopped,
                             per_process_batch, resolve_mixed_precision, resume_from, select_best, start_training_run,
                             train_epochs, trainable_only_hooks)
 from avg.retriever.vocab import VokenVocab
-from avg.utils.io import InputError, read_json, write_json
-from avg.utils.seed import set_seed
-from avg.utils.stages import add_force_arg
-from avg.utils.cli import add_deprecated_alias, add_device_arg, run_main
+from avg.core.io import InputError, read_json, write_json
+from avg.core.seed import set_seed
+from avg.core.stages import add_force_arg
+from avg.core.cli import add_deprecated_alias, add_device_arg, run_main
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--seed", type=int, default=42, help="seed for init, data order and dropout")
     add_device_arg(g)
     add_eval_and_checkpoint_args(p, eval_batch_size=16, eval_train_queries=0, log_every=10,
-                                 fast_search_help="test: score over voken logits only (renormalised, see avg.retriever.search); "
+                                 fast_search_help="test: score over voken logits only (renormalised, see avg.search.beam); "
                                                   "the in-training evaluation of a LoRA model always uses the full vocabulary")
     add_force_arg(p)
     return p.parse_args(argv)

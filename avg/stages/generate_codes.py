@@ -4,7 +4,7 @@
 
 Codes are the raw M vokens by default (``--disambiguation none``): images that share a code are
 told apart where they are ranked, inside each gallery, by the documented seeded rule of
-avg.retriever.gallery -- only codes that collide *in that gallery* are affected, and no meaningless
+avg.search.gallery -- only codes that collide *in that gallery* are affected, and no meaningless
 token enters the retriever's score. ``--disambiguation global`` is the earlier setting: if any raw
 codes collide over all splits, one position holding the image's index in its group (``TIE_RULE``)
 is appended to every code, which the retriever must then generate. stats.json reports the
@@ -13,7 +13,7 @@ collision rates either way, and the tokenizer's retrieval ceiling per held-out s
 image's code (what the code alone keeps), next to the same against the raw image features (the
 CLIP two-tower) -- ties between images that share a code broken by the gallery's rule.
 
-The out dir's ``stage.json`` (avg.utils.stages) refuses to overwrite codes of another configuration
+The out dir's ``stage.json`` (avg.core.stages) refuses to overwrite codes of another configuration
 without ``--force`` and, fingerprinting ``--rqvae-dir`` and ``--emb-dir``, tells when the codes are stale.
 """
 from __future__ import annotations
@@ -25,16 +25,16 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 from avg.artifacts.registry import manifest_name
-from avg.utils.progress import tqdm
+from avg.core.progress import tqdm
 
 from avg.models.rqvae import RQVAE
 from avg.artifacts.codes import CODEBOOK, CODES, STATS, collision_stats, write_codes_json
 from avg.rqvae.data import iter_feature_batches
 from avg.artifacts.emb import INDEX, load_emb
-from avg.utils.io import InputError, save_npy, write_json
-from avg.utils.tracking import get_logger
-from avg.utils.cli import run_main
-from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
+from avg.core.io import InputError, save_npy, write_json
+from avg.core.tracking import get_logger
+from avg.core.cli import run_main
+from avg.core.stages import add_force_arg, begin_stage, skip_if_done
 
 TIE_RULE = (
     "images sharing the same raw voken code are ordered by the L2 distance of their encoder latent "
@@ -92,7 +92,7 @@ def tokenizer_ceiling(model: RQVAE, emb, raw: np.ndarray, image_ids: Sequence[st
     """R@K of ``split``'s caption features against (a) the decoded codes and (b) the raw image
     features of the split's images (module docstring); None when the split has no captions."""
     from avg.metrics import retrieval_metrics
-    from avg.retriever.gallery import Gallery
+    from avg.search.gallery import Gallery
 
     img_rows = emb.image_rows(split)
     cap_rows = emb.caption_rows(split)
@@ -219,7 +219,7 @@ def generate_codes(
         "code_len": int(final.shape[1]),
         "disambiguation": disamb,
         "disambiguation_size": int(k) if disamb else 0,
-        "tie_rule": TIE_RULE if disamb else "none (no disambiguation position: images sharing a code are ordered by the gallery's seeded rule, avg.retriever.gallery)",
+        "tie_rule": TIE_RULE if disamb else "none (no disambiguation position: images sharing a code are ordered by the gallery's seeded rule, avg.search.gallery)",
         "encoder": emb.index["encoder"],
     }
     out_dir.mkdir(parents=True, exist_ok=True)

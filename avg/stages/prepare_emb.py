@@ -12,7 +12,7 @@ An unreadable image stops the run with an error naming the file (nothing is writ
 ``--skip-bad-images``: then the image and its captions are left out and listed in
 ``index["skipped_images"]``.
 
-The out dir gets a ``stage.json`` manifest (avg.utils.stages): a finished ``prepare_emb/`` of another
+The out dir gets a ``stage.json`` manifest (avg.core.stages): a finished ``prepare_emb/`` of another
 configuration is never overwritten without ``--force``; with ``AVG_SKIP_DONE=1`` an up-to-date one
 is kept as it is.
 """
@@ -28,12 +28,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 from avg.artifacts.registry import manifest_name
-from avg.utils.progress import tqdm
+from avg.core.progress import tqdm
 
-from avg.utils.io import InputError
-from avg.utils.tracking import get_logger
-from avg.utils.cli import run_main
-from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
+from avg.core.io import InputError
+from avg.core.tracking import get_logger
+from avg.core.cli import run_main
+from avg.core.stages import add_force_arg, begin_stage, skip_if_done
 
 log = get_logger("avg.prepare_emb")
 
@@ -168,7 +168,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Path:
     from avg.data.karpathy import load_karpathy
     from avg.models.clip import load_clip
     from avg.artifacts.emb import save_emb
-    from avg.utils.seed import set_seed
+    from avg.core.seed import set_seed
 
     args = build_parser().parse_args(argv)
     set_seed(args.seed)

@@ -31,13 +31,13 @@ from avg.artifacts.runfiles import read_run, retriever_run_files, write_run
 from avg.metrics import retrieval_metrics
 from avg.reranker.data import candidate_lists, clip_lists, list_stats
 from avg.reranker.embed import FeatureStore
-from avg.retriever.gallery import Gallery
+from avg.search.gallery import Gallery
 from avg.retriever.training import load_split
-from avg.utils.cli import add_device_arg, run_main
-from avg.utils.io import InputError, read_json, write_json, write_jsonl
-from avg.utils.seed import seeded_subset
-from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
-from avg.utils.tracking import get_logger
+from avg.core.cli import add_device_arg, run_main
+from avg.core.io import InputError, read_json, write_json, write_jsonl
+from avg.core.seed import seeded_subset
+from avg.core.stages import add_force_arg, begin_stage, skip_if_done
+from avg.core.tracking import get_logger
 
 STAGE = manifest_name("prepare_reranker_dataset")
 SALTS = {"train": 11, "val": 12, "test": 13}

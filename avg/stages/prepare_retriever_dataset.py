@@ -11,7 +11,7 @@ go to their own split's file. Pseudo queries (``--pseudo-queries``) are extra *t
 when they target val/test gallery images the data is transductive: a loud warning is logged and
 ``meta.json`` says so.
 
-The out dir's ``stage.json`` (avg.utils.stages) refuses to overwrite data of another configuration
+The out dir's ``stage.json`` (avg.core.stages) refuses to overwrite data of another configuration
 without ``--force``; new codes upstream make it stale.
 """
 from __future__ import annotations
@@ -27,10 +27,10 @@ from avg.artifacts.registry import manifest_name
 from avg.data.karpathy import load_karpathy
 from avg.retriever.data import SPLITS, CodesData, read_codes
 from avg.artifacts.emb import load_emb
-from avg.utils.io import InputError, atomic_dir, read_jsonl, write_json, write_jsonl
-from avg.utils.tracking import get_logger
-from avg.utils.cli import run_main
-from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
+from avg.core.io import InputError, atomic_dir, read_jsonl, write_json, write_jsonl
+from avg.core.tracking import get_logger
+from avg.core.cli import run_main
+from avg.core.stages import add_force_arg, begin_stage, skip_if_done
 
 log = get_logger("avg.stages.prepare_retriever_dataset")
 

@@ -20,11 +20,11 @@ from avg.artifacts.registry import manifest_name
 from avg.artifacts.runfiles import read_run, retriever_run_files, write_run
 from avg.metrics import recall_ks, retrieval_metrics
 from avg.reranker.embed import DEFAULT_WEIGHTS, FeatureStore, choose_weight, rerank_records
-from avg.retriever.gallery import Gallery
-from avg.utils.cli import run_main
-from avg.utils.io import InputError, write_json
-from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
-from avg.utils.tracking import RunLogger
+from avg.search.gallery import Gallery
+from avg.core.cli import run_main
+from avg.core.io import InputError, write_json
+from avg.core.stages import add_force_arg, begin_stage, skip_if_done
+from avg.core.tracking import RunLogger
 
 STAGE = manifest_name("rerank_embed")
 

@@ -26,12 +26,12 @@ from avg.reranker import scoring
 from avg.reranker.data import load_lists
 from avg.reranker.step import LmRerankStep
 from avg.retriever import llama as L
-from avg.utils.cli import add_device_arg, run_main
-from avg.utils.devices import process_device
-from avg.utils.io import InputError, read_json, write_json
-from avg.utils.seed import seeded_subset
-from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
-from avg.utils.tracking import RunLogger
+from avg.core.cli import add_device_arg, run_main
+from avg.core.devices import process_device
+from avg.core.io import InputError, read_json, write_json
+from avg.core.seed import seeded_subset
+from avg.core.stages import add_force_arg, begin_stage, skip_if_done
+from avg.core.tracking import RunLogger
 
 SYSTEM = "avg_reranker"
 

@@ -4,7 +4,7 @@
         --data-dir outputs/demo/prepare_retriever_dataset --split test --out-dir outputs/demo/test_retriever_llama
     torchrun --nproc_per_node 4 -m avg.stages.test_retriever_llama ...   # queries sharded over processes
 
-The search is avg.retriever.search.constrained_beam_search: deterministic (no sampling), every
+The search is avg.search.beam.constrained_beam_search: deterministic (no sampling), every
 setting explicit (``--num-beams``, EOS scored, full-vocabulary or ``--fast-search`` scores); the
 checkpoint's generation_config is never read (and is reset to greedy on load). Prompts are the
 retriever's own template, left-padded, and the constraint starts right after them.
@@ -27,12 +27,12 @@ from avg.artifacts.runfiles import write_run
 from avg.retriever import llama as L
 from avg.retriever.evaluate import evaluate_split
 from avg.retriever.training import check_data_matches_vocab, load_split
-from avg.utils.devices import process_device
+from avg.core.devices import process_device
 from avg.retriever.vocab import VokenVocab
-from avg.utils.io import InputError, write_json
-from avg.utils.stages import add_force_arg, begin_stage, skip_if_done
-from avg.utils.tracking import RunLogger, get_logger
-from avg.utils.cli import add_device_arg, run_main
+from avg.core.io import InputError, write_json
+from avg.core.stages import add_force_arg, begin_stage, skip_if_done
+from avg.core.tracking import RunLogger, get_logger
+from avg.core.cli import add_device_arg, run_main
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16, help="queries per search batch (bounds memory)")
     p.add_argument("--max-queries", type=int, default=0, help="a seeded random subset of N queries (0: all)")
     p.add_argument("--seed", type=int, default=42, help="seed of the --max-queries subset")
-    p.add_argument("--fast-search", action="store_true", help="score over voken logits only (renormalised; see avg.retriever.search)")
+    p.add_argument("--fast-search", action="store_true", help="score over voken logits only (renormalised; see avg.search.beam)")
     p.add_argument("--no-eos-score", action="store_true", help="rank by the code's log-probability without log p(EOS | code)")
     p.add_argument("--no-merge", action="store_true", help="keep LoRA unmerged (slower; for checking the merge)")
     p.add_argument("--model-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",

@@ -9,7 +9,7 @@ among a chunk of ``--dis-gallery-size`` training images (default: as many as the
 the candidates are as hard as at evaluation). L_gen is summed over the code (eq. 7, the scale of
 s_j); the starting model is evaluated first (epoch 0), so ``best/`` is never worse on val.
 
-Scoring (``--score``, avg.retriever.losses): ``children`` (default) renormalises each step over the
+Scoring (``--score``, avg.objectives.retrieval): ``children`` (default) renormalises each step over the
 continuations the gallery's prefix tree allows -- in the training loss, in s_j and in the search;
 ``vocab`` is the full-vocabulary score of the paper and of HF ``generate``.
 ``--query-prefix P`` feeds the query's CLIP text feature as P soft tokens before its words
@@ -57,8 +57,8 @@ from avg.artifacts.registry import T5_STAGES, manifest_name
 from avg.retriever.data import Collator, QueryDataset
 from avg.retriever.diagnostics import code_diagnostics, format_diagnostics
 from avg.retriever.evaluate import evaluate_split, logits_vocab_size
-from avg.retriever.gallery import Gallery
-from avg.retriever.losses import LOSS_MODES, RetrievalObjective, mine_candidates, teacher_targets
+from avg.search.gallery import Gallery
+from avg.objectives.retrieval import LOSS_MODES, RetrievalObjective, mine_candidates, teacher_targets
 from avg.retriever.prefix import (emb_dir_for, emb_for, feature_rows, gather_features, load_prefix,
                                   query_features)
 from avg.retriever.teacher import CodeTeacher, GalleryTeacher
@@ -69,10 +69,10 @@ from avg.train.loop import (checkpoint_dir, describe_batch, log_resumed, log_sto
                             resolve_mixed_precision, resume_from, select_best, start_training_run, train_epochs)
 from avg.retriever.vocab import VOCAB_FILE
 from avg.artifacts.runfiles import write_run
-from avg.utils.io import InputError, read_json, write_json
-from avg.utils.seed import seeded_generator, seeded_subset, set_seed
-from avg.utils.stages import add_force_arg
-from avg.utils.cli import add_device_arg, run_main
+from avg.core.io import InputError, read_json, write_json
+from avg.core.seed import seeded_generator, seeded_subset, set_seed
+from avg.core.stages import add_force_arg
+from avg.core.cli import add_device_arg, run_main
 
 
 
@@ -133,7 +133,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="the teacher's inverse temperature on the cosine (25: about the scale the reranker's fit finds "
                         "for the demo CLIP's cosine on val lists)")
     add_eval_and_checkpoint_args(p, eval_batch_size=32, eval_train_queries=1000, log_every=50,
-                                 fast_search_help="score the search over voken logits only (faster; renormalised, see avg.retriever.search)")
+                                 fast_search_help="score the search over voken logits only (faster; renormalised, see avg.search.beam)")
     p.add_argument("--reeval-start", action="store_true",
                    help="stage 2: evaluate the starting model on val even when the stage that saved it recorded that "
                         "evaluation with the same val queries, gallery, features and search settings (by default it is "

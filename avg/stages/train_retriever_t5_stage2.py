@@ -11,8 +11,8 @@ from __future__ import annotations
 import sys
 
 from avg.stages import train_retriever_t5
-from avg.utils.cli import run_main
-from avg.utils.io import InputError
+from avg.core.cli import run_main
+from avg.core.io import InputError
 
 
 def main(argv=None) -> dict:

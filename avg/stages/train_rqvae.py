@@ -35,11 +35,11 @@ from avg.models.rqvae import RQVAE, RQVAEConfig
 from avg.rqvae.data import FeatureBatchSampler, FeatureDataset, gather_rows, iter_feature_batches, passthrough_collate, training_rows
 from avg.train.loop import (STATE_FILE, add_checkpoint_args, checkpoint_dir, log_resumed, log_stopped, resume_from,
                             start_training_run, train_epochs)
-from avg.utils.cli import add_deprecated_alias, add_device_arg, run_main
-from avg.utils.io import InputError, read_json, write_json
-from avg.utils.seed import deterministic_algorithms, seeded_generator, set_seed
-from avg.utils.stages import add_force_arg, config_diff
-from avg.utils.tracking import get_logger
+from avg.core.cli import add_deprecated_alias, add_device_arg, run_main
+from avg.core.io import InputError, read_json, write_json
+from avg.core.seed import deterministic_algorithms, seeded_generator, set_seed
+from avg.core.stages import add_force_arg, config_diff
+from avg.core.tracking import get_logger
 
 def _hidden_dims(text: str) -> list[int]:
     try:

@@ -18,10 +18,10 @@ from typing import Callable, Iterable, Optional
 from accelerate import Accelerator
 from safetensors import safe_open
 
-from avg.utils.io import InputError, read_json, replace_dir, write_json
-from avg.utils.progress import tqdm
-from avg.utils.stages import StageRun, begin_stage, skip_if_done
-from avg.utils.tracking import RunLogger, get_logger
+from avg.core.io import InputError, read_json, replace_dir, write_json
+from avg.core.progress import tqdm
+from avg.core.stages import StageRun, begin_stage, skip_if_done
+from avg.core.tracking import RunLogger, get_logger
 
 STATE_FILE = "train_state.json"
 
@@ -99,7 +99,7 @@ class TrainingRun:
 def start_training_run(accelerator, args, out_dir: Path, stage: str, *, inputs, run_name: str,
                        logger_name: str, ignore=(), stale=("best", "checkpoints", "eval")) -> TrainingRun:
     """Every trainer's prelude, on every process: claim ``out_dir`` for ``stage`` with this
-    configuration (:func:`~avg.utils.stages.begin_stage`; every rank reads the manifest before the
+    configuration (:func:`~avg.core.stages.begin_stage`; every rank reads the manifest before the
     main process rewrites it, so all take the same decision), return at once when it is up to
     date and skipping is on, resume from ``checkpoints/last`` when asked (``--resume``) or when the
     same configuration was interrupted, open the run logger, and on a fresh start remove an older

@@ -11,7 +11,7 @@ from typing import Optional
 from avg.data.demo.captions import make_captions
 from avg.data.demo.scenes import Scene, render_scene, sample_scene
 from avg.data.karpathy import tokenize_caption
-from avg.utils.io import atomic_dir, read_json, write_json
+from avg.core.io import atomic_dir, read_json, write_json
 
 # Bump when the drawing or the captions change: cached demo data made by another version is rebuilt.
 GENERATOR_VERSION = 1
@@ -106,7 +106,7 @@ def generate_demo_dataset(out_dir, *, n_train: int = 10000, n_val: int = 1000, n
 
 
 def _progress(total: int, enabled: bool):
-    from avg.utils.progress import tqdm
+    from avg.core.progress import tqdm
     return tqdm(total=total, desc="rendering demo images", unit="img", disable=not enabled, leave=False)
 
 

@@ -1,10 +1,10 @@
-"""The systems the efficiency benchmark times (avg.eval.efficiency): each answers ``search(texts)``
+"""The systems the efficiency benchmark times (avg.experiments.efficiency): each answers ``search(texts)``
 with ranked image ids, query text in, the text encoding included.
 
 * :class:`GenerativeSystem` -- AVG: constrained beam search over the gallery's codes, optionally
   followed by the embedding rerank and the trained LM reranker (the whole pipeline);
 * :class:`TwoTowerSystem` -- the CLIP two-tower: exact inner-product search in fp32 or fp16;
-* :class:`AnnSystem` -- the same features in an approximate FAISS index (avg.eval.ann).
+* :class:`AnnSystem` -- the same features in an approximate FAISS index (avg.experiments.ann).
 """
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ class GenerativeSystem:
         return self.lm_step is None or self.lm_step.covers(image_ids)
 
     def set_gallery(self, image_ids: Sequence[str], codes: np.ndarray, features=None) -> float:
-        from avg.retriever.gallery import Gallery
+        from avg.search.gallery import Gallery
 
         t0 = time.perf_counter()
         self.gallery = Gallery(image_ids, codes, name="benchmark gallery")
@@ -104,7 +104,7 @@ class GenerativeSystem:
     @torch.no_grad()
     def search(self, texts: Sequence[str]) -> list:
         from avg.retriever.prefix import prefixed_inputs
-        from avg.retriever.search import constrained_beam_search
+        from avg.search.beam import constrained_beam_search
 
         enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
         needs_q = self.prefix is not None or (self.rerank_k and (self.lm_step is None or self.lm_step.needs_features))
@@ -175,14 +175,14 @@ class TwoTowerSystem:
 
 
 class AnnSystem:
-    """Text -> CLIP text tower -> an approximate index (avg.eval.ann: IVF-Flat, IVF-PQ, HNSW) over the
+    """Text -> CLIP text tower -> an approximate index (avg.experiments.ann: IVF-Flat, IVF-PQ, HNSW) over the
     same features -> ranked image ids. Built (trained) on each gallery; ``build_s`` includes training."""
 
     precision = "fp32"
 
     def __init__(self, encoder, device, kind: str, *, k: int = 20, sweep: Optional[Sequence[int]] = None,
                  nlist: Optional[int] = None, pq_bytes: Optional[int] = None, hnsw_m: int = 32, seed: int = 0) -> None:
-        from avg.eval.ann import KNOB, require_faiss
+        from avg.experiments.ann import KNOB, require_faiss
 
         require_faiss()
         self.encoder, self.device, self.kind, self.k, self.sweep = encoder, device, kind, k, sweep
@@ -192,7 +192,7 @@ class AnnSystem:
         self.default_knob = None
 
     def set_gallery(self, image_ids: Sequence[str], codes, features: np.ndarray) -> float:
-        from avg.eval.ann import build_ann
+        from avg.experiments.ann import build_ann
 
         self.ann = None
         gc.collect()

@@ -1,17 +1,17 @@
 """The paper's experiment grid: one command per study, each ending in a results table.
 
-    python -m avg.eval.grid beam            # Table 7: beam size {1,5,10,20,30,40,50}, the trained T5 only
-    python -m avg.eval.grid codebook_size   # Table 4: N in {256,512,1024,2048}: RQ-VAE + codes + data + T5 stage 1
-    python -m avg.eval.grid code_len        # Table 5: M in {2,4,6,8,10}: same stages
-    python -m avg.eval.grid ablation        # Table 3: full, w/o alignment loss, w/o voken embedding, w/o stage 2
-    python -m avg.eval.grid backbone        # Table 6: the T5 and LLaMA backbones of GRID_BACKBONES
+    python -m avg.experiments.grid beam            # Table 7: beam size {1,5,10,20,30,40,50}, the trained T5 only
+    python -m avg.experiments.grid codebook_size   # Table 4: N in {256,512,1024,2048}: RQ-VAE + codes + data + T5 stage 1
+    python -m avg.experiments.grid code_len        # Table 5: M in {2,4,6,8,10}: same stages
+    python -m avg.experiments.grid ablation        # Table 3: full, w/o alignment loss, w/o voken embedding, w/o stage 2
+    python -m avg.experiments.grid backbone        # Table 6: the T5 and LLaMA backbones of GRID_BACKBONES
 
 Every variant gets its own output root ``${OUT_DIR}/${DATASET}/grid/<study>/<variant>/`` and runs the
 stage scripts there (through ``scripts/run_all.sh --stages ...`` with ``OUT_DIR`` pointing at it and
 environment overrides), with symlinks to the outputs of the main run (``${OUT_DIR}/${DATASET}/``) that
 it does not change: ``prepare_emb/`` for the tokenizer studies, ``train_rqvae/`` + ``generate_codes/`` for the retriever
 ablations, the trained retriever for the beam study; so nothing is recomputed needlessly. A variant
-is itself a stage (``stage.json`` in its root, :mod:`avg.utils.stages`): a finished, up-to-date
+is itself a stage (``stage.json`` in its root, :mod:`avg.core.stages`): a finished, up-to-date
 variant is skipped, a killed one resumes through run_all's skipping of its finished stages.
 
 Each variant's row is scored from its run file by :func:`avg.metrics.retrieval_metrics` and
@@ -40,9 +40,9 @@ from avg.metrics import retrieval_metrics
 from avg.artifacts import registry
 from avg.artifacts.registry import out as stage_out
 from avg.artifacts.runfiles import read_run
-from avg.utils.io import InputError, atomic_open, read_json, write_json
-from avg.utils.stages import begin_stage
-from avg.utils.cli import run_main
+from avg.core.io import InputError, atomic_open, read_json, write_json
+from avg.core.stages import begin_stage
+from avg.core.cli import run_main
 
 ROOT = Path(__file__).resolve().parents[2]
 STUDIES = ("beam", "codebook_size", "code_len", "ablation", "backbone")

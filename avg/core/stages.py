@@ -9,7 +9,7 @@ It serves two rules:
 
 * **Never silently overwrite another configuration's results.** When ``out_dir`` already holds a
   manifest (finished, or left "running" by a killed run) whose configuration differs from the
-  current one, ``begin_stage`` raises :class:`~avg.utils.io.InputError` naming the manifest and the
+  current one, ``begin_stage`` raises :class:`~avg.core.io.InputError` naming the manifest and the
   differing keys, unless ``--force`` was given (or a new ``--out-dir`` chosen).
 * **Skip what is complete and up to date.** A stage is up to date when its manifest says
   "complete", the configuration is the same and every input's fingerprint is unchanged. An input
@@ -34,8 +34,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
-from avg.utils.io import InputError, write_json
-from avg.utils.tracking import is_main_process
+from avg.core.io import InputError, write_json
+from avg.core.tracking import is_main_process
 
 MANIFEST = "stage.json"
 SKIP_ENV = "AVG_SKIP_DONE"
@@ -179,7 +179,7 @@ class StageRun:
         if summary is not None:
             manifest["summary"] = _plain(dict(summary))
         if run_id is not None:  # seeds are in "config"; versions, git commit and argv next to them
-            from avg.utils.tracking import environment_info
+            from avg.core.tracking import environment_info
             manifest["environment"] = environment_info()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         write_json(manifest, self.out_dir / MANIFEST)

@@ -1,6 +1,6 @@
 """Decoding benchmark: constrained beam search vs HF generate + a dict trie, on one model and device.
 
-    python -m avg.eval.bench decode --out-dir runs/bench_decode
+    python -m avg.experiments.bench decode --out-dir runs/bench_decode
 
 Methods (all on the same model, queries and galleries, timed in interleaved repeats so that shared
 or throttled cores affect them alike):
@@ -29,13 +29,13 @@ import tracemalloc
 from pathlib import Path
 
 import torch
-from avg.utils.progress import tqdm
+from avg.core.progress import tqdm
 
-from avg.retriever.constraints import CodeIndex, DictTrie
-from avg.retriever.search import constrained_beam_search
-from avg.utils.io import atomic_open, write_json
-from avg.utils.seed import set_seed
-from avg.utils.tracking import RunLogger
+from avg.search.code_index import CodeIndex, DictTrie
+from avg.search.beam import constrained_beam_search
+from avg.core.io import atomic_open, write_json
+from avg.core.seed import set_seed
+from avg.core.tracking import RunLogger
 
 PRESETS = {
     "small": dict(d_model=512, d_ff=2048, d_kv=64, num_layers=6, num_heads=8, base_vocab=32128),
@@ -187,7 +187,7 @@ def print_table(rows, methods) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m avg.eval.bench", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m avg.experiments.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("decode", help="constrained beam search vs HF generate + dict trie")

@@ -1,9 +1,9 @@
 """Mean ± std over seeds of every system's metrics: the table a recall claim is made from.
 
-    python -m avg.eval.seeds outputs/seeds --dataset demo --seeds 0 1 2
+    python -m avg.experiments.seeds outputs/seeds --dataset demo --seeds 0 1 2
 
 Reads each seed's output root ``<seeds_dir>/seed_<s>/<dataset>/`` (written by ``scripts/run_seeds.sh``)
-with the report's collector (avg.eval.report: one row per metrics file), groups the rows by
+with the report's collector (avg.experiments.report: one row per metrics file), groups the rows by
 (system, stage, split) and writes ``<seeds_dir>/<dataset>/results_seeds.{md,csv}``: the number of
 seeds, mean ± sample std (ddof 1) of R@1/5/10/20 and of the list recall of rerankers, and the
 per-seed R@1. Below the table, paired differences of R@1 over the same seeds (stage 2 − stage 1,
@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 
 from avg.artifacts.registry import out as stage_out
-from avg.eval.report import collect_metrics
-from avg.utils.io import InputError, atomic_open
+from avg.experiments.report import collect_metrics
+from avg.core.io import InputError, atomic_open
 
 METRICS = ("R@1", "R@5", "R@10", "R@20")
 # (name, system/stage of the minuend, of the subtrahend): paired differences reported when both exist

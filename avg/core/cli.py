@@ -7,7 +7,7 @@ import sys
 import warnings
 from typing import Callable
 
-from avg.utils.io import InputError
+from avg.core.io import InputError
 
 
 def run_main(main: Callable) -> None:

@@ -6,7 +6,7 @@ Every place that scores a code for a query uses one definition, chosen by ``norm
 
 * ``"children"`` (default): ``sum_t log p(c_t | query, c_<t)`` with each step's distribution
   renormalised over the tokens that may follow ``c_<t`` in a gallery's prefix tree (a
-  :class:`~avg.retriever.constraints.CodeIndex`). This is what the constrained search ranks by with
+  :class:`~avg.search.code_index.CodeIndex`). This is what the constrained search ranks by with
   ``normalize="children"``; training with it (``--loss children``) spends the model's probability
   only among real alternatives -- never on another level's vokens or on text tokens.
 * ``"vocab"``: log-softmax over the full vocabulary (the paper's eq. 7 as a plain LM loss, and the
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutput
 
-from avg.retriever.constraints import CodeIndex
+from avg.search.code_index import CodeIndex
 from avg.retriever.prefix import prefixed_inputs
 
 LOSS_MODES = ("children", "vocab")
@@ -75,7 +75,7 @@ def mine_candidates(model, prefix, input_ids: torch.Tensor, attention_mask: torc
     Returns ``(candidates [B, b, L], mask [B, b], positive_index [B], found [B])``, ``found`` marking
     the lists whose beam returned the positive itself. The models' train/eval modes are restored.
     """
-    from avg.retriever.search import constrained_beam_search
+    from avg.search.beam import constrained_beam_search
 
     modules = [m for m in (model, prefix) if m is not None]
     modes = [m.training for m in modules]

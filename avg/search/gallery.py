@@ -16,7 +16,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from avg.utils.io import InputError, read_json
+from avg.core.io import InputError, read_json
 
 
 class Gallery:
@@ -128,8 +128,8 @@ class Gallery:
             raise InputError(f"{self.name}: {e}: a gallery of other codes than the retriever's vokens") from None
 
     def build_index(self, vocab, vocab_size: int, device: Optional[torch.device] = None):
-        """CodeIndex over the unique codes, for avg.retriever.search.constrained_beam_search."""
-        from avg.retriever.constraints import CodeIndex
+        """CodeIndex over the unique codes, for avg.search.beam.constrained_beam_search."""
+        from avg.search.code_index import CodeIndex
 
         return CodeIndex.from_codes(self.token_codes(vocab), vocab_size, device=device)
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import pandas as pd
 
-from avg.utils.io import atomic_open
+from avg.core.io import atomic_open
 
 
 def pyplot():

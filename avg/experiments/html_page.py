@@ -4,7 +4,7 @@ For a seeded sample of test queries it shows the query, its gold image and, one 
 (CLIP two-tower, AVG stage 1 / 2, each reranker), that system's top 5 with their scores; a hit is
 framed in green. Above them: the metrics table and the report's plots. The page is one
 self-contained file (thumbnails and plots embedded as data URIs): it opens from disk, is copied
-or mailed as is, and needs no server. ``python -m avg.eval.report`` writes it; this module only
+or mailed as is, and needs no server. ``python -m avg.experiments.report`` writes it; this module only
 reads run files (``run_*.jsonl`` beside each ``metrics_*.json``) and builds HTML.
 """
 from __future__ import annotations
@@ -149,7 +149,7 @@ def write_page(root: Path, df, metrics: Sequence[tuple[Path, dict]], plots: Sequ
                n: int = 12, seed: int = 0) -> Optional[Path]:
     """``<root>/results.html`` from the test run files of ``metrics`` (None when there are none)."""
     from avg.artifacts.runfiles import read_run
-    from avg.utils.io import atomic_open
+    from avg.core.io import atomic_open
 
     found = system_runs(metrics)
     if not found:

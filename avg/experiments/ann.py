@@ -1,5 +1,5 @@
 """Approximate nearest-neighbour (ANN) indexes over the CLIP image features: the baselines a user who
-outgrows exact search would pick, for the efficiency benchmark (avg.eval.efficiency).
+outgrows exact search would pick, for the efficiency benchmark (avg.experiments.efficiency).
 
 Three FAISS indexes (``pip install faiss-cpu``, the ``ann`` extra; ``faiss-gpu`` works the same where
 a GPU is at hand), all by inner product on the L2-normalised features, trained on the gallery itself:
@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from avg.utils.io import InputError
+from avg.core.io import InputError
 
 KINDS = ("ivf_flat", "ivf_pq", "hnsw")
 # the knob each kind sweeps, and its default sweep (clipped to what an index allows)

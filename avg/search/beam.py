@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avg.retriever.constraints import CodeIndex
+from avg.search.code_index import CodeIndex
 
 __all__ = ["NORMALIZE_MODES", "SearchOutput", "constrained_beam_search"]
 

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from avg.utils.io import write_json
+from avg.core.io import write_json
 
 
 def is_main_process() -> bool:

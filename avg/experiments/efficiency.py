@@ -1,12 +1,12 @@
 """Efficiency benchmark (the paper's Figure 4): queries/s versus gallery size, generative vs two-tower.
 
-    python -m avg.eval.efficiency --retriever-dir outputs/demo/train_retriever_t5/best \\
+    python -m avg.experiments.efficiency --retriever-dir outputs/demo/train_retriever_t5/best \\
         --emb-dir outputs/demo/prepare_emb --codes-dir outputs/demo/generate_codes --out-dir outputs/demo/efficiency
 
 Two systems answer the same seeded sample of caption queries on the same device, in one run:
 
 * ``avg``  -- the generative retriever: tokenise the query, constrained beam search (``--num-beams``)
-  over the gallery's ``CodeIndex``, generated codes -> image ids (avg.retriever.gallery); weights in
+  over the gallery's ``CodeIndex``, generated codes -> image ids (avg.search.gallery); weights in
   ``--retriever-dtype`` (auto: bf16 on a GPU that has it, like the CLIP tower's fp16 autocast there;
   fp32 on the CPU), so neither side is timed at a precision the other is spared.
 * ``clip_fp32`` / ``clip_fp16`` -- the CLIP two-tower: encode the query with the CLIP text tower
@@ -23,8 +23,8 @@ call time). A point stops after ``--max-seconds`` of timed calls (at least one c
 Memory: ``structure_mb`` is the code index (CSR tensors) for ``avg`` and the feature matrix for
 CLIP; the row -> image-id lists/maps of both sides are Python objects and are not counted.
 
-Gallery scaling (synthetic images beyond the real ones): avg.eval.scaling. The systems timed:
-avg.eval.systems.
+Gallery scaling (synthetic images beyond the real ones): avg.experiments.scaling. The systems timed:
+avg.experiments.systems.
 
 Writes ``efficiency.csv`` (one row per gallery size x system x batch mode), ``efficiency.json``
 (config, device, rows) and ``efficiency.png`` (log-scale gallery axis) under ``--out-dir``;
@@ -43,14 +43,14 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from avg.utils.progress import tqdm
+from avg.core.progress import tqdm
 
 from avg.metrics import retrieval_metrics
-from avg.eval.plots import plot_curves, plot_throughput
-from avg.eval.scaling import scale_gallery, scale_rows
-from avg.eval.systems import AnnSystem, GenerativeSystem, TwoTowerSystem, retriever_dtype, sync
-from avg.utils.io import InputError, atomic_open, write_json
-from avg.utils.seed import set_seed
+from avg.experiments.plots import plot_curves, plot_throughput
+from avg.experiments.scaling import scale_gallery, scale_rows
+from avg.experiments.systems import AnnSystem, GenerativeSystem, TwoTowerSystem, retriever_dtype, sync
+from avg.core.io import InputError, atomic_open, write_json
+from avg.core.seed import set_seed
 
 CSV_COLUMNS = ["gallery_size", "num_real", "system", "precision", "mode", "batch_size", "depth", "knob", "knob_value",
                "default_knob", "queries_timed", "seconds", "queries_per_s", "latency_ms", "latency_ms_p90", "time_boxed",
@@ -111,7 +111,7 @@ def add_curve_recall(rows: list[dict], ranked_of: list[list]) -> None:
 
 def mark_pareto(rows: list[dict]) -> None:
     """Set ``pareto`` on the batched rows of one gallery size: not beaten on both queries/s and curve_recall."""
-    from avg.eval.ann import pareto_front
+    from avg.experiments.ann import pareto_front
 
     for r in rows:
         r["pareto"] = None
@@ -263,7 +263,7 @@ def device_description(device: torch.device) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m avg.eval.efficiency", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m avg.experiments.efficiency", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--retriever-dir", required=True, help="a saved seq2seq retriever (train_t5's out-dir/best)")
     p.add_argument("--emb-dir", required=True, help="prepare_emb/ (image features, captions, and the CLIP encoder that made them)")
@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-std", type=float, default=0.1, help="norm of the Gaussian perturbation of a synthetic image's feature")
     p.add_argument("--retriever-dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="weights of the generative retriever while timed (auto: bf16 on a bf16-capable GPU, fp32 elsewhere)")
-    p.add_argument("--fast-search", action="store_true", help="generative search over voken logits only (see avg.retriever.search)")
+    p.add_argument("--fast-search", action="store_true", help="generative search over voken logits only (see avg.search.beam)")
     p.add_argument("--no-eos-score", action="store_true", help="do not add log p(EOS | code) to code scores")
     p.add_argument("--rerank-topk", type=int, default=0,
                    help="also time AVG + embedding rerank of this many candidates (the whole pipeline; 0: off)")
@@ -291,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time AVG + this trained LM reranker (finetune_reranker's out-dir/best) on the top "
                         "--rerank-topk; timed at the gallery sizes whose images all have its inputs (the real ones)")
     p.add_argument("--ann", default="ivf_flat,ivf_pq,hnsw",
-                   help="approximate-index baselines over the same features (avg.eval.ann; needs faiss-cpu; '' for none)")
+                   help="approximate-index baselines over the same features (avg.experiments.ann; needs faiss-cpu; '' for none)")
     p.add_argument("--ann-nlist", type=int, default=0, help="IVF lists (0: 4 sqrt(gallery), at most gallery / 39)")
     p.add_argument("--ann-pq-bytes", type=int, default=0, help="IVF-PQ bytes per vector (0: dim / 8)")
     p.add_argument("--ann-hnsw-m", type=int, default=32, help="HNSW links per node")
@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the query sample and the synthetic gallery")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    from avg.utils.stages import add_force_arg
+    from avg.core.stages import add_force_arg
 
     add_force_arg(p)
     return p
@@ -316,8 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     from avg.models.clip import load_clip, resolve_device
     from avg.retriever.t5 import load_t5_retriever
-    from avg.utils.stages import begin_stage, skip_if_done
-    from avg.utils.tracking import RunLogger
+    from avg.core.stages import begin_stage, skip_if_done
+    from avg.core.tracking import RunLogger
 
     args = build_parser().parse_args(argv)
     try:
@@ -373,7 +373,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                  dtype=retriever_dtype(args.retriever_dtype, device))
         systems.append(GenerativeSystem(retriever, device, rerank_k=args.rerank_topk, lm_step=step, **kw))
     systems += [TwoTowerSystem(encoder, device, k=args.num_beams, precision=p) for p in precisions]
-    from avg.eval.ann import KINDS
+    from avg.experiments.ann import KINDS
 
     kinds = [k.strip() for k in args.ann.split(",") if k.strip()]
     bad = [k for k in kinds if k not in KINDS]
@@ -429,6 +429,6 @@ def _log_wandb_extras(logger, rows: list[dict], png: str) -> None:
 
 
 if __name__ == "__main__":
-    from avg.utils.cli import run_main
+    from avg.core.cli import run_main
 
     run_main(main)

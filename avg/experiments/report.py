@@ -1,6 +1,6 @@
 """Collect every metrics file under an output dir into one results table, plus plots.
 
-``python -m avg.eval.report outputs/demo`` prints a markdown table and writes ``results.csv`` /
+``python -m avg.experiments.report outputs/demo`` prints a markdown table and writes ``results.csv`` /
 ``results.md`` next to it. A metrics file is any ``metrics*.json`` holding ``R@1``; its system
 name is its ``system`` key when present, else its path relative to the output dir. Columns:
 
@@ -39,8 +39,8 @@ from typing import Optional
 import pandas as pd
 
 from avg.artifacts.registry import out as stage_out
-from avg.eval.plots import plot_throughput, pyplot, save_png
-from avg.utils.io import InputError, atomic_open
+from avg.experiments.plots import plot_throughput, pyplot, save_png
+from avg.core.io import InputError, atomic_open
 
 COLUMNS = ["system", "split", "R@1", "R@5", "R@10", "R@20", "mean_rank", "num_queries", "list_R@k",
            "collision_rate", "queries_per_s", "setting", "stage", "file"]
@@ -102,7 +102,7 @@ def collision_rate(stats: Optional[dict], split: str) -> Optional[float]:
 
 def _read_metrics(root: Path, *, grid: bool = False) -> list[tuple[Path, dict]]:
     """Metrics files under ``root``; the experiment grid's (under ``grid/``) only when ``grid``:
-    they have their own per-study tables (avg.eval.grid) and would crowd the main one."""
+    they have their own per-study tables (avg.experiments.grid) and would crowd the main one."""
     out = []
     for path in find_files(root, "metrics*.json"):
         if not _visible(path, root):
@@ -308,9 +308,9 @@ def make_plots(root: Path) -> list[Path]:
 
 
 def write_results_page(root: Path, df: pd.DataFrame, plots: list, *, n: int, seed: int) -> Optional[Path]:
-    """``results.html`` (avg.eval.html_page) from the test run files under ``root``; None without any."""
+    """``results.html`` (avg.experiments.html_page) from the test run files under ``root``; None without any."""
     from avg.data.sample_tables import resolve_image_paths
-    from avg.eval.html_page import write_page
+    from avg.experiments.html_page import write_page
 
     if n <= 0:
         return None

@@ -1,1 +1,0 @@
-"""Small helpers shared by every stage: atomic I/O, logging, seeding."""
