@@ -27,6 +27,8 @@ STAGE_DIRS=$(python -m avg.artifacts.registry shell "$STAGE_ROOT") \
 eval "$STAGE_DIRS"
 # stage_out NAME: the output folder of stage NAME relative to a stage root (for runners that make other roots)
 stage_out() { python -m avg.artifacts.registry out "$1"; }
+# split_out DIR: the folder of a stage that evaluates one SPLIT: DIR for test, DIR_<split> for another split
+split_out() { if [ "${SPLIT:-test}" = test ]; then echo "$1"; else echo "${1}_$SPLIT"; fi; }
 # LAUNCH runs python modules; set LAUNCH="torchrun --nproc_per_node 4" or "accelerate launch" for multi-GPU.
 LAUNCH=${LAUNCH:-python}
 # require_path VAR...: stop (status 2) naming the variable and the config when a path it holds does not exist.

@@ -5,7 +5,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 SPLIT=${SPLIT:-test}
-OUT="$RERANKER_TEST_DIR"; [ "$SPLIT" = test ] || OUT="${RERANKER_TEST_DIR}_$SPLIT"
+OUT=$(split_out "$RERANKER_TEST_DIR")
 $LAUNCH -m avg.stages.test_reranker_llama \
   --reranker-dir "$RERANKER_DIR/best" --data-dir "$RERANKER_DATA_DIR" --split "$SPLIT" \
   --out-dir "$OUT" --retriever-name "$RERANK_RETRIEVER" --seed "$SEED" "$@"

@@ -6,7 +6,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 SPLIT=${SPLIT:-test}
-OUT="$RETRIEVER_LLAMA_TEST_DIR"; [ "$SPLIT" = test ] || OUT="${RETRIEVER_LLAMA_TEST_DIR}_$SPLIT"
+OUT=$(split_out "$RETRIEVER_LLAMA_TEST_DIR")
 $LAUNCH -m avg.stages.test_retriever_llama \
   --retriever-dir "$RETRIEVER_LLAMA_DIR/best" --data-dir "$RETRIEVER_DATA_DIR" --split "$SPLIT" \
   --out-dir "$OUT" --num-beams "$BEAM" --seed "$SEED" ${LLAMA_TEST_ARGS:-} "$@"

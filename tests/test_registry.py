@@ -3,6 +3,7 @@ every stage has its script and entry point, the stage scripts and the Python cod
 their own, and the shell sees the same folders as Python."""
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -105,3 +106,26 @@ def test_a_stage_root_of_the_old_layout_is_named(tmp_path):
                        capture_output=True, text=True, check=True)
     assert f"EMB_DIR={tmp_path}/prepare_emb" in r.stdout and "note:" not in r.stdout
     assert "release 0.1 (emb/, reranker/test/)" in r.stderr and "(prepare_emb/, test_reranker_llama/)" in r.stderr
+
+
+@pytest.mark.parametrize("script,var_folder", [("eval_clip_baseline", "eval_clip_baseline"),
+                                               ("test_retriever_llama", "test_retriever_llama"),
+                                               ("test_reranker_llama", "test_reranker_llama")])
+def test_a_split_stage_writes_one_folder_per_split(tmp_path, script, var_folder):
+    """SPLIT=test writes the stage's folder, another split <folder>_<split> (common.sh split_out); LAUNCH=echo
+    (or a python that echoes stage modules) prints the command the script would run instead of running it."""
+    def out_dir(split):
+        env = {k: v for k, v in os.environ.items() if k not in ("SPLIT", "LAUNCH", "OUT_DIR")}
+        env.update(SPLIT=split, LAUNCH="echo", OUT_DIR=str(tmp_path))
+        if script == "eval_clip_baseline":  # it runs python itself: a stub python on PATH echoes it
+            (tmp_path / "bin").mkdir(exist_ok=True)
+            (tmp_path / "bin" / "python").write_text(
+                f'#!/bin/sh\ncase "$*" in *avg.stages.*) echo python "$@" ;; *) exec {sys.executable} "$@" ;; esac\n')
+            (tmp_path / "bin" / "python").chmod(0o755)
+            env.update(PATH=f"{tmp_path / 'bin'}:{env['PATH']}", VIRTUAL_ENV="stub")
+        r = subprocess.run(["bash", f"scripts/{script}.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        args = r.stdout.split("-m avg.stages.")[1].split()
+        return args[args.index("--out-dir") + 1]
+    assert out_dir("test") == f"{tmp_path}/demo/{var_folder}"
+    assert out_dir("val") == f"{tmp_path}/demo/{var_folder}_val"
