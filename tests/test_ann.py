@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("faiss", reason="faiss-cpu is part of the dev extra")
 
-from avg.experiments import efficiency as eff, scaling, systems as S  # noqa: E402
+from avg.experiments import efficiency as eff, scaling, systems as S, timing  # noqa: E402
 from avg.experiments.plots import plot_curves  # noqa: E402
 from avg.experiments.ann import build_ann, default_nlist, exact_topk, pareto_front  # noqa: E402
 from avg.core.io import InputError  # noqa: E402
@@ -85,7 +85,7 @@ def test_ann_system_and_curves_in_the_benchmark(tmp_path):
                S.AnnSystem(enc, cpu, "hnsw", k=10, sweep=[4, 64])]
     queries = [{"query": f"image {i}", "gold": ids[i]} for i in range(0, n, 40)]
     real = {"image_ids": ids, "features": feats, "codes": codes, "first": n}
-    rows = eff.benchmark(systems, real, queries, [n], batch_size=5, max_seconds=5, warmup=0, noise_std=0.1, seed=0,
+    rows = timing.benchmark(systems, real, queries, [n], batch_size=5, max_seconds=5, warmup=0, noise_std=0.1, seed=0,
                          device=cpu, progress=False, curves=True, curve_max_seconds=5)
     df = pd.DataFrame(rows)
     batch = df[df["mode"] == "batch"]
@@ -96,11 +96,11 @@ def test_ann_system_and_curves_in_the_benchmark(tmp_path):
     assert float(full["R@1"].iloc[0]) == 100.0 and float(full["exact_R@10"].iloc[0]) == 100.0  # every list visited: exact
     assert (df[df.system == "clip_fp32"]["exact_R@10"] == 100.0).all()
     assert (df["curve_recall"] == df["R@10"]).all()  # a gallery of real images: the curves plot gold R@10
-    synthetic = eff.benchmark(systems[:2], real, queries, [n + 200], batch_size=5, max_seconds=5, warmup=0, noise_std=0.1,
+    synthetic = timing.benchmark(systems[:2], real, queries, [n + 200], batch_size=5, max_seconds=5, warmup=0, noise_std=0.1,
                               seed=0, device=cpu, progress=False, curves=True, curve_max_seconds=5)
     assert all(r["curve_recall"] == r["exact_R@10"] for r in synthetic)  # beyond the real images: agreement with exact
     rows_avg = [{**synthetic[0], "system": "avg", "curve_recall": 1.0}]
-    eff.add_curve_recall(rows_avg, [[["img0"]] * len(queries)])
+    timing.add_curve_recall(rows_avg, [[["img0"]] * len(queries)])
     assert rows_avg[0]["curve_recall"] is None  # a generative system's recall is not comparable on synthetic codes
     png = plot_curves(pd.DataFrame(synthetic + [{**rows_avg[0], "mode": "batch", "knob_value": 10}]), tmp_path / "s.png")
     assert png is not None

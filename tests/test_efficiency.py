@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from avg.experiments import efficiency as eff, scaling, systems as S
+from avg.experiments import efficiency as eff, scaling, systems as S, timing
 from avg.retriever.t5 import T5Retriever
 from avg.artifacts.emb import save_emb
 from avg.core.io import write_json
@@ -112,9 +112,9 @@ def test_both_systems_return_ranked_ids_and_the_timing_loop_runs():
     q = _HashEncoder().encode_texts(texts).numpy()
     assert [r[0] for r in two.search(texts)] == [g.image_ids[j] for j in (q @ g.features.T).argmax(1)]
     assert two.structure_bytes == 30 * DIM * 4
-    res, out = eff.time_search(two.search, texts * 3, 2, max_seconds=60, warmup=1, device=cpu)
+    res, out = timing.time_search(two.search, texts * 3, 2, max_seconds=60, warmup=1, device=cpu)
     assert res["queries_timed"] == 9 and not res["time_boxed"] and len(out) == 9 and res["queries_per_s"] > 0
-    res, out = eff.time_search(gen.search, texts * 3, 1, max_seconds=0.0, warmup=0, device=cpu)
+    res, out = timing.time_search(gen.search, texts * 3, 1, max_seconds=0.0, warmup=0, device=cpu)
     assert res["queries_timed"] == 1 and res["time_boxed"] and len(out) == 1  # time box: one call, then stop
     # the whole pipeline: the same beams, re-ordered by the CLIP cosine of query and candidate
     both = S.GenerativeSystem(T5Retriever(model, tok, vocab, None, "vocab"), cpu, num_beams=4,
@@ -180,7 +180,7 @@ def test_lm_rerank_step_gets_the_top_k_and_is_skipped_where_it_lacks_inputs():
         S.GenerativeSystem(T5Retriever(model, tok, vocab, None, "vocab"), cpu, text_encoder=_HashEncoder(),
                              lm_step=step)
     queries = [{"query": "a red cube", "gold": "img0"}, {"query": "two stars", "gold": "img1"}]
-    rows = eff.benchmark([gen, lm], {"image_ids": ids, "features": feats, "codes": codes, "first": 4}, queries,
+    rows = timing.benchmark([gen, lm], {"image_ids": ids, "features": feats, "codes": codes, "first": 4}, queries,
                          [10, len(ids) + 5], batch_size=2, max_seconds=30, warmup=0, noise_std=0.1, seed=0, device=cpu,
                          progress=False)
     timed = {(r["gallery_size"], r["system"]) for r in rows}
@@ -197,7 +197,7 @@ def test_benchmark_rows_cover_sizes_systems_modes():
                S.TwoTowerSystem(_HashEncoder(), cpu, k=3, precision="fp16")]
     queries = [{"query": "a red cube", "gold": "img0"}, {"query": "two stars", "gold": "img1"}]
     logged = []
-    rows = eff.benchmark(systems, {"image_ids": ids, "features": feats, "codes": codes, "first": 4}, queries, [10, 30],
+    rows = timing.benchmark(systems, {"image_ids": ids, "features": feats, "codes": codes, "first": 4}, queries, [10, 30],
                          batch_size=2, max_seconds=30, warmup=1, noise_std=0.1, seed=0, device=cpu, progress=False,
                          log=lambda m, s: logged.append((s, m)))
     assert len(rows) == 2 * 3 * 2 and [s for s, _ in logged] == [0, 1]

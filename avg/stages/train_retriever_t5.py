@@ -22,7 +22,7 @@ chunk of training images as large as the val gallery, next to val.
 
     python -m avg.stages.train_retriever_t5 --data-dir outputs/demo/prepare_retriever_dataset \\
         --codes-dir outputs/demo/generate_codes --model data/demo/t5-demo --out-dir outputs/demo/train_retriever_t5
-    python -m avg.stages.train_retriever_t5 --stage 2 --init-from outputs/demo/train_retriever_t5/best \\
+    python -m avg.stages.train_retriever_t5_stage2 --init-from outputs/demo/train_retriever_t5/best \\
         --data-dir outputs/demo/prepare_retriever_dataset --out-dir outputs/demo/train_retriever_t5_stage2
 
 Outputs under --out-dir: ``best/`` (save_pretrained model + tokenizer + voken_vocab.json +
