@@ -52,3 +52,6 @@ def test_a_changed_ranking_or_number_or_missing_file_is_named(tmp_path):
     r = _run(tmp_path / "old", tmp_path / "r1")
     assert "train_retriever_t5_stage2/metrics.jsonl: missing" in r.stdout
     assert _run(tmp_path / "old", tmp_path / "nowhere").returncode == 2
+    (tmp_path / "r1" / "train_retriever_t5_stage2" / "eval" / "run_test.jsonl").write_text('{"qid": 0}\n{"qid": \n')
+    r = _run(tmp_path / "r1", tmp_path / "old")
+    assert r.returncode == 2 and "run_test.jsonl: line 2 is not valid JSON" in r.stderr

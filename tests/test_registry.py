@@ -94,6 +94,12 @@ def test_shell_lines_and_cli(tmp_path):
         registry.manifest_name("demo_t5")
 
 
+def test_the_registry_names_the_manifest_file_the_stages_write():
+    from avg.core.stages import MANIFEST
+
+    assert registry.MANIFEST == MANIFEST
+
+
 def test_a_stage_root_of_the_old_layout_is_named(tmp_path):
     """Release 0.1 named folders by content (emb/, codes/, reranker/test/): shell warns, on stderr only."""
     for folder in ("emb", "reranker/test", "codes"):

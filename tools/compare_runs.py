@@ -26,10 +26,12 @@ from avg.artifacts.registry import STAGES  # noqa: E402
 
 SKIP_PARTS = {"wandb", "checkpoints"}
 SKIP_FILES = {"stage.json", "train_state.json"}
+#: 0.1 kept a test stage inside its trainer's folder (reranker/test): read as that stage, not the trainer
+NESTED = tuple(s.former for s in STAGES if s.former and "/" in s.former)
 
 
 def _timing(key: str) -> bool:
-    return key in ("run_id", "step_time") or any(s in key for s in ("time", "seconds", "per_s", "ms_per")) or key.endswith("_s")
+    return key == "run_id" or any(s in key for s in ("time", "seconds", "per_s", "ms_per")) or key.endswith("_s")
 
 
 #: string fields that are results (ranked image ids, gold ids, queries), compared like the numbers
@@ -54,10 +56,22 @@ def _same(x, y) -> bool:
 
 
 def _records(path: Path) -> list[dict]:
+    """The values of each record of a json (one record) or jsonl file; a ValueError naming the file and line."""
     text = path.read_text()
-    if path.suffix == ".jsonl":
-        return [dict(numbers(json.loads(line))) for line in text.splitlines() if line.strip()]
-    return [dict(numbers(json.loads(text)))]
+    lines = [(i, line) for i, line in enumerate(text.splitlines(), 1) if line.strip()] if path.suffix == ".jsonl" else [(1, text)]
+    try:
+        return [dict(numbers(json.loads(line))) for _, line in lines]
+    except json.JSONDecodeError as e:
+        bad = next(i for i, line in lines if not _parses(line))
+        raise ValueError(f"{path}: line {bad} is not valid JSON ({e.msg})") from None
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+        return True
+    except json.JSONDecodeError:
+        return False
 
 
 def _folder(root: Path, stage) -> Path:
@@ -77,7 +91,7 @@ def _twin(folder: Path, rel: Path) -> Path:
 
 
 def compare(a: Path, b: Path) -> tuple[int, int, list[str]]:
-    """(files compared, numbers compared, differences) between stage roots ``a`` and ``b``."""
+    """(files compared, values compared, differences) between stage roots ``a`` and ``b``."""
     files = values = 0
     diffs: list[str] = []
     for stage in STAGES:
@@ -90,10 +104,8 @@ def compare(a: Path, b: Path) -> tuple[int, int, list[str]]:
             rel = path.relative_to(fa)
             if SKIP_PARTS & set(rel.parts) or path.name in SKIP_FILES:
                 continue
-            if stage.former and "/" not in stage.former and fa.name == stage.former and any(
-                    s.former and s.former.startswith(stage.former + "/") and rel.parts[0] == s.former.split("/")[1]
-                    for s in STAGES):
-                continue  # 0.1 nested a test stage in its trainer's folder: compared as that stage
+            if any(a / n in path.parents and a / n != fa for n in NESTED):
+                continue  # a 0.1 test stage inside its trainer's folder: compared as that stage
             other = _twin(fb, rel)
             if not other.is_file():
                 diffs.append(f"{other}: missing (it is {path} in the first run)")
@@ -121,7 +133,11 @@ def main(argv=None) -> int:
         if not root.is_dir():
             print(f"error: {root}: not a folder", file=sys.stderr)
             return 2
-    files, values, diffs = compare(args.first, args.second)
+    try:
+        files, values, diffs = compare(args.first, args.second)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     for line in diffs[:30]:
         print(line)
     print(f"{files} files, {values} values compared: {len(diffs)} differences")

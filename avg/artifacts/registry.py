@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-MANIFEST = "stage.json"  # avg.core.stages.MANIFEST (the registry imports nothing of the package)
+MANIFEST = "stage.json"  # = avg.core.stages.MANIFEST (a test checks); the shell runs this module, so it imports nothing heavy
 
 
 @dataclass(frozen=True)
@@ -134,6 +134,11 @@ def former_folders(root: str | os.PathLike) -> list[str]:
     return [s.former for s in STAGES if s.former and (Path(root) / s.former / MANIFEST).is_file()]
 
 
+def stage_of_former(folder: str) -> str:
+    """The stage whose release-0.1 folder was ``folder``."""
+    return next(s.name for s in STAGES if s.former == folder)
+
+
 def shell_lines(root: str) -> list[str]:
     """``VAR=<root>/<folder>`` for every stage with a folder (quoted for the shell)."""
     return [f"{s.var}={shlex.quote(str(Path(root) / s.out) if root else s.out)}" for s in STAGES if s.var]
@@ -171,11 +176,6 @@ def main(argv=None) -> int:
         print(f"error: {e.args[0]}", file=sys.stderr)
         return 2
     return 0
-
-
-def stage_of_former(folder: str) -> str:
-    """The stage whose release-0.1 folder was ``folder``."""
-    return next(s.name for s in STAGES if s.former == folder)
 
 
 if __name__ == "__main__":

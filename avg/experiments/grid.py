@@ -37,8 +37,7 @@ from typing import Optional, Sequence
 import pandas as pd
 
 from avg.metrics import retrieval_metrics
-from avg.artifacts import registry
-from avg.artifacts.registry import out as stage_out
+from avg.artifacts.registry import T5_STAGES, out as stage_out, stage
 from avg.artifacts.runfiles import read_run
 from avg.core.io import InputError, atomic_open, read_json, write_json
 from avg.core.stages import begin_stage
@@ -141,13 +140,13 @@ def build_variants(study: str, cfg: dict, *, reduced: bool, beam_model: str = "s
     t5_stages = ["prepare_retriever_dataset", "demo_t5", "train_retriever_t5"]
     tok_stages = ["train_rqvae", "generate_codes"]
     if study == "beam":
-        model_dir = T5_2 if beam_model == "stage2" else T5_1
-        stage = 2 if beam_model == "stage2" else 1
+        t5_stage = 2 if beam_model == "stage2" else 1
+        model_dir = stage_out(T5_STAGES[t5_stage])
         out = []
         for b in values:
-            out.append(Variant(f"beam{b}", f"avg_t5_stage{stage}", f"{model_dir}_eval/eval/run_test.jsonl",
+            out.append(Variant(f"beam{b}", f"avg_t5_stage{t5_stage}", f"{model_dir}_eval/eval/run_test.jsonl",
                                params={"num_beams": b}, links=[DATA, model_dir],
-                               command=["python", "-m", registry.stage(registry.T5_STAGES[stage]).module, "--epochs", "0",
+                               command=["python", "-m", stage(T5_STAGES[t5_stage]).module, "--epochs", "0",
                                         "--init-from", f"{model_dir}/best", "--data-dir", DATA,
                                         "--out-dir", f"{model_dir}_eval", "--num-beams", str(b),
                                         "--seed", cfg.get("SEED", "42"), "--run-name",

@@ -17,14 +17,15 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from avg.artifacts.registry import out as stage_out
+from avg.artifacts.registry import T5_STAGES, out as stage_out
 from avg.metrics import first_hit_rank, gold_set
+from avg.reranker.embed import embed_rerank_system
 
 PAGE = "results.html"
 TOP = 5
 # systems in the order a reader compares them; others follow by name
 # the embedding rerank is named after its input, the retriever folder RERANK_RETRIEVER names (default: stage 2)
-SYSTEM_ORDER = ("clip_two_tower", "avg_t5_stage1", "avg_t5_stage2", f"{stage_out('train_retriever_t5_stage2')}+embed_rerank", "avg_reranker")
+SYSTEM_ORDER = ("clip_two_tower", "avg_t5_stage1", "avg_t5_stage2", embed_rerank_system(stage_out(T5_STAGES[2])), "avg_reranker")
 
 
 def run_file_of(metrics_path: Path) -> Optional[Path]:

@@ -22,16 +22,17 @@ from typing import Optional, Sequence
 import numpy as np
 import pandas as pd
 
-from avg.artifacts.registry import out as stage_out
+from avg.artifacts.registry import T5_STAGES, out as stage_out
+from avg.reranker.embed import embed_rerank_system
 from avg.experiments.report import collect_metrics
 from avg.core.io import InputError, atomic_open
 
 METRICS = ("R@1", "R@5", "R@10", "R@20")
 # (name, system/stage of the minuend, of the subtrahend): paired differences reported when both exist
-_T5_1, _T5_2 = stage_out("train_retriever_t5"), stage_out("train_retriever_t5_stage2")
+_T5_1, _T5_2 = stage_out(T5_STAGES[1]), stage_out(T5_STAGES[2])
 PAIRS = (("stage 2 − stage 1", ("avg_t5_stage2", _T5_2), ("avg_t5_stage1", _T5_1)),
-         # the embedding rerank's system name is its input's name (RERANK_RETRIEVER) + "+embed_rerank"
-         ("embedding rerank − its input", (f"{_T5_2}+embed_rerank", stage_out("rerank_embed")),
+         # the embedding rerank is named after the retriever it reranks (RERANK_RETRIEVER, by default stage 2)
+         ("embedding rerank − its input", (embed_rerank_system(_T5_2), stage_out("rerank_embed")),
           ("avg_t5_stage2", _T5_2)),
          ("LM reranker − its input", ("avg_reranker", stage_out("test_reranker_llama")), ("avg_t5_stage2", _T5_2)))
 

@@ -25,6 +25,11 @@ from avg.core.io import InputError
 DEFAULT_WEIGHTS = (0.0, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, math.inf)
 
 
+def embed_rerank_system(retriever: str) -> str:
+    """The system name of the embedding rerank of a retriever (its stage folder's name, RERANK_RETRIEVER)."""
+    return f"{retriever}+embed_rerank"
+
+
 def l2_normalize(x) -> np.ndarray:
     """float32 rows scaled to unit L2 norm (zero rows stay zero)."""
     x = np.asarray(x, dtype=np.float32)
@@ -190,5 +195,5 @@ def fit_embed_weight(cosines: Sequence[np.ndarray], labels: Sequence[int], *, te
     return float(math.exp(0.5 * (a + b)))
 
 
-__all__ = ["l2_normalize", "DEFAULT_WEIGHTS", "FeatureStore", "fused_scores", "rerank_list", "candidate_cosines",
+__all__ = ["embed_rerank_system", "l2_normalize", "DEFAULT_WEIGHTS", "FeatureStore", "fused_scores", "rerank_list", "candidate_cosines",
            "rerank_records", "choose_weight", "fit_embed_weight", "EMBED_FIT_BOUNDS"]

@@ -19,7 +19,7 @@ from pathlib import Path
 from avg.artifacts.registry import manifest_name
 from avg.artifacts.runfiles import read_run, retriever_run_files, write_run
 from avg.metrics import recall_ks, retrieval_metrics
-from avg.reranker.embed import DEFAULT_WEIGHTS, FeatureStore, choose_weight, rerank_records
+from avg.reranker.embed import DEFAULT_WEIGHTS, FeatureStore, choose_weight, embed_rerank_system, rerank_records
 from avg.search.gallery import Gallery
 from avg.core.cli import run_main
 from avg.core.io import InputError, write_json
@@ -95,7 +95,7 @@ def main(argv=None) -> dict:
         ks = recall_ks(args.topk)
         before = retrieval_metrics([{**r, "ranked": r["ranked"][:args.topk]} for r in recs], ks=ks, gallery_size=sizes[split])
         after = retrieval_metrics(reranked, ks=ks, gallery_size=sizes[split])
-        out[split] = {"system": f"{args.retriever_name}+embed_rerank", "split": split, **after, "topk": args.topk,
+        out[split] = {"system": embed_rerank_system(args.retriever_name), "split": split, **after, "topk": args.topk,
                       "fusion_weight": weight, "list_recall": before[f"R@{args.topk}"],
                       "before": {"system": args.retriever_name, **before},
                       "ms_per_query": 1000.0 * seconds / max(len(recs), 1), "queries_per_s": len(recs) / max(seconds, 1e-9)}
