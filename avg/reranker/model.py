@@ -147,7 +147,7 @@ class Reranker(nn.Module):
         body = self.body()
         positions = (prompt_mask.long().cumsum(-1) - 1).clamp_min(0)
         cache = DynamicCache(config=body.config)
-        body(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, past_key_values=cache,
+        body(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions, cache=cache,
              use_cache=True)
         cache.batch_select_indices(list_index)
         n_cand = candidate_ids.shape[1]
@@ -160,7 +160,7 @@ class Reranker(nn.Module):
             inputs = {"inputs_embeds": embeds}
         else:
             inputs = {"input_ids": candidate_ids}
-        out = body(**inputs, attention_mask=mask, position_ids=cand_pos, past_key_values=cache, use_cache=True)
+        out = body(**inputs, attention_mask=mask, position_ids=cand_pos, cache=cache, use_cache=True)
         return self._head(out.last_hidden_state[:, -1], pair_t, pair_v)
 
     def score_query_only(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, list_index: torch.Tensor,

@@ -78,7 +78,7 @@ class SearchOutput:
 
 # ---------------------------------------------------------------------------------------- model steppers
 class _EncoderDecoderStepper:
-    """Encode once, then step the decoder with ``past_key_values``."""
+    """Encode once, then step the decoder with its KV cache (transformers' ``cache`` argument)."""
 
     def __init__(self, model, decoder_start_token_id: int):
         self.model = model
@@ -94,7 +94,7 @@ class _EncoderDecoderStepper:
         start = torch.full((attention_mask.shape[0], 1), self.start, dtype=torch.long, device=attention_mask.device)
         out = self.model(encoder_outputs=(self.enc_hidden,), attention_mask=attention_mask,
                          decoder_input_ids=start, use_cache=True, return_dict=True)
-        self.cache = out.past_key_values
+        self.cache = out.cache
         return out.logits[:, -1]
 
     def expand(self, num_beams: int):
@@ -116,9 +116,9 @@ class _EncoderDecoderStepper:
         else:  # pragma: no cover - every encoder-decoder in transformers 5 uses EncoderDecoderCache
             self.cache.reorder_cache(rows)
         out = self.model(encoder_outputs=(self.enc_hidden,), attention_mask=self.enc_mask,
-                         decoder_input_ids=tokens[:, None], past_key_values=self.cache,
+                         decoder_input_ids=tokens[:, None], cache=self.cache,
                          use_cache=True, return_dict=True)
-        self.cache = out.past_key_values
+        self.cache = out.cache
         return out.logits[:, -1]
 
 
@@ -136,7 +136,7 @@ class _DecoderOnlyStepper:
         inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": input_ids}
         out = self.model(**inputs, attention_mask=attention_mask, position_ids=pos,
                          use_cache=True, return_dict=True, **extra)
-        self.cache = out.past_key_values
+        self.cache = out.cache
         self.mask = attention_mask
         self.next_pos = pos[:, -1] + 1
         return out.logits[:, -1]
@@ -149,8 +149,8 @@ class _DecoderOnlyStepper:
         self.mask = torch.cat([self.mask.index_select(0, rows), self.mask.new_ones(rows.numel(), 1)], dim=1)
         pos = self.next_pos.index_select(0, rows)
         out = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=pos[:, None],
-                         past_key_values=self.cache, use_cache=True, return_dict=True)
-        self.cache = out.past_key_values
+                         cache=self.cache, use_cache=True, return_dict=True)
+        self.cache = out.cache
         self.next_pos = pos + 1
         return out.logits[:, -1]
 
