@@ -101,3 +101,64 @@ def test_a_mid_epoch_checkpoint_resumes_only_on_as_many_processes(tmp_path):
     path.write_text(json.dumps(saved))
     result, state, *_ = _run(tmp_path, state=saved)
     assert result["stopped"] is None and state["global_step"] == 9
+
+
+def test_linear_warmup_schedule_is_transformers_step_for_step():
+    from transformers import get_linear_schedule_with_warmup
+
+    from avg.train.loop import linear_warmup_schedule
+
+    def lrs(make):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
+        sched = make(opt, 7, 40)
+        out = []
+        for _ in range(45):
+            out.append(sched.get_last_lr()[0])
+            opt.step()
+            sched.step()
+        return out, sched
+
+    ours, sched = lrs(linear_warmup_schedule)
+    theirs, _ = lrs(get_linear_schedule_with_warmup)
+    assert ours == theirs and ours[0] == 0.0 and max(ours) == 0.5 and ours[-1] == 0.0
+    json.dumps(sched.state_dict())  # checkpointed as JSON (avg.train.loop.save_checkpoint)
+
+
+def test_a_launched_world_the_accelerator_does_not_see_is_refused(monkeypatch):
+    """torchrun/accelerate started 2 processes, but this process's Accelerator sees a world of one (as accelerate
+    gives without CUDA unless told to use the CPU): both would train on everything and write the same files."""
+    import pytest
+
+    from avg.core.io import InputError
+    from avg.train import loop
+
+    class OneProcess:
+        num_processes = 1
+        distributed_type = "NO"
+
+        def __init__(self, cpu=False, **kwargs):
+            OneProcess.cpu = cpu
+
+    monkeypatch.setattr(loop, "Accelerator", OneProcess)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(InputError, match="started 2 processes .* sees a world of 1"):
+        loop.make_accelerator("auto")
+    assert OneProcess.cpu  # without CUDA a launched run is put on the CPU (gloo), where accelerate sees the world
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert loop.make_accelerator("auto").num_processes == 1 and not OneProcess.cpu
+
+
+def test_accelerates_single_process_fallback_is_refused(monkeypatch):
+    """`accelerate launch --num_processes 2` where it sees fewer than two GPUs starts ONE process (its simple
+    launcher: MASTER_PORT set, no WORLD_SIZE): refused, naming the flag that launches two."""
+    import pytest
+
+    from avg.core.io import InputError
+    from avg.train import loop
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "False")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    with pytest.raises(InputError, match="--multi_gpu"):
+        loop.make_accelerator("auto")

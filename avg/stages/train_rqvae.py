@@ -33,8 +33,8 @@ from avg.artifacts.registry import manifest_name
 from avg.models.kmeans import DeadCodeTracker, init_codebooks
 from avg.models.rqvae import RQVAE, RQVAEConfig
 from avg.rqvae.data import FeatureBatchSampler, FeatureDataset, gather_rows, iter_feature_batches, passthrough_collate, training_rows
-from avg.train.loop import (STATE_FILE, add_checkpoint_args, checkpoint_dir, log_resumed, log_stopped, resume_from,
-                            start_training_run, train_epochs)
+from avg.train.loop import (STATE_FILE, add_checkpoint_args, checkpoint_dir, log_resumed, log_stopped, make_accelerator,
+                            resume_from, start_training_run, train_epochs)
 from avg.core.cli import add_deprecated_alias, add_device_arg, run_main
 from avg.core.io import InputError, read_json, write_json
 from avg.core.seed import deterministic_algorithms, seeded_generator, set_seed
@@ -167,8 +167,6 @@ def check_checkpoint_config(ckpt_dir: Path, config: RQVAEConfig) -> None:
 
 
 def train(args) -> dict:
-    from accelerate import Accelerator
-
     out_dir = Path(args.out_dir)
     emb_dir = Path(args.emb_dir)
     ckpt_dir = checkpoint_dir(out_dir)
@@ -176,7 +174,7 @@ def train(args) -> dict:
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1")
 
-    accelerator = Accelerator(cpu=args.device == "cpu")
+    accelerator = make_accelerator(args.device)
     main_proc = accelerator.is_main_process
     set_seed(args.seed)
     emb = load_emb(emb_dir)

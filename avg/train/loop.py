@@ -41,6 +41,33 @@ def resolve_mixed_precision(choice: str, *, cpu: bool = False, t5: bool = False,
     return choice
 
 
+def make_accelerator(device: str = "auto", **kwargs) -> Accelerator:
+    """The trainers' ``Accelerator`` for ``--device auto|cpu`` (``kwargs`` go to it: mixed precision, ...).
+
+    Under a launcher (torchrun, ``accelerate launch``) on a machine without CUDA, accelerate would give every
+    process a world of its own unless told to use the CPU: W processes would each train on all the data and
+    write the same outputs at once. There the CPU (gloo) is chosen; and a launcher's world that the
+    Accelerator does not see is refused at once, before any output is touched."""
+    import os
+
+    import torch
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if "WORLD_SIZE" not in os.environ and "ACCELERATE_USE_CPU" in os.environ and "MASTER_PORT" in os.environ:
+        # accelerate's single-process launcher, which `accelerate launch --num_processes N` falls back to where it
+        # sees fewer than two GPUs (it sets MASTER_PORT for N > 1, never WORLD_SIZE)
+        raise InputError("`accelerate launch` was asked for several processes but started one (its multi-process "
+                         "launcher needs --multi_gpu where it sees fewer than two GPUs, also on CPUs): add --multi_gpu")
+    cpu = device == "cpu" or (launched > 1 and not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=cpu, **kwargs)
+    if accelerator.num_processes != launched:
+        raise InputError(f"the launcher started {launched} processes (WORLD_SIZE={launched}) but this one sees a world of "
+                         f"{accelerator.num_processes} ({accelerator.distributed_type}); every process would train on "
+                         "everything and write the same outputs. Launch with torchrun or `accelerate launch` (with "
+                         "--cpu on a machine without GPUs), or run one process")
+    return accelerator
+
+
 def choose_precision(choice: str, *, cuda: bool, bf16_ok: bool, t5: bool = False, allow_fp16: bool = False) -> str:
     """The rule of :func:`resolve_mixed_precision`, given what the device supports."""
     if choice == "auto":
@@ -67,6 +94,23 @@ def describe_batch(batch_size: int, world_size: int, grad_accum: int = 1) -> str
     per = batch_size // world_size
     return (f"global batch {batch_size * grad_accum} per optimizer step = {per} per process x {world_size} "
             f"process(es) x {grad_accum} accumulation step(s)")
+
+
+def _linear_warmup(step: int, *, warmup: int, total: int) -> float:
+    if step < warmup:
+        return step / max(1, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def linear_warmup_schedule(optimizer, warmup_steps: int, total_steps: int):
+    """Linear warm-up to the peak learning rate over ``warmup_steps``, then linear decay to 0 at ``total_steps``:
+    transformers' ``get_linear_schedule_with_warmup``, step for step (tested), without its import, which pulls in
+    peft and costs every stage process about 4 s."""
+    import functools
+
+    from torch.optim.lr_scheduler import LambdaLR
+
+    return LambdaLR(optimizer, functools.partial(_linear_warmup, warmup=warmup_steps, total=total_steps))
 
 
 def checkpoint_dir(out_dir) -> Path:
