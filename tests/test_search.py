@@ -285,3 +285,35 @@ def test_decoder_only_fast_path_is_renormalised_exact_ranking():
     order = renorm.argsort(descending=True)
     assert torch.equal(out.sequences[0], codes[order])
     torch.testing.assert_close(out.scores[0], renorm[order], rtol=0, atol=1e-4)
+
+
+def test_a_search_prints_no_deprecation_warning(tmp_path):
+    """transformers 5.24 renamed past_key_values to cache and warns (once per process) where the old name is
+    passed or read: a constrained search of a T5 and of a LLaMA, in a fresh process, prints no such warning."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import warnings; warnings.simplefilter("always")
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+from avg.search.beam import constrained_beam_search
+from avg.search.code_index import CodeIndex
+torch.manual_seed(0)
+codes = torch.randint(10, 30, (20, 3))
+t5 = T5ForConditionalGeneration(T5Config(vocab_size=40, d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2,
+                                         decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
+ids = torch.randint(2, 40, (2, 5))
+for score in ("vocab", "children"):
+    constrained_beam_search(t5, ids, torch.ones_like(ids), CodeIndex.from_codes(codes, 40), 4, decoder_start_token_id=0,
+                            eos_token_id=1, normalize=score)
+llama = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=2)).eval()
+constrained_beam_search(llama, ids, torch.ones_like(ids), CodeIndex.from_codes(codes, 40), 4, eos_token_id=1)
+print("searched")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "TRANSFORMERS_VERBOSITY": "warning"})
+    assert res.returncode == 0 and "searched" in res.stdout, res.stderr[-3000:]
+    assert "deprecated" not in res.stderr.lower(), res.stderr
