@@ -6,6 +6,18 @@ cd "$ROOT"
 PYTHON_BIN=${PYTHON_BIN:-python3}
 VENV=${VENV:-.venv}
 
+# The Python it needs, from pyproject.toml's requires-python (">=3.11"): checked first, in one line, since pip's
+# resolver error on an older Python names neither the cause nor the fix.
+need=$(sed -n 's/^requires-python *= *">= *\([0-9.]*\)".*/\1/p' pyproject.toml)
+check_python() {  # $1: interpreter; prints nothing and succeeds when it is new enough
+  "$1" -c "import sys; sys.exit(0 if sys.version_info[:2] >= tuple(map(int, '$need'.split('.'))) else 1)" 2>/dev/null
+}
+py="$PYTHON_BIN"; [ -x "$VENV/bin/python" ] && py="$VENV/bin/python"
+if ! check_python "$py"; then
+  echo "error: avg needs Python >= $need (transformers, accelerate and peft require it); $py is $("$py" --version 2>&1 || echo 'not found') -- install Python $need or newer (conda create -n avg python=$need, pyenv install $need, or your distribution's python$need), then run again with PYTHON_BIN=python$need$([ "$py" = "$VENV/bin/python" ] && echo " after removing $VENV")" >&2
+  exit 2
+fi
+
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[bootstrap] creating $VENV with $($PYTHON_BIN --version 2>&1)"
   "$PYTHON_BIN" -m venv "$VENV"
