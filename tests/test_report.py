@@ -104,3 +104,19 @@ def test_plots_are_skipped_quietly_without_data(tmp_path):
     assert main([str(tmp_path)]) == 0
     assert not (tmp_path / "plots").exists()
     assert "![" not in (tmp_path / "results.md").read_text()
+
+
+def test_one_row_per_system_the_test_stage_wins(tmp_path, capsys):
+    """The LLaMA trainer's own test of best/ and test_retriever_llama report the same system: one row, the later
+    stage's (it tests the saved model on the whole split), and the other file named below the table."""
+    _write(tmp_path / "finetune_retriever_llama" / "eval" / "metrics_test.json",
+           {"system": "avg_llama", "split": "test", "R@1": 1.0, "num_queries": 500})
+    _write(tmp_path / "test_retriever_llama" / "metrics_test.json",
+           {"system": "avg_llama", "split": "test", "R@1": 2.0, "num_queries": 5000})
+    _write(tmp_path / "test_retriever_llama_val" / "metrics_val.json",
+           {"system": "avg_llama", "split": "val", "R@1": 3.0, "num_queries": 5000})
+    df = collect_metrics(tmp_path)
+    assert sorted(zip(df["split"], df["R@1"])) == [("test", 2.0), ("val", 3.0)]
+    assert df.attrs["duplicates"] == ["finetune_retriever_llama/eval/metrics_test.json"]
+    assert main([str(tmp_path)]) == 0
+    assert "also reported by" in capsys.readouterr().out

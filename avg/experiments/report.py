@@ -119,7 +119,8 @@ def _read_metrics(root: Path, *, grid: bool = False) -> list[tuple[Path, dict]]:
 
 
 def collect_metrics(root: str | Path, *, grid: bool = False) -> pd.DataFrame:
-    """One row per metrics file; the experiment grid's files only with ``grid=True``."""
+    """One row per system and split (:func:`one_row_per_system`); with ``grid=True`` one row per metrics file,
+    the experiment grid's included."""
     root = Path(root)
     rows = []
     for path, m in _read_metrics(root, grid=grid):
@@ -135,7 +136,23 @@ def collect_metrics(root: str | Path, *, grid: bool = False) -> pd.DataFrame:
             "collision_rate": rate, "queries_per_s": m.get("queries_per_s"), "setting": setting_of(m),
             "stage": _stage_of(rel), "file": str(rel),
         })
-    return pd.DataFrame(rows, columns=COLUMNS)
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    return df if grid else one_row_per_system(df)  # the grid's variants share system names
+
+
+def one_row_per_system(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (system, split): where two files report the same system on the same split (the LLaMA
+    trainer's own test of ``best/`` and ``test_retriever_llama``'s), the later stage in pipeline order
+    keeps its row; ``df.attrs["duplicates"]`` lists the files left out."""
+    from avg.artifacts.registry import names
+
+    order = {name: i for i, name in enumerate(names())}
+    rank = df["stage"].map(lambda st: order.get(str(st).split("/")[0], -1))
+    kept = df.assign(_rank=rank).sort_values("_rank", kind="stable")
+    dup = kept.duplicated(subset=["system", "split"], keep="last")
+    out = kept[~dup].sort_index().drop(columns="_rank")
+    out.attrs["duplicates"] = kept.loc[dup, "file"].tolist()
+    return out
 
 
 def setting_of(m: dict) -> str:
@@ -332,6 +349,9 @@ def main(argv: Optional[list] = None) -> int:
     df = collect_metrics(root)
     md = to_markdown(df)
     extra = code_stats_lines(root) + diagnostics_lines(root)
+    if df.attrs.get("duplicates"):
+        extra.append("same system and split also reported by (a later stage's row is shown): "
+                     + ", ".join(df.attrs["duplicates"]))
     print(md)
     for line in extra:
         print(line)
