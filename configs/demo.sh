@@ -6,15 +6,14 @@ IMAGE_ROOT=${IMAGE_ROOT:-$DATA_DIR/images}
 ANNOTATIONS=${ANNOTATIONS:-$DATA_DIR/dataset_demo.json}
 OUT_DIR=${OUT_DIR:-outputs}
 SEED=${SEED:-42}
+# The method: best (this project's best-measured) or paper (the AVG paper's settings); configs/recipes/
+RECIPE=${RECIPE:-best}
 
 # prepare_emb: open_clip model name (configs in avg/models/clip_configs) and checkpoint
 CLIP_BACKEND=${CLIP_BACKEND:-open_clip}
 CLIP_MODEL=${CLIP_MODEL:-avg-demo-vit}
 CLIP_PRETRAINED=${CLIP_PRETRAINED:-$DATA_DIR/clip/avg_demo_clip.pt}
 EMB_BATCH_SIZE=${EMB_BATCH_SIZE:-256}
-# Also store each image's ViT patch tokens pooled to a G x G grid (prepare_emb/image_grid.npy, 3 KB per demo image):
-# what the LM reranker's --grid-head reads (README, "Reranking"). 0 = off.
-EMB_IMAGE_GRID=${EMB_IMAGE_GRID:-4}
 
 # RQ-VAE image tokenizer
 CODE_LEN=${CODE_LEN:-4}
@@ -32,13 +31,6 @@ MAX_TRAIN_QUERIES=${MAX_TRAIN_QUERIES:-}
 T5_EPOCHS=${T5_EPOCHS:-1}
 T5_BATCH_SIZE=${T5_BATCH_SIZE:-128}
 T5_LR=${T5_LR:-1e-3}
-# How a code is scored, in the loss, s_j and the search: children (renormalised over the gallery's allowed
-# continuations) or vocab (full vocabulary: the paper, HF generate)
-T5_SCORE=${T5_SCORE:-children}
-# Voken tokens: per-level (one token range per level, rows from the shared codebook) or shared (the paper's)
-VOKEN_TOKENS=${VOKEN_TOKENS:-per-level}
-# Soft tokens from the query's CLIP text feature before its words (0: off, the paper's setting; GENIUS-style)
-T5_QUERY_PREFIX=${T5_QUERY_PREFIX:-4}
 # Beam of the evaluation search: its top-50 is what the rerankers reorder
 BEAM=${BEAM:-50}
 STAGE2_EPOCHS=${STAGE2_EPOCHS:-1}
@@ -47,10 +39,6 @@ STAGE2_EPOCHS=${STAGE2_EPOCHS:-1}
 STAGE2_MAX_TRAIN_QUERIES=${STAGE2_MAX_TRAIN_QUERIES:-25000}
 STAGE2_LR=${STAGE2_LR:-1e-3}
 DIS_BEAMS=${DIS_BEAMS:-10}
-DIS_WEIGHT=${DIS_WEIGHT:-3.0}
-DIS_TEMPERATURE=${DIS_TEMPERATURE:-1.0}
-# Lists L_dis is taken on: all (the paper: the positive put in when the beam missed it) or found (the beam's own)
-DIS_LISTS=${DIS_LISTS:-found}
 
 # LLaMA-family retriever. Demo default: a small random LLaMA (0.55M weights) with a tokenizer trained on
 # the demo captions (tools/make_demo_llama.py -> $DATA_DIR/llama-demo, cached), fully fine-tuned (LoRA
@@ -93,9 +81,6 @@ RERANK_TOPK=${RERANK_TOPK:-50}
 RERANK_REUSE_RUNS=${RERANK_REUSE_RUNS:-1}
 # Seeded subset of training captions that get training lists (0: all)
 RERANK_MAX_TRAIN_QUERIES=${RERANK_MAX_TRAIN_QUERIES:-10000}
-# Training lists from the retriever's search, or mined with CLIP (top-k cosine in a chunk; no search, retriever
-# scores unknown: use RERANK_FUSION=val)
-RERANK_TRAIN_CANDIDATES=${RERANK_TRAIN_CANDIDATES:-clip}
 # Seeded subset of val queries used for model selection (0: all); test lists are always complete
 RERANK_MAX_VAL_QUERIES=${RERANK_MAX_VAL_QUERIES:-1000}
 # Training lists come from chunks of this many train images, as hard as the test gallery (0: whole train gallery);
@@ -104,8 +89,6 @@ RERANK_TRAIN_GALLERY_SIZE=${RERANK_TRAIN_GALLERY_SIZE:-1000}
 # Residual k-means tokens of each image's CLIP feature appended after its vokens (0: vokens only); entries per level
 RERANK_RICH_LEVELS=${RERANK_RICH_LEVELS:-0}
 RERANK_RICH_SIZE=${RERANK_RICH_SIZE:-256}
-# Reranker LM: the demo's small random LLaMA (tools/make_demo_llama.py, built on first use)
-RERANK_MODEL=${RERANK_MODEL:-$DATA_DIR/llama-demo}
 # 1: train every weight (right for a random model); 0: LoRA (LORA_* above) + trainable image-token rows
 RERANK_FULL_FINETUNE=${RERANK_FULL_FINETUNE:-1}
 # Reranker schedule: epochs, candidate lists per micro-batch (each RERANK_TOPK candidates; with late interaction
@@ -115,11 +98,8 @@ RERANK_FULL_FINETUNE=${RERANK_FULL_FINETUNE:-1}
 RERANK_EPOCHS=${RERANK_EPOCHS:-1}
 RERANK_BATCH_SIZE=${RERANK_BATCH_SIZE:-64}
 RERANK_LR=${RERANK_LR:-1e-3}
-# Fusion with the retriever's score: none, fixed, learned (starts at w = 1: the retriever's order) or val
-# (the weight chosen on the val lists at every evaluation, epoch 0 included)
-RERANK_FUSION=${RERANK_FUSION:-val}
-# Extra flags for avg.stages.finetune_reranker_llama. Demo: late interaction (the LM reads the query once; the head scores
-# each candidate from it and the CLIP features; k times cheaper than the cross-encoder) + the CLIP cosine fused.
-# Real configs: --image-prefix 4 --feature-head --embed-fusion learned (a cross-encoder that reads the candidate's
-# CLIP feature, the cosine fused).
-RERANK_ARGS=${RERANK_ARGS:---late-interaction --query-pooling mean --embed-fusion learned --head-lr 2e-3}
+# The demo pins its reranker (a recipe variable) to what fits its CPU budget: late interaction (the LM reads the
+# query once; the head scores each candidate from it and the CLIP features) + the CLIP cosine fused, one epoch. The
+# best recipe's grid head needs a longer schedule (docs/reranking.md).
+RERANK_ARGS=${RERANK_ARGS:---late-interaction --query-pooling mean --embed-fusion learned}
+RERANK_TRAIN_ARGS=${RERANK_TRAIN_ARGS:---head-lr 2e-3}

@@ -8,14 +8,13 @@ OUT_DIR=${OUT_DIR:-outputs}
 # stop when torch sees no GPU (scripts/common.sh); ALLOW_CPU=1 runs on the CPU anyway
 REQUIRE_GPU=${REQUIRE_GPU:-1}
 SEED=${SEED:-42}
+# The method: paper (the AVG paper's settings) or best (this project's best-measured); configs/recipes/
+RECIPE=${RECIPE:-paper}
 
 CLIP_BACKEND=${CLIP_BACKEND:-hf}
 CLIP_MODEL=${CLIP_MODEL:-openai/clip-vit-large-patch14-336}
 CLIP_PRETRAINED=${CLIP_PRETRAINED:-}
 EMB_BATCH_SIZE=${EMB_BATCH_SIZE:-256}
-# G > 0: also store each image's ViT patch tokens pooled to G x G (prepare_emb/image_grid.npy; ViT-L at G = 4:
-# 32 KB per image) for the LM reranker's --grid-head. Off by default.
-EMB_IMAGE_GRID=${EMB_IMAGE_GRID:-0}
 
 CODE_LEN=${CODE_LEN:-4}
 CODEBOOK_SIZE=${CODEBOOK_SIZE:-1024}
@@ -36,14 +35,6 @@ STAGE2_EPOCHS=${STAGE2_EPOCHS:-3}
 STAGE2_MAX_TRAIN_QUERIES=${STAGE2_MAX_TRAIN_QUERIES:-0}
 STAGE2_LR=${STAGE2_LR:-1e-4}
 DIS_BEAMS=${DIS_BEAMS:-10}
-DIS_WEIGHT=${DIS_WEIGHT:-1.0}
-DIS_TEMPERATURE=${DIS_TEMPERATURE:-1.0}
-DIS_LISTS=${DIS_LISTS:-all}
-# Code score in loss, s_j and search (children | vocab = the paper's), voken token layout (per-level | shared =
-# the paper's), query-feature prefix tokens (0 = the paper's)
-T5_SCORE=${T5_SCORE:-children}
-VOKEN_TOKENS=${VOKEN_TOKENS:-per-level}
-T5_QUERY_PREFIX=${T5_QUERY_PREFIX:-0}
 
 # LLaMA-family retriever with LoRA (paper Table 6: LLaMA-7B)
 LLAMA_MODEL=${LLAMA_MODEL:-meta-llama/Llama-2-7b-hf}
@@ -51,6 +42,8 @@ LLAMA_PROMPT=${LLAMA_PROMPT:-$'Caption: {query}\nImage:'}
 LLAMA_EPOCHS=${LLAMA_EPOCHS:-3}
 LLAMA_BATCH_SIZE=${LLAMA_BATCH_SIZE:-16}
 LLAMA_LR=${LLAMA_LR:-3e-4}
+# The trainer validates on val; test_retriever_llama (the next stage) tests best/ on the whole test split
+LLAMA_ARGS=${LLAMA_ARGS:---skip-test}
 LORA_R=${LORA_R:-8}
 LORA_ALPHA=${LORA_ALPHA:-16}
 LORA_DROPOUT=${LORA_DROPOUT:-0.05}
@@ -61,7 +54,6 @@ LORA_TARGETS=${LORA_TARGETS:-q_proj,k_proj,v_proj,o_proj}
 RERANK_RETRIEVER=${RERANK_RETRIEVER:-train_retriever_t5_stage2}
 # Candidates per query (BEAM must be >= RERANK_TOPK)
 RERANK_TOPK=${RERANK_TOPK:-20}
-RERANK_TRAIN_CANDIDATES=${RERANK_TRAIN_CANDIDATES:-retriever}
 # 1: reuse the retriever's eval/run_test.jsonl and eval/run_val_epoch<best>.jsonl instead of searching those splits again
 RERANK_REUSE_RUNS=${RERANK_REUSE_RUNS:-1}
 # Seeded subset of training captions searched to build training lists (0: all)
@@ -73,17 +65,13 @@ RERANK_TRAIN_GALLERY_SIZE=${RERANK_TRAIN_GALLERY_SIZE:-1000}
 # Residual k-means tokens of each image's CLIP feature appended after its vokens (0: vokens only); entries per level
 RERANK_RICH_LEVELS=${RERANK_RICH_LEVELS:-0}
 RERANK_RICH_SIZE=${RERANK_RICH_SIZE:-1024}
-# Reranker LM: SEED-LLaMA in HF format (its <img_00000>..<img_08191> tokens are reused) when at hand, else any
-# LLaMA-family model (the same image tokens are added to it)
-RERANK_MODEL=${RERANK_MODEL:-$LLAMA_MODEL}
+# SEED-LLaMA in HF format, a local folder (the paper recipe's reranker; without it that recipe uses LLAMA_MODEL)
+SEED_LLAMA_MODEL=${SEED_LLAMA_MODEL:-}
 # 1: train every weight; 0: LoRA (LORA_* above) + trainable image-token rows
 RERANK_FULL_FINETUNE=${RERANK_FULL_FINETUNE:-0}
 # Reranker schedule: epochs, candidate lists per micro-batch (each = RERANK_TOPK sequences), LM learning rate
 RERANK_EPOCHS=${RERANK_EPOCHS:-1}
 RERANK_BATCH_SIZE=${RERANK_BATCH_SIZE:-4}
 RERANK_LR=${RERANK_LR:-1e-4}
-# Fusion with the retriever's score: none, fixed, learned (starts at w = 1: the retriever's order) or val
-# (the weight chosen on the val lists at every evaluation, epoch 0 included)
-RERANK_FUSION=${RERANK_FUSION:-val}
-# Extra flags for avg.stages.finetune_reranker_llama (e.g. --grad-accum 4, --gradient-checkpointing)
-RERANK_ARGS=${RERANK_ARGS:---image-prefix 4 --feature-head --embed-fusion learned}
+# Extra reranker flags of this dataset's schedule (the method's are the recipe's RERANK_ARGS), e.g. --grad-accum 4
+RERANK_TRAIN_ARGS=${RERANK_TRAIN_ARGS:-}

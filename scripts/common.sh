@@ -9,6 +9,18 @@ if [ ! -f "$CONFIG_FILE" ]; then
 fi
 # shellcheck source=/dev/null
 source "$CONFIG_FILE"
+# The method: a named recipe (configs/recipes/<name>.sh: paper | best) sets what the dataset config does not --
+# the code score, voken tokens, query prefix, stage 2's lists and weight, the reranker. The dataset config names
+# its default (RECIPE); the environment wins over both, variable by variable.
+RECIPE=${RECIPE:-paper}
+RECIPE_FILE="configs/recipes/${RECIPE}.sh"
+if [ ! -f "$RECIPE_FILE" ]; then
+  echo "error: no recipe file $RECIPE_FILE for RECIPE=$RECIPE (available: $(ls configs/recipes | sed 's/\.sh$//' | tr '\n' ' '))" >&2
+  exit 2
+fi
+# shellcheck source=/dev/null
+source "$RECIPE_FILE"
+export AVG_RECIPE=$RECIPE  # recorded in every stage.json and wandb config
 if [ -z "${VIRTUAL_ENV:-}" ] && [ -x .venv/bin/python ]; then
   # shellcheck source=/dev/null
   source .venv/bin/activate

@@ -14,4 +14,4 @@ $LAUNCH -m avg.stages.finetune_reranker_llama \
   --out-dir "$RERANKER_DIR" --epochs "$RERANK_EPOCHS" --batch-size "$RERANK_BATCH_SIZE" --lr "$RERANK_LR" \
   --fusion "$RERANK_FUSION" --lora-r "$LORA_R" --lora-alpha "$LORA_ALPHA" --lora-dropout "$LORA_DROPOUT" \
   --lora-target-modules "$LORA_TARGETS" --emb-dir "$EMB_DIR" --seed "$SEED" --run-name "${DATASET}-reranker" \
-  "${FT_ARGS[@]}" ${RERANK_ARGS:-} "$@"
+  "${FT_ARGS[@]}" ${RERANK_ARGS:-} ${RERANK_TRAIN_ARGS:-} "$@"

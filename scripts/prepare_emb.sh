@@ -8,4 +8,4 @@ PRETRAINED_ARGS=()
 python -m avg.stages.prepare_emb \
   --annotations "$ANNOTATIONS" --image-root "$IMAGE_ROOT" --out-dir "$EMB_DIR" \
   --backend "$CLIP_BACKEND" --clip-model "$CLIP_MODEL" "${PRETRAINED_ARGS[@]}" \
-  --batch-size "$EMB_BATCH_SIZE" --image-grid "${EMB_IMAGE_GRID:-0}" --seed "$SEED" "$@"
+  --batch-size "$EMB_BATCH_SIZE" --image-grid "${EMB_IMAGE_GRID:-0}" --seed "$SEED" ${EMB_ARGS:-} "$@"

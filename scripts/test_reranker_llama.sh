@@ -8,4 +8,4 @@ SPLIT=${SPLIT:-test}
 OUT=$(split_out "$RERANKER_TEST_DIR")
 $LAUNCH -m avg.stages.test_reranker_llama \
   --reranker-dir "$RERANKER_DIR/best" --data-dir "$RERANKER_DATA_DIR" --split "$SPLIT" \
-  --out-dir "$OUT" --retriever-name "$RERANK_RETRIEVER" --seed "$SEED" "$@"
+  --out-dir "$OUT" --retriever-name "$RERANK_RETRIEVER" --seed "$SEED" ${RERANK_TEST_ARGS:-} "$@"

@@ -530,7 +530,7 @@ def test_config_points_at_missing_path(tmp_path):
     config file, and writes no prepare_emb/."""
     work = tmp_path / "repo"
     shutil.copytree(ROOT / "scripts", work / "scripts")
-    (work / "configs").mkdir()
+    shutil.copytree(ROOT / "configs" / "recipes", work / "configs" / "recipes")
     demo = (ROOT / "configs" / "demo.sh").read_text()
     cfg = work / "configs" / "broken.sh"
     cfg.write_text(f"DATA_DIR={tmp_path}/no_such_dataset\n" + demo.replace("DATA_DIR=${DATA_DIR:-data/demo}\n", ""))

@@ -53,6 +53,15 @@ def add_force_arg(parser: argparse.ArgumentParser) -> None:
                         help="overwrite outputs in --out-dir that were made with a different configuration")
 
 
+RECIPE_ENV = "AVG_RECIPE"
+
+
+def current_recipe() -> Optional[str]:
+    """The named recipe (configs/recipes/<name>.sh) the stage scripts ran under; None when a stage module
+    was run directly. Recorded in every manifest: the flags it set are in the manifest's configuration."""
+    return os.environ.get(RECIPE_ENV) or None
+
+
 def skip_if_done() -> bool:
     """True when the caller asked up-to-date stages to return at once (run_all.sh sets AVG_SKIP_DONE=1)."""
     return os.environ.get(SKIP_ENV, "") not in ("", "0", "false", "no")
@@ -172,8 +181,8 @@ class StageRun:
     def _write(self, status: str, summary: Optional[Mapping] = None, run_id: Optional[str] = None) -> None:
         if not is_main_process():
             return
-        manifest = {"stage": self.stage, "status": status, "config": self.config, "inputs": self.inputs,
-                    "started_at": self.started_at}
+        manifest = {"stage": self.stage, "status": status, "recipe": current_recipe(), "config": self.config,
+                    "inputs": self.inputs, "started_at": self.started_at}
         if run_id is not None:
             manifest.update(run_id=run_id, finished_at=time.time())
         if summary is not None:
@@ -253,6 +262,6 @@ def begin_stage(out_dir: str | os.PathLike, stage: str, config: Mapping[str, Any
     return run
 
 
-__all__ = ["ADDED_KEYS", "MANIFEST", "RENAMED_KEYS", "SKIP_ENV", "VOLATILE_KEYS", "StageRun", "add_force_arg",
-           "begin_stage", "config_diff", "migrate_config",
+__all__ = ["ADDED_KEYS", "MANIFEST", "RECIPE_ENV", "RENAMED_KEYS", "SKIP_ENV", "VOLATILE_KEYS", "StageRun", "add_force_arg",
+           "begin_stage", "config_diff", "current_recipe", "migrate_config",
            "fingerprint", "hub_cache_dir", "hub_fingerprint", "normalise_config", "read_manifest", "skip_if_done"]
