@@ -135,6 +135,7 @@ def test_a_launched_world_the_accelerator_does_not_see_is_refused(monkeypatch):
     class OneProcess:
         num_processes = 1
         distributed_type = "NO"
+        state = None  # no DeepSpeed plugin
 
         def __init__(self, cpu=False, **kwargs):
             OneProcess.cpu = cpu

@@ -87,12 +87,14 @@ class Reranker(nn.Module):
             nn.init.zeros_(self.head.net[-1].weight)
             nn.init.zeros_(self.head.net[-1].bias)
         self.fusion, self.embed_fusion = fusion, embed_fusion
-        w = torch.tensor(float(fusion_weight if fusion not in ("none", "val") else 0.0))
+        # the two weights are one-element vectors, not 0-d tensors: DeepSpeed's ZeRO flattens every parameter and
+        # cannot view a 0-d one
+        w = torch.tensor([float(fusion_weight if fusion not in ("none", "val") else 0.0)])
         if fusion == "learned":
             self.fusion_weight = nn.Parameter(w)
         else:
             self.register_buffer("fusion_weight", w)
-        u = torch.tensor(float(embed_weight if embed_fusion != "none" else 0.0))
+        u = torch.tensor([float(embed_weight if embed_fusion != "none" else 0.0)])
         if embed_fusion == "learned":
             self.embed_weight = nn.Parameter(u)
         else:

@@ -101,9 +101,9 @@ def load_reranker(path: str | os.PathLike, *, base_model: Optional[str] = None, 
     except RuntimeError as e:
         raise InputError(f"{path / HEAD_FILE}: does not match {path / META_FILE} ({e})") from None
     with torch.no_grad():
-        reranker.fusion_weight.copy_(state["fusion_weight"].reshape(()))
+        reranker.fusion_weight.copy_(state["fusion_weight"].reshape(reranker.fusion_weight.shape))
         if "embed_weight" in state:
-            reranker.embed_weight.copy_(state["embed_weight"].reshape(()))
+            reranker.embed_weight.copy_(state["embed_weight"].reshape(reranker.embed_weight.shape))
     for module in (reranker.head, reranker.image_proj, reranker.grid_head):
         if module is not None:
             module.to(dtype=torch.float32)

@@ -41,10 +41,10 @@ from avg.reranker.image_tokens import ImageTokens
 from avg.objectives.rerank import listwise_loss, pointwise_loss
 from avg.retriever import llama as L
 from avg.train.batches import EpochBatchSampler
-from avg.train.loop import (add_checkpoint_args, check_checkpoint, checkpoint_dir, describe_batch,
-                            linear_warmup_schedule, log_resumed, log_stopped, make_accelerator, per_process_batch,
-                            resolve_mixed_precision, resume_from, select_best, start_training_run, train_epochs,
-                            trainable_only_hooks)
+from avg.train.loop import (add_checkpoint_args, check_checkpoint, checkpoint_dir, configure_deepspeed,
+                            describe_batch, linear_warmup_schedule, log_resumed, log_stopped, make_accelerator,
+                            per_process_batch, resolve_mixed_precision, resume_from, select_best, start_training_run,
+                            train_epochs, trainable_only_hooks)
 from avg.core.cli import add_device_arg, run_main
 from avg.core.io import InputError, read_json
 from avg.core.seed import seeded_subset, set_seed
@@ -186,7 +186,7 @@ def main(argv=None) -> dict:
     args.grid_cells, args.grid_width = store.grid_shape(args.emb_dir) if args.grid_head else (0, 0)
     out_dir = Path(args.out_dir)
     mp = resolve_mixed_precision(args.mixed_precision, cpu=args.device == "cpu")
-    accelerator = make_accelerator(args.device, mixed_precision=mp)
+    accelerator = make_accelerator(args.device, grad_accum=args.grad_accum, mixed_precision=mp)
     ckpt_dir = checkpoint_dir(out_dir)
     started = start_training_run(accelerator, args, out_dir, STAGE,
                                  inputs=[args.data_dir, args.tokens_dir, args.model, args.emb_dir],
@@ -248,6 +248,8 @@ def main(argv=None) -> dict:
               {"params": head_params, "weight_decay": 0.0, "lr": args.head_lr}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr)
     scheduler = linear_warmup_schedule(optimizer, int(args.warmup_ratio * total_steps), total_steps)
+    configure_deepspeed(accelerator, micro_batch=sampler.batch_size, grad_accum=args.grad_accum,
+                        max_grad_norm=args.max_grad_norm)
     model, optimizer = accelerator.prepare(reranker, optimizer)  # the schedule is checkpointed as JSON (resume_from)
     partial_ckpt = lora and accelerator.distributed_type != DistributedType.DEEPSPEED
     if partial_ckpt:

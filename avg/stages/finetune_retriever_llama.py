@@ -41,9 +41,10 @@ from avg.retriever.evaluate import evaluate_split
 from avg.search.gallery import Gallery
 from avg.retriever.training import add_eval_and_checkpoint_args, check_data_matches_vocab, load_split
 from avg.train.batches import EpochBatchSampler
-from avg.train.loop import (check_checkpoint, checkpoint_dir, describe_batch, linear_warmup_schedule, log_resumed,
-                            log_stopped, make_accelerator, per_process_batch, resolve_mixed_precision, resume_from,
-                            select_best, start_training_run, train_epochs, trainable_only_hooks)
+from avg.train.loop import (check_checkpoint, checkpoint_dir, configure_deepspeed, describe_batch,
+                            linear_warmup_schedule, log_resumed, log_stopped, make_accelerator, per_process_batch,
+                            resolve_mixed_precision, resume_from, select_best, start_training_run, train_epochs,
+                            trainable_only_hooks)
 from avg.retriever.vocab import VokenVocab
 from avg.core.io import InputError, read_json, write_json
 from avg.core.seed import set_seed
@@ -113,7 +114,7 @@ def main(argv=None) -> dict:
     test_q, test_gallery = load_split(data_dir, "test", vocab.code_len, args.collision_seed)
     if args.epochs > 0 and not train_q:
         raise InputError(f"{data_dir / 'train.jsonl'}: no training queries")
-    accelerator = make_accelerator(args.device, mixed_precision=mp)
+    accelerator = make_accelerator(args.device, grad_accum=args.grad_accum, mixed_precision=mp)
     set_seed(args.seed)
     out_dir = Path(args.out_dir)
     ckpt_dir = checkpoint_dir(out_dir)
@@ -172,6 +173,8 @@ def main(argv=None) -> dict:
               {"params": rows, "weight_decay": 0.0, "lr": args.voken_lr or args.lr}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=args.lr)
     scheduler = linear_warmup_schedule(optimizer, int(args.warmup_ratio * total_steps), total_steps)
+    configure_deepspeed(accelerator, micro_batch=sampler.batch_size, grad_accum=args.grad_accum,
+                        max_grad_norm=args.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
     # LoRA checkpoints hold only the trainable weights (DeepSpeed writes its own checkpoint format)
     partial_ckpt = lora and accelerator.distributed_type != DistributedType.DEEPSPEED

@@ -63,9 +63,9 @@ from avg.retriever.teacher import CodeTeacher, GalleryTeacher
 from avg.retriever.t5 import load_model_and_vocab, load_t5_retriever, recorded_val_eval, save_t5_retriever, val_signature
 from avg.retriever.training import add_eval_and_checkpoint_args, check_data_matches_vocab, check_inputs, load_split
 from avg.train.batches import EpochBatchSampler
-from avg.train.loop import (checkpoint_dir, describe_batch, linear_warmup_schedule, log_resumed, log_stopped,
-                            make_accelerator, per_process_batch, resolve_mixed_precision, resume_from, select_best,
-                            start_training_run, train_epochs)
+from avg.train.loop import (checkpoint_dir, configure_deepspeed, describe_batch, linear_warmup_schedule, log_resumed,
+                            log_stopped, make_accelerator, per_process_batch, resolve_mixed_precision, resume_from,
+                            select_best, start_training_run, train_epochs)
 from avg.retriever.vocab import VOCAB_FILE
 from avg.artifacts.runfiles import write_run
 from avg.core.io import InputError, read_json, write_json
@@ -158,7 +158,7 @@ def main(argv=None) -> dict:
         raise InputError("--gen-teacher-mix needs --score children (the soft target is over the allowed vokens)")
     dis_teacher_on = args.stage == 2 and args.dis_teacher_mix > 0
     teacher_on = dis_teacher_on or args.gen_teacher_mix > 0
-    accelerator = make_accelerator(args.device, mixed_precision=resolve_mixed_precision(
+    accelerator = make_accelerator(args.device, grad_accum=args.grad_accum, mixed_precision=resolve_mixed_precision(
         args.mixed_precision, cpu=args.device == "cpu", t5=True, allow_fp16=args.allow_fp16))
     set_seed(args.seed)
     out_dir = Path(args.out_dir)
@@ -253,6 +253,8 @@ def main(argv=None) -> dict:
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
     scheduler = linear_warmup_schedule(optimizer, int(args.warmup_ratio * total_steps), total_steps)
+    configure_deepspeed(accelerator, micro_batch=sampler.batch_size, grad_accum=args.grad_accum,
+                        max_grad_norm=args.max_grad_norm)
     objective, optimizer = accelerator.prepare(objective, optimizer)
     unwrapped = lambda: accelerator.unwrap_model(objective)  # noqa: E731
 

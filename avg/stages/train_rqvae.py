@@ -33,8 +33,8 @@ from avg.artifacts.registry import manifest_name
 from avg.models.kmeans import DeadCodeTracker, init_codebooks
 from avg.models.rqvae import RQVAE, RQVAEConfig
 from avg.rqvae.data import FeatureBatchSampler, FeatureDataset, gather_rows, iter_feature_batches, passthrough_collate, training_rows
-from avg.train.loop import (STATE_FILE, add_checkpoint_args, checkpoint_dir, log_resumed, log_stopped, make_accelerator,
-                            resume_from, start_training_run, train_epochs)
+from avg.train.loop import (STATE_FILE, add_checkpoint_args, checkpoint_dir, configure_deepspeed, log_resumed,
+                            log_stopped, make_accelerator, resume_from, start_training_run, train_epochs)
 from avg.core.cli import add_deprecated_alias, add_device_arg, run_main
 from avg.core.io import InputError, read_json, write_json
 from avg.core.seed import deterministic_algorithms, seeded_generator, set_seed
@@ -211,6 +211,7 @@ def train(args) -> dict:
         sample = np.sort(np.random.default_rng(args.seed).choice(image_rows, size=min(args.kmeans_samples, len(image_rows)), replace=False))
         inertia = init_codebooks(model, gather_rows(emb.image_features, sample), seed=args.seed, iters=args.kmeans_iters, shared_init=args.kmeans_shared_init)
         kmeans_info = {"kmeans/samples": len(sample), **{f"kmeans/inertia_b{b}": v for b, v in enumerate(inertia)}}
+    configure_deepspeed(accelerator, micro_batch=args.batch_size, max_grad_norm=args.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
     raw_model = accelerator.unwrap_model(model)
     device = accelerator.device

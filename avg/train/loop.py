@@ -41,8 +41,11 @@ def resolve_mixed_precision(choice: str, *, cpu: bool = False, t5: bool = False,
     return choice
 
 
-def make_accelerator(device: str = "auto", **kwargs) -> Accelerator:
-    """The trainers' ``Accelerator`` for ``--device auto|cpu`` (``kwargs`` go to it: mixed precision, ...).
+def make_accelerator(device: str = "auto", *, grad_accum: int = 1, **kwargs) -> Accelerator:
+    """The trainers' ``Accelerator`` for ``--device auto|cpu``, accumulating ``grad_accum`` micro-batches per
+    optimizer step (``kwargs`` go to it: mixed precision, ...). Under DeepSpeed (``accelerate launch --config_file
+    configs/accelerate/deepspeed_zero2.yaml``) only ZeRO stages 0-2 are accepted: every process keeps the whole
+    model, so the first one can save and validate it (ZeRO-3 partitions the weights themselves).
 
     Under a launcher (torchrun, ``accelerate launch``) on a machine without CUDA, accelerate would give every
     process a world of its own unless told to use the CPU: W processes would each train on all the data and
@@ -59,13 +62,33 @@ def make_accelerator(device: str = "auto", **kwargs) -> Accelerator:
         raise InputError("`accelerate launch` was asked for several processes but started one (its multi-process "
                          "launcher needs --multi_gpu where it sees fewer than two GPUs, also on CPUs): add --multi_gpu")
     cpu = device == "cpu" or (launched > 1 and not torch.cuda.is_available())
-    accelerator = Accelerator(cpu=cpu, **kwargs)
+    accelerator = Accelerator(cpu=cpu, gradient_accumulation_steps=grad_accum, **kwargs)
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and int(plugin.zero_stage or 0) >= 3:
+        raise InputError(f"DeepSpeed ZeRO stage {plugin.zero_stage} partitions the weights; the trainers save and validate "
+                         "whole models from the first process: use ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml)")
     if accelerator.num_processes != launched:
         raise InputError(f"the launcher started {launched} processes (WORLD_SIZE={launched}) but this one sees a world of "
                          f"{accelerator.num_processes} ({accelerator.distributed_type}); every process would train on "
                          "everything and write the same outputs. Launch with torchrun or `accelerate launch` (with "
                          "--cpu on a machine without GPUs), or run one process")
     return accelerator
+
+
+def configure_deepspeed(accelerator, *, micro_batch: int, grad_accum: int = 1, max_grad_norm: float = 0.0) -> None:
+    """Fill the "auto" entries of a DeepSpeed config (configs/deepspeed/zero2.json) from the trainer's own flags,
+    before ``accelerator.prepare``: the trainers batch with their own samplers, which accelerate cannot read the
+    micro-batch from. No-op without DeepSpeed. Gradient clipping moves into the DeepSpeed engine
+    (``clip_grad_norm_`` then only reports the norm)."""
+    from accelerate import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    cfg = accelerator.state.deepspeed_plugin.deepspeed_config
+    cfg["train_micro_batch_size_per_gpu"] = int(micro_batch)
+    cfg["gradient_accumulation_steps"] = int(grad_accum)
+    cfg["train_batch_size"] = int(micro_batch) * int(grad_accum) * accelerator.num_processes
+    cfg["gradient_clipping"] = float(max_grad_norm) if max_grad_norm > 0 else 0.0
 
 
 def choose_precision(choice: str, *, cuda: bool, bf16_ok: bool, t5: bool = False, allow_fp16: bool = False) -> str:
@@ -325,9 +348,13 @@ def train_epochs(accelerator, args, state: dict, *, sampler, micro_per_epoch: in
         for j, batch in enumerate(batches):
             micro = skip + j
             group_size, last_in_group = accumulation_group(micro, grad_accum, micro_per_epoch)
+            # accumulation through accelerate: it syncs (DDP) or steps (the DeepSpeed engine) on the group's last
+            # micro-batch, and divides the loss by grad_accum -- here by the group's size (an epoch's last group
+            # can be shorter), so that every optimizer step averages its micro-batches
+            accelerator.sync_gradients = last_in_group
             with accelerator.no_sync(model) if not last_in_group else contextlib.nullcontext():
                 loss, parts = micro_step(batch, epoch, micro)
-                accelerator.backward(loss / group_size)
+                accelerator.backward(loss * (accelerator.gradient_accumulation_steps / group_size))
             for k, v in {"loss": float(loss.detach()), **parts}.items():
                 running[k] = running.get(k, 0.0) + float(v)
             running["n"] = running.get("n", 0) + 1
