@@ -26,6 +26,8 @@ CODES = "codes.json"
 CODEBOOK = "codebook.npy"
 STATS = "stats.json"
 _HEADER_KEYS = ("num_levels", "codebook_size", "shared_codebook", "code_len", "disambiguation", "disambiguation_size", "tie_rule", "encoder")
+#: written when present: ``layout`` -- {mode, levels, after_level} of layout vokens (avg.models.layout) after the RQ-VAE's
+_OPTIONAL_HEADER_KEYS = ("layout",)
 
 
 @dataclass
@@ -40,6 +42,7 @@ class Codes:
     encoder: dict
     images: dict  # image_id -> {"code": [ints], "split": str}
     path: Optional[Path] = field(default=None, repr=False)
+    layout: Optional[dict] = None  # {mode, levels, after_level}: the last ``levels`` levels are layout vokens
 
     @property
     def num_books(self) -> int:
@@ -99,7 +102,8 @@ def load_codes(codes_dir: str | os.PathLike) -> Codes:
             hi = n if pos < m else k
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < hi:
                 raise InputError(f"{path}: image {image_id!r}: code position {pos} = {v!r} outside 0..{hi - 1}")
-    return Codes(m, n, bool(raw["shared_codebook"]), code_len, disamb, k, str(raw["tie_rule"]), dict(raw["encoder"] or {}), raw["images"], path)
+    return Codes(m, n, bool(raw["shared_codebook"]), code_len, disamb, k, str(raw["tie_rule"]), dict(raw["encoder"] or {}),
+                 raw["images"], path, raw.get("layout"))
 
 
 def load_codebook(codes_dir: str | os.PathLike, codes: Optional[Codes] = None) -> np.ndarray:
@@ -124,7 +128,7 @@ def write_codes_json(path: str | os.PathLike, header: dict, entries: Iterable[tu
     n = 0
     with atomic_open(path) as f:
         f.write("{\n")
-        for key in _HEADER_KEYS:
+        for key in (*_HEADER_KEYS, *(k for k in _OPTIONAL_HEADER_KEYS if header.get(k) is not None)):
             f.write(f"  {json.dumps(key)}: {json.dumps(header[key], ensure_ascii=False)},\n")
         f.write('  "images": {')
         for image_id, code, split in entries:

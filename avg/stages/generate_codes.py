@@ -27,6 +27,7 @@ import torch
 from avg.artifacts.registry import manifest_name
 from avg.core.progress import tqdm
 
+from avg.models.layout import LayoutQuantizer, has_layout, layout_arrays
 from avg.models.rqvae import RQVAE
 from avg.artifacts.codes import CODEBOOK, CODES, STATS, collision_stats, write_codes_json
 from avg.rqvae.data import iter_feature_batches
@@ -101,7 +102,7 @@ def tokenizer_ceiling(model: RQVAE, emb, raw: np.ndarray, image_ids: Sequence[st
     ids = [image_ids[i] for i in img_rows]
     gallery = Gallery(ids, raw[img_rows], name=f"{split} codes")
     model = model.to(device).eval()
-    decoded = model.decode_codes(torch.from_numpy(gallery.unique_codes).to(device)).float()
+    decoded = model.decode_codes(torch.from_numpy(gallery.unique_codes[:, :model.config.num_levels]).to(device)).float()
     decoded = torch.nn.functional.normalize(decoded, dim=-1)
     images = torch.nn.functional.normalize(torch.from_numpy(np.asarray(emb.image_features[img_rows], dtype=np.float32)), dim=-1)
     gold = [image_ids[int(emb.captions[r]["image_row"])] for r in cap_rows]
@@ -162,10 +163,13 @@ def generate_codes(
     disambiguation: str = "none",
     device: str = "cpu",
     progress: bool = True,
+    layout: Optional[LayoutQuantizer] = None,
 ) -> dict:
     """Encode every image of ``emb_dir`` and write codes.json, codebook.npy and stats.json into
     ``out_dir`` (each atomically; codes.json last). Returns the stats dict. ``allow_collisions``
-    (deprecated) is ``disambiguation="none"`` when True, ``"global"`` when False."""
+    (deprecated) is ``disambiguation="none"`` when True, ``"global"`` when False. With a ``layout``
+    quantizer (avg.models.layout) its vokens of the image's patch grid follow the RQ-VAE's M: the codes
+    are M + L long, one codebook per level in codebook.npy (the RQ-VAE's shared book repeated)."""
     if allow_collisions is not None:
         disambiguation = "none" if allow_collisions else "global"
     if disambiguation not in DISAMBIGUATION_MODES:
@@ -185,6 +189,12 @@ def generate_codes(
     del seen
 
     raw, errors = encode_features(model, emb.image_features, batch_size, device, progress)
+    if layout is not None:
+        if emb.image_grid is None or emb.image_grid.shape[1:] != (layout.config.cells, layout.config.width):
+            raise InputError(f"{emb_dir}: the layout quantizer reads a grid of {layout.config.cells} cells x "
+                             f"{layout.config.width}; prepare_emb/image_grid.npy is "
+                             f"{'missing' if emb.image_grid is None else emb.image_grid.shape[1:]}")
+        raw = np.concatenate([raw, layout.encode(layout_arrays(emb.image_grid, np.arange(raw.shape[0]))).numpy()], 1)
     stats = {"num_images": int(raw.shape[0])}
     overall = collision_stats(raw, cfg.codebook_size)
     stats.update(
@@ -196,7 +206,7 @@ def generate_codes(
     split_arr = np.asarray(splits)
     stats["splits"] = {s: collision_stats(raw[split_arr == s], cfg.codebook_size) for s in sorted(set(splits))}
     ceiling = {}
-    for split in CEILING_SPLITS:
+    for split in CEILING_SPLITS:  # what the RQ-VAE part of the code keeps of the pooled vector
         c = tokenizer_ceiling(model, emb, raw, image_ids, split, device=device)
         if c is not None:
             ceiling[split] = c
@@ -208,14 +218,24 @@ def generate_codes(
     else:
         final, k = disambiguate(raw, errors, image_ids)
         stats["final_collision_rate"] = collision_stats(final, max(cfg.codebook_size, k))["collision_rate"]
-    disamb = final.shape[1] > cfg.num_levels
+    levels = raw.shape[1]  # the RQ-VAE's M, plus the layout vokens
+    disamb = final.shape[1] > levels
     stats.update(code_len=int(final.shape[1]), disambiguation=disamb, disambiguation_size=int(k) if disamb else 0,
                  disambiguation_mode=disambiguation, allow_collisions=allow_collisions)
 
+    books = model.codebooks.detach().float().cpu().numpy()
+    if layout is not None:  # one book per level: the RQ-VAE's (its shared book repeated) then the layout's
+        books = np.concatenate([books[[model.book_index(d) for d in range(cfg.num_levels)]],
+                                layout.codebooks.float().cpu().numpy()])
+        stats["layout"] = {"mode": layout.config.mode, "levels": layout.config.levels,
+                           "pooled_levels_collision_rate": collision_stats(raw[:, :cfg.num_levels],
+                                                                           cfg.codebook_size)["collision_rate"]}
     header = {
-        "num_levels": cfg.num_levels,
+        "num_levels": cfg.num_levels + (layout.config.levels if layout is not None else 0),
         "codebook_size": cfg.codebook_size,
-        "shared_codebook": cfg.shared_codebook,
+        "shared_codebook": cfg.shared_codebook and layout is None,
+        "layout": None if layout is None else {"mode": layout.config.mode, "levels": layout.config.levels,
+                                               "after_level": cfg.num_levels},
         "code_len": int(final.shape[1]),
         "disambiguation": disamb,
         "disambiguation_size": int(k) if disamb else 0,
@@ -223,7 +243,7 @@ def generate_codes(
         "encoder": emb.index["encoder"],
     }
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_npy(model.codebooks.detach().float().cpu().numpy(), out_dir / CODEBOOK)
+    save_npy(books, out_dir / CODEBOOK)
     write_json(stats, out_dir / STATS)
     write_codes_json(out_dir / CODES, header, zip(image_ids, final.tolist(), splits))
     return stats
@@ -251,6 +271,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise InputError("--batch-size must be >= 1")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model = RQVAE.from_pretrained(args.rqvae_dir)
+    layout = LayoutQuantizer.from_pretrained(args.rqvae_dir) if has_layout(args.rqvae_dir) else None
     emb = load_emb(args.emb_dir)  # bad input fails before the out dir is claimed
     if emb.dim != model.config.input_dim:
         raise InputError(f"{Path(args.emb_dir) / INDEX}: features have dim {emb.dim} but the RQ-VAE expects {model.config.input_dim} (was it trained on another encoder?)")
@@ -261,7 +282,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         log.info("generate_codes: outputs in %s are complete and up to date; skipping", args.out_dir)
         return run.previous.get("summary") or {}
     disambiguation = "none" if args.allow_collisions else args.disambiguation
-    stats = generate_codes(model, args.emb_dir, args.out_dir, batch_size=args.batch_size, disambiguation=disambiguation, device=device)
+    stats = generate_codes(model, args.emb_dir, args.out_dir, batch_size=args.batch_size, disambiguation=disambiguation,
+                           device=device, layout=layout)
     for split, c in stats.get("ceiling", {}).items():
         log.info("tokenizer ceiling (%s, %d captions over %d images): decoded codes %s | image features %s", split,
                  c["decoded_codes"]["num_queries"], c["decoded_codes"]["gallery_size"],

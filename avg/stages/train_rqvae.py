@@ -31,6 +31,8 @@ from avg.artifacts.codes import collision_stats
 from avg.artifacts.emb import INDEX, load_emb
 from avg.artifacts.registry import manifest_name
 from avg.models.kmeans import DeadCodeTracker, init_codebooks
+from avg.models.layout import CONFIG_NAME as LAYOUT_CONFIG, WEIGHTS_NAME as LAYOUT_WEIGHTS
+from avg.models.layout import LAYOUT_MODES, LayoutConfig, LayoutQuantizer, layout_arrays
 from avg.models.rqvae import RQVAE, RQVAEConfig
 from avg.rqvae.data import FeatureBatchSampler, FeatureDataset, gather_rows, iter_feature_batches, passthrough_collate, training_rows
 from avg.train.loop import (STATE_FILE, add_checkpoint_args, checkpoint_dir, configure_deepspeed, log_resumed,
@@ -91,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     lw.add_argument("--commit-weight", type=float, default=0.25, help="weight of the commitment loss (eq. 4)")
     lw.add_argument("--codebook-weight", type=float, default=1.0, help="weight of the codebook loss (ignored with --codebook-update ema)")
     lw.add_argument("--align-weight", type=float, default=1.0, help="weight of the semantic alignment loss (eq. 5); 0 = the paper's 'w/o cross-modal alignment' ablation")
+    lay = p.add_argument_group("layout vokens (avg.models.layout): codes from the ViT's patch grid after the M vokens")
+    lay.add_argument("--layout", choices=("none", *LAYOUT_MODES), default="none",
+                     help="none: the paper's M vokens of the pooled vector; residual: --layout-levels residual k-means "
+                          "levels over the whole grid; regions: one voken per region of the grid (needs "
+                          "prepare_emb/image_grid.npy, i.e. prepare_emb --image-grid)")
+    lay.add_argument("--layout-levels", type=int, default=2, help="layout vokens per image (regions: 1-4)")
     km = p.add_argument_group("codebook initialisation and dead codes")
     km.add_argument("--kmeans-init", action=argparse.BooleanOptionalAction, default=True, help="initialise codebooks by k-means on encoder latents of a training sample")
     km.add_argument("--kmeans-samples", type=int, default=20000, help="training images sampled for the k-means initialisation")
@@ -178,6 +186,9 @@ def train(args) -> dict:
     main_proc = accelerator.is_main_process
     set_seed(args.seed)
     emb = load_emb(emb_dir)
+    if args.layout != "none" and emb.image_grid is None:
+        raise InputError(f"{emb_dir}: --layout {args.layout} reads the patch grid, and there is no {emb_dir}/image_grid.npy: "
+                         "run prepare_emb with --image-grid G (EMB_IMAGE_GRID=4)")
     splits = [s for s in args.train_splits.split(",") if s]
     image_rows, captions = training_rows(emb, splits, str(emb_dir / INDEX))
     config = model_config(args, emb.dim)
@@ -189,7 +200,8 @@ def train(args) -> dict:
         check_checkpoint_config(ckpt_dir, config)
     started = start_training_run(accelerator, args, out_dir, manifest_name("train_rqvae"), inputs=[emb_dir],
                                  run_name=args.run_name or out_dir.name, logger_name="avg.rqvae",
-                                 ignore=("eval_every",), stale=("checkpoints", "model.safetensors", "final_metrics.json"))
+                                 ignore=("eval_every",), stale=("checkpoints", "model.safetensors", "final_metrics.json",
+                                                                LAYOUT_WEIGHTS, LAYOUT_CONFIG))
     if started.skipped is not None:
         return started.skipped
     run, logger, resuming = started.stage, started.logger, started.resuming
@@ -307,6 +319,13 @@ def train(args) -> dict:
             final = code_metrics(raw_model, emb.image_features, image_rows, args.batch_size, device)
         final.update({"step": state["global_step"], "num_train_images": int(len(image_rows))})
         raw_model.save_pretrained(out_dir)
+        if args.layout != "none":
+            layout = fit_layout(args, emb, image_rows)
+            layout.save_pretrained(out_dir)
+            final.update({"layout/levels": layout.config.levels, "layout/mode": layout.config.mode})
+            logger.info("layout vokens: %s, %d levels of %d entries over the %d-cell grid (PCA to %d), fitted on %d images",
+                        args.layout, layout.config.levels, layout.config.codebook_size, layout.config.cells,
+                        layout.config.dim, len(image_rows))
         write_json(final, out_dir / "final_metrics.json")
         logger.summary(final)
         logger.info("saved %s and config.json to %s", "model.safetensors", out_dir)
@@ -314,6 +333,13 @@ def train(args) -> dict:
     logger.finish()
     accelerator.wait_for_everyone()
     return final
+
+
+def fit_layout(args, emb, image_rows: np.ndarray) -> LayoutQuantizer:
+    """The layout quantizer of the training images' grids: --layout-levels codebooks of --codebook-size entries in the
+    RQ-VAE's latent width (one alphabet size and vector width for every voken of a code)."""
+    cfg = LayoutConfig(mode=args.layout, levels=args.layout_levels, codebook_size=args.codebook_size, dim=args.latent_dim)
+    return LayoutQuantizer.fit(layout_arrays(emb.image_grid, np.sort(image_rows)), cfg, seed=args.seed)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:
