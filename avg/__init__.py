@@ -4,7 +4,7 @@
 package itself stays light (torch and transformers load on first use).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["Retriever", "Hit", "__version__"]
 

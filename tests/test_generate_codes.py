@@ -74,9 +74,6 @@ def test_forced_collisions_become_unique_and_deterministic(tmp_path):
     assert raw.code_len == 1 and not raw.disambiguation and kept["disambiguation_mode"] == "none"
     assert kept["final_collision_rate"] == kept["raw_collision_rate"] == stats["raw_collision_rate"] > 0
     assert [raw.code(i) for i in raw.image_ids()] == [c[:1] for c in all_codes]
-    alias = gc.main([*args, "--out-dir", str(tmp_path / "alias"), "--allow-collisions"])  # deprecated alias
-    assert (tmp_path / "alias" / "codes.json").read_bytes() == (tmp_path / "raw" / "codes.json").read_bytes()
-    assert alias["disambiguation_mode"] == "none"
 
 
 def test_load_codes_validates(tmp_path):

@@ -70,7 +70,7 @@ MODULES = {"prepare_emb": prepare_emb, "eval_clip_baseline": clip_baseline, "gen
            "prepare_retriever_dataset": prepare_dataset}
 #: a flag that changes each stage's configuration, and the config key it shows up as
 CHANGE = {"prepare_emb": (["--seed", "7"], "seed"), "eval_clip_baseline": (["--top-k", "5"], "top_k"),
-          "generate_codes": (["--allow-collisions"], "allow_collisions"),
+          "generate_codes": (["--disambiguation", "global"], "disambiguation"),
           "prepare_retriever_dataset": (["--max-train-queries", "10"], "max_train_queries")}
 
 

@@ -100,20 +100,6 @@ def test_the_registry_names_the_manifest_file_the_stages_write():
     assert registry.MANIFEST == MANIFEST
 
 
-def test_a_stage_root_of_the_old_layout_is_named(tmp_path):
-    """Release 0.1 named folders by content (emb/, codes/, reranker/test/): shell warns, on stderr only."""
-    for folder in ("emb", "reranker/test", "codes"):
-        (tmp_path / folder).mkdir(parents=True)
-    (tmp_path / "emb" / "stage.json").write_text("{}")
-    (tmp_path / "reranker" / "test" / "stage.json").write_text("{}")
-    assert registry.former_folders(tmp_path) == ["emb", "reranker/test"]  # codes/ holds no manifest
-    assert registry.stage_of_former("reranker/test") == "test_reranker_llama"
-    r = subprocess.run([sys.executable, "-m", "avg.artifacts.registry", "shell", str(tmp_path)], cwd=ROOT,
-                       capture_output=True, text=True, check=True)
-    assert f"EMB_DIR={tmp_path}/prepare_emb" in r.stdout and "note:" not in r.stdout
-    assert "release 0.1 (emb/, reranker/test/)" in r.stderr and "(prepare_emb/, test_reranker_llama/)" in r.stderr
-
-
 @pytest.mark.parametrize("script,var_folder", [("eval_clip_baseline", "eval_clip_baseline"),
                                                ("test_retriever_llama", "test_retriever_llama"),
                                                ("test_reranker_llama", "test_reranker_llama")])

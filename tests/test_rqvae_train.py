@@ -254,21 +254,6 @@ def test_training_logs_every_term_and_learns(tmp_path, monkeypatch):
     assert "--resume: no checkpoint at" in (tmp_path / "fresh" / "train.log").read_text()
 
 
-def test_old_flag_names_are_aliases_of_the_shared_ones():
-    """--max-grad-norm / --stop-after-epochs / --keep-every-epochs are the names every trainer uses (the
-    shared loop's flags); the old ones still work and land in the same settings."""
-    base = ["--emb-dir", "e", "--out-dir", "o"]
-    new = train_mod.build_parser().parse_args([*base, "--max-grad-norm", "0.5", "--stop-after-epochs", "2"])
-    with pytest.warns(FutureWarning, match="use --max-grad-norm 0.5"):
-        old = train_mod.build_parser().parse_args([*base, "--grad-clip", "0.5", "--stop-after", "2"])
-    assert (new.max_grad_norm, new.stop_after_epochs) == (old.max_grad_norm, old.stop_after_epochs) == (0.5, 2)
-    new = train_mod.build_parser().parse_args([*base, "--keep-every-epochs", "3"])
-    with pytest.warns(FutureWarning, match="use --keep-every-epochs 3"):
-        old = train_mod.build_parser().parse_args([*base, "--save-every", "3"])
-    assert new.keep_every_epochs == old.keep_every_epochs == 3
-    assert "grad_clip" not in vars(old) and "stop_after" not in vars(old) and "save_every" not in vars(old)
-
-
 def test_training_repeats_bit_for_bit_at_demo_shapes(tmp_path, monkeypatch):
     """Same seed, same features -> the same weights, at shapes where the CPU kernels run in parallel
     (batch 512, latent 64, codebook 256): the codebook's gradient is a scatter-add over the batch, whose
@@ -288,19 +273,3 @@ def test_training_repeats_bit_for_bit_at_demo_shapes(tmp_path, monkeypatch):
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
-
-def test_outputs_of_the_previous_trainer_stay_up_to_date(tmp_path):
-    """A stage.json written by the RQ-VAE trainer before it ran on the shared loop (gradient clipping
-    recorded as grad_clip, no checkpoint/logging flags of the loop) matches the same settings given
-    today, so existing train_rqvae/ outputs (and everything downstream) are not re-made."""
-    from avg.core.stages import begin_stage
-
-    args = vars(train_mod.build_parser().parse_args(["--emb-dir", "e", "--out-dir", str(tmp_path), "--lr", "3e-3"]))
-    loop_flags = ("device", "save_every_steps", "stop_after_steps", "stop_after_epochs", "keep_every_epochs",
-                  "log_every", "wandb_project")
-    before = {k: v for k, v in args.items() if k not in loop_flags and k != "max_grad_norm"}
-    before["grad_clip"] = args["max_grad_norm"]  # (its --stop-after / --save-every were never recorded: volatile)
-    begin_stage(tmp_path, "train_rqvae", before, ignore=("eval_every",)).complete()
-    assert begin_stage(tmp_path, "train_rqvae", args, ignore=("eval_every",)).up_to_date
-    with pytest.raises(InputError, match="max_grad_norm: 1.0 -> 0.5"):
-        begin_stage(tmp_path, "train_rqvae", {**args, "max_grad_norm": 0.5}, ignore=("eval_every",))

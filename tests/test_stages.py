@@ -105,54 +105,26 @@ def test_hub_models_are_fingerprinted_by_their_cached_commit(tmp_path, monkeypat
     assert not begin_stage(tmp_path / "out", "s", {"a": 1}, inputs=["org/tiny-model"]).up_to_date
 
 
-def test_outputs_made_before_a_flag_was_renamed_or_added_stay_valid(tmp_path):
-    """A manifest written with --max-train-samples, or before the teacher flags existed, is read in today's
-    names: same meaning -> up to date; another value is still another configuration. Where a run computes
-    (--device, the old --cpu) is not configuration."""
-    from avg.core.stages import migrate_config
-
+def test_an_unknown_recorded_flag_is_another_configuration_and_device_is_not_configuration(tmp_path):
+    """0.2 reads manifests as they are (no renamed or added flags are migrated): outputs written with flags the
+    stage no longer has are another configuration, named in the error; where a run computes is not configuration."""
     out = tmp_path / "out"
-    begin_stage(out, "train_llama", {"cpu": True, "max_train_samples": 5, "max_eval_samples": 2, "lr": 1}).complete()
-    assert "cpu" not in read_manifest(out)["config"]
-    now = {"device": "auto", "max_train_queries": 5, "max_eval_queries": 2, "lr": 1}
-    run = begin_stage(out, "train_llama", now)
-    assert run.up_to_date
-    run.complete()
-    assert read_manifest(out)["config"] == {"max_train_queries": 5, "max_eval_queries": 2, "lr": 1}  # today's names
-    with pytest.raises(InputError, match="max_train_queries: 5 -> 6"):
-        begin_stage(out, "train_llama", {**now, "max_train_queries": 6})
-    teacher = {"dis_teacher_mix": 0.0, "gen_teacher_mix": 0.0, "teacher_scale": 25.0}
-    begin_stage(tmp_path / "c", "train_t5", {"lr": 1}).complete()
-    assert begin_stage(tmp_path / "c", "train_t5", {"lr": 1, **teacher}).up_to_date
-    with pytest.raises(InputError, match="gen_teacher_mix: 0.0 -> 0.5"):
-        begin_stage(tmp_path / "c", "train_t5", {"lr": 1, **teacher, "gen_teacher_mix": 0.5})
-    # only keys the current configuration has are migrated
-    assert migrate_config({"max_train_samples": 3}, {"lr": 1}) == {"max_train_samples": 3}
-    assert migrate_config({}, {"lr": 1}) == {}
+    begin_stage(out, "train_llama", {"device": "cpu", "max_train_samples": 5, "lr": 1}).complete()
+    assert "device" not in read_manifest(out)["config"]
+    with pytest.raises(InputError, match="max_train_samples: 5 -> '<unset>'"):
+        begin_stage(out, "train_llama", {"device": "auto", "max_train_queries": 5, "lr": 1})
+    assert begin_stage(out, "train_llama", {"device": "auto", "max_train_samples": 5, "lr": 1}).up_to_date
 
 
-def test_device_flag_and_deprecated_aliases_warn_with_the_new_spelling():
+def test_device_flag():
     import argparse
 
-    from avg.core.cli import add_deprecated_alias, add_device_arg
+    from avg.core.cli import add_device_arg
 
     p = argparse.ArgumentParser()
     add_device_arg(p)
-    p.add_argument("--max-train-queries", type=int, default=0)
-    add_deprecated_alias(p, "--max-train-samples", "--max-train-queries", "max_train_queries", type=int)
     assert p.parse_args([]).device == "auto" and p.parse_args(["--device", "cpu"]).device == "cpu"
-    with pytest.warns(FutureWarning, match="--cpu is deprecated and will be removed: use --device cpu"):
-        assert p.parse_args(["--cpu"]).device == "cpu"
-    with pytest.warns(FutureWarning, match="use --max-train-queries 7"):
-        assert p.parse_args(["--max-train-samples", "7"]).max_train_queries == 7
-    with pytest.raises(SystemExit):
-        p.parse_args(["--device", "cuda:3"])
+    for gone in (["--cpu"], ["--device", "cuda:3"]):  # --cpu was the 0.1 spelling
+        with pytest.raises(SystemExit):
+            p.parse_args(gone)
 
-
-def test_added_keys_are_the_flags_defaults():
-    """ADDED_KEYS reads an older manifest as if the new flags had their defaults: the two must agree."""
-    from avg.stages import train_retriever_t5 as train_t5
-    from avg.core.stages import ADDED_KEYS
-
-    args = train_t5.parse_args(["--data-dir", "d", "--out-dir", "o"])
-    assert {k: getattr(args, k) for k in ADDED_KEYS} == ADDED_KEYS

@@ -4,12 +4,9 @@
 
 For every stage folder of the registry it reads every ``*.json`` and ``*.jsonl`` file of the first
 root and the same file of the second, and compares every number in them and the results (ranked and
-gold image ids, queries); timings (keys with
-``time``, ``seconds``, ``per_s``, ``ms_per``, ``_s``), run ids, wandb folders and checkpoints are left
-out. A root written by release 0.1 (folders named by content: ``emb/``, ``codes/``, ``reranker/test/``)
-is read through the registry's ``former`` names, and a file named after the reranked retriever's
-folder (``metrics_<retriever>_top<k>_test.json``) is matched under either name. Prints one line per
-difference (the first 30) and a summary; exits 1 when any number differs or a file is missing.
+gold image ids, queries); timings (keys with ``time``, ``seconds``, ``per_s``, ``ms_per``, ``_s``), run ids,
+wandb folders and checkpoints are left out. Prints one line per difference (the first 30) and a summary;
+exits 1 when any number differs or a file is missing.
 """
 from __future__ import annotations
 
@@ -26,8 +23,6 @@ from avg.artifacts.registry import STAGES  # noqa: E402
 
 SKIP_PARTS = {"wandb", "checkpoints"}
 SKIP_FILES = {"stage.json", "train_state.json"}
-#: 0.1 kept a test stage inside its trainer's folder (reranker/test): read as that stage, not the trainer
-NESTED = tuple(s.former for s in STAGES if s.former and "/" in s.former)
 
 
 def _timing(key: str) -> bool:
@@ -74,22 +69,6 @@ def _parses(text: str) -> bool:
         return False
 
 
-def _folder(root: Path, stage) -> Path:
-    """The stage's folder under ``root``: its name, else its release-0.1 folder when only that exists."""
-    here = root / stage.out
-    return root / stage.former if not here.exists() and stage.former and (root / stage.former).exists() else here
-
-
-def _twin(folder: Path, rel: Path) -> Path:
-    """``rel`` under ``folder``, or the file of the same shape named after the reranked retriever's other name."""
-    exact = folder / rel
-    if exact.exists() or not rel.name.endswith("_test.json") or "_top" not in rel.name:
-        return exact
-    k = rel.name.rsplit("_top", 1)[1]
-    found = sorted((folder / rel.parent).glob(f"metrics_*_top{k}"))
-    return found[0] if len(found) == 1 else exact
-
-
 def compare(a: Path, b: Path) -> tuple[int, int, list[str]]:
     """(files compared, values compared, differences) between stage roots ``a`` and ``b``."""
     files = values = 0
@@ -97,16 +76,14 @@ def compare(a: Path, b: Path) -> tuple[int, int, list[str]]:
     for stage in STAGES:
         if stage.out is None:
             continue
-        fa, fb = _folder(a, stage), _folder(b, stage)
+        fa, fb = a / stage.out, b / stage.out
         if not fa.is_dir():
             continue
         for path in sorted(p for p in fa.rglob("*.json*") if p.suffix in (".json", ".jsonl")):
             rel = path.relative_to(fa)
             if SKIP_PARTS & set(rel.parts) or path.name in SKIP_FILES:
                 continue
-            if any(a / n in path.parents and a / n != fa for n in NESTED):
-                continue  # a 0.1 test stage inside its trainer's folder: compared as that stage
-            other = _twin(fb, rel)
+            other = fb / rel
             if not other.is_file():
                 diffs.append(f"{other}: missing (it is {path} in the first run)")
                 continue

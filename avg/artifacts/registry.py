@@ -10,9 +10,6 @@ the stage root is a run's ``outputs/<dataset>/``. ``STAGES`` lists them in the o
 * ``inputs`` -- the stages whose outputs it reads (the rerank stages also read the retriever that
   ``RERANK_RETRIEVER`` names, by default ``train_retriever_t5_stage2``); a test checks every stage
   script against them;
-* ``former`` -- its folder in release 0.1, which named folders by content (``emb/``, ``codes/``, ...)
-  and nested the test stages in their trainers' folders; ``shell`` warns about a stage root that
-  still holds them.
 
 The demo tools (``demo_*``, files under ``tools/`` with caches of their own) and the report (always
 rerun, cheap) have no folder. run_all, the stage scripts, the experiment grid, the seed runner, the
@@ -41,7 +38,6 @@ class Stage:
     name: str
     var: Optional[str] = None  # None: a demo tool or the report, with no folder
     inputs: tuple[str, ...] = ()
-    former: Optional[str] = None
     entry: Optional[str] = None  # the entry point of a tool or the report; a stage's is avg.stages.<name>
 
     @property
@@ -67,28 +63,22 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage("demo_assets", entry="tools/make_demo_assets.py"),
-    Stage("prepare_emb", "EMB_DIR", former="emb"),
-    Stage("eval_clip_baseline", "CLIP_BASELINE_DIR", ("prepare_emb",), former="clip_baseline"),
-    Stage("train_rqvae", "RQVAE_DIR", ("prepare_emb",), former="rqvae"),
-    Stage("generate_codes", "CODES_DIR", ("train_rqvae", "prepare_emb"), former="codes"),
-    Stage("prepare_retriever_dataset", "RETRIEVER_DATA_DIR", ("generate_codes", "prepare_emb"), former="retriever_data"),
+    Stage("prepare_emb", "EMB_DIR"),
+    Stage("eval_clip_baseline", "CLIP_BASELINE_DIR", ("prepare_emb",)),
+    Stage("train_rqvae", "RQVAE_DIR", ("prepare_emb",)),
+    Stage("generate_codes", "CODES_DIR", ("train_rqvae", "prepare_emb")),
+    Stage("prepare_retriever_dataset", "RETRIEVER_DATA_DIR", ("generate_codes", "prepare_emb")),
     Stage("demo_t5", entry="tools/make_demo_t5.py"),
-    Stage("train_retriever_t5", "RETRIEVER_T5_DIR", ("prepare_retriever_dataset", "generate_codes"), former="retriever_t5"),
-    Stage("train_retriever_t5_stage2", "RETRIEVER_T5_STAGE2_DIR", ("prepare_retriever_dataset", "train_retriever_t5"),
-          former="retriever_t5_stage2"),
-    Stage("rerank_embed", "RERANK_EMBED_DIR", ("prepare_retriever_dataset", "prepare_emb"), ),
+    Stage("train_retriever_t5", "RETRIEVER_T5_DIR", ("prepare_retriever_dataset", "generate_codes")),
+    Stage("train_retriever_t5_stage2", "RETRIEVER_T5_STAGE2_DIR", ("prepare_retriever_dataset", "train_retriever_t5")),
+    Stage("rerank_embed", "RERANK_EMBED_DIR", ("prepare_retriever_dataset", "prepare_emb")),
     Stage("demo_llama", entry="tools/make_demo_llama.py"),
-    Stage("finetune_retriever_llama", "RETRIEVER_LLAMA_DIR", ("prepare_retriever_dataset", "generate_codes"),
-          former="retriever_llama"),
-    Stage("test_retriever_llama", "RETRIEVER_LLAMA_TEST_DIR", ("finetune_retriever_llama", "prepare_retriever_dataset"),
-          former="retriever_llama/test"),
-    Stage("prepare_reranker_dataset", "RERANKER_DATA_DIR", ("prepare_retriever_dataset", "prepare_emb"),
-          former="reranker_data"),
-    Stage("convert_voken_to_seed", "RERANKER_TOKENS_DIR", ("generate_codes", "prepare_emb"), former="reranker_tokens"),
-    Stage("finetune_reranker_llama", "RERANKER_DIR", ("prepare_reranker_dataset", "convert_voken_to_seed", "prepare_emb"),
-          former="reranker"),
-    Stage("test_reranker_llama", "RERANKER_TEST_DIR", ("finetune_reranker_llama", "prepare_reranker_dataset"),
-          former="reranker/test"),
+    Stage("finetune_retriever_llama", "RETRIEVER_LLAMA_DIR", ("prepare_retriever_dataset", "generate_codes")),
+    Stage("test_retriever_llama", "RETRIEVER_LLAMA_TEST_DIR", ("finetune_retriever_llama", "prepare_retriever_dataset")),
+    Stage("prepare_reranker_dataset", "RERANKER_DATA_DIR", ("prepare_retriever_dataset", "prepare_emb")),
+    Stage("convert_voken_to_seed", "RERANKER_TOKENS_DIR", ("generate_codes", "prepare_emb")),
+    Stage("finetune_reranker_llama", "RERANKER_DIR", ("prepare_reranker_dataset", "convert_voken_to_seed", "prepare_emb")),
+    Stage("test_reranker_llama", "RERANKER_TEST_DIR", ("finetune_reranker_llama", "prepare_reranker_dataset")),
     Stage("report", entry="avg.experiments.report"),
 )
 
@@ -129,16 +119,6 @@ def manifest_name(name: str) -> str:
     return name
 
 
-def former_folders(root: str | os.PathLike) -> list[str]:
-    """The folders of release 0.1's layout under a stage root that hold a stage manifest."""
-    return [s.former for s in STAGES if s.former and (Path(root) / s.former / MANIFEST).is_file()]
-
-
-def stage_of_former(folder: str) -> str:
-    """The stage whose release-0.1 folder was ``folder``."""
-    return next(s.name for s in STAGES if s.former == folder)
-
-
 def shell_lines(root: str) -> list[str]:
     """``VAR=<root>/<folder>`` for every stage with a folder (quoted for the shell)."""
     return [f"{s.var}={shlex.quote(str(Path(root) / s.out) if root else s.out)}" for s in STAGES if s.var]
@@ -166,11 +146,6 @@ def main(argv=None) -> int:
         elif argv[0] == "out":
             print(out(argv[1]))
         else:
-            old = former_folders(argv[1]) if argv[1] else []
-            if old:
-                print(f"note: {argv[1]} holds output folders of release 0.1 ({', '.join(f + '/' for f in old)}); stages now "
-                      f"write to folders named after them ({', '.join(stage_of_former(f) + '/' for f in old)}) and run "
-                      "again there; delete the old folders once you no longer need them", file=sys.stderr)
             print("\n".join(shell_lines(argv[1])))
     except KeyError as e:
         print(f"error: {e.args[0]}", file=sys.stderr)
@@ -182,5 +157,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["STAGES", "Stage", "T5_STAGES", "former_folders", "manifest_name", "names", "out", "out_dir",
-           "shell_lines", "show", "stage", "stage_of_former"]
+__all__ = ["STAGES", "Stage", "T5_STAGES", "manifest_name", "names", "out", "out_dir", "shell_lines", "show", "stage"]

@@ -204,33 +204,6 @@ class StageRun:
         self._write("complete", summary, run_id=uuid.uuid4().hex)
 
 
-# Flags renamed or added since the outputs were written: a manifest's recorded configuration is read
-# through these before it is compared, so outputs made before the change stay valid (a flag that is
-# new reads as its value of the time, which its default keeps). A key is migrated only where the
-# current configuration has it.
-# (--cpu -> --device cpu needs no entry: where a run computes is not configuration, VOLATILE_KEYS.)
-RENAMED_KEYS: dict[str, tuple[str, Optional[dict]]] = {
-    "max_train_samples": ("max_train_queries", None),  # train_llama
-    "max_eval_samples": ("max_eval_queries", None),
-    "grad_clip": ("max_grad_norm", None),  # train_rqvae, before it ran on the shared loop
-}
-ADDED_KEYS: dict[str, Any] = {"dis_teacher_mix": 0.0, "gen_teacher_mix": 0.0, "teacher_scale": 25.0}  # train_t5
-
-
-def migrate_config(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> dict:
-    """``recorded`` (a manifest's configuration) in the current flags' names and with the current
-    flags that did not exist then (RENAMED_KEYS, ADDED_KEYS)."""
-    out = dict(recorded)
-    for old, (new, values) in RENAMED_KEYS.items():
-        if old in out and new in current and new not in out:
-            value = out.pop(old)
-            out[new] = values.get(value, value) if values else value
-    for key, then in ADDED_KEYS.items():
-        if key in current and key not in out:
-            out[key] = then
-    return out
-
-
 def begin_stage(out_dir: str | os.PathLike, stage: str, config: Mapping[str, Any], *,
                 inputs: Iterable[str | os.PathLike | None] = (), force: bool = False,
                 ignore: Iterable[str] = (), mark_running: bool = True) -> StageRun:
@@ -244,8 +217,6 @@ def begin_stage(out_dir: str | os.PathLike, stage: str, config: Mapping[str, Any
     cfg = normalise_config(config, ignore)
     fps = {os.fspath(p): fingerprint(p) for p in inputs if p is not None and os.fspath(p) != ""}
     previous = read_manifest(out)
-    if previous is not None:
-        previous = {**previous, "config": migrate_config(previous.get("config") or {}, cfg)}
     if previous is not None and not force:
         where = out / MANIFEST
         if previous.get("stage") != stage:
@@ -262,6 +233,6 @@ def begin_stage(out_dir: str | os.PathLike, stage: str, config: Mapping[str, Any
     return run
 
 
-__all__ = ["ADDED_KEYS", "MANIFEST", "RECIPE_ENV", "RENAMED_KEYS", "SKIP_ENV", "VOLATILE_KEYS", "StageRun", "add_force_arg",
-           "begin_stage", "config_diff", "current_recipe", "migrate_config",
+__all__ = ["MANIFEST", "RECIPE_ENV", "SKIP_ENV", "VOLATILE_KEYS", "StageRun", "add_force_arg",
+           "begin_stage", "config_diff", "current_recipe",
            "fingerprint", "hub_cache_dir", "hub_fingerprint", "normalise_config", "read_manifest", "skip_if_done"]

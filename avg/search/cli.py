@@ -87,15 +87,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.k < 1:
         raise InputError(f"--k must be >= 1, got {args.k}")
     queries = read_queries(args)
-    import warnings
-
     from transformers.utils import logging as hf_logging
 
     from avg.api import Retriever
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' deprecation notes, not the user's concern
     retriever = Retriever.from_run(args.run, stage=args.stage, gallery=args.gallery, device=args.device,
                                    num_beams=args.num_beams, batch_size=args.batch_size, image_root=args.image_root,
                                    reranker=args.reranker)

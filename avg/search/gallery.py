@@ -1,9 +1,8 @@
 """A split's gallery: image ids and their codes, and the map from a generated code to images.
 
-Retrieval is scored per image (DESIGN.md, "Protocol and honesty rules"). With unique codes (the
-default: ``generate_codes`` appends a disambiguation position) a generated code is one image.
-When codes collide (``--allow-collisions`` upstream) a generated code stands for every image that
-shares it; they are listed one after another, each at its own rank, in a fixed order: the images
+Retrieval is scored per image (DESIGN.md, "Protocol and honesty rules"). With unique codes
+(``generate_codes --disambiguation global`` appends a disambiguation position) a generated code is one
+image. When codes collide (the default: raw codes) a generated code stands for every image that shares it; they are listed one after another, each at its own rank, in a fixed order: the images
 sorted by id, then permuted by ``numpy.random.default_rng([seed, *code])``. The order is random
 (so no image is favoured by its name) yet reproducible, and a query whose gold image shares its
 code with two others lands at rank 1, 2 or 3 -- never "all three at rank 1".

@@ -49,7 +49,7 @@ from avg.retriever.vocab import VokenVocab
 from avg.core.io import InputError, read_json, write_json
 from avg.core.seed import set_seed
 from avg.core.stages import add_force_arg
-from avg.core.cli import add_deprecated_alias, add_device_arg, run_main
+from avg.core.cli import add_device_arg, run_main
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,8 +63,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--no-voken-embedding", action="store_true", help="ablation: random voken embeddings instead of the codebook")
     g.add_argument("--max-train-queries", type=int, default=0, help="use a seeded random subset of N training queries (0: all)")
     g.add_argument("--max-eval-queries", type=int, default=0, help="evaluate val and test on seeded random subsets of N queries (0: all)")
-    add_deprecated_alias(g, "--max-train-samples", "--max-train-queries", "max_train_queries", type=int)
-    add_deprecated_alias(g, "--max-eval-samples", "--max-eval-queries", "max_eval_queries", type=int)
     g = p.add_argument_group("LoRA")
     g.add_argument("--full-finetune", action="store_true", help="train every weight, no LoRA (small models)")
     g.add_argument("--lora-r", type=int, default=8, help="LoRA rank")

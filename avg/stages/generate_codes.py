@@ -159,19 +159,15 @@ def generate_codes(
     out_dir: str | Path,
     *,
     batch_size: int = 4096,
-    allow_collisions: Optional[bool] = None,
     disambiguation: str = "none",
     device: str = "cpu",
     progress: bool = True,
     layout: Optional[LayoutQuantizer] = None,
 ) -> dict:
     """Encode every image of ``emb_dir`` and write codes.json, codebook.npy and stats.json into
-    ``out_dir`` (each atomically; codes.json last). Returns the stats dict. ``allow_collisions``
-    (deprecated) is ``disambiguation="none"`` when True, ``"global"`` when False. With a ``layout``
+    ``out_dir`` (each atomically; codes.json last). Returns the stats dict. With a ``layout``
     quantizer (avg.models.layout) its vokens of the image's patch grid follow the RQ-VAE's M: the codes
     are M + L long, one codebook per level in codebook.npy (the RQ-VAE's shared book repeated)."""
-    if allow_collisions is not None:
-        disambiguation = "none" if allow_collisions else "global"
     if disambiguation not in DISAMBIGUATION_MODES:
         raise ValueError(f"disambiguation must be one of {DISAMBIGUATION_MODES}, got {disambiguation!r}")
     emb_dir, out_dir = Path(emb_dir), Path(out_dir)
@@ -258,7 +254,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disambiguation", choices=DISAMBIGUATION_MODES, default="none",
                    help="none: raw M-voken codes, images sharing a code ordered by the gallery's seeded rule; "
                         "global: append every image's index within its group over all splits (earlier default)")
-    p.add_argument("--allow-collisions", action="store_true", help="deprecated alias of --disambiguation none")
     p.add_argument("--device", default="auto", help="torch device: auto (cuda if available), cpu, cuda, cuda:1, ...")
     add_force_arg(p)
     return p
@@ -281,8 +276,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if run.up_to_date and skip_if_done():
         log.info("generate_codes: outputs in %s are complete and up to date; skipping", args.out_dir)
         return run.previous.get("summary") or {}
-    disambiguation = "none" if args.allow_collisions else args.disambiguation
-    stats = generate_codes(model, args.emb_dir, args.out_dir, batch_size=args.batch_size, disambiguation=disambiguation,
+    stats = generate_codes(model, args.emb_dir, args.out_dir, batch_size=args.batch_size, disambiguation=args.disambiguation,
                            device=device, layout=layout)
     for split, c in stats.get("ceiling", {}).items():
         log.info("tokenizer ceiling (%s, %d captions over %d images): decoded codes %s | image features %s", split,

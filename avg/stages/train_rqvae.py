@@ -37,7 +37,7 @@ from avg.models.rqvae import RQVAE, RQVAEConfig
 from avg.rqvae.data import FeatureBatchSampler, FeatureDataset, gather_rows, iter_feature_batches, passthrough_collate, training_rows
 from avg.train.loop import (STATE_FILE, add_checkpoint_args, checkpoint_dir, configure_deepspeed, log_resumed,
                             log_stopped, make_accelerator, resume_from, start_training_run, train_epochs)
-from avg.core.cli import add_deprecated_alias, add_device_arg, run_main
+from avg.core.cli import add_device_arg, run_main
 from avg.core.io import InputError, read_json, write_json
 from avg.core.seed import deterministic_algorithms, seeded_generator, set_seed
 from avg.core.stages import add_force_arg, config_diff
@@ -62,9 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--eval-splits", default="val", help="comma-separated splits whose losses are logged every --eval-every epochs (missing splits are skipped)")
     io.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes gathering batches from the memmaps")
     io.add_argument("--eval-every", type=int, default=1, help="log eval-split losses every N epochs; 0 disables")
-    g = add_checkpoint_args(p, log_every=0, wandb_project="avg-rqvae")
-    add_deprecated_alias(g, "--stop-after", "--stop-after-epochs", "stop_after_epochs", type=int)
-    add_deprecated_alias(g, "--save-every", "--keep-every-epochs", "keep_every_epochs", type=int)
+    add_checkpoint_args(p, log_every=0, wandb_project="avg-rqvae")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=50, help="training epochs over the training images")
     opt.add_argument("--batch-size", type=int, default=2048, help="images per batch per process (paper: 2048 per GPU)")
@@ -73,7 +71,6 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--lr-schedule", choices=["constant", "cosine"], default="cosine", help="learning-rate schedule after warm-up")
     opt.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps")
     opt.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm to this value; 0 disables")
-    add_deprecated_alias(opt, "--grad-clip", "--max-grad-norm", "max_grad_norm", type=float)
     add_device_arg(opt)
     opt.add_argument("--seed", type=int, default=42, help="seed for init, k-means, batch order, caption sampling and dead-code resets")
     m = p.add_argument_group("model")
