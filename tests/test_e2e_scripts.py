@@ -137,7 +137,7 @@ def test_search_cli_prints_ranked_images_and_json(pipeline):
 
 
 def test_search_cli_errors_are_one_clear_line(pipeline, tmp_path):
-    from avg.search.cli import main
+    from avg.cli import main
     from avg.core.io import InputError
 
     root, _ = pipeline

@@ -52,7 +52,7 @@ LAYERS = (
     ("avg.stages",),                                      # one module per stage script (imported by nothing else)
     ("avg.experiments",),                                 # benchmarks, grid, report, seeds, pages
     ("avg.api",),                                         # the Python API over a trained run
-    ("avg.search.cli",),                                  # its command line ...
+    ("avg.cli",),                                         # its command line ...
     ("avg.search.__main__",),                             # ... run as python -m avg.search
     ("avg",),                                             # the package's own __init__
 )
@@ -134,7 +134,7 @@ def test_the_layer_rule_catches_an_upward_edge():
     }
     assert sorted(_upward_edges(modules)) == [("avg.data.karpathy", "avg.reranker.model", 2),
                                               ("avg.metrics", "avg.search.gallery", 2)]
-    assert _unit("avg.search.exact") == "avg.search" and _unit("avg.search.cli") == "avg.search.cli"
+    assert _unit("avg.search.exact") == "avg.search" and _unit("avg.cli") == "avg.cli"
 
 
 def test_nothing_imports_a_stage_module():

@@ -4,6 +4,5 @@
 * ``beam`` -- constrained beam search over that index (Sec. 3.3);
 * ``gallery`` -- a split's images with their codes: the index to search, and ranking found codes into images;
 * ``exact`` -- exact inner-product search over feature matrices (the CLIP two-tower baseline);
-* ``cli`` -- ``python -m avg.search --run outputs/demo "a query"``: a thin layer over ``avg.api.Retriever``
-  (the one module here above the API; nothing below imports it).
+(``python -m avg.search`` runs the command line, ``avg.cli``.)
 """

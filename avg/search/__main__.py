@@ -1,4 +1,4 @@
-from avg.search.cli import main
+from avg.cli import main
 from avg.core.cli import run_main
 
 run_main(main)
