@@ -1,10 +1,10 @@
-"""``python -m avg.search``: ranked images for text queries from a trained run.
+"""The ``avg`` command (``python -m avg`` is the same): ``avg search`` ranks images for text queries from a trained run.
 
-    python -m avg.search --run outputs/demo "a tiny blue hexagon" --k 5
-    python -m avg.search --run outputs/demo --json --queries-file queries.txt     # one query per line
-    printf 'a red circle\\na big green star\\n' | python -m avg.search --run outputs/demo --rerank embed
+    avg search --run outputs/demo "a tiny blue hexagon" --k 5
+    avg search --run outputs/demo --json --queries-file queries.txt     # one query per line
+    printf 'a red circle\\na big green star\\n' | avg search --run outputs/demo --rerank embed
 
-Prints per query its ranked images (rank, score, image id, image file); ``--json`` prints one JSON
+``avg search`` prints per query its ranked images (rank, score, image id, image file); ``--json`` prints one JSON
 document ``[{"query", "hits": [{"rank", "image_id", "image_path", "score"}]}]`` for scripts. An empty
 query, a run without a trained retriever or a gallery of other codes ends with a one-line ``error:``
 and exit status 2. Queries are read from stdin only when it is piped (or with ``--queries-file -``):
@@ -22,8 +22,13 @@ from avg.core.io import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m avg.search", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    """``avg`` with its subcommands (one today: ``search``)."""
+    top = argparse.ArgumentParser(prog="avg", description="AVG: text-to-image retrieval as token-to-voken generation. "
+                                  "The stages run from scripts/ (README); this command queries a trained run.")
+    top.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="command")
+    p = sub.add_parser("search", help="ranked images for text queries from a trained run",
+                       description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("queries", nargs="*", help="query texts (else --queries-file, else stdin when it is not a terminal)")
     p.add_argument("--run", required=True, help="a run's output folder (outputs/<dataset>), a retriever stage folder or its best/")
     p.add_argument("--stage", default=None, help="retriever stage folder to load (default: train_retriever_t5_stage2, else train_retriever_t5)")
@@ -38,7 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-beams", type=int, default=None, help="beam width (default: the one the stage evaluated with)")
     p.add_argument("--batch-size", type=int, default=None, help="queries per search batch (default: the stage's)")
     p.add_argument("--image-root", default=None, help="folder the image files are under (default: the one prepare_emb/ was built from)")
-    return p
+    return top
+
+
+def _version() -> str:
+    from avg import __version__
+
+    return __version__
 
 
 def read_queries(args, stdin=None) -> list[str]:
@@ -84,6 +95,11 @@ def to_json(queries: Sequence[str], hits: Sequence[list]) -> list:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    return search(args)
+
+
+def search(args) -> int:
+    """``avg search``."""
     if args.k < 1:
         raise InputError(f"--k must be >= 1, got {args.k}")
     queries = read_queries(args)
@@ -103,3 +119,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         print(format_table(queries, hits))
     return 0
+
+
+def console_main() -> None:
+    """The ``avg`` console script (pyproject.toml): bad input ends with one ``error:`` line and status 2."""
+    from avg.core.cli import run_main
+
+    run_main(main)

@@ -88,12 +88,14 @@ def test_stage_logs_have_lines_not_progress_bar_frames(pipeline):
 
 
 # ----------------------------------------------------------------------------- the search API and CLI
-def _search_cli(root, *args, stdin=None):
+def _search_cli(root, *args, stdin=None, console=False):
+    """``python -m avg search ...``, or the installed ``avg`` console command (the same entry point)."""
     import os
     import subprocess
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "avg.search", "--run", str(root), *map(str, args)], cwd=ROOT, env=env,
+    cmd = [str(Path(sys.executable).parent / "avg")] if console else [sys.executable, "-m", "avg"]
+    return subprocess.run([*cmd, "search", "--run", str(root), *map(str, args)], cwd=ROOT, env=env,
                           input=stdin, capture_output=True, text=True, timeout=300)
 
 
@@ -128,7 +130,8 @@ def test_search_cli_prints_ranked_images_and_json(pipeline):
     lines = res.stdout.splitlines()
     assert lines[0] == "query 1: a tiny blue hexagon" and lines[4] == "query 2: two red circles"
     assert len(lines) == 8 and all(Path(line.split()[-1]).is_file() for line in lines[1:4])
-    res = _search_cli(root, "--json", "--k", "2", "--rerank", "embed", "--queries-file", "-", stdin="a red circle\na big star\n")
+    res = _search_cli(root, "--json", "--k", "2", "--rerank", "embed", "--queries-file", "-", stdin="a red circle\na big star\n",
+                      console=True)
     assert res.returncode == 0, res.stderr[-2000:]
     out = json.loads(res.stdout)
     assert [o["query"] for o in out] == ["a red circle", "a big star"]
@@ -142,18 +145,18 @@ def test_search_cli_errors_are_one_clear_line(pipeline, tmp_path):
 
     root, _ = pipeline
     with pytest.raises(InputError, match="query 2 on the command line is empty"):
-        main(["--run", str(root), "a circle", "  "])
+        main(["search", "--run", str(root), "a circle", "  "])
     (tmp_path / "q.txt").write_text("a circle\n\nstar\n")
     with pytest.raises(InputError, match=r"q\.txt: line 2: empty query"):
-        main(["--run", str(root), "--queries-file", str(tmp_path / "q.txt")])
+        main(["search", "--run", str(root), "--queries-file", str(tmp_path / "q.txt")])
     with pytest.raises(InputError, match="run directory not found"):
-        main(["--run", str(tmp_path / "nope"), "a circle"])
+        main(["search", "--run", str(tmp_path / "nope"), "a circle"])
     with pytest.raises(InputError, match="no trained T5 retriever"):
-        main(["--run", str(tmp_path), "a circle"])
+        main(["search", "--run", str(tmp_path), "a circle"])
     other = tmp_path / "gallery.json"
     other.write_text(json.dumps({"test_000001.png": [1, 2, 3, 4, 5, 6]}))
     with pytest.raises(InputError, match="gallery of other codes"):
-        main(["--run", str(root), "--gallery", str(other), "a circle"])
+        main(["search", "--run", str(root), "--gallery", str(other), "a circle"])
     res = _search_cli(root, "")
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == "error: query 1 on the command line is empty"
 

@@ -52,9 +52,8 @@ LAYERS = (
     ("avg.stages",),                                      # one module per stage script (imported by nothing else)
     ("avg.experiments",),                                 # benchmarks, grid, report, seeds, pages
     ("avg.api",),                                         # the Python API over a trained run
-    ("avg.cli",),                                         # its command line ...
-    ("avg.search.__main__",),                             # ... run as python -m avg.search
-    ("avg",),                                             # the package's own __init__
+    ("avg.cli",),                                         # the avg command (and python -m avg: avg.__main__)
+    ("avg", "avg.__main__"),                              # the package's own __init__ and __main__
 )
 
 

@@ -4,5 +4,5 @@
 * ``beam`` -- constrained beam search over that index (Sec. 3.3);
 * ``gallery`` -- a split's images with their codes: the index to search, and ranking found codes into images;
 * ``exact`` -- exact inner-product search over feature matrices (the CLIP two-tower baseline);
-(``python -m avg.search`` runs the command line, ``avg.cli``.)
+(The command line over a trained run, ``avg search``, is avg.cli, at the top of the layers.)
 """
