@@ -4,7 +4,7 @@ cd "$ROOT"
 DATASET=${DATASET:-demo}
 CONFIG_FILE="configs/${DATASET}.sh"
 if [ ! -f "$CONFIG_FILE" ]; then
-  echo "error: no config file $CONFIG_FILE for DATASET=$DATASET (available: $(ls configs | sed 's/\.sh$//' | tr '\n' ' '))" >&2
+  echo "error: no config file $CONFIG_FILE for DATASET=$DATASET (available: $(cd configs && ls -- *.sh | sed 's/\.sh$//' | tr '\n' ' '))" >&2
   exit 2
 fi
 # shellcheck source=/dev/null
@@ -25,7 +25,7 @@ if [ -z "${VIRTUAL_ENV:-}" ] && [ -x .venv/bin/python ]; then
   # shellcheck source=/dev/null
   source .venv/bin/activate
 fi
-export WANDB_MODE=${WANDB_MODE:-offline}
+# wandb: WANDB_MODE as set; unset, online when logged in (wandb login), offline otherwise (avg.core.tracking)
 export WANDB_SILENT=${WANDB_SILENT:-true}
 export TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
 # Output to a log (not a terminal): the package's bars print a line every AVG_PROGRESS_SECONDS

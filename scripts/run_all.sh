@@ -57,6 +57,8 @@ done
 
 source "$ROOT/scripts/common.sh"
 DEMO_TOOLS=${DEMO_TOOLS:-0}
+# every stage of this run in one wandb group (a seed study's runner sets one group for all its seeds)
+export AVG_WANDB_GROUP=${AVG_WANDB_GROUP:-$DATASET-$RECIPE-$(date +%Y%m%d-%H%M%S)}
 if [ "$FORCE" = 1 ]; then
   export AVG_SKIP_DONE=0
   FORCE_ARGS=(--force)

@@ -17,6 +17,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/bootstrap.sh
 source scripts/common.sh
+# all seeds of the study in one wandb group; each run's config holds its seed
+export AVG_WANDB_GROUP=${AVG_WANDB_GROUP:-$DATASET-$RECIPE-reranker-seeds-$(date +%Y%m%d-%H%M%S)}
 SEEDS=${SEEDS:-42 1 2}
 SEEDS_DIR=${SEEDS_DIR:-$OUT_DIR/reranker_seeds}
 LISTS="${RERANKER_DATA_DIR}_seeds"

@@ -12,6 +12,8 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/bootstrap.sh
 source scripts/common.sh
+# all seeds of the study in one wandb group; each run's config holds its seed
+export AVG_WANDB_GROUP=${AVG_WANDB_GROUP:-$DATASET-$RECIPE-seeds-$(date +%Y%m%d-%H%M%S)}
 SEEDS=${SEEDS:-0 1 2}
 SEED_STAGES=${SEED_STAGES:-train_rqvae,generate_codes,prepare_retriever_dataset,train_retriever_t5,train_retriever_t5_stage2,rerank_embed,prepare_reranker_dataset,convert_voken_to_seed,finetune_reranker_llama,test_reranker_llama,report}
 MAIN_ROOT="$STAGE_ROOT"

@@ -34,3 +34,58 @@ def test_non_main_rank_writes_nothing(tmp_path, monkeypatch):
     log.log({"x": 1}, step=0)
     log.finish()
     assert not (tmp_path / "out").exists()
+
+
+def test_wandb_mode_follows_the_login_when_unset(tmp_path, monkeypatch):
+    """WANDB_MODE unset: online for a logged-in user (a key in the netrc or WANDB_API_KEY), offline otherwise; a set
+    WANDB_MODE always wins (dryrun is offline)."""
+    from avg.core import tracking
+
+    for var in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    netrc = tmp_path / "netrc"
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert tracking._wandb_mode() == "offline"  # no netrc at all
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")  # what `wandb login` writes
+    assert tracking._wandb_mode() == "online"
+    for mode, expected in (("offline", "offline"), ("disabled", "disabled"), ("dryrun", "offline"), ("online", "online")):
+        monkeypatch.setenv("WANDB_MODE", mode)
+        assert tracking._wandb_mode() == expected
+    monkeypatch.delenv("WANDB_MODE")
+    netrc.write_text("machine github.com\n  password x\n")
+    assert tracking._wandb_mode() == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "0123456789abcdef")
+    assert tracking._wandb_mode() == "online"
+
+
+def test_a_run_joins_its_group_with_its_stage_seed_and_recipe(tmp_path, monkeypatch):
+    """The stages of one run_all / seed study share AVG_WANDB_GROUP; each run's job type is its stage and its config
+    carries the seed and the recipe -- so stage 1, stage 2 and the rerankers sit side by side in wandb."""
+    import sys
+    import types
+
+    from avg.core.tracking import RunLogger
+
+    seen = {}
+
+    class FakeRun:
+        summary: dict = {}
+
+        def log(self, *a, **k):
+            pass
+
+        def finish(self):
+            pass
+
+    fake = types.SimpleNamespace(init=lambda **kw: seen.update(kw) or FakeRun(), Settings=lambda **kw: kw)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("AVG_WANDB_GROUP", "demo-best-20261207-120000")
+    monkeypatch.setenv("AVG_RECIPE", "best")
+    log = RunLogger(tmp_path, run_name="demo-t5-stage1", config={"seed": 1, "lr": 1e-3}, job_type="train_retriever_t5")
+    log.finish()
+    assert seen["group"] == "demo-best-20261207-120000" and seen["job_type"] == "train_retriever_t5"
+    assert seen["config"] == {"seed": 1, "lr": 1e-3, "recipe": "best"} and seen["mode"] == "offline"
+    monkeypatch.delenv("AVG_WANDB_GROUP")
+    RunLogger(tmp_path / "b", run_name="x").finish()
+    assert seen["group"] is None and seen["job_type"] == "x"

@@ -1,7 +1,10 @@
 """One logging helper for every stage: console, a plain log file, a metrics jsonl and wandb.
 
-wandb is initialised on the main process only, honours ``WANDB_MODE`` (``offline`` when unset,
-``disabled`` respected) and never prompts: without credentials it stays offline.
+wandb is initialised on the main process only and never prompts. It honours ``WANDB_MODE`` (``online``,
+``offline``, ``disabled``); unset, a run goes online when the user is logged in (``wandb login``: a key in
+``~/.netrc`` or ``WANDB_API_KEY``) and offline otherwise -- ``wandb sync <out-dir>/wandb/offline-run-*`` uploads
+it later. Runs of one ``run_all.sh`` / seed study share a wandb group (``AVG_WANDB_GROUP``, set by those
+scripts); each run's job type is its stage, and its config holds the seed and the recipe (``AVG_RECIPE``).
 """
 from __future__ import annotations
 
@@ -32,11 +35,19 @@ def get_logger(name: str = "avg") -> logging.Logger:
     return logger
 
 
+GROUP_ENV = "AVG_WANDB_GROUP"
+
+
 def _wandb_mode() -> str:
+    """``WANDB_MODE`` when set (``dryrun`` is ``offline``); unset, online when logged in, else offline."""
     mode = os.environ.get("WANDB_MODE", "").strip().lower()
     if mode in {"disabled", "offline", "online", "dryrun"}:
         return "offline" if mode == "dryrun" else mode
-    return "offline"
+    return "online" if _logged_in() else "offline"
+
+
+def _logged_in() -> bool:
+    return bool(os.environ.get("WANDB_API_KEY")) or _has_netrc_key()
 
 
 class RunLogger:
@@ -57,6 +68,7 @@ class RunLogger:
         metrics_name: str = "metrics.jsonl",
         use_wandb: bool = True,
         resume: bool = False,
+        job_type: str | None = None,
     ) -> None:
         self.enabled = is_main_process()
         self.out_dir = Path(out_dir)
@@ -76,23 +88,27 @@ class RunLogger:
             write_json(dict(config), self.out_dir / "config.json")
         write_json(environment_info(), self.out_dir / "environment.json")
         if use_wandb and _wandb_mode() != "disabled":
-            self._init_wandb(project, run_name, config)
+            self._init_wandb(project, run_name, config, job_type)
 
-    def _init_wandb(self, project: str, run_name: str | None, config: Mapping[str, Any] | None) -> None:
+    def _init_wandb(self, project: str, run_name: str | None, config: Mapping[str, Any] | None,
+                    job_type: str | None = None) -> None:
         try:
             import wandb
         except ImportError:  # pragma: no cover - wandb is a dependency, but stay usable without it
             self.logger.warning("wandb not installed; metrics go to %s only", self.metrics_path)
             return
         mode = _wandb_mode()
-        if mode == "online" and not (os.environ.get("WANDB_API_KEY") or _has_netrc_key()):
+        if mode == "online" and not _logged_in():
             self.logger.warning("WANDB_MODE=online but no wandb credentials found; logging offline instead")
             mode = "offline"
+        recipe = os.environ.get("AVG_RECIPE")  # avg.core.stages.RECIPE_ENV, set by scripts/common.sh
         try:
             self.wandb_run = wandb.init(
                 project=os.environ.get("WANDB_PROJECT", project),
                 name=run_name,
-                config=dict(config or {}),
+                group=os.environ.get(GROUP_ENV) or None,
+                job_type=job_type or run_name,
+                config={**dict(config or {}), **({"recipe": recipe} if recipe else {})},
                 dir=str(self.out_dir),
                 mode=mode,
                 reinit="finish_previous",

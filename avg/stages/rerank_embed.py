@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
     run = begin_stage(out_dir, STAGE, vars(args), inputs=[args.retriever_dir, args.emb_dir, *runs.values()], force=args.force)
     if run.up_to_date and skip_if_done():
         return run.previous.get("summary") or {}
-    logger = RunLogger(out_dir, project=args.wandb_project, run_name=args.run_name or STAGE, config=vars(args))
+    logger = RunLogger(out_dir, project=args.wandb_project, run_name=args.run_name or STAGE, config=vars(args), job_type=STAGE)
     weight, grid = choose_weight(records["val"], store, args.topk, weights, gallery_size=sizes["val"])
     for row in grid:
         logger.info("val: w=%s R@1=%.2f R@5=%.2f R@10=%.2f", row["weight"], row["R@1"], row.get("R@5", float("nan")),

@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
         return run.previous.get("summary") or {}
     device = process_device(args.device == "cpu")
     logger = RunLogger(out_dir, project=args.wandb_project, run_name=args.run_name or f"reranker-{args.split}",
-                       config=vars(args), log_name="eval.log")
+                       job_type=manifest_name("test_reranker_llama"), config=vars(args), log_name="eval.log")
     step = LmRerankStep.load(args.reranker_dir, device=device, base_model=args.base_model, store=store,
                              dtype=L.resolve_dtype(args.model_dtype, lora=True, device=device))
     reranker, rmeta = step.reranker, step.meta

@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
         return dict(run.previous.get("summary") or {})
     run.running()
     logger = RunLogger(out_dir, project=args.wandb_project, run_name=args.run_name or f"llama-test-{args.split}",
-                       config=vars(args), log_name="eval.log")
+                       job_type=manifest_name("test_retriever_llama"), config=vars(args), log_name="eval.log")
     dtype = L.resolve_dtype(args.model_dtype, lora=True, device=device)
     tokenizer, model, vocab, meta = L.load_retriever(args.retriever_dir, base_model=args.base_model,
                                                      merge=not args.no_merge, dtype=dtype, device=device)

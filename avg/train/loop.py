@@ -182,7 +182,8 @@ def start_training_run(accelerator, args, out_dir: Path, stage: str, *, inputs, 
     interrupted = not run.fresh and run.previous.get("status") == "running"
     resuming = bool((args.resume or interrupted) and (ckpt_dir / STATE_FILE).is_file())
     run.running()
-    logger = RunLogger(out_dir, project=args.wandb_project, run_name=run_name, config=vars(args), resume=resuming)
+    logger = RunLogger(out_dir, project=args.wandb_project, run_name=run_name, config=vars(args), resume=resuming,
+                       job_type=stage)
     if args.resume and not resuming:
         logger.info("--resume: no checkpoint at %s, starting fresh", ckpt_dir)
     if not resuming and accelerator.is_main_process:
