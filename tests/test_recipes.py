@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.stem for p in (ROOT / "configs" / "recipes").glob("*.sh"))
 DATASETS = sorted(p.stem for p in (ROOT / "configs").glob("*.sh"))
+BASES = sorted((ROOT / "configs" / "base").glob("*.sh"))  # what dataset configs source: no method either
 
 
 def _assigned(path: Path) -> set[str]:
@@ -42,6 +43,8 @@ def test_recipes_set_the_same_method_variables_and_datasets_set_none():
     assert {"T5_SCORE", "VOKEN_TOKENS", "T5_QUERY_PREFIX", "DIS_WEIGHT", "DIS_LISTS", "RERANK_MODEL"} <= method
     for name in DATASETS:
         assert _assigned(ROOT / "configs" / f"{name}.sh") & method == PINNED.get(name, set()), name
+    for base in BASES:
+        assert not _assigned(base) & method, base
 
 
 def test_one_variable_chooses_the_method_and_the_environment_wins():
