@@ -410,3 +410,49 @@ def test_feature_reranker_stages_end_to_end(tmp_path, stage_inputs):
         rerank_test.main(["--reranker-dir", str(tmp_path / "grid" / "best"), "--data-dir", str(data), "--emb-dir",
                           str(tmp_path / "emb"), "--out-dir", str(tmp_path / "grid_test2"), "--retriever-name", "toy"])
     assert not (tmp_path / "grid_test2").exists()  # refused before the stage wrote anything
+
+
+def test_the_control_is_the_same_reranker_over_the_two_towers_lists(tmp_path, stage_inputs):
+    """prepare_reranker_dataset --control clip writes the two-tower's own top-k of val and test (exact search on the
+    same features, no inserted positive); the trainer chooses a second epoch for them on their val lists
+    (best_control/); the test stage reports clip_two_tower+reranker beside avg_reranker."""
+    root = stage_inputs
+    data_dir = root / "retriever_data"
+    captions = {}
+    for split in ("train", "val", "test"):
+        for line in open(data_dir / f"{split}.jsonl"):
+            r = json.loads(line)
+            captions.setdefault(r["image_id"], []).append(r["query"])
+    for split in ("val", "test"):
+        for line in open(root / f"run_{split}.jsonl"):
+            r = json.loads(line)
+            captions.setdefault(r["gold"], []).append(r["query"])
+    ids = sorted(json.loads((data_dir / "gallery_train.json").read_text())) + sorted(
+        json.loads((data_dir / "gallery_val.json").read_text())) + sorted(json.loads((data_dir / "gallery_test.json").read_text()))
+    write_emb(tmp_path / "emb", ids, lambda i: list(dict.fromkeys(captions.get(i, []))))
+    data = tmp_path / "reranker_data"
+    meta = prepare_dataset.main(prepare_args(root, data, "--train-candidates", "clip", "--emb-dir", str(tmp_path / "emb")))
+    assert set(meta["control"]) == {"val", "test"}
+    store = FeatureStore.load(tmp_path / "emb")
+    gallery = sorted(json.loads((data_dir / "gallery_test.json").read_text()))
+    for lst in load_lists(data / "control" / "test.jsonl"):  # the two-tower's top-k, exactly
+        cos = store.images(gallery) @ store.texts([{"gold": lst["gold"], "query": lst["query"]}])[0]
+        assert lst["candidates"] == [gallery[j] for j in np.argsort(-cos, kind="stable")[:len(lst["candidates"])]]
+        assert lst["scores"] == pytest.approx(sorted(cos.tolist(), reverse=True)[:len(lst["candidates"])], abs=1e-5)
+        assert not lst["inserted"]
+    none = prepare_dataset.main(prepare_args(root, tmp_path / "plain", "--train-candidates", "clip", "--emb-dir",
+                                             str(tmp_path / "emb"), "--control", "none"))
+    assert "control" not in none and not (tmp_path / "plain" / "control").exists()
+    feats = ["--emb-dir", str(tmp_path / "emb")]
+    res = train.main(train_args(root, data, tmp_path / "rr", *feats, "--late-interaction", "--embed-fusion", "learned",
+                                "--fusion", "val", "--epochs", "2"))
+    assert res["best_control_epoch"] is not None and (tmp_path / "rr" / "best_control" / saving.META_FILE).is_file()
+    lines = [json.loads(x) for x in open(tmp_path / "rr" / "metrics.jsonl")]
+    assert sum("eval/control_val/R@1" in x for x in lines) == 3  # epochs 0, 1, 2
+    m = rerank_test.main(["--reranker-dir", str(tmp_path / "rr" / "best"), "--data-dir", str(data),
+                          "--out-dir", str(tmp_path / "rr_test"), "--retriever-name", "toy"])
+    control = json.loads((tmp_path / "rr_test" / "metrics_control_test.json").read_text())
+    assert control["system"] == "clip_two_tower+reranker" and control["reranker_dir"].endswith("best_control")
+    assert m["control"]["R@1"] == control["R@1"] and (tmp_path / "rr_test" / "run_control_test.jsonl").is_file()
+    before = json.loads((tmp_path / "rr_test" / "metrics_clip_two_tower_top3_test.json").read_text())
+    assert before["R@1"] == meta["control"]["test"]["retriever_metrics"]["R@1"]  # the two-tower's own order

@@ -34,7 +34,13 @@ PAIRS = (("stage 2 − stage 1", ("avg_t5_stage2", _T5_2), ("avg_t5_stage1", _T5
          # the embedding rerank is named after the retriever it reranks (RERANK_RETRIEVER, by default stage 2)
          ("embedding rerank − its input", (embed_rerank_system(_T5_2), stage_out("rerank_embed")),
           ("avg_t5_stage2", _T5_2)),
-         ("LM reranker − its input", ("avg_reranker", stage_out("test_reranker_llama")), ("avg_t5_stage2", _T5_2)))
+         ("LM reranker − its input", ("avg_reranker", stage_out("test_reranker_llama")), ("avg_t5_stage2", _T5_2)),
+         # the control: the same reranker over the two-tower's own top-k (prepare_reranker_dataset --control)
+         ("AVG + reranker − two-tower + the same reranker", ("avg_reranker", stage_out("test_reranker_llama")),
+          ("clip_two_tower+reranker", stage_out("test_reranker_llama"))),
+         ("two-tower + reranker − two-tower", ("clip_two_tower+reranker", stage_out("test_reranker_llama")),
+          ("clip_two_tower", stage_out("eval_clip_baseline"))),
+         ("AVG stage 2 − two-tower", ("avg_t5_stage2", _T5_2), ("clip_two_tower", stage_out("eval_clip_baseline"))))
 
 
 def collect(seeds_dir: str | Path, dataset: str, seeds: Sequence[str]) -> pd.DataFrame:
@@ -78,8 +84,14 @@ def _list_order_pairs(d: pd.DataFrame) -> list:
     for stage in dict.fromkeys(d["stage"]):
         systems = list(dict.fromkeys(d.loc[d["stage"] == stage, "system"]))
         orders = [x for x in systems if re.search(r"_top\d+$", str(x))]
-        if len(orders) == 1:
-            out += [(f"{x} − its list order ({stage})", (x, stage), (orders[0], stage)) for x in systems if x != orders[0]]
+        for x in (x for x in systems if x not in orders):
+            # the control (<system>+reranker) reordered <system>_top<k>; the reranker of the retriever the other order
+            own = [o for o in orders if str(x).endswith("+reranker") and str(o).startswith(str(x)[:-len("+reranker")] + "_top")]
+            rest = [o for o in orders if not any(str(o).startswith(str(y)[:-len("+reranker")] + "_top")
+                                                 for y in systems if str(y).endswith("+reranker"))]
+            match = own or (rest if not str(x).endswith("+reranker") else [])
+            if len(match) == 1:
+                out.append((f"{x} − its list order ({stage})", (x, stage), (match[0], stage)))
     return out
 
 

@@ -146,6 +146,19 @@ def clip_lists(queries: Sequence[dict], galleries, store, k: int) -> list[dict]:
     return out
 
 
+def two_tower_records(queries: Sequence[dict], gallery, store, k: int) -> list[dict]:
+    """The CLIP two-tower's top ``k`` of each query ({qid, query, image_id}) over ``gallery``'s images, scored by the
+    cosine: run records ({qid, query, gold, ranked, scores}) for the control lists -- the same reranker over the
+    two-tower's candidates instead of the retriever's (prepare_reranker_dataset ``--control``)."""
+    feats = store.images(gallery.image_ids, "gallery")
+    text = store.texts([{"gold": q["image_id"], "query": q["query"]} for q in queries], "queries")
+    cos = text @ feats.T
+    top = np.argsort(-cos, axis=1, kind="stable")[:, :k]
+    return [{"qid": q["qid"], "query": q["query"], "gold": q["image_id"],
+             "ranked": [gallery.image_ids[j] for j in row], "scores": [float(cos[n, j]) for j in row]}
+            for n, (q, row) in enumerate(zip(queries, top))]
+
+
 class ListDataset(torch.utils.data.Dataset):
     """Candidate lists with prompts tokenised once and every image's token ids looked up once.
 

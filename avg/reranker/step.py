@@ -53,6 +53,7 @@ class LmRerankStep:
         self.token_ids = saving.image_token_ids(tokens, ids)
         self.format = L.prompt_formatter(meta["prompt_template"])
         self.needs_features = store is not None
+        self.path: Optional[Path] = None  # the saved folder, when loaded from one
 
     @staticmethod
     def check(reranker_dir, emb_dir: Optional[str] = None) -> Optional[FeatureStore]:
@@ -78,7 +79,9 @@ class LmRerankStep:
                                                                  device=device)
         autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) \
             if dev.type == "cuda" and dtype == torch.bfloat16 else None
-        return cls(reranker, tokenizer, tokens, meta, store, dev, batch_size=batch_size, autocast=autocast)
+        step = cls(reranker, tokenizer, tokens, meta, store, dev, batch_size=batch_size, autocast=autocast)
+        step.path = Path(reranker_dir)
+        return step
 
     def covers(self, image_ids: Sequence[str]) -> bool:
         """Whether every image has the reranker's inputs (image tokens; CLIP features when it reads them)."""

@@ -16,8 +16,10 @@ What the model sees of a candidate and how scores are fused: avg.reranker.model 
 without the retriever's score and chooses its weight on val after each epoch).
 
 Outputs under --out-dir: ``best/`` (avg.reranker.saving.save_reranker; chosen by reranked val R@1),
-``checkpoints/last`` (accelerate state, for --resume), ``eval/run_val_epoch<e>.jsonl``,
-``train.log``, ``metrics.jsonl``, ``stage.json``.
+``best_control/`` when the data has the two-tower's lists (``prepare_reranker_dataset/control/``: the same
+training run, its epoch and retriever weight chosen on the two-tower's val lists -- the control of every
+reranker claim), ``checkpoints/last`` (accelerate state, for --resume), ``eval/run_val_epoch<e>.jsonl`` (and
+``run_control_val_epoch<e>.jsonl``), ``train.log``, ``metrics.jsonl``, ``stage.json``.
 """
 from __future__ import annotations
 
@@ -51,6 +53,8 @@ from avg.core.seed import seeded_subset, set_seed
 from avg.core.stages import add_force_arg
 
 STAGE = manifest_name("finetune_reranker_llama")
+CONTROL = "control"            # prepare_reranker_dataset/control/: the two-tower's val/test lists
+BEST_CONTROL = "best_control"  # the same training run, its epoch chosen on the control's val lists
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -191,7 +195,7 @@ def main(argv=None) -> dict:
     started = start_training_run(accelerator, args, out_dir, STAGE,
                                  inputs=[args.data_dir, args.tokens_dir, args.model, args.emb_dir],
                                  run_name=args.run_name or "reranker", logger_name="avg.reranker",
-                                 ignore=("no_shared_prefix",))
+                                 ignore=("no_shared_prefix",), stale=("best", BEST_CONTROL, "checkpoints", "eval"))
     if started.skipped is not None:
         return started.skipped
     stage, logger, resuming = started.stage, started.logger, started.resuming
@@ -218,10 +222,15 @@ def main(argv=None) -> dict:
         if not train_lists:
             raise InputError(f"{data_dir / 'train.jsonl'}: no training list found its positive (--train-lists found)")
     val_lists = seeded_subset(val_lists, args.max_eval_lists, args.seed, 2)
+    control_path = data_dir / CONTROL / "val.jsonl"  # the two-tower's val lists (prepare_reranker_dataset --control)
+    control_lists = seeded_subset(load_lists(control_path), args.max_eval_lists, args.seed, 2) \
+        if control_path.is_file() else []
     ds_kwargs = dict(max_length=args.max_length, image_prefix=args.image_prefix, features=store,
                      wrap=lm_setup.image_wrap_ids(tokenizer), image_grid=bool(args.grid_head))
     train_ds = ListDataset(train_lists, tokenizer, id_table, fmt, source=str(data_dir / "train.jsonl"), **ds_kwargs)
     val_ds = ListDataset(val_lists, tokenizer, id_table, fmt, source=str(val_path), **ds_kwargs) if val_lists else None
+    control_ds = ListDataset(control_lists, tokenizer, id_table, fmt, source=str(control_path), **ds_kwargs) \
+        if control_lists else None
     if args.fit_embed_weight:  # also on resume: a fixed u is a buffer, not in LoRA checkpoints (a learned one is restored)
         u = fit_embed_weight(train_ds.cosines(), train_ds.labels, temperature=args.temperature)
         with torch.no_grad():
@@ -255,35 +264,52 @@ def main(argv=None) -> dict:
     if partial_ckpt:
         trainable_only_hooks(accelerator)
     unwrapped = lambda: accelerator.unwrap_model(model)  # noqa: E731
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_r1": None, "best_epoch": None}
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_r1": None, "best_epoch": None,
+             "best_control_r1": None, "best_control_epoch": None}
     if resuming:
         if partial_ckpt:
             check_checkpoint(ckpt_dir, model)
         resume_from(accelerator, ckpt_dir, scheduler, state, models=[model], **({"strict": False} if partial_ckpt else {}))
         log_resumed(logger, ckpt_dir, state, explicit=args.resume)
 
-    eval_dir, best_dir = out_dir / "eval", out_dir / "best"
+    eval_dir, best_dir, control_dir = out_dir / "eval", out_dir / "best", out_dir / BEST_CONTROL
     save_kwargs = dict(base_model=args.model, prompt_template=args.prompt_template, max_length=args.max_length,
                        image_tokens_added=added,
                        extra_meta={"emb_dir": args.emb_dir, "list_depth": max(len(x["candidates"]) for x in val_lists)
                                    if val_lists else meta.get("topk")})
 
+    def evaluate(ds, name: str, epoch: int) -> tuple[dict, float]:
+        """Reranked metrics of one set of val lists and the retriever weight chosen on them (--fusion val; else the
+        model's own); the model keeps that weight."""
+        scores = scoring.score_lists(unwrapped(), ds, args.eval_batch_size, device, desc=f"eval {name}",
+                                     autocast=accelerator.autocast, share_prefix=not args.no_shared_prefix,
+                                     parts=args.fusion == "val")
+        if args.fusion == "val":  # the retriever's weight: chosen on these val lists, after training
+            weight, grid = scoring.choose_fusion_weight(ds.lists, scores, gallery_size=val_gallery)
+            with torch.no_grad():
+                unwrapped().fusion_weight.fill_(weight)
+            logger.info("fusion weight chosen on %s: w=%s (%s)", name, weight,
+                        ", ".join(f"w={r['weight']}: R@1 {r['R@1']:.2f}" for r in grid))
+            scores = scoring.fuse_parts(scores, weight)
+        records = scoring.reranked_records(ds.lists, scores)
+        write_run(records, eval_dir / f"run_{name}_epoch{epoch}.jsonl")
+        return retrieval_metrics(records, gallery_size=val_gallery), float(unwrapped().fusion_weight.detach())
+
     def run_eval(epoch: int) -> None:
         metrics_all = {"epoch": epoch}
+        if control_ds is not None and accelerator.is_main_process:
+            # the control first: the model is left with the retriever lists' fusion weight for best/ and training
+            metrics, weight = evaluate(control_ds, "control_val", epoch)
+            metrics_all.update({f"eval/control_val/{k}": v for k, v in metrics.items()})
+            if state.get("best_control_r1") is None or metrics["R@1"] > state["best_control_r1"]:
+                state["best_control_r1"], state["best_control_epoch"] = metrics["R@1"], epoch
+                saving.save_reranker(unwrapped(), tokenizer, tokens, control_dir, **save_kwargs,
+                                     info={"epoch": epoch, "selected_by": "eval/control_val/R@1", "fusion_weight": weight,
+                                           "metrics": {k: v for k, v in metrics_all.items() if "control" in k}})
+                logger.info("control (the two-tower's lists): new best R@1=%.2f at epoch %d -> %s", metrics["R@1"],
+                            epoch, control_dir)
         if val_ds is not None and accelerator.is_main_process:
-            scores = scoring.score_lists(unwrapped(), val_ds, args.eval_batch_size, device, desc="eval val",
-                                         autocast=accelerator.autocast, share_prefix=not args.no_shared_prefix,
-                                         parts=args.fusion == "val")
-            if args.fusion == "val":  # the retriever's weight: chosen on these val lists, after training
-                weight, grid = scoring.choose_fusion_weight(val_ds.lists, scores, gallery_size=val_gallery)
-                with torch.no_grad():
-                    unwrapped().fusion_weight.fill_(weight)
-                logger.info("fusion weight chosen on val: w=%s (%s)", weight,
-                            ", ".join(f"w={r['weight']}: R@1 {r['R@1']:.2f}" for r in grid))
-                scores = scoring.fuse_parts(scores, weight)
-            records = scoring.reranked_records(val_ds.lists, scores)
-            metrics = retrieval_metrics(records, gallery_size=val_gallery)
-            write_run(records, eval_dir / f"run_val_epoch{epoch}.jsonl")
+            metrics, _ = evaluate(val_ds, "val", epoch)
             metrics_all.update({f"eval/val/{k}": v for k, v in metrics.items()})
         metrics_all["fusion_weight"] = float(unwrapped().fusion_weight.detach())
         metrics_all["embed_weight"] = float(unwrapped().embed_weight.detach())
@@ -334,6 +360,8 @@ def main(argv=None) -> dict:
                              **save_kwargs)
     accelerator.wait_for_everyone()
     result["best_epoch"], result["best_val_R@1"] = state.get("best_epoch"), state.get("best_r1")
+    if control_ds is not None:
+        result["best_control_epoch"], result["best_control_val_R@1"] = state["best_control_epoch"], state["best_control_r1"]
     logger.summary({k: v for k, v in result.items() if v is not None})
     logger.info("done: %d steps in %.1f s (%.3f s/step); best %s", steps_this_run, train_seconds,
                 result["s_per_step"] or 0.0, best_dir)

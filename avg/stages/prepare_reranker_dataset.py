@@ -17,7 +17,12 @@ are kept exactly as retrieved.
 
 Writes ``{split}.jsonl`` (candidate lists), ``run_{split}.jsonl`` (the retriever's run on that
 split, for the before/after table), ``meta.json`` (k, sources, gold-in-top-k per split) and
-``stage.json``.
+``stage.json``. With ``--control clip`` (the default when ``--emb-dir`` is given) also
+``control/{val,test}.jsonl`` and ``control/run_{split}.jsonl``: the CLIP two-tower's own top-k over the
+same galleries (exact search on the same features, scored by the cosine) -- the control of every
+reranker claim: the same reranker, trained once on the same lists, over the two-tower's candidates
+(finetune_reranker_llama selects its epoch for them on their own val lists; test_reranker_llama reports
+``clip_two_tower+reranker`` beside ``avg_reranker``).
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import torch
 from avg.artifacts.registry import manifest_name
 from avg.artifacts.runfiles import read_run, retriever_run_files, write_run
 from avg.metrics import retrieval_metrics
-from avg.reranker.data import candidate_lists, clip_lists, list_stats
+from avg.reranker.data import candidate_lists, clip_lists, list_stats, two_tower_records
 from avg.reranker.embed import FeatureStore
 from avg.search.gallery import Gallery
 from avg.retriever.training import load_split
@@ -40,6 +45,7 @@ from avg.core.stages import add_force_arg, begin_stage, skip_if_done
 from avg.core.tracking import get_logger
 
 STAGE = manifest_name("prepare_reranker_dataset")
+CONTROL = "control"  # the two-tower's val/test lists, a folder of the stage
 SALTS = {"train": 11, "val": 12, "test": 13}
 
 
@@ -69,9 +75,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=0, help="max query tokens for the search (0: the retriever's)")
     p.add_argument("--collision-seed", type=int, default=0, help="seed of the order among images sharing a code")
     p.add_argument("--seed", type=int, default=42, help="seed of the query subsets and train gallery chunks")
+    p.add_argument("--control", choices=("clip", "none"), default=None,
+                   help="clip: also the two-tower's top-k val/test lists, the control (default: clip with --emb-dir)")
     add_device_arg(p)
     add_force_arg(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.control is None:
+        args.control = "clip" if args.emb_dir else "none"
+    return args
 
 
 def load_any_retriever(path: str | Path, device, data_dir: str | Path | None = None,
@@ -134,6 +145,27 @@ def search_split(retriever: dict, queries: list, galleries: list[Gallery], *, nu
                                  batch_size, device, desc=f"{desc} {g + 1}/{len(galleries)}", **kwargs)
         records.update({r["qid"]: dict(r, gallery_size=len(gal)) for r in recs})
     return [records[q["qid"]] for q in queries if q["qid"] in records]
+
+
+def control_lists(args, data_dir: Path, code_len, splits: list[str], log) -> dict:
+    """{split: (lists, run records, stats)}: the two-tower's top-k of the split's queries over its gallery."""
+    if not args.emb_dir:
+        raise InputError("--control clip ranks by the CLIP features: pass --emb-dir")
+    store = FeatureStore.load(args.emb_dir)
+    out = {}
+    for split in splits:
+        limit = {"val": args.max_val_queries, "test": args.max_test_queries}[split]
+        queries, gallery = load_split(data_dir, split, code_len, args.collision_seed)
+        if not queries or gallery is None:
+            continue
+        queries = seeded_subset([dict(q, qid=q.get("qid", i)) for i, q in enumerate(queries)], limit, args.seed, SALTS[split])
+        records = two_tower_records(queries, gallery, store, args.topk)
+        lists = candidate_lists(records, args.topk, insert_positive=False)
+        stats = {**list_stats(lists), "source": f"CLIP two-tower {args.emb_dir}", "gallery_size": len(gallery),
+                 "retriever_metrics": retrieval_metrics(records, gallery_size=len(gallery))}
+        log.info("control %s: the two-tower's top-%d, gold in it for %.2f%%", split, args.topk, stats["gold_in_topk"])
+        out[split] = (lists, records, stats)
+    return out
 
 
 def main(argv=None) -> dict:
@@ -213,9 +245,16 @@ def main(argv=None) -> dict:
         outputs[split] = (lists, [{k: r[k] for k in ("qid", "query", "gold", "ranked", "scores")} for r in records])
         log.info("%s: %d lists, gold in top-%d for %.2f%% (%d positives inserted) [%s]", split, len(lists), args.topk,
                  stats["gold_in_topk"], stats["inserted"], source)
+    control = control_lists(args, data_dir, code_len, [s for s in splits if s != "train"], log) \
+        if args.control == "clip" else {}
+    if control:
+        meta["control"] = {split: stats for split, (_, _, stats) in control.items()}
     for split, (lists, records) in outputs.items():  # written only when every split succeeded
         write_jsonl(lists, out_dir / f"{split}.jsonl")
         write_run(records, out_dir / f"run_{split}.jsonl")
+    for split, (lists, records, _) in control.items():
+        write_jsonl(lists, out_dir / CONTROL / f"{split}.jsonl")
+        write_run(records, out_dir / CONTROL / f"run_{split}.jsonl")
     write_json(meta, out_dir / "meta.json")
     run.complete(summary={f"{s}/gold_in_topk": v["gold_in_topk"] for s, v in meta["splits"].items()})
     return meta
