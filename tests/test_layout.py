@@ -86,13 +86,13 @@ def test_train_rqvae_with_layout_then_generate_codes_writes_m_plus_l_vokens(tmp_
     emb_dir = save_emb(tmp_path / "emb", pooled, pooled.copy(), images, captions, enc, image_grid=grid.numpy().astype(np.float16))
     args = ["--emb-dir", str(emb_dir), "--out-dir", str(tmp_path / "rq"), "--epochs", "2", "--batch-size", "16",
             "--num-levels", "2", "--codebook-size", "16", "--latent-dim", "8", "--hidden-dims", "16", "--kmeans-samples", "32",
-            "--device", "cpu", "--layout", "residual", "--layout-levels", "2"]
+            "--device", "cpu", "--layout", "residual", "--layout-levels", "2", "--layout-position", "last"]
     train_mod.main(args)
     assert (tmp_path / "rq" / "layout.json").is_file()
     gc.main(["--rqvae-dir", str(tmp_path / "rq"), "--emb-dir", str(emb_dir), "--out-dir", str(tmp_path / "codes")])
     codes = load_codes(tmp_path / "codes")
     assert codes.num_levels == codes.code_len == 4 and codes.shared_codebook is False and not codes.disambiguation
-    assert codes.layout == {"mode": "residual", "levels": 2, "after_level": 2}
+    assert codes.layout == {"mode": "residual", "levels": 2, "position": "last", "entries": 16}
     assert load_codebook(tmp_path / "codes").shape == (4, 16, 8)  # the shared RQ-VAE book repeated, then the layout's
     stats = json.loads((tmp_path / "codes" / "stats.json").read_text())
     assert stats["layout"]["pooled_levels_collision_rate"] >= stats["raw_collision_rate"]
@@ -103,3 +103,27 @@ def test_train_rqvae_with_layout_then_generate_codes_writes_m_plus_l_vokens(tmp_
     no_grid = save_emb(tmp_path / "emb2", pooled, pooled.copy(), images, captions, enc)
     with pytest.raises(InputError, match="image_grid.npy"):
         train_mod.main([*args[:1], str(no_grid), *args[2:3], str(tmp_path / "rq2"), *args[4:]])
+
+
+def test_coarse_layout_vokens_open_the_code_and_their_unused_entries_are_zero_rows(tmp_path):
+    grid, cells = object_grids(n_per_cell=4)
+    n = grid.shape[0]
+    pooled = np.random.default_rng(0).normal(size=(n, 8)).astype(np.float16)
+    images = [{"image_id": f"im{i:03d}", "file": f"{i}.jpg", "split": "train" if i % 5 else "test"} for i in range(n)]
+    captions = [{"text": f"c{i}", "image_row": i, "split": images[i]["split"]} for i in range(n)]
+    enc = {"backend": "synthetic", "model": "none", "pretrained": "", "normalized": False}
+    emb_dir = save_emb(tmp_path / "emb", pooled, pooled.copy(), images, captions, enc, image_grid=grid.numpy().astype(np.float16))
+    train_mod.main(["--emb-dir", str(emb_dir), "--out-dir", str(tmp_path / "rq"), "--epochs", "1", "--batch-size", "16",
+                    "--num-levels", "2", "--codebook-size", "16", "--latent-dim", "8", "--hidden-dims", "16",
+                    "--kmeans-samples", "32", "--device", "cpu", "--layout", "residual", "--layout-levels", "1",
+                    "--layout-size", "4"])
+    gc.main(["--rqvae-dir", str(tmp_path / "rq"), "--emb-dir", str(emb_dir), "--out-dir", str(tmp_path / "codes")])
+    codes = load_codes(tmp_path / "codes")
+    assert codes.layout == {"mode": "residual", "levels": 1, "position": "first", "entries": 4} and codes.code_len == 3
+    first = np.array([v["code"][0] for v in codes.images.values()])
+    assert set(first.tolist()) <= set(range(4)) and len(set(first.tolist())) == 4  # four coarse layouts, first
+    book = load_codebook(tmp_path / "codes")
+    assert book.shape == (3, 16, 8) and not book[0, 4:].any() and book[0, :4].any()  # unused entries: zero rows
+    with pytest.raises(InputError, match="--layout-size 32"):
+        train_mod.main(["--emb-dir", str(emb_dir), "--out-dir", str(tmp_path / "rq2"), "--epochs", "1", "--codebook-size",
+                        "16", "--latent-dim", "8", "--hidden-dims", "16", "--layout", "residual", "--layout-size", "32"])

@@ -18,8 +18,16 @@ PCA then keeps ``dim`` components. Two layouts of the codes:
 
 Fitted on the training images by :meth:`LayoutQuantizer.fit` (seeded), applied to every image by :meth:`encode`;
 :meth:`decode` gives the layout features a code keeps (what probes and the ceiling read). No I/O but
-save/load. Every codebook has ``codebook_size`` entries of ``dim`` components, so the codes share one alphabet size
-with the RQ-VAE's (avg.retriever.vocab).
+save/load. Every codebook has ``codebook_size`` entries of ``dim`` components (at most the RQ-VAE's N: the codes
+share one alphabet, avg.retriever.vocab, whose unused entries no image takes).
+
+Where the layout vokens go in a code matters for a generator scored over the gallery's allowed continuations (the
+children score): once a prefix leaves one image, every later voken has probability 1 whatever the model predicts.
+On a 1,000-image gallery and N = 256, two levels already leave one image for most prefixes, so layout vokens placed
+after the RQ-VAE's four carry nothing (measured: test R@1 10.32 against 11.66 without them, seed 0). Placed first
+and coarse (a few entries), they split the gallery by layout before the colours are read: a caption that names a
+place weighs the branches, one that does not spreads its mass evenly and leaves the order to the next levels
+(train_rqvae ``--layout-position first``).
 """
 from __future__ import annotations
 
@@ -45,15 +53,18 @@ MODEL_TYPE = "avg-layout-quantizer"
 class LayoutConfig:
     mode: str = "residual"
     levels: int = 2               # residual levels, or regions
-    codebook_size: int = 256
+    codebook_size: int = 256      # k-means entries per level (at most the codes' alphabet size)
     dim: int = 64                 # PCA components kept
     cells: int = 16               # G * G
     width: int = 0                # the ViT's token width
     kmeans_iters: int = 25
+    position: str = "first"       # where the layout vokens go in a code: before the RQ-VAE's M, or after
 
     def __post_init__(self) -> None:
         if self.mode not in LAYOUT_MODES:
             raise ValueError(f"layout mode must be one of {LAYOUT_MODES}, got {self.mode!r}")
+        if self.position not in ("first", "last"):
+            raise ValueError(f"layout position must be first or last, got {self.position!r}")
         if self.levels < 1 or self.codebook_size < 1 or self.dim < 1:
             raise ValueError("layout levels, codebook_size and dim must be >= 1")
         side = math.isqrt(self.cells)

@@ -89,7 +89,8 @@ CEILING_KS = (1, 5, 10, 20)
 
 @torch.no_grad()
 def tokenizer_ceiling(model: RQVAE, emb, raw: np.ndarray, image_ids: Sequence[str], split: str,
-                      device: str = "cpu", depth: int = 100, batch_size: int = 1024) -> Optional[dict]:
+                      device: str = "cpu", depth: int = 100, batch_size: int = 1024,
+                      rq_part: slice = slice(None)) -> Optional[dict]:
     """R@K of ``split``'s caption features against (a) the decoded codes and (b) the raw image
     features of the split's images (module docstring); None when the split has no captions."""
     from avg.metrics import retrieval_metrics
@@ -102,7 +103,7 @@ def tokenizer_ceiling(model: RQVAE, emb, raw: np.ndarray, image_ids: Sequence[st
     ids = [image_ids[i] for i in img_rows]
     gallery = Gallery(ids, raw[img_rows], name=f"{split} codes")
     model = model.to(device).eval()
-    decoded = model.decode_codes(torch.from_numpy(gallery.unique_codes[:, :model.config.num_levels]).to(device)).float()
+    decoded = model.decode_codes(torch.from_numpy(gallery.unique_codes[:, rq_part]).to(device)).float()
     decoded = torch.nn.functional.normalize(decoded, dim=-1)
     images = torch.nn.functional.normalize(torch.from_numpy(np.asarray(emb.image_features[img_rows], dtype=np.float32)), dim=-1)
     gold = [image_ids[int(emb.captions[r]["image_row"])] for r in cap_rows]
@@ -190,7 +191,8 @@ def generate_codes(
             raise InputError(f"{emb_dir}: the layout quantizer reads a grid of {layout.config.cells} cells x "
                              f"{layout.config.width}; prepare_emb/image_grid.npy is "
                              f"{'missing' if emb.image_grid is None else emb.image_grid.shape[1:]}")
-        raw = np.concatenate([raw, layout.encode(layout_arrays(emb.image_grid, np.arange(raw.shape[0]))).numpy()], 1)
+        lay = layout.encode(layout_arrays(emb.image_grid, np.arange(raw.shape[0]))).numpy()
+        raw = np.concatenate([lay, raw] if layout.config.position == "first" else [raw, lay], 1)
     stats = {"num_images": int(raw.shape[0])}
     overall = collision_stats(raw, cfg.codebook_size)
     stats.update(
@@ -202,8 +204,10 @@ def generate_codes(
     split_arr = np.asarray(splits)
     stats["splits"] = {s: collision_stats(raw[split_arr == s], cfg.codebook_size) for s in sorted(set(splits))}
     ceiling = {}
+    rq_part = slice(layout.config.levels, None) if layout is not None and layout.config.position == "first" \
+        else slice(0, cfg.num_levels)
     for split in CEILING_SPLITS:  # what the RQ-VAE part of the code keeps of the pooled vector
-        c = tokenizer_ceiling(model, emb, raw, image_ids, split, device=device)
+        c = tokenizer_ceiling(model, emb, raw, image_ids, split, device=device, rq_part=rq_part)
         if c is not None:
             ceiling[split] = c
     stats["ceiling"] = ceiling
@@ -220,18 +224,21 @@ def generate_codes(
                  disambiguation_mode=disambiguation, allow_collisions=allow_collisions)
 
     books = model.codebooks.detach().float().cpu().numpy()
-    if layout is not None:  # one book per level: the RQ-VAE's (its shared book repeated) then the layout's
-        books = np.concatenate([books[[model.book_index(d) for d in range(cfg.num_levels)]],
-                                layout.codebooks.float().cpu().numpy()])
-        stats["layout"] = {"mode": layout.config.mode, "levels": layout.config.levels,
-                           "pooled_levels_collision_rate": collision_stats(raw[:, :cfg.num_levels],
-                                                                           cfg.codebook_size)["collision_rate"]}
+    if layout is not None:  # one book per level, in the code's order: the RQ-VAE's (its shared book repeated), the layout's
+        lay_books = np.zeros((layout.config.levels, cfg.codebook_size, books.shape[-1]), dtype=np.float32)
+        lay_books[:, :layout.config.codebook_size] = layout.codebooks.float().cpu().numpy()  # unused entries: zero rows
+        rq_books = books[[model.book_index(d) for d in range(cfg.num_levels)]]
+        books = np.concatenate([lay_books, rq_books] if layout.config.position == "first" else [rq_books, lay_books])
+        pooled = raw[:, layout.config.levels:] if layout.config.position == "first" else raw[:, :cfg.num_levels]
+        stats["layout"] = {"mode": layout.config.mode, "levels": layout.config.levels, "position": layout.config.position,
+                           "entries": layout.config.codebook_size,
+                           "pooled_levels_collision_rate": collision_stats(pooled, cfg.codebook_size)["collision_rate"]}
     header = {
         "num_levels": cfg.num_levels + (layout.config.levels if layout is not None else 0),
         "codebook_size": cfg.codebook_size,
         "shared_codebook": cfg.shared_codebook and layout is None,
         "layout": None if layout is None else {"mode": layout.config.mode, "levels": layout.config.levels,
-                                               "after_level": cfg.num_levels},
+                                               "position": layout.config.position, "entries": layout.config.codebook_size},
         "code_len": int(final.shape[1]),
         "disambiguation": disamb,
         "disambiguation_size": int(k) if disamb else 0,

@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "levels over the whole grid; regions: one voken per region of the grid (needs "
                           "prepare_emb/image_grid.npy, i.e. prepare_emb --image-grid)")
     lay.add_argument("--layout-levels", type=int, default=2, help="layout vokens per image (regions: 1-4)")
+    lay.add_argument("--layout-size", type=int, default=0, help="k-means entries per layout level (0: --codebook-size; "
+                     "a coarse layout, e.g. 16, keeps every branch in the beam)")
+    lay.add_argument("--layout-position", choices=("first", "last"), default="first",
+                     help="first: the layout vokens open the code (they weigh the branches of the search); last: after "
+                          "the RQ-VAE's M (where, under the children score, a unique prefix makes them weightless)")
     km = p.add_argument_group("codebook initialisation and dead codes")
     km.add_argument("--kmeans-init", action=argparse.BooleanOptionalAction, default=True, help="initialise codebooks by k-means on encoder latents of a training sample")
     km.add_argument("--kmeans-samples", type=int, default=20000, help="training images sampled for the k-means initialisation")
@@ -183,6 +188,9 @@ def train(args) -> dict:
     main_proc = accelerator.is_main_process
     set_seed(args.seed)
     emb = load_emb(emb_dir)
+    if args.layout != "none" and not 0 <= args.layout_size <= args.codebook_size:
+        raise InputError(f"--layout-size {args.layout_size}: between 1 and --codebook-size {args.codebook_size} "
+                         "(one alphabet per code)")
     if args.layout != "none" and emb.image_grid is None:
         raise InputError(f"{emb_dir}: --layout {args.layout} reads the patch grid, and there is no {emb_dir}/image_grid.npy: "
                          "run prepare_emb with --image-grid G (EMB_IMAGE_GRID=4)")
@@ -319,7 +327,8 @@ def train(args) -> dict:
         if args.layout != "none":
             layout = fit_layout(args, emb, image_rows)
             layout.save_pretrained(out_dir)
-            final.update({"layout/levels": layout.config.levels, "layout/mode": layout.config.mode})
+            final.update({"layout/levels": layout.config.levels, "layout/mode": layout.config.mode,
+                          "layout/position": args.layout_position})
             logger.info("layout vokens: %s, %d levels of %d entries over the %d-cell grid (PCA to %d), fitted on %d images",
                         args.layout, layout.config.levels, layout.config.codebook_size, layout.config.cells,
                         layout.config.dim, len(image_rows))
@@ -335,7 +344,9 @@ def train(args) -> dict:
 def fit_layout(args, emb, image_rows: np.ndarray) -> LayoutQuantizer:
     """The layout quantizer of the training images' grids: --layout-levels codebooks of --codebook-size entries in the
     RQ-VAE's latent width (one alphabet size and vector width for every voken of a code)."""
-    cfg = LayoutConfig(mode=args.layout, levels=args.layout_levels, codebook_size=args.codebook_size, dim=args.latent_dim)
+    size = args.layout_size or args.codebook_size
+    cfg = LayoutConfig(mode=args.layout, levels=args.layout_levels, codebook_size=size, dim=args.latent_dim,
+                       position=args.layout_position)
     return LayoutQuantizer.fit(layout_arrays(emb.image_grid, np.sort(image_rows)), cfg, seed=args.seed)
 
 
