@@ -13,6 +13,8 @@ from avg.artifacts.codes import load_codebook, load_codes
 from avg.artifacts.emb import save_emb
 from avg.core.io import InputError
 from avg.models.layout import LayoutConfig, LayoutQuantizer, region_masks
+from avg.retriever.data import read_codes
+from avg.retriever.vocab import VokenVocab
 from avg.stages import generate_codes as gc
 from avg.stages import train_rqvae as train_mod
 
@@ -92,7 +94,10 @@ def test_train_rqvae_with_layout_then_generate_codes_writes_m_plus_l_vokens(tmp_
     gc.main(["--rqvae-dir", str(tmp_path / "rq"), "--emb-dir", str(emb_dir), "--out-dir", str(tmp_path / "codes")])
     codes = load_codes(tmp_path / "codes")
     assert codes.num_levels == codes.code_len == 4 and codes.shared_codebook is False and not codes.disambiguation
-    assert codes.layout == {"mode": "residual", "levels": 2, "position": "last", "entries": 16}
+    assert codes.layout == {"mode": "residual", "levels": 2, "position": "last", "entries": 16, "score": "level"}
+    assert codes.evidence_levels == [2, 3]  # scored over their level's alphabet (avg.search.code_index)
+    vocab = VokenVocab.from_meta(read_codes(tmp_path / "codes").meta)
+    assert vocab.evidence_levels == [2, 3] and VokenVocab.from_meta(vocab.to_dict()).evidence_levels == [2, 3]
     assert load_codebook(tmp_path / "codes").shape == (4, 16, 8)  # the shared RQ-VAE book repeated, then the layout's
     stats = json.loads((tmp_path / "codes" / "stats.json").read_text())
     assert stats["layout"]["pooled_levels_collision_rate"] >= stats["raw_collision_rate"]
@@ -119,7 +124,8 @@ def test_coarse_layout_vokens_open_the_code_and_their_unused_entries_are_zero_ro
                     "--layout-size", "4"])
     gc.main(["--rqvae-dir", str(tmp_path / "rq"), "--emb-dir", str(emb_dir), "--out-dir", str(tmp_path / "codes")])
     codes = load_codes(tmp_path / "codes")
-    assert codes.layout == {"mode": "residual", "levels": 1, "position": "first", "entries": 4} and codes.code_len == 3
+    assert codes.layout == {"mode": "residual", "levels": 1, "position": "first", "entries": 4, "score": "level"}
+    assert codes.code_len == 3 and codes.evidence_levels == [0]
     first = np.array([v["code"][0] for v in codes.images.values()])
     assert set(first.tolist()) <= set(range(4)) and len(set(first.tolist())) == 4  # four coarse layouts, first
     book = load_codebook(tmp_path / "codes")
@@ -127,3 +133,24 @@ def test_coarse_layout_vokens_open_the_code_and_their_unused_entries_are_zero_ro
     with pytest.raises(InputError, match="--layout-size 32"):
         train_mod.main(["--emb-dir", str(emb_dir), "--out-dir", str(tmp_path / "rq2"), "--epochs", "1", "--codebook-size",
                         "16", "--latent-dim", "8", "--hidden-dims", "16", "--layout", "residual", "--layout-size", "32"])
+
+
+def test_evidence_levels_follow_the_layout_score_and_a_bad_header_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    def lay(**kw):
+        return SimpleNamespace(config=LayoutConfig(levels=2, cells=16, **kw))
+
+    assert gc.evidence_levels(None, 4) == []
+    assert gc.evidence_levels(lay(position="last"), 4) == [4, 5]
+    assert gc.evidence_levels(lay(position="first"), 4) == [0, 1]
+    assert gc.evidence_levels(lay(position="last", score="children"), 4) == []
+    with pytest.raises(ValueError, match="layout score"):
+        LayoutConfig(score="vocab")
+    header = {"num_levels": 2, "codebook_size": 4, "shared_codebook": False, "code_len": 2, "disambiguation": False,
+              "disambiguation_size": 0, "tie_rule": "none", "encoder": {}, "evidence_levels": [2]}
+    (tmp_path / "codes.json").write_text(json.dumps({**header, "images": {"a": {"code": [0, 1], "split": "train"}}}))
+    with pytest.raises(InputError, match="codes.json: evidence_levels"):
+        load_codes(tmp_path)
+    with pytest.raises(InputError, match="evidence_levels"):
+        VokenVocab.from_meta({**header, "evidence_levels": [0, 0]}, source="x/codes.json")

@@ -17,12 +17,13 @@ from avg.core.io import InputError
 from test_search import EOS, VOKENS, gallery, one_thread, queries, tiny_llama, tiny_t5  # noqa: F401 (autouse fixture)
 
 
-def naive_children_score(model, ids, mask, code, codes):
-    """sum_t [logit(c_t) - logsumexp(logits of the tokens that follow c_<t in `codes`)], one pass per step."""
+def naive_children_score(model, ids, mask, code, codes, evidence=()):
+    """sum_t [logit(c_t) - logsumexp(logits of the tokens that follow c_<t in `codes`)], one pass per step;
+    at the ``evidence`` positions over every token any code has there."""
     total = 0.0
     for t in range(len(code)):
         prefix = code[:t]
-        allowed = sorted({int(c[t]) for c in codes if list(c[:t]) == list(prefix)})
+        allowed = sorted({int(c[t]) for c in codes if t in evidence or list(c[:t]) == list(prefix)})
         dec = torch.tensor([[0] + [int(x) for x in prefix]])
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits[0, -1].double()
@@ -50,6 +51,53 @@ def test_children_search_is_exhaustive_renormalised_ranking(seed, num_codes, cod
         torch.testing.assert_close(out.scores[i], fast.scores[i], rtol=0, atol=1e-5)
         # scores are log-probabilities of a distribution over the gallery's codes
         assert math.fsum(math.exp(s) for s in naive.values()) == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("seed,num_codes,code_len,alphabet,evidence", [(0, 40, 3, 6, (2,)), (1, 30, 4, 3, (1, 3))])
+def test_evidence_levels_score_over_the_level_alphabet_in_search_and_loss(seed, num_codes, code_len, alphabet, evidence):
+    """At an evidence depth a step is normalised over the level's whole alphabet: the exhaustive search,
+    its fast path and the teacher-forced code_log_probs all give the naive score; a code alone under its
+    prefix still gets the caption's evidence for its last voken (not log 1 = 0)."""
+    model = tiny_t5(seed)
+    codes = torch.unique(gallery(seed, num_codes, code_len, alphabet), dim=0)
+    ids, mask = queries(seed, n=2)
+    index = CodeIndex.from_codes(codes, model.config.vocab_size, evidence_depths=evidence)
+    assert index.to("cpu").evidence_depths == evidence and "evidence_depths" in repr(index)
+    out = constrained_beam_search(model, ids, mask, index, index.num_codes, normalize="children")
+    fast = constrained_beam_search(model, ids, mask, index, index.num_codes, normalize="children", voken_ids=VOKENS)
+    plain = constrained_beam_search(model, ids, mask, CodeIndex.from_codes(codes, model.config.vocab_size),
+                                    index.num_codes, normalize="children")
+    dec = torch.cat([torch.zeros(codes.shape[0], 1, dtype=torch.long), codes[:, :-1]], 1)
+    for i in range(2):
+        naive = {tuple(c.tolist()): naive_children_score(model, ids[i:i + 1], mask[i:i + 1], c.tolist(), codes.tolist(),
+                                                         evidence) for c in codes}
+        got = {tuple(c.tolist()): float(s) for c, s in zip(out.sequences[i], out.scores[i])}
+        assert set(got) == set(naive)
+        for c, v in naive.items():
+            assert got[c] == pytest.approx(v, abs=1e-4)
+        assert torch.equal(out.sequences[i], fast.sequences[i])
+        torch.testing.assert_close(out.scores[i], fast.scores[i], rtol=0, atol=1e-5)
+        assert not torch.allclose(out.scores[i].sort().values, plain.scores[i].sort().values)
+        with torch.no_grad():
+            logits = model(input_ids=ids[i:i + 1].expand(codes.shape[0], -1),
+                           attention_mask=mask[i:i + 1].expand(codes.shape[0], -1), decoder_input_ids=dec).logits
+        tf = code_log_probs(logits, codes, index).sum(1)
+        for c, v in zip(codes, tf):
+            assert float(v) == pytest.approx(naive[tuple(c.tolist())], abs=1e-4)
+
+
+def test_code_log_probs_evidence_level_by_hand():
+    torch.manual_seed(1)
+    logits = torch.randn(2, 2, 10)
+    codes = torch.tensor([[3, 4], [3, 5], [6, 7]])
+    index = CodeIndex.from_codes(codes, 10, evidence_depths=[1])
+    got = code_log_probs(logits, torch.tensor([[3, 5], [6, 7]]), index)
+    # step 1 is scored over {4, 5, 7} whatever the prefix: [6, 7] is alone under 6 and still gets its evidence
+    torch.testing.assert_close(got[:, 1], torch.stack([logits[0, 1, 5] - torch.logsumexp(logits[0, 1, [4, 5, 7]], 0),
+                                                      logits[1, 1, 7] - torch.logsumexp(logits[1, 1, [4, 5, 7]], 0)]))
+    torch.testing.assert_close(got[:, 0], code_log_probs(logits, torch.tensor([[3, 5], [6, 7]]), CodeIndex.from_codes(codes, 10))[:, 0])
+    with pytest.raises(ValueError, match="evidence_depths"):
+        CodeIndex.from_codes(codes, 10, evidence_depths=[2])
 
 
 def test_children_normalisation_needs_an_index():

@@ -26,8 +26,9 @@ CODES = "codes.json"
 CODEBOOK = "codebook.npy"
 STATS = "stats.json"
 _HEADER_KEYS = ("num_levels", "codebook_size", "shared_codebook", "code_len", "disambiguation", "disambiguation_size", "tie_rule", "encoder")
-#: written when present: ``layout`` -- {mode, levels, after_level} of layout vokens (avg.models.layout) after the RQ-VAE's
-_OPTIONAL_HEADER_KEYS = ("layout",)
+#: written when present: ``layout`` -- {mode, levels, position, entries, score} of layout vokens (avg.models.layout);
+#: ``evidence_levels`` -- the code positions the retriever scores over their level's alphabet (avg.search.code_index)
+_OPTIONAL_HEADER_KEYS = ("layout", "evidence_levels")
 
 
 @dataclass
@@ -42,7 +43,8 @@ class Codes:
     encoder: dict
     images: dict  # image_id -> {"code": [ints], "split": str}
     path: Optional[Path] = field(default=None, repr=False)
-    layout: Optional[dict] = None  # {mode, levels, after_level}: the last ``levels`` levels are layout vokens
+    layout: Optional[dict] = None  # {mode, levels, position, entries, score} of the layout vokens
+    evidence_levels: list = field(default_factory=list)  # positions scored over their level's alphabet
 
     @property
     def num_books(self) -> int:
@@ -102,8 +104,12 @@ def load_codes(codes_dir: str | os.PathLike) -> Codes:
             hi = n if pos < m else k
             if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < hi:
                 raise InputError(f"{path}: image {image_id!r}: code position {pos} = {v!r} outside 0..{hi - 1}")
+    evidence = raw.get("evidence_levels") or []
+    if not isinstance(evidence, list) or any(isinstance(d, bool) or not isinstance(d, int) or not 0 <= d < m
+                                             for d in evidence) or len(set(evidence)) != len(evidence):
+        raise InputError(f"{path}: evidence_levels must be a list of distinct levels in 0..{m - 1}, got {evidence!r}")
     return Codes(m, n, bool(raw["shared_codebook"]), code_len, disamb, k, str(raw["tie_rule"]), dict(raw["encoder"] or {}),
-                 raw["images"], path, raw.get("layout"))
+                 raw["images"], path, raw.get("layout"), list(evidence))
 
 
 def load_codebook(codes_dir: str | os.PathLike, codes: Optional[Codes] = None) -> np.ndarray:

@@ -44,6 +44,7 @@ from avg.core.io import InputError, read_json
 from avg.models.kmeans import assign, kmeans
 
 LAYOUT_MODES = ("residual", "regions")
+LAYOUT_SCORES = ("level", "children")
 WEIGHTS_NAME = "layout.safetensors"
 CONFIG_NAME = "layout.json"
 MODEL_TYPE = "avg-layout-quantizer"
@@ -59,12 +60,15 @@ class LayoutConfig:
     width: int = 0                # the ViT's token width
     kmeans_iters: int = 25
     position: str = "first"       # where the layout vokens go in a code: before the RQ-VAE's M, or after
+    score: str = "level"          # how the generator's step at a layout voken is normalised (LAYOUT_SCORES)
 
     def __post_init__(self) -> None:
         if self.mode not in LAYOUT_MODES:
             raise ValueError(f"layout mode must be one of {LAYOUT_MODES}, got {self.mode!r}")
         if self.position not in ("first", "last"):
             raise ValueError(f"layout position must be first or last, got {self.position!r}")
+        if self.score not in LAYOUT_SCORES:
+            raise ValueError(f"layout score must be one of {LAYOUT_SCORES}, got {self.score!r}")
         if self.levels < 1 or self.codebook_size < 1 or self.dim < 1:
             raise ValueError("layout levels, codebook_size and dim must be >= 1")
         side = math.isqrt(self.cells)
@@ -222,4 +226,4 @@ def layout_arrays(grid: np.ndarray, rows: np.ndarray, batch: int = 4096) -> torc
                       for s in range(0, len(rows), batch)]) if len(rows) else torch.zeros(0, *grid.shape[1:])
 
 
-__all__ = ["LAYOUT_MODES", "LayoutConfig", "LayoutQuantizer", "region_masks", "has_layout", "layout_arrays"]
+__all__ = ["LAYOUT_MODES", "LAYOUT_SCORES", "LayoutConfig", "LayoutQuantizer", "region_masks", "has_layout", "layout_arrays"]

@@ -100,7 +100,8 @@ def code_log_probs(logits: torch.Tensor, targets: torch.Tensor, index: Optional[
     teacher-forced ``logits`` [N, L, V] (position t predicts ``targets[:, t]``).
 
     ``index=None``: log-softmax over the full vocabulary. With ``index``: renormalised over the
-    children of each target prefix in the index; a target that is not a code of the index raises.
+    children of each target prefix in the index (over the level's alphabet at its evidence depths,
+    avg.search.code_index); a target that is not a code of the index raises.
     """
     logits = logits.float()
     if index is None:
@@ -112,7 +113,7 @@ def code_log_probs(logits: torch.Tensor, targets: torch.Tensor, index: Optional[
     nodes = torch.zeros(n, dtype=torch.long, device=logits.device)
     out = []
     for t in range(length):
-        _, tok, valid = index.children(nodes, t)  # [N, C]
+        tok, valid = index.scored_tokens(nodes, t)  # [N, C]
         allowed = logits[:, t].gather(1, tok).masked_fill(~valid, float("-inf"))
         out.append(logits[:, t].gather(1, targets[:, t:t + 1]).squeeze(1) - allowed.logsumexp(1))
         nodes = index.find_child(nodes, t, targets[:, t])
@@ -147,7 +148,7 @@ def distilled_code_loss(logits: torch.Tensor, targets: torch.Tensor, index: Code
     match = torch.ones_like(sim, dtype=torch.bool)  # gallery images under the gold prefix
     out = []
     for t in range(length):
-        _, tok, valid = index.children(nodes, t)  # [N, C]
+        tok, valid = index.scored_tokens(nodes, t)  # [N, C]
         logp = logits[:, t].gather(1, tok).masked_fill(~valid, float("-inf")).log_softmax(1)
         gold = (tok == targets[:, t:t + 1]) & valid
         hard = -logp.masked_fill(~gold, 0.0).sum(1)

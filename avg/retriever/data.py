@@ -41,7 +41,8 @@ def read_codes(codes_dir: str | os.PathLike, *, with_codebook: bool = True) -> C
         if rec["split"] not in SPLITS:
             raise InputError(f"{path}: image {image_id!r}: split must be one of {SPLITS}, got {rec['split']!r}")
     meta = {k: getattr(codes, k) for k in ("num_levels", "codebook_size", "shared_codebook", "code_len",
-                                            "disambiguation", "disambiguation_size", "tie_rule", "encoder")}
+                                            "disambiguation", "disambiguation_size", "tie_rule", "encoder",
+                                            "evidence_levels")}
     images = {str(i): {"code": [int(c) for c in rec["code"]], "split": rec["split"]} for i, rec in codes.images.items()}
     codebook = None
     if with_codebook and (Path(codes_dir) / CODEBOOK).is_file():

@@ -6,7 +6,7 @@ runs one teacher-forced pass of the model on each query's gold code:
 * ``positions[t]``: given the gold prefix ``c_<t``, how often the gold voken is the model's top
   choice among the continuations the gallery allows (``gold_is_top``, %), its log-probability
   renormalised over them (``gold_logprob``, nats), how many continuations there were
-  (``children``), and the log of the probability mass the full-vocabulary distribution puts on
+  (``children``; at an evidence level, avg.search.code_index, the level's alphabet it is scored over), and the log of the probability mass the full-vocabulary distribution puts on
   them (``allowed_log_mass``: 0 when the model never wastes mass on tokens that cannot follow);
 * ``first_miss``: for every query, the first position where the top-ranked image's code differs
   from the gold code (``"1"`` .. ``"L"``), or ``"same_code"`` (a hit, or an image sharing the gold's
@@ -58,7 +58,7 @@ def code_diagnostics(model, tokenizer, vocab, queries: Sequence[dict], gallery, 
         logits = model(**inputs, decoder_input_ids=dec, use_cache=False).logits.float()
         nodes = torch.zeros(len(batch), dtype=torch.long, device=device)
         for t in range(length):
-            _, tok, valid = index.children(nodes, t)
+            tok, valid = index.scored_tokens(nodes, t)
             allowed = logits[:, t].gather(1, tok).masked_fill(~valid, float("-inf"))
             g = logits[:, t].gather(1, gold[:, t:t + 1]).squeeze(1)
             lse = allowed.logsumexp(1)

@@ -45,6 +45,9 @@ class VokenVocab:
     disambiguation: bool = False
     disambiguation_size: int = 0         # K, when a disambiguation position is appended
     level_tokens: bool = False           # shared codebook: one token range per level (<v{d}_{k}>)
+    # code positions scored over their level's whole alphabet, not over the gallery's continuations
+    # (the layout vokens of avg.models.layout with score="level"; avg.search.code_index "evidence levels")
+    evidence_levels: list[int] = field(default_factory=list)
     # filled by add_to / bind: token ids per position, [L][size of that position's alphabet]
     position_token_ids: Optional[list[list[int]]] = field(default=None, repr=False)
 
@@ -60,6 +63,7 @@ class VokenVocab:
                 disambiguation=bool(meta.get("disambiguation", False)),
                 disambiguation_size=int(meta.get("disambiguation_size", 0) or 0),
                 level_tokens=bool(meta.get("level_tokens", False)),
+                evidence_levels=[int(d) for d in meta.get("evidence_levels") or []],
             )
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(f"{source}: bad codes metadata ({e!r})") from None
@@ -67,6 +71,10 @@ class VokenVocab:
             raise InputError(f"{source}: num_levels and codebook_size must be positive")
         if vocab.disambiguation and vocab.disambiguation_size < 1:
             raise InputError(f"{source}: disambiguation is on but disambiguation_size={vocab.disambiguation_size}")
+        if any(not 0 <= d < vocab.num_levels for d in vocab.evidence_levels) or \
+                len(set(vocab.evidence_levels)) != len(vocab.evidence_levels):
+            raise InputError(f"{source}: evidence_levels {vocab.evidence_levels} must be distinct levels in "
+                             f"[0, {vocab.num_levels})")
         code_len = meta.get("code_len")
         if code_len is not None and int(code_len) != vocab.code_len:
             raise InputError(f"{source}: code_len={code_len} but num_levels={vocab.num_levels} and "

@@ -32,6 +32,8 @@ What this computes, exactly
   is the only allowed token: log 1 = 0). Only the allowed children's logits are needed, so with
   ``voken_ids`` the restricted head gives bit-for-bit the same result, faster. This is the score the
   retriever is trained with under ``--loss children`` and the one its evaluation uses by default.
+  At the index's evidence depths (avg.search.code_index) a step is renormalised over the level's
+  whole alphabet instead, the same for every beam.
 * Ties: candidates with bit-identical scores are ordered by ``torch.topk`` (implementation
   defined), as in HF. Distinct images with the same code collapse to one code here; the caller
   breaks those ties by its documented, seeded rule.
@@ -315,7 +317,11 @@ def _search_batch(stepper, input_ids, attention_mask, index, num_beams, length, 
             valid = valid & alive[..., None]
             col = col_of_token[tok] if col_of_token is not None else tok
             lp = logp.view(bsz, beams, width).gather(2, col)
-            if by_children:
+            if by_children and depth in index.evidence_depths:  # over the level's alphabet, every beam alike
+                alpha = index.level_alphabet(depth)
+                alpha = col_of_token[alpha] if col_of_token is not None else alpha
+                lp = lp - logp.view(bsz, beams, width)[..., alpha].logsumexp(-1, keepdim=True)
+            elif by_children:
                 lp = lp - torch.where(valid, lp, neg_inf).logsumexp(-1, keepdim=True).nan_to_num(0.0, neginf=0.0)
             cand = torch.where(valid, scores[..., None] + lp, neg_inf)
             n_child = cand.shape[-1]

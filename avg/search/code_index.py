@@ -16,6 +16,13 @@ prefix":
 * ``DictTrie`` -- nested Python dicts, what a ``prefix_allowed_tokens_fn`` is usually built on;
   kept as the naive reference for tests and the decoding benchmark.
 
+Evidence levels. By default a step is scored over the children of its prefix (the continuations
+the gallery allows: ``scored_tokens`` returns them). A depth listed in ``evidence_depths`` is scored
+over its level's whole alphabet instead -- every token any gallery code has at that depth. Such a
+level's voken stays a constraint of the search, but its log-probability is the caption's evidence
+for that value, which every image carrying it gets, even after a prefix that leaves one image
+(where the children score is log 1 = 0). avg.models.layout's layout vokens use it.
+
 Both take codes as *token ids* (the gallery's voken codes already mapped to the model's vocabulary),
 so any vocabulary layout works, including a separate token range per code position.
 """
@@ -68,18 +75,26 @@ class CodeIndex:
     unique codes).
     """
 
-    def __init__(self, tokens: list[torch.Tensor], child_ptr: list[torch.Tensor], vocab_size: int) -> None:
+    def __init__(self, tokens: list[torch.Tensor], child_ptr: list[torch.Tensor], vocab_size: int,
+                 evidence_depths: Iterable[int] = ()) -> None:
         # tokens[d] for d = 0..L (tokens[0] is an empty placeholder for the root);
         # child_ptr[d] for d = 0..L-1, length N_d + 1.
         self.tokens = tokens
         self.child_ptr = child_ptr
         self.vocab_size = int(vocab_size)
+        self.evidence_depths = tuple(sorted({int(d) for d in evidence_depths}))
+        bad = [d for d in self.evidence_depths if not 0 <= d < len(child_ptr)]
+        if bad:
+            raise ValueError(f"evidence_depths {bad} outside [0, {len(child_ptr)}) (code_len = {len(child_ptr)})")
         self._used_tokens: torch.Tensor | None = None
+        self._alphabets: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_codes(cls, token_codes: torch.Tensor, vocab_size: int, device=None) -> "CodeIndex":
-        """Index the rows of ``token_codes`` [G, L] (duplicates allowed; they collapse to one leaf)."""
+    def from_codes(cls, token_codes: torch.Tensor, vocab_size: int, device=None,
+                   evidence_depths: Iterable[int] = ()) -> "CodeIndex":
+        """Index the rows of ``token_codes`` [G, L] (duplicates allowed; they collapse to one leaf);
+        ``evidence_depths``: the depths scored over their level's alphabet (module docstring)."""
         codes = _as_code_tensor(token_codes, vocab_size)
         if device is not None:
             codes = codes.to(device)
@@ -103,7 +118,7 @@ class CodeIndex:
             child_ptr.append(torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)]).to(torch.int32))
             row_node = new_row_node
             n_prev = int(starts.numel())
-        return cls(tokens, child_ptr, vocab_size)
+        return cls(tokens, child_ptr, vocab_size, evidence_depths)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -137,11 +152,21 @@ class CodeIndex:
         return 1 if depth == 0 else int(self.tokens[depth].numel())
 
     def to(self, device) -> "CodeIndex":
-        return CodeIndex([t.to(device) for t in self.tokens], [p.to(device) for p in self.child_ptr], self.vocab_size)
+        return CodeIndex([t.to(device) for t in self.tokens], [p.to(device) for p in self.child_ptr], self.vocab_size,
+                         self.evidence_depths)
 
     def __repr__(self) -> str:
+        evidence = f", evidence_depths={list(self.evidence_depths)}" if self.evidence_depths else ""
         return (f"CodeIndex(num_codes={self.num_codes}, code_len={self.code_len}, vocab_size={self.vocab_size}, "
-                f"nbytes={self.nbytes}, device={self.device})")
+                f"nbytes={self.nbytes}, device={self.device}{evidence})")
+
+    def level_alphabet(self, depth: int) -> torch.Tensor:
+        """Sorted token ids that some code has at position ``depth`` (computed once per depth, cached)."""
+        if not 0 <= depth < self.code_len:
+            raise ValueError(f"depth {depth} outside [0, {self.code_len})")
+        if depth not in self._alphabets:
+            self._alphabets[depth] = torch.unique(self.tokens[depth + 1].long())
+        return self._alphabets[depth]
 
     # ------------------------------------------------------------------ vectorised queries
     def child_range(self, nodes: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,6 +193,18 @@ class CodeIndex:
         tok = self.tokens[depth + 1][child].long()
         shape = (*nodes.shape, width)
         return child.reshape(shape), tok.reshape(shape), valid.reshape(shape)
+
+    def scored_tokens(self, nodes: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tokens a step from each node at ``depth`` is normalised over: ``(tokens [.., C], valid [.., C])``.
+
+        The node's children (as :meth:`children`), or at an evidence depth its level's whole alphabet
+        (the same for every node; module docstring)."""
+        if depth in self.evidence_depths:
+            alpha = self.level_alphabet(depth)
+            tok = alpha.expand(*nodes.shape, alpha.numel())
+            return tok, torch.ones_like(tok, dtype=torch.bool)
+        _, tok, valid = self.children(nodes, depth)
+        return tok, valid
 
     def find_child(self, nodes: torch.Tensor, depth: int, tokens: torch.Tensor) -> torch.Tensor:
         """Child node of ``nodes`` reached by ``tokens``, or -1 where no code continues that way.

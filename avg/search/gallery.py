@@ -127,10 +127,12 @@ class Gallery:
             raise InputError(f"{self.name}: {e}: a gallery of other codes than the retriever's vokens") from None
 
     def build_index(self, vocab, vocab_size: int, device: Optional[torch.device] = None):
-        """CodeIndex over the unique codes, for avg.search.beam.constrained_beam_search."""
+        """CodeIndex over the unique codes, for avg.search.beam.constrained_beam_search (with the
+        vocabulary's ``evidence_levels`` as its evidence depths)."""
         from avg.search.code_index import CodeIndex
 
-        return CodeIndex.from_codes(self.token_codes(vocab), vocab_size, device=device)
+        return CodeIndex.from_codes(self.token_codes(vocab), vocab_size, device=device,
+                                    evidence_depths=getattr(vocab, "evidence_levels", ()))
 
 
 __all__ = ["Gallery"]

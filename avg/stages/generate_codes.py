@@ -238,7 +238,9 @@ def generate_codes(
         "codebook_size": cfg.codebook_size,
         "shared_codebook": cfg.shared_codebook and layout is None,
         "layout": None if layout is None else {"mode": layout.config.mode, "levels": layout.config.levels,
-                                               "position": layout.config.position, "entries": layout.config.codebook_size},
+                                               "position": layout.config.position, "entries": layout.config.codebook_size,
+                                               "score": layout.config.score},
+        "evidence_levels": evidence_levels(layout, cfg.num_levels) or None,
         "code_len": int(final.shape[1]),
         "disambiguation": disamb,
         "disambiguation_size": int(k) if disamb else 0,
@@ -250,6 +252,15 @@ def generate_codes(
     write_json(stats, out_dir / STATS)
     write_codes_json(out_dir / CODES, header, zip(image_ids, final.tolist(), splits))
     return stats
+
+
+def evidence_levels(layout: Optional[LayoutQuantizer], rq_levels: int) -> list[int]:
+    """Code positions (0-based) the retriever scores over their level's whole alphabet (avg.retriever.vocab
+    ``evidence_levels``): the layout vokens' when the quantizer says ``score="level"``, else none."""
+    if layout is None or layout.config.score != "level":
+        return []
+    start = 0 if layout.config.position == "first" else rq_levels
+    return list(range(start, start + layout.config.levels))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -32,7 +32,7 @@ from avg.artifacts.emb import INDEX, load_emb
 from avg.artifacts.registry import manifest_name
 from avg.models.kmeans import DeadCodeTracker, init_codebooks
 from avg.models.layout import CONFIG_NAME as LAYOUT_CONFIG, WEIGHTS_NAME as LAYOUT_WEIGHTS
-from avg.models.layout import LAYOUT_MODES, LayoutConfig, LayoutQuantizer, layout_arrays
+from avg.models.layout import LAYOUT_MODES, LAYOUT_SCORES, LayoutConfig, LayoutQuantizer, layout_arrays
 from avg.models.rqvae import RQVAE, RQVAEConfig
 from avg.rqvae.data import FeatureBatchSampler, FeatureDataset, gather_rows, iter_feature_batches, passthrough_collate, training_rows
 from avg.train.loop import (STATE_FILE, add_checkpoint_args, checkpoint_dir, configure_deepspeed, log_resumed,
@@ -100,7 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
                      "a coarse layout, e.g. 16, keeps every branch in the beam)")
     lay.add_argument("--layout-position", choices=("first", "last"), default="first",
                      help="first: the layout vokens open the code (they weigh the branches of the search); last: after "
-                          "the RQ-VAE's M (where, under the children score, a unique prefix makes them weightless)")
+                          "the RQ-VAE's M (with --layout-score level they add the caption's evidence about the layout "
+                          "to every image's score)")
+    lay.add_argument("--layout-score", choices=LAYOUT_SCORES, default="level",
+                     help="how the retriever scores a layout voken: level (log-softmax over the layout level's whole "
+                          "alphabet: how likely the caption makes this layout, for every image alike) or children (over "
+                          "the continuations the gallery allows after the prefix, like the other vokens; after a prefix "
+                          "that leaves one image it is log 1 = 0)")
     km = p.add_argument_group("codebook initialisation and dead codes")
     km.add_argument("--kmeans-init", action=argparse.BooleanOptionalAction, default=True, help="initialise codebooks by k-means on encoder latents of a training sample")
     km.add_argument("--kmeans-samples", type=int, default=20000, help="training images sampled for the k-means initialisation")
@@ -328,7 +334,7 @@ def train(args) -> dict:
             layout = fit_layout(args, emb, image_rows)
             layout.save_pretrained(out_dir)
             final.update({"layout/levels": layout.config.levels, "layout/mode": layout.config.mode,
-                          "layout/position": args.layout_position})
+                          "layout/position": args.layout_position, "layout/score": args.layout_score})
             logger.info("layout vokens: %s, %d levels of %d entries over the %d-cell grid (PCA to %d), fitted on %d images",
                         args.layout, layout.config.levels, layout.config.codebook_size, layout.config.cells,
                         layout.config.dim, len(image_rows))
@@ -346,7 +352,7 @@ def fit_layout(args, emb, image_rows: np.ndarray) -> LayoutQuantizer:
     RQ-VAE's latent width (one alphabet size and vector width for every voken of a code)."""
     size = args.layout_size or args.codebook_size
     cfg = LayoutConfig(mode=args.layout, levels=args.layout_levels, codebook_size=size, dim=args.latent_dim,
-                       position=args.layout_position)
+                       position=args.layout_position, score=args.layout_score)
     return LayoutQuantizer.fit(layout_arrays(emb.image_grid, np.sort(image_rows)), cfg, seed=args.seed)
 
 
