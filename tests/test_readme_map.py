@@ -1,6 +1,6 @@
-"""The README's maps of the code stay true to the tree: every file the "Paper → code" table and the
-"Layout" block name exists, every function / class / method the table names is defined in the
-package, and every subpackage of ``avg/`` appears in the layout."""
+"""The maps of the code (docs/design.md: the "Paper → code" table and the "Layout" block) stay true to the tree:
+every file they name exists, every function / class / method the table names is defined in the package, and every
+subpackage of ``avg/`` appears in the layout."""
 from __future__ import annotations
 
 import ast
@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text()
+README = (ROOT / "docs" / "design.md").read_text()
 
 
 def _section(title: str) -> str:

@@ -19,12 +19,12 @@ from test_search import EOS, VOKENS, gallery, one_thread, queries, tiny_llama, t
 
 def naive_children_score(model, ids, mask, code, codes, evidence=()):
     """sum_t [logit(c_t) - logsumexp(logits of the tokens that follow c_<t in `codes`)], one pass per step;
-    at the ``evidence`` positions over every token any code has there."""
+    at the ``evidence`` positions over every token any code has there, from the first step (no voken read)."""
     total = 0.0
     for t in range(len(code)):
         prefix = code[:t]
         allowed = sorted({int(c[t]) for c in codes if t in evidence or list(c[:t]) == list(prefix)})
-        dec = torch.tensor([[0] + [int(x) for x in prefix]])
+        dec = torch.tensor([[0] + ([] if t in evidence else [int(x) for x in prefix])])
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits[0, -1].double()
         total += float(logits[int(code[t])] - torch.logsumexp(logits[allowed], 0))
@@ -55,9 +55,9 @@ def test_children_search_is_exhaustive_renormalised_ranking(seed, num_codes, cod
 
 @pytest.mark.parametrize("seed,num_codes,code_len,alphabet,evidence", [(0, 40, 3, 6, (2,)), (1, 30, 4, 3, (1, 3))])
 def test_evidence_levels_score_over_the_level_alphabet_in_search_and_loss(seed, num_codes, code_len, alphabet, evidence):
-    """At an evidence depth a step is normalised over the level's whole alphabet: the exhaustive search,
-    its fast path and the teacher-forced code_log_probs all give the naive score; a code alone under its
-    prefix still gets the caption's evidence for its last voken (not log 1 = 0)."""
+    """At an evidence depth a voken is scored from the first step's logits over the level's whole alphabet:
+    the exhaustive search, its fast path and the teacher-forced code_log_probs all give the naive score;
+    a code alone under its prefix still gets the caption's evidence for its last voken (not log 1 = 0)."""
     model = tiny_t5(seed)
     codes = torch.unique(gallery(seed, num_codes, code_len, alphabet), dim=0)
     ids, mask = queries(seed, n=2)
@@ -92,9 +92,10 @@ def test_code_log_probs_evidence_level_by_hand():
     codes = torch.tensor([[3, 4], [3, 5], [6, 7]])
     index = CodeIndex.from_codes(codes, 10, evidence_depths=[1])
     got = code_log_probs(logits, torch.tensor([[3, 5], [6, 7]]), index)
-    # step 1 is scored over {4, 5, 7} whatever the prefix: [6, 7] is alone under 6 and still gets its evidence
-    torch.testing.assert_close(got[:, 1], torch.stack([logits[0, 1, 5] - torch.logsumexp(logits[0, 1, [4, 5, 7]], 0),
-                                                      logits[1, 1, 7] - torch.logsumexp(logits[1, 1, [4, 5, 7]], 0)]))
+    # position 1 is scored by step 0 over {4, 5, 7} whatever the prefix: [6, 7] is alone under 6 and still gets
+    # its evidence
+    torch.testing.assert_close(got[:, 1], torch.stack([logits[0, 0, 5] - torch.logsumexp(logits[0, 0, [4, 5, 7]], 0),
+                                                      logits[1, 0, 7] - torch.logsumexp(logits[1, 0, [4, 5, 7]], 0)]))
     torch.testing.assert_close(got[:, 0], code_log_probs(logits, torch.tensor([[3, 5], [6, 7]]), CodeIndex.from_codes(codes, 10))[:, 0])
     with pytest.raises(ValueError, match="evidence_depths"):
         CodeIndex.from_codes(codes, 10, evidence_depths=[2])

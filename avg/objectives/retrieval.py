@@ -100,8 +100,8 @@ def code_log_probs(logits: torch.Tensor, targets: torch.Tensor, index: Optional[
     teacher-forced ``logits`` [N, L, V] (position t predicts ``targets[:, t]``).
 
     ``index=None``: log-softmax over the full vocabulary. With ``index``: renormalised over the
-    children of each target prefix in the index (over the level's alphabet at its evidence depths,
-    avg.search.code_index); a target that is not a code of the index raises.
+    children of each target prefix in the index (at its evidence depths over the level's alphabet, from
+    the first step's logits: avg.search.code_index); a target that is not a code of the index raises.
     """
     logits = logits.float()
     if index is None:
@@ -114,8 +114,9 @@ def code_log_probs(logits: torch.Tensor, targets: torch.Tensor, index: Optional[
     out = []
     for t in range(length):
         tok, valid = index.scored_tokens(nodes, t)  # [N, C]
-        allowed = logits[:, t].gather(1, tok).masked_fill(~valid, float("-inf"))
-        out.append(logits[:, t].gather(1, targets[:, t:t + 1]).squeeze(1) - allowed.logsumexp(1))
+        step = logits[:, index.scored_step(t)]
+        allowed = step.gather(1, tok).masked_fill(~valid, float("-inf"))
+        out.append(step.gather(1, targets[:, t:t + 1]).squeeze(1) - allowed.logsumexp(1))
         nodes = index.find_child(nodes, t, targets[:, t])
         if bool((nodes < 0).any()):
             row = int((nodes < 0).nonzero()[0])
@@ -149,7 +150,7 @@ def distilled_code_loss(logits: torch.Tensor, targets: torch.Tensor, index: Code
     out = []
     for t in range(length):
         tok, valid = index.scored_tokens(nodes, t)  # [N, C]
-        logp = logits[:, t].gather(1, tok).masked_fill(~valid, float("-inf")).log_softmax(1)
+        logp = logits[:, index.scored_step(t)].gather(1, tok).masked_fill(~valid, float("-inf")).log_softmax(1)
         gold = (tok == targets[:, t:t + 1]) & valid
         hard = -logp.masked_fill(~gold, 0.0).sum(1)
         where = gallery_tokens[:, t].expand(n, -1)

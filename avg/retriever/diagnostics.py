@@ -6,7 +6,7 @@ runs one teacher-forced pass of the model on each query's gold code:
 * ``positions[t]``: given the gold prefix ``c_<t``, how often the gold voken is the model's top
   choice among the continuations the gallery allows (``gold_is_top``, %), its log-probability
   renormalised over them (``gold_logprob``, nats), how many continuations there were
-  (``children``; at an evidence level, avg.search.code_index, the level's alphabet it is scored over), and the log of the probability mass the full-vocabulary distribution puts on
+  (``children``; at an evidence level, avg.search.code_index, the level's alphabet, read at the first step), and the log of the probability mass the full-vocabulary distribution puts on
   them (``allowed_log_mass``: 0 when the model never wastes mass on tokens that cannot follow);
 * ``first_miss``: for every query, the first position where the top-ranked image's code differs
   from the gold code (``"1"`` .. ``"L"``), or ``"same_code"`` (a hit, or an image sharing the gold's
@@ -59,12 +59,13 @@ def code_diagnostics(model, tokenizer, vocab, queries: Sequence[dict], gallery, 
         nodes = torch.zeros(len(batch), dtype=torch.long, device=device)
         for t in range(length):
             tok, valid = index.scored_tokens(nodes, t)
-            allowed = logits[:, t].gather(1, tok).masked_fill(~valid, float("-inf"))
-            g = logits[:, t].gather(1, gold[:, t:t + 1]).squeeze(1)
+            step = logits[:, index.scored_step(t)]
+            allowed = step.gather(1, tok).masked_fill(~valid, float("-inf"))
+            g = step.gather(1, gold[:, t:t + 1]).squeeze(1)
             lse = allowed.logsumexp(1)
             top[t] += float((g >= allowed.max(1).values).sum())
             logprob[t] += float((g - lse).sum())
-            mass[t] += float((lse - logits[:, t].logsumexp(1)).sum())
+            mass[t] += float((lse - step.logsumexp(1)).sum())
             children[t] += float(valid.sum())
             nodes = index.find_child(nodes, t, gold[:, t])
             if bool((nodes < 0).any()):

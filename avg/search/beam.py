@@ -32,8 +32,9 @@ What this computes, exactly
   is the only allowed token: log 1 = 0). Only the allowed children's logits are needed, so with
   ``voken_ids`` the restricted head gives bit-for-bit the same result, faster. This is the score the
   retriever is trained with under ``--loss children`` and the one its evaluation uses by default.
-  At the index's evidence depths (avg.search.code_index) a step is renormalised over the level's
-  whole alphabet instead, the same for every beam.
+  At the index's evidence depths (avg.search.code_index) the voken is scored from the first step's
+  logits, renormalised over the level's whole alphabet, the same for every beam; the decoder runs no
+  step for evidence levels at the end of the code.
 * Ties: candidates with bit-identical scores are ordered by ``torch.topk`` (implementation
   defined), as in HF. Distinct images with the same code collapse to one code here; the caller
   breaks those ties by its documented, seeded rule.
@@ -301,8 +302,12 @@ def _search_batch(stepper, input_ids, attention_mask, index, num_beams, length, 
     # "children": raw logits here, normalised over each beam's allowed children below
     norm = (lambda x: x.float()) if by_children else (lambda x: F.log_softmax(x.float(), dim=-1))
     logp = norm(stepper.first(input_ids, attention_mask, inputs_embeds))  # [B, W]
+    first = logp  # the first step's distribution scores the evidence levels (avg.search.code_index)
     width = logp.shape[-1]
     neg_inf = torch.tensor(float("-inf"), device=device)
+    evidence = set(index.evidence_depths) if (by_children and index is not None) else set()
+    # the decoder runs up to the last depth scored by its own step (evidence levels need no step of their own)
+    last_own = max((d for d in range(length) if d not in evidence), default=0)
 
     scores = torch.zeros(bsz, 1, device=device)
     nodes = torch.zeros(bsz, 1, dtype=torch.long, device=device)
@@ -317,10 +322,11 @@ def _search_batch(stepper, input_ids, attention_mask, index, num_beams, length, 
             valid = valid & alive[..., None]
             col = col_of_token[tok] if col_of_token is not None else tok
             lp = logp.view(bsz, beams, width).gather(2, col)
-            if by_children and depth in index.evidence_depths:  # over the level's alphabet, every beam alike
+            if depth in evidence:  # the first step's logits, over the level's alphabet: every beam alike
                 alpha = index.level_alphabet(depth)
                 alpha = col_of_token[alpha] if col_of_token is not None else alpha
-                lp = lp - logp.view(bsz, beams, width)[..., alpha].logsumexp(-1, keepdim=True)
+                lp = first[:, None, :].expand(bsz, beams, width).gather(2, col)
+                lp = lp - first[:, alpha].logsumexp(-1)[:, None, None]
             elif by_children:
                 lp = lp - torch.where(valid, lp, neg_inf).logsumexp(-1, keepdim=True).nan_to_num(0.0, neginf=0.0)
             cand = torch.where(valid, scores[..., None] + lp, neg_inf)
@@ -353,7 +359,7 @@ def _search_batch(stepper, input_ids, attention_mask, index, num_beams, length, 
         seqs = torch.cat([seqs.gather(1, src[..., None].expand(-1, -1, seqs.shape[2])), new_tok[..., None]], dim=2)
         if depth == 0:
             stepper.expand(num_beams)
-        if depth < length - 1 or eos_token_id is not None:
+        if depth < last_own or eos_token_id is not None:
             rows = (row_base * beams + src).reshape(-1)
             logp = norm(stepper.step(rows, new_tok.reshape(-1)))
     if eos_token_id is not None:
