@@ -35,7 +35,7 @@ T5_LR=${T5_LR:-1e-3}
 BEAM=${BEAM:-50}
 STAGE2_EPOCHS=${STAGE2_EPOCHS:-1}
 # Stage 2 over a seeded half of the 50,000 training captions (about 200 steps): the one-epoch stage-1 T5 is underfit, and
-# stage 2 needs this many steps to beat it beyond the seeds' spread (README, "Over seeds"); 10,000 (81 steps) did not
+# stage 2 needs this many steps to beat it beyond the seeds' spread (docs/results.md, "Over seeds"); 10,000 (81 steps) did not
 STAGE2_MAX_TRAIN_QUERIES=${STAGE2_MAX_TRAIN_QUERIES:-25000}
 STAGE2_LR=${STAGE2_LR:-1e-3}
 DIS_BEAMS=${DIS_BEAMS:-10}
@@ -44,7 +44,7 @@ DIS_BEAMS=${DIS_BEAMS:-10}
 # the demo captions (tools/make_demo_llama.py -> $DATA_DIR/llama-demo, cached), fully fine-tuned (LoRA
 # on random weights learns nothing) on a seeded 3,000 of the 50,000 training captions (94 steps of 32),
 # val on a seeded 200 queries, then test_retriever_llama on a seeded 500 of the 5,000 test queries:
-# about 2 minutes on 2 cores. The pretrained SmolLM2-135M + LoRA path (see README):
+# about 2 minutes on 2 cores. The pretrained SmolLM2-135M + LoRA path (docs/results.md, "SmolLM2-135M as the retriever"):
 #   LLAMA_MODEL=data/smollm2-135m LLAMA_BATCH_SIZE=16 LLAMA_LR=3e-4 \
 #   LLAMA_ARGS="--max-train-queries 640 --voken-lr 2e-3 --max-eval-queries 200 --skip-test" bash scripts/finetune_retriever_llama.sh
 LLAMA_MODEL=${LLAMA_MODEL:-$DATA_DIR/llama-demo}
@@ -93,7 +93,7 @@ RERANK_RICH_SIZE=${RERANK_RICH_SIZE:-256}
 RERANK_FULL_FINETUNE=${RERANK_FULL_FINETUNE:-1}
 # Reranker schedule: epochs, candidate lists per micro-batch (each RERANK_TOPK candidates; with late interaction
 # the query is read once per list), LM learning rate.
-# One epoch: over three, training never lifted val R@1 above the untrained start on the demo (README,
+# One epoch: over three, training never lifted val R@1 above the untrained start on the demo (docs/results.md,
 # "What the demo does and prints"); one keeps the stage shown end to end inside the 15-minute budget.
 RERANK_EPOCHS=${RERANK_EPOCHS:-1}
 RERANK_BATCH_SIZE=${RERANK_BATCH_SIZE:-64}

@@ -13,7 +13,7 @@ T0=$(date +%s)
 # run_all.sh ends with the report stage (python -m avg.experiments.report); per-stage seconds in run_times.tsv
 bash scripts/run_all.sh "$@"
 case " $* " in *" --dry-run "*) exit 0 ;; esac
-# demo_times.tsv: the name the README cites, the same table as run_times.tsv
+# demo_times.tsv: the name docs/results.md cites, the same table as run_times.tsv
 cp "$STAGE_ROOT/run_times.tsv" "$STAGE_ROOT/.demo_times.tsv.tmp" && mv "$STAGE_ROOT/.demo_times.tsv.tmp" "$STAGE_ROOT/demo_times.tsv"
 echo
 echo "=== [demo] $(( $(date +%s) - T0 ))s in all (per stage: $STAGE_ROOT/run_times.tsv); results ($STAGE_ROOT/results.md):"

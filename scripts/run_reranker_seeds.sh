@@ -8,7 +8,7 @@
 # and reranks the test lists into .../test_reranker_llama; the CLIP baseline, the retriever and the embedding rerank
 # are linked in, so the table shows them and pairs the reranker with its input.
 # Finished seeds are skipped (the stages' manifests); a killed seed resumes from its last checkpoint.
-# The grid-head study of the README:
+# The grid-head study of docs/results.md (study D):
 #   RERANK_EPOCHS=5 RERANK_BATCH_SIZE=128 RERANK_LR=5e-4 \
 #   RERANK_ARGS="--head-lr 5e-4 --head-inner 128 --late-interaction --query-pooling mean --embed-fusion learned --grid-head 8 --train-topk 16 --train-lists found --fit-embed-weight" \
 #   SEEDS="42 1 2" bash scripts/run_reranker_seeds.sh
