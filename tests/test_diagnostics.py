@@ -136,3 +136,59 @@ def test_tokenizer_ceiling_against_a_naive_ranking(tmp_path):
             expect.append(100 * hits / 12)
         assert got[name]["gold_is_top"] == pytest.approx(expect, abs=0.01), name
     assert tokenizer_ceiling(model, emb, raw, ids, "test") is None
+
+
+def test_given_prefix_recall_against_scoring_each_code_alone():
+    """Code R@1 given the gold's first t vokens: the gold must score highest among the distinct codes sharing that
+    prefix, each scored on its own by a teacher-forced pass (the children score) -- with and without a seeded sample."""
+    from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from avg.objectives.retrieval import code_log_probs
+    from avg.retriever.diagnostics import given_prefix_recall
+    from avg.retriever.vocab import VokenVocab
+
+    words = {"<pad>": 0, "</s>": 1, "<unk>": 2, "red": 3, "blue": 4, "star": 5, "big": 6}
+    tk = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    torch.manual_seed(3)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=7, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
+    vocab = VokenVocab(num_levels=3, codebook_size=3, shared_codebook=False)
+    vocab.add_to(tok, model, init="random")
+    rng = np.random.default_rng(0)
+    codes = sorted({tuple(int(v) for v in rng.integers(0, 3, 3)) for _ in range(20)})
+    g = Gallery([f"i{k}" for k in range(len(codes))], [list(c) for c in codes])
+    texts = ["red star", "blue", "big red", "star star blue", "big", "blue red big"]
+    queries = [{"query": t, "code": list(codes[(5 * k) % len(codes)]), "image_id": f"i{(5 * k) % len(codes)}"}
+               for k, t in enumerate(texts)]
+    index = g.build_index(vocab, model.config.vocab_size)
+    tokens = g.token_codes(vocab)
+
+    def score(query, code_ids):
+        enc = tok([query], return_tensors="pt")
+        dec = torch.cat([torch.zeros(1, 1, dtype=torch.long), code_ids[None, :-1]], 1)
+        with torch.no_grad():
+            logits = model(**enc, decoder_input_ids=dec).logits
+        return float(code_log_probs(logits, code_ids[None], index).sum())
+
+    expect = np.zeros(2)
+    sizes = np.zeros(2)
+    for q in queries:
+        gold = vocab.code_to_token_ids([q["code"]])[0]
+        s_gold = score(q["query"], gold)
+        for t in (1, 2):
+            under = [c for c in tokens if torch.equal(c[:t], gold[:t])]
+            sizes[t - 1] += len(under)
+            expect[t - 1] += all(score(q["query"], c) <= s_gold + 1e-6 for c in under if not torch.equal(c, gold))
+    assert 0 < expect[0] < 6  # some queries lose their gold to a code under the first voken, some do not
+    got = given_prefix_recall(model, tok, vocab, queries, g, "cpu", batch_size=4, pair_batch=5)
+    assert [r["position"] for r in got] == [1, 2] and all(r["num_queries"] == 6 for r in got)
+    for t in (1, 2):
+        assert got[t - 1]["code_r1"] == pytest.approx(100 * expect[t - 1] / 6, abs=0.01)
+        assert got[t - 1]["codes"] == pytest.approx(sizes[t - 1] / 6, abs=0.01)
+    assert got[1]["code_r1"] >= got[0]["code_r1"]
+    sample = given_prefix_recall(model, tok, vocab, queries, g, "cpu", max_queries=3, seed=1)
+    assert all(r["num_queries"] == 3 for r in sample)
+    assert sample == given_prefix_recall(model, tok, vocab, queries, g, "cpu", max_queries=3, seed=1)

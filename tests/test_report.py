@@ -81,7 +81,8 @@ def test_reranker_ceiling_setting_and_diagnostics_tables(tmp_path):
         "image_features": {"R@1": 14.8, "R@5": 40.0, "R@10": 52.2, "R@20": 64.0}}}})
     diag = {"positions": [{"position": 1, "gold_is_top": 58.9}, {"position": 2, "gold_is_top": 39.2}],
             "first_miss": {"1": 41.6, "2": 37.2, "same_code": 21.2}, "r1_unique_code": 11.96, "r1_shared_code": 8.53,
-            "queries_shared_code": 375, "fit": {"train": {"R@1": 12.5}, "val": {"R@1": 11.38}}}
+            "queries_shared_code": 375, "fit": {"train": {"R@1": 12.5}, "val": {"R@1": 11.38}},
+            "given_prefix": [{"position": 1, "code_r1": 20.5, "codes": 9.1}]}
     _write(tmp_path / "train_retriever_t5" / "eval" / "metrics_test.json", {
         "system": "avg_t5_stage1", "split": "test", "R@1": 11.7, "R@5": 34.9, "R@10": 47.5, "R@20": 59.4,
         "score": "children", "query_prefix": 4, "num_beams": 50, "diagnostics": diag})
@@ -94,7 +95,7 @@ def test_reranker_ceiling_setting_and_diagnostics_tables(tmp_path):
     assert main([str(tmp_path)]) == 0
     md = (tmp_path / "results.md").read_text()
     assert "| test | 13.50 / 39.00 / 51.00 / 62.50 | 14.80 / 40.00 / 52.20 / 64.00 |" in md
-    assert ("| avg_t5_stage1 (train_retriever_t5) | 58.9 / 39.2 | 1: 41.6, 2: 37.2, same_code: 21.2 | 11.96 / 8.53 "
+    assert ("| avg_t5_stage1 (train_retriever_t5) | 58.9 / 39.2 | 20.5 | 1: 41.6, 2: 37.2, same_code: 21.2 | 11.96 / 8.53 "
             "(375 q shared) | 12.50 / 11.38 |") in md
 
 

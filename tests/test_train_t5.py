@@ -264,6 +264,10 @@ def test_query_prefix_retriever_reads_the_clip_feature_end_to_end(assets, stage1
     assert r.needs_features and r.prefix.num_tokens == 2 and r.normalize == "children"
     diag = json.loads((out / "eval" / "diagnostics_test.json").read_text())
     assert len(diag["positions"]) == 3 and diag["num_queries"] == 10 and set(diag["fit"]) == {"val", "train"}
+    # the code R@1 given the gold's first vokens ran through the query prefix too, and can only rise with t
+    given = diag["given_prefix"]
+    assert [g["position"] for g in given] == [1, 2] and all(g["num_queries"] == 10 for g in given)
+    assert 0 <= given[0]["code_r1"] <= given[1]["code_r1"] <= 100 and given[0]["codes"] >= given[1]["codes"] >= 1
     s2 = train_t5.main(["--stage", "2", "--init-from", str(out / "best"), "--data-dir", str(data), "--out-dir",
                         str(assets / "run_q2"), "--epochs", "1", "--batch-size", "8", "--dis-beams", "3", "--num-beams", "5",
                         "--eval-train-queries", "0", "--seed", "0", "--dis-lists", "found"])

@@ -197,10 +197,12 @@ def diagnostics_lines(root: Path) -> list[str]:
     diag = [(p, m) for p, m in _read_metrics(root) if isinstance(m.get("diagnostics"), dict)]
     if diag:
         lines += ["", "Where the gold code is lost (test): gold voken top among the allowed continuations, given the gold "
-                      "prefix, per position | first position where the top code differs | R@1 alone on its code / "
+                      "prefix, per position | code R@1 when the first t vokens are given right, t = 1 .. L-1 (a "
+                      "seeded sample of queries) | first position where the top code differs | R@1 alone on its code / "
                       "sharing it | fit: R@1 train chunk / val", "",
-                  "| system | gold is top (%) | first miss (% of queries) | R@1 unique / shared code | R@1 train / val |",
-                  "|---|---|---|---|---|"]
+                  "| system | gold is top (%) | code R@1 given t vokens (%) | first miss (% of queries) | "
+                  "R@1 unique / shared code | R@1 train / val |",
+                  "|---|---|---|---|---|---|"]
         for path, m in diag:
             d = m["diagnostics"]
             top = " / ".join(f"{p['gold_is_top']:.1f}" for p in d.get("positions", []))
@@ -208,7 +210,9 @@ def diagnostics_lines(root: Path) -> list[str]:
             fit = d.get("fit") or {}
             fit_s = f"{fit.get('train', {}).get('R@1', float('nan')):.2f} / {fit.get('val', {}).get('R@1', float('nan')):.2f}"
             uq = f"{d.get('r1_unique_code')} / {d.get('r1_shared_code')} ({d.get('queries_shared_code')} q shared)"
-            lines.append(f"| {m.get('system', path.parent)} ({_stage_of(path.relative_to(root))}) | {top} | {miss} | {uq} | {fit_s} |")
+            given = " / ".join(f"{g['code_r1']:.1f}" for g in d.get("given_prefix", [])) or "-"
+            lines.append(f"| {m.get('system', path.parent)} ({_stage_of(path.relative_to(root))}) | {top} | {given} | {miss} | "
+                         f"{uq} | {fit_s} |")
     return lines
 
 

@@ -398,7 +398,7 @@ def main(argv=None) -> dict:
         # one process is enough (the records are gathered on every one; only the main process writes)
         diagnostics = code_diagnostics(best.model, tokenizer, vocab, test_q, test_gallery, records, device,
                                        prefix=best.prefix, query_features=test_feats, batch_size=args.eval_batch_size,
-                                       max_length=best.max_length, index=test_index) \
+                                       max_length=best.max_length, index=test_index, seed=args.seed) \
             if accelerator.is_main_process else {}
         fit = {split: {k.split("/")[-1]: v for k, v in (info.get("metrics") or {}).items() if k.startswith(f"eval/{split}/")}
                for split in ("val", "train")}
