@@ -203,3 +203,22 @@ def test_results_blocks_are_in_place():
     rows = [line for line in table.splitlines() if line.startswith("|")]
     assert len(rows) >= 3 and "---" in rows[1], "the results block holds a markdown table"
     assert "docs/results.md" in table
+
+
+DRY_RUNS = [c for c in ALL_COMMANDS if c[0] == "bash" and "--dry-run" in c]
+
+
+@pytest.mark.parametrize("words", DRY_RUNS, ids=[" ".join(c) for c in DRY_RUNS])
+def test_readme_dry_runs_run_as_written(words, tmp_path):
+    """The README's --dry-run commands run as written (outputs pointed at a temporary folder): exit 0, name every
+    stage's command, write nothing."""
+    import os
+
+    env = {**os.environ, "OUT_DIR": str(tmp_path / "out"), "WANDB_MODE": "disabled"}
+    res = subprocess.run(words, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, f"`{' '.join(words)}` exited {res.returncode}:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
+    assert "$ bash scripts/train_retriever_t5.sh" in res.stdout and not (tmp_path / "out").exists()
+
+
+def test_readme_runs_some_dry_run():
+    assert DRY_RUNS, "the README shows no --dry-run command (the test above would check nothing)"
