@@ -47,9 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from avg import __version__
+    from importlib.metadata import PackageNotFoundError, version
 
-    return __version__
+    try:
+        return version("avg")  # the installed distribution's (pyproject.toml); avg/__init__ sits above this layer
+    except PackageNotFoundError:
+        return "unknown (avg is not installed: bash scripts/bootstrap.sh)"
 
 
 def read_queries(args, stdin=None) -> list[str]:

@@ -33,3 +33,12 @@ def test_run_main_exit_codes():
         with pytest.raises(SystemExit) as e:
             run_main(fn)
         assert e.value.code == code
+
+
+def test_avg_version_is_the_package_version():
+    """avg --version reads the installed distribution (pyproject.toml); avg.__version__ must say the same."""
+    import avg
+
+    out = subprocess.run([sys.executable, "-m", "avg", "--version"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == avg.__version__, out.stdout

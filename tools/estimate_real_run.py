@@ -156,7 +156,7 @@ def measure() -> list[str]:
     layer_params = sum(q.numel() for q in layer.parameters())
     s = min(times[1:])
     flops = 4 * layer_params * tokens
-    lines.append(f"- one LLaMA-7B decoder layer, forward + backward to its input (LoRA's cost), {tokens} tokens: {s:.2f} s "
+    lines.append(f"- one LLaMA-7B decoder layer, forward + backward through it (LoRA's cost), {tokens} tokens: {s:.2f} s "
                  f"= {flops / s / 1e9:.0f} GFLOP/s; x 32 layers: {32 * s:.0f} s a step of 16 prompts on this CPU")
     return lines
 
