@@ -144,7 +144,7 @@ def test_given_prefix_recall_against_scoring_each_code_alone():
     from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from avg.objectives.retrieval import code_log_probs
+    from avg.search.code_index import code_log_probs
     from avg.retriever.diagnostics import given_prefix_recall
     from avg.retriever.vocab import VokenVocab
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from avg.search.code_index import CodeIndex
-from avg.objectives.retrieval import (RetrievalObjective, candidate_log_probs, code_log_probs, discriminative_loss,
+from avg.search.code_index import CodeIndex, code_log_probs
+from avg.objectives.retrieval import (RetrievalObjective, candidate_log_probs, discriminative_loss,
                                   generative_loss)
 from avg.retriever.prefix import QueryPrefix, feature_rows, load_prefix, prefixed_inputs, save_prefix
 from avg.search.beam import constrained_beam_search

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from avg.search.code_index import CodeIndex
+from avg.search.code_index import CodeIndex, code_log_probs
 from avg.search.gallery import Gallery
-from avg.objectives.retrieval import (RetrievalObjective, code_log_probs, discriminative_loss, distilled_code_loss,
+from avg.objectives.retrieval import (RetrievalObjective, discriminative_loss, distilled_code_loss,
                                   generative_loss, teacher_targets)
 from avg.retriever.teacher import CodeTeacher, GalleryTeacher
 from avg.core.io import InputError

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutput
 
-from avg.search.code_index import CodeIndex
+from avg.search.code_index import CodeIndex, code_log_probs
 from avg.retriever.prefix import prefixed_inputs
 
 LOSS_MODES = ("children", "vocab")
@@ -93,35 +93,6 @@ def mine_candidates(model, prefix, input_ids: torch.Tensor, attention_mask: torc
     found = (out.sequences == positive[:, None, :].to(out.sequences.device)).all(-1).any(-1)
     cands, mask, pidx = build_candidates(out.sequences, out.num_valid, positive, generator=generator)
     return cands, mask, pidx, found
-
-
-def code_log_probs(logits: torch.Tensor, targets: torch.Tensor, index: Optional[CodeIndex] = None) -> torch.Tensor:
-    """Per-position log-probabilities [N, L] of the codes ``targets`` [N, L] (token ids) from
-    teacher-forced ``logits`` [N, L, V] (position t predicts ``targets[:, t]``).
-
-    ``index=None``: log-softmax over the full vocabulary. With ``index``: renormalised over the
-    children of each target prefix in the index (at its evidence depths over the level's alphabet, from
-    the first step's logits: avg.search.code_index); a target that is not a code of the index raises.
-    """
-    logits = logits.float()
-    if index is None:
-        return logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
-    n, length = targets.shape
-    if length > index.code_len:
-        raise ValueError(f"targets of length {length} for an index of codes of length {index.code_len}")
-    index = index.to(logits.device) if index.device != logits.device else index
-    nodes = torch.zeros(n, dtype=torch.long, device=logits.device)
-    out = []
-    for t in range(length):
-        tok, valid = index.scored_tokens(nodes, t)  # [N, C]
-        step = logits[:, index.scored_step(t)]
-        allowed = step.gather(1, tok).masked_fill(~valid, float("-inf"))
-        out.append(step.gather(1, targets[:, t:t + 1]).squeeze(1) - allowed.logsumexp(1))
-        nodes = index.find_child(nodes, t, targets[:, t])
-        if bool((nodes < 0).any()):
-            row = int((nodes < 0).nonzero()[0])
-            raise ValueError(f"target row {row} = {targets[row].tolist()} is not a code of the index")
-    return torch.stack(out, 1)
 
 
 def distilled_code_loss(logits: torch.Tensor, targets: torch.Tensor, index: CodeIndex, teacher_sim: torch.Tensor,
@@ -319,5 +290,5 @@ class RetrievalObjective(torch.nn.Module):
         return gen + self.dis_weight * dis, {"gen": gen.detach(), "dis": dis.detach()}
 
 
-__all__ = ["LOSS_MODES", "build_candidates", "mine_candidates", "code_log_probs", "candidate_log_probs", "discriminative_loss",
+__all__ = ["LOSS_MODES", "build_candidates", "mine_candidates", "candidate_log_probs", "discriminative_loss",
            "distilled_code_loss", "generative_loss", "teacher_targets", "RetrievalObjective"]

@@ -97,7 +97,7 @@ def given_prefix_recall(model, tokenizer, vocab, queries: Sequence[dict], galler
                         query_features: Optional[torch.Tensor] = None, max_length: int = 64, max_queries: int = 1000,
                         seed: int = 0, batch_size: int = 64, pair_batch: int = 2048) -> list[dict]:
     """``given_prefix`` of the module docstring: code R@1 given the gold's first t vokens, t = 1 .. L - 1."""
-    from avg.objectives.retrieval import code_log_probs
+    from avg.search.code_index import code_log_probs
     from avg.retriever.evaluate import logits_vocab_size
 
     device = torch.device(device)

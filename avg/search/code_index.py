@@ -32,11 +32,11 @@ so any vocabulary layout works, including a separate token range per code positi
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-__all__ = ["CodeIndex", "DictTrie", "InvalidPrefixError"]
+__all__ = ["CodeIndex", "DictTrie", "InvalidPrefixError", "code_log_probs"]
 
 
 class InvalidPrefixError(ValueError):
@@ -340,3 +340,32 @@ class DictTrie:
                 return [int(eos_token_id)]
             return self.allowed(prefix)
         return fn
+
+
+def code_log_probs(logits: torch.Tensor, targets: torch.Tensor, index: Optional[CodeIndex] = None) -> torch.Tensor:
+    """Per-position log-probabilities [N, L] of the codes ``targets`` [N, L] (token ids) from
+    teacher-forced ``logits`` [N, L, V] (position t predicts ``targets[:, t]``).
+
+    ``index=None``: log-softmax over the full vocabulary. With ``index``: renormalised over the
+    children of each target prefix in the index (at its evidence depths over the level's alphabet, from
+    the first step's logits: avg.search.code_index); a target that is not a code of the index raises.
+    """
+    logits = logits.float()
+    if index is None:
+        return logits.log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+    n, length = targets.shape
+    if length > index.code_len:
+        raise ValueError(f"targets of length {length} for an index of codes of length {index.code_len}")
+    index = index.to(logits.device) if index.device != logits.device else index
+    nodes = torch.zeros(n, dtype=torch.long, device=logits.device)
+    out = []
+    for t in range(length):
+        tok, valid = index.scored_tokens(nodes, t)  # [N, C]
+        step = logits[:, index.scored_step(t)]
+        allowed = step.gather(1, tok).masked_fill(~valid, float("-inf"))
+        out.append(step.gather(1, targets[:, t:t + 1]).squeeze(1) - allowed.logsumexp(1))
+        nodes = index.find_child(nodes, t, targets[:, t])
+        if bool((nodes < 0).any()):
+            row = int((nodes < 0).nonzero()[0])
+            raise ValueError(f"target row {row} = {targets[row].tolist()} is not a code of the index")
+    return torch.stack(out, 1)
