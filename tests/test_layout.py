@@ -4,6 +4,7 @@ apart where the pooled vector cannot; then train_rqvae --layout -> generate_code
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from avg.artifacts.codes import load_codebook, load_codes
 from avg.artifacts.emb import save_emb
 from avg.core.io import InputError
 from avg.models.layout import LayoutConfig, LayoutQuantizer, region_masks
+from avg.models.rqvae import RQVAE
 from avg.retriever.data import read_codes
 from avg.retriever.vocab import VokenVocab
 from avg.stages import generate_codes as gc
@@ -104,10 +106,28 @@ def test_train_rqvae_with_layout_then_generate_codes_writes_m_plus_l_vokens(tmp_
     # the layout vokens tell apart images of the same pooled code whose object sits elsewhere
     layout = {tuple(v["code"][2:]) for v in codes.images.values()}
     assert len(layout) >= 16
+    # tools/probe_demo_features.py --codes probes what the codes keep: the RQ-VAE's decoding, then the layout's
+    probe = _probe_tool()
+    ids = [im["image_id"] for im in images]
+    table = torch.tensor([codes.code(i) for i in ids])
+    got = probe.decoded_codes(tmp_path / "codes", tmp_path / "rq", ids)
+    rq, lay = RQVAE.from_pretrained(tmp_path / "rq"), LayoutQuantizer.from_pretrained(tmp_path / "rq")
+    torch.testing.assert_close(got, torch.cat([rq.decode_codes(table[:, :2]), lay.decode(table[:, 2:])], 1).detach())
+    with pytest.raises(InputError, match="no code for image 'nope'"):
+        probe.decoded_codes(tmp_path / "codes", tmp_path / "rq", ["nope"])
     # a layout tokenizer needs the grid
     no_grid = save_emb(tmp_path / "emb2", pooled, pooled.copy(), images, captions, enc)
     with pytest.raises(InputError, match="image_grid.npy"):
         train_mod.main([*args[:1], str(no_grid), *args[2:3], str(tmp_path / "rq2"), *args[4:]])
+
+
+def _probe_tool():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("probe_demo_features", Path(__file__).resolve().parents[1] / "tools" / "probe_demo_features.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_coarse_layout_vokens_open_the_code_and_their_unused_entries_are_zero_rows(tmp_path):
@@ -130,6 +150,11 @@ def test_coarse_layout_vokens_open_the_code_and_their_unused_entries_are_zero_ro
     assert set(first.tolist()) <= set(range(4)) and len(set(first.tolist())) == 4  # four coarse layouts, first
     book = load_codebook(tmp_path / "codes")
     assert book.shape == (3, 16, 8) and not book[0, 4:].any() and book[0, :4].any()  # unused entries: zero rows
+    ids = list(codes.images)
+    table = torch.tensor([codes.code(i) for i in ids])
+    rq, lay = RQVAE.from_pretrained(tmp_path / "rq"), LayoutQuantizer.from_pretrained(tmp_path / "rq")
+    torch.testing.assert_close(_probe_tool().decoded_codes(tmp_path / "codes", tmp_path / "rq", ids),  # layout first
+                               torch.cat([rq.decode_codes(table[:, 1:]), lay.decode(table[:, :1])], 1).detach())
     with pytest.raises(InputError, match="--layout-size 32"):
         train_mod.main(["--emb-dir", str(emb_dir), "--out-dir", str(tmp_path / "rq2"), "--epochs", "1", "--codebook-size",
                         "16", "--latent-dim", "8", "--hidden-dims", "16", "--layout", "residual", "--layout-size", "32"])

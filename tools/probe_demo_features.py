@@ -6,9 +6,10 @@ occupied, the background colour, and (shape, colour) and (cell, colour) pairs.
 
 Each fact is a binary label; the table gives the F1 of the positive class on TEST (a probe that
 says "absent" everywhere scores 0), next to the label's base rate. Used to find where the demo's
-recall is lost (README, "Reranking"): a reranker can only use what its inputs carry.
+recall is lost (docs/results.md, "What the features know"): a reranker can only use what its inputs carry.
 
     python tools/probe_demo_features.py --emb-dir outputs/demo/prepare_emb --annotations data/demo/dataset_demo.json
+    python tools/probe_demo_features.py ... --codes paper=outputs/demo/generate_codes --codes layout=<root>/generate_codes
 """
 from __future__ import annotations
 
@@ -65,6 +66,30 @@ def f1(pred: torch.Tensor, gold: torch.Tensor) -> float:
     return float(2 * (pred * gold).sum() / (pred.sum() + gold.sum()).clamp_min(1))
 
 
+def decoded_codes(codes_dir: Path, rqvae_dir: Path, image_ids: list[str]) -> torch.Tensor:
+    """What each image's code keeps [n, d]: the RQ-VAE's decoding of its M vokens, then (when the code has layout
+    vokens) the layout quantizer's decoding of them, flattened; a disambiguation voken is left out."""
+    from avg.artifacts.codes import load_codes
+    from avg.models.layout import LayoutQuantizer
+    from avg.models.rqvae import RQVAE
+
+    codes = load_codes(codes_dir)
+    model = RQVAE.from_pretrained(rqvae_dir)
+    missing = [i for i in image_ids if i not in codes.images]
+    if missing:
+        raise InputError(f"{codes_dir / 'codes.json'}: no code for image {missing[0]!r} of the embeddings")
+    table = torch.tensor([codes.code(i) for i in image_ids], dtype=torch.long)
+    m = model.config.num_levels
+    lay = codes.layout["levels"] if codes.layout else 0
+    first = lay > 0 and codes.layout["position"] == "first"
+    rq_cols, lay_cols = (slice(lay, lay + m), slice(0, lay)) if first else (slice(0, m), slice(m, m + lay))
+    with torch.no_grad():
+        parts = [model.decode_codes(table[:, rq_cols]).float()]
+        if lay:
+            parts.append(LayoutQuantizer.from_pretrained(rqvae_dir).decode(table[:, lay_cols]).float().reshape(len(image_ids), -1))
+    return torch.cat(parts, 1)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--emb-dir", required=True, help="prepare_emb/ folder of the demo dataset")
@@ -72,6 +97,10 @@ def main(argv=None) -> dict:
     p.add_argument("--steps", type=int, default=300, help="full-batch optimisation steps per probe")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--codes", action="append", default=[], metavar="NAME=DIR",
+                   help="also probe what a tokenizer's codes keep: generate_codes/ DIR whose train_rqvae/ is beside it "
+                        "(the RQ-VAE's decoding of its vokens, plus the layout quantizer's decoding of the layout vokens); "
+                        "repeatable")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     emb = load_emb(args.emb_dir)
@@ -90,6 +119,12 @@ def main(argv=None) -> dict:
     if emb.image_grid is not None:
         inputs[f"patch grid ({emb.image_grid.shape[1]} cells)"] = torch.from_numpy(
             np.asarray(emb.image_grid, dtype=np.float32)).flatten(1)
+    for item in args.codes:
+        name, _, codes_dir = item.partition("=")
+        if not name or not codes_dir:
+            raise InputError(f"--codes {item!r}: expected NAME=DIR (a generate_codes/ folder)")
+        inputs[f"{name} codes"] = decoded_codes(Path(codes_dir), Path(codes_dir).parent / "train_rqvae",
+                                                [im["image_id"] for im in emb.images])
     out: dict = {}
     print(f"linear probes, TEST F1 of the positive class ({int(train.sum())} train / {int(test.sum())} test images)")
     print("| fact | base rate | " + " | ".join(inputs) + " |")
