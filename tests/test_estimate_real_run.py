@@ -38,3 +38,13 @@ def test_tables_add_up(est, capsys):
             assert four == pytest.approx(one / 4) and est.hours(r["flops"], r["kind"], "H100", 1) < one
     coco, flickr = (est.stages(p, est.DATASETS[k]) for k in ("COCO", "Flickr30K"))
     assert coco[1]["flops"] > 3 * flickr[1]["flops"]   # 3.8 x the training captions
+
+
+def test_measure_times_a_t5_step_and_a_llama_layer(est):
+    """--measure's code path at tiny shapes (the real ones take minutes on a CPU): both timings and their rates."""
+    tiny_t5 = dict(est.T5_BASE, d_model=32, d_ff=64, d_kv=8, num_layers=1, num_heads=2)
+    lines = est.measure(t5_shape=tiny_t5, vokens=64, llama_layer=dict(hidden_size=64, intermediate_size=128,
+                        num_attention_heads=4, num_key_value_heads=4), batch=4, prompts=2, repeats=2)
+    t5, llama = (line for line in lines if line.startswith("- "))
+    assert t5.startswith("- T5 training step") and "GFLOP/s" in t5
+    assert "LLaMA decoder layer" in llama and "a step of 2 prompts" in llama

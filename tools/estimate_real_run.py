@@ -36,6 +36,19 @@ def count(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+#: t5-base's shapes and special ids (its config.json): the ids matter, T5 shifts the labels right by its decoder start id
+T5_BASE = dict(d_model=768, d_ff=3072, d_kv=64, num_layers=12, num_heads=12, pad_token_id=0, eos_token_id=1,
+               decoder_start_token_id=0)
+#: one decoder layer of LLaMA-2-7B
+LLAMA_7B_LAYER = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32)
+
+
+def t5_counts(t5) -> dict:
+    """Parameters of a T5 by part; the shared embedding (tied to the head) counted once, as the head."""
+    emb = t5.shared.weight.numel()
+    return {"t5": count(t5), "t5_encoder": count(t5.encoder) - emb, "t5_decoder": count(t5.decoder) - emb, "t5_head": emb}
+
+
 def models() -> dict:
     from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
 
@@ -44,15 +57,12 @@ def models() -> dict:
             text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
             vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                                image_size=336, patch_size=14), projection_dim=768))
-        t5 = T5ForConditionalGeneration(T5Config(vocab_size=32128 + 4 * 1024, d_model=768, d_ff=3072, d_kv=64,
-                                                 num_layers=12, num_heads=12))
+        t5 = T5ForConditionalGeneration(T5Config(vocab_size=32128 + 4 * 1024, **T5_BASE))
         llama = LlamaForCausalLM(LlamaConfig(vocab_size=32000 + 4 * 1024, hidden_size=4096, intermediate_size=11008,
                                              num_hidden_layers=32, num_attention_heads=32, tie_word_embeddings=False))
-    emb = t5.shared.weight.numel()
     return {"clip_vision": count(clip.vision_model) + count(clip.visual_projection),
-            "clip_text": count(clip.text_model) + count(clip.text_projection),
-            "t5": count(t5), "t5_encoder": count(t5.encoder) - emb, "t5_decoder": count(t5.decoder) - emb,
-            "t5_head": emb, "llama": count(llama), "llama_body": count(llama) - 2 * llama.lm_head.weight.numel()}
+            "clip_text": count(clip.text_model) + count(clip.text_projection), **t5_counts(t5),
+            "llama": count(llama), "llama_body": count(llama) - 2 * llama.lm_head.weight.numel()}
 
 
 def stages(p: dict, d: dict) -> list[dict]:
@@ -117,21 +127,22 @@ def table(name: str, rows: list[dict]) -> list[str]:
     return out
 
 
-def measure() -> list[str]:
-    """The real-shaped T5-base step and one LLaMA-7B decoder layer on this CPU: the FLOP rate they reach."""
+def measure(*, t5_shape: dict = T5_BASE, vokens: int = 4096, llama_layer: dict = LLAMA_7B_LAYER, batch: int = 32,
+            prompts: int = 16, repeats: int = 3) -> list[str]:
+    """The real-shaped T5-base training step and one LLaMA-7B decoder layer (forward + backward, frozen) on this
+    machine's CPU: seconds and the FLOP rate they reach (smaller shapes only for the tests)."""
     from transformers import LlamaConfig, T5Config, T5ForConditionalGeneration
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
     lines = ["", f"Measured on this CPU ({torch.get_num_threads()} threads, float32):", ""]
     torch.manual_seed(0)
-    t5 = T5ForConditionalGeneration(T5Config(vocab_size=32128 + 4096, d_model=768, d_ff=3072, d_kv=64, num_layers=12,
-                                             num_heads=12))
-    p = models()
-    batch, enc, dec = 32, 17, 5
-    ids, labels = torch.randint(2, 32000, (batch, enc)), torch.randint(32128, 32128 + 4096, (batch, dec))
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=32128 + vokens, **t5_shape))
+    p = t5_counts(t5)
+    enc, dec = 17, 5
+    ids, labels = torch.randint(2, 32000, (batch, enc)), torch.randint(32128, 32128 + vokens, (batch, dec))
     opt = torch.optim.AdamW(t5.parameters(), lr=1e-4)
     times = []
-    for _ in range(3):
+    for _ in range(repeats):
         t0 = time.perf_counter()
         t5(input_ids=ids, labels=labels).loss.backward()
         opt.step()
@@ -139,16 +150,17 @@ def measure() -> list[str]:
         times.append(time.perf_counter() - t0)
     flops = 6 * (p["t5_encoder"] * enc + (p["t5_decoder"] + p["t5_head"]) * dec) * batch
     s = min(times[1:])
-    lines.append(f"- T5-base training step, batch {batch} x ({enc} + {dec}) tokens: {s:.2f} s = {flops / s / 1e9:.0f} GFLOP/s "
-                 f"for {flops:.2e} FLOPs")
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32)
+    lines.append(f"- T5 training step ({p['t5'] / 1e6:.0f}M parameters), batch {batch} x ({enc} + {dec}) tokens: {s:.2f} s = "
+                 f"{flops / s / 1e9:.0f} GFLOP/s for {flops:.2e} FLOPs")
+    cfg = LlamaConfig(**llama_layer)
+    cfg._attn_implementation = "sdpa"  # what LlamaForCausalLM picks; a lone layer is given none
     layer = LlamaDecoderLayer(cfg, layer_idx=0).requires_grad_(False)
     rope = LlamaRotaryEmbedding(config=cfg)
-    tokens = 16 * 32
-    x = torch.randn(16, 32, 4096, requires_grad=True)
-    pos = torch.arange(32)[None].expand(16, -1)
+    tokens = prompts * 32
+    x = torch.randn(prompts, 32, cfg.hidden_size, requires_grad=True)
+    pos = torch.arange(32)[None].expand(prompts, -1)
     times = []
-    for _ in range(3):
+    for _ in range(repeats):
         t0 = time.perf_counter()
         out = layer(x, position_embeddings=rope(x, pos), position_ids=pos)
         (out[0] if isinstance(out, tuple) else out).float().pow(2).mean().backward()
@@ -156,8 +168,9 @@ def measure() -> list[str]:
     layer_params = sum(q.numel() for q in layer.parameters())
     s = min(times[1:])
     flops = 4 * layer_params * tokens
-    lines.append(f"- one LLaMA-7B decoder layer, forward + backward through it (LoRA's cost), {tokens} tokens: {s:.2f} s "
-                 f"= {flops / s / 1e9:.0f} GFLOP/s; x 32 layers: {32 * s:.0f} s a step of 16 prompts on this CPU")
+    lines.append(f"- one LLaMA decoder layer ({layer_params / 1e6:.0f}M parameters), forward + backward through it (LoRA's "
+                 f"cost), {tokens} tokens: {s:.2f} s = {flops / s / 1e9:.0f} GFLOP/s; x 32 layers: {32 * s:.0f} s a step of "
+                 f"{prompts} prompts on this CPU")
     return lines
 
 
