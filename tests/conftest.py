@@ -32,6 +32,17 @@ def tiny_demo(tmp_path_factory) -> DemoData:
     return DemoData(json_path=json_path, image_root=out_dir / "images", out_dir=out_dir)
 
 
+#: the files whose tests take the longest (minutes, on 2 cores): collected first, so that with several workers
+#: (scripts/test.sh, pytest-xdist) they start at once instead of ending the run alone. Order only; nothing is skipped.
+LONG_FIRST = ("test_rehearsal.py", "test_deepspeed.py", "test_e2e_scripts.py", "test_grid.py", "test_custom_dataset.py",
+              "test_llama_retriever.py", "test_distributed.py", "test_kill_resume.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: n for n, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))  # stable: the rest keep their order
+
+
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 
 
