@@ -39,21 +39,28 @@ def test_run_diagnostics_first_miss_and_r1_by_code_sharing():
     assert d2["queries_shared_code"] == 1 and d2["r1_shared_code"] == 100.0
 
 
-def test_code_diagnostics_positions_against_a_hand_computation():
+def word_t5(words, *, seed: int, num_levels: int):
+    """A word-level tokenizer over ``words``, a one-layer random T5 and its voken vocabulary (3 vokens a level)."""
     from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     from avg.retriever.vocab import VokenVocab
 
-    words = {"<pad>": 0, "</s>": 1, "<unk>": 2, "red": 3, "blue": 4, "star": 5}
-    tk = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    table = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: 3 + k for k, w in enumerate(words)}}
+    tk = Tokenizer(models.WordLevel(table, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    torch.manual_seed(0)
-    model = T5ForConditionalGeneration(T5Config(vocab_size=6, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-                                                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
-    vocab = VokenVocab(num_levels=2, codebook_size=3, shared_codebook=False)
+    torch.manual_seed(seed)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=len(table), d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                                num_heads=2, decoder_start_token_id=0, pad_token_id=0,
+                                                eos_token_id=1)).eval()
+    vocab = VokenVocab(num_levels=num_levels, codebook_size=3, shared_codebook=False)
     vocab.add_to(tok, model, init="random")
+    return tok, model, vocab
+
+
+def test_code_diagnostics_positions_against_a_hand_computation():
+    tok, model, vocab = word_t5(["red", "blue", "star"], seed=0, num_levels=2)
     g = Gallery(["x", "y", "z"], [[0, 1], [0, 2], [2, 1]])
     queries = [{"query": "red star", "code": [0, 2], "image_id": "y"}, {"query": "blue", "code": [2, 1], "image_id": "z"}]
     records = [{"gold": "y", "ranked": ["x", "y", "z"]}, {"gold": "z", "ranked": ["z", "x", "y"]}]
@@ -141,22 +148,10 @@ def test_tokenizer_ceiling_against_a_naive_ranking(tmp_path):
 def test_given_prefix_recall_against_scoring_each_code_alone():
     """Code R@1 given the gold's first t vokens: the gold must score highest among the distinct codes sharing that
     prefix, each scored on its own by a teacher-forced pass (the children score) -- with and without a seeded sample."""
-    from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
     from avg.search.code_index import code_log_probs
     from avg.retriever.diagnostics import given_prefix_recall
-    from avg.retriever.vocab import VokenVocab
 
-    words = {"<pad>": 0, "</s>": 1, "<unk>": 2, "red": 3, "blue": 4, "star": 5, "big": 6}
-    tk = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-    torch.manual_seed(3)
-    model = T5ForConditionalGeneration(T5Config(vocab_size=7, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-                                                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
-    vocab = VokenVocab(num_levels=3, codebook_size=3, shared_codebook=False)
-    vocab.add_to(tok, model, init="random")
+    tok, model, vocab = word_t5(["red", "blue", "star", "big"], seed=3, num_levels=3)
     rng = np.random.default_rng(0)
     codes = sorted({tuple(int(v) for v in rng.integers(0, 3, 3)) for _ in range(20)})
     g = Gallery([f"i{k}" for k in range(len(codes))], [list(c) for c in codes])

@@ -31,6 +31,16 @@ def naive_children_score(model, ids, mask, code, codes, evidence=()):
     return total
 
 
+def assert_search_is_naive(out, fast, i: int, naive: dict) -> None:
+    """Query ``i`` of an exhaustive search returned every code with its naive score, and the fast path the same."""
+    got = {tuple(c.tolist()): float(s) for c, s in zip(out.sequences[i], out.scores[i])}
+    assert set(got) == set(naive)
+    for c, v in naive.items():
+        assert got[c] == pytest.approx(v, abs=1e-4)
+    assert torch.equal(out.sequences[i], fast.sequences[i])
+    torch.testing.assert_close(out.scores[i], fast.scores[i], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("seed,num_codes,code_len,alphabet", [(0, 12, 3, 4), (1, 30, 4, 3), (2, 1, 3, 8)])
 def test_children_search_is_exhaustive_renormalised_ranking(seed, num_codes, code_len, alphabet):
     model = tiny_t5(seed)
@@ -43,12 +53,7 @@ def test_children_search_is_exhaustive_renormalised_ranking(seed, num_codes, cod
     for i in range(2):
         naive = {tuple(c.tolist()): naive_children_score(model, ids[i:i + 1], mask[i:i + 1], c.tolist(), codes.tolist())
                  for c in codes}
-        got = {tuple(c.tolist()): float(s) for c, s in zip(out.sequences[i], out.scores[i])}
-        assert set(got) == set(naive)
-        for c, s in naive.items():
-            assert got[c] == pytest.approx(s, abs=1e-4)
-        assert torch.equal(out.sequences[i], fast.sequences[i])
-        torch.testing.assert_close(out.scores[i], fast.scores[i], rtol=0, atol=1e-5)
+        assert_search_is_naive(out, fast, i, naive)
         # scores are log-probabilities of a distribution over the gallery's codes
         assert math.fsum(math.exp(s) for s in naive.values()) == pytest.approx(1.0, abs=1e-4)
 
@@ -71,12 +76,7 @@ def test_evidence_levels_score_over_the_level_alphabet_in_search_and_loss(seed, 
     for i in range(2):
         naive = {tuple(c.tolist()): naive_children_score(model, ids[i:i + 1], mask[i:i + 1], c.tolist(), codes.tolist(),
                                                          evidence) for c in codes}
-        got = {tuple(c.tolist()): float(s) for c, s in zip(out.sequences[i], out.scores[i])}
-        assert set(got) == set(naive)
-        for c, v in naive.items():
-            assert got[c] == pytest.approx(v, abs=1e-4)
-        assert torch.equal(out.sequences[i], fast.sequences[i])
-        torch.testing.assert_close(out.scores[i], fast.scores[i], rtol=0, atol=1e-5)
+        assert_search_is_naive(out, fast, i, naive)
         assert not torch.allclose(out.scores[i].sort().values, plain.scores[i].sort().values)
         with torch.no_grad():
             logits = model(input_ids=ids[i:i + 1].expand(codes.shape[0], -1),
